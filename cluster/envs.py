@@ -1,0 +1,46 @@
+"""Every environment variable ray-maas reads, typed, in one place (all start with ``MAAS_``).
+
+Read them as attributes of this module (``from cluster import envs; envs.MAAS_PORT``);
+each access reads the environment afresh, so tests and child processes see changes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _path(name: str, default: Path) -> Callable[[], Path]:
+    return lambda: Path(os.environ.get(name) or default).expanduser()
+
+
+def _optional_path(name: str) -> Callable[[], Path | None]:
+    return lambda: Path(os.environ[name]).expanduser() if os.environ.get(name) else None
+
+
+environment_variables: dict[str, Callable[[], Any]] = {
+    # YAML config file; the shipped default when unset.
+    "MAAS_CONFIG": _path("MAAS_CONFIG", _REPO_ROOT / "cluster" / "configs" / "default.yaml"),
+    # Root of the model store; overrides `model_store.root` in the config when set.
+    "MAAS_MODEL_STORE": _optional_path("MAAS_MODEL_STORE"),
+    # Where local run state lives (Ray temp dir, vLLM caches, SQLite files).
+    "MAAS_VAR_DIR": _path("MAAS_VAR_DIR", _REPO_ROOT / "var"),
+    # HTTP host/port the API listens on; override the config's `http` section when set.
+    "MAAS_HOST": lambda: os.environ.get("MAAS_HOST") or None,
+    "MAAS_PORT": lambda: int(os.environ["MAAS_PORT"]) if os.environ.get("MAAS_PORT") else None,
+    # Log level for ray-maas loggers.
+    "MAAS_LOG_LEVEL": lambda: os.environ.get("MAAS_LOG_LEVEL", "INFO").upper(),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in environment_variables:
+        return environment_variables[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(environment_variables)

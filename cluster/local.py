@@ -1,0 +1,87 @@
+"""Start and stop a local, loopback-only Ray cluster with the ray-maas app on it (used by `maas serve` and the tests)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.config import MaasConfig
+
+logger = logging.getLogger(__name__)
+
+# Loopback-only single node, no token auth prompt, no usage stats, offline model loading.
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+
+
+@dataclass(frozen=True)
+class LocalServe:
+    base_url: str
+    dashboard_url: str | None
+
+
+def start_ray(num_cpus: int | None = None, include_dashboard: bool = True) -> str | None:
+    """Start a new local Ray cluster owned by this process (never attaches to another); returns the dashboard URL."""
+    os.environ.update({k: v for k, v in LOCAL_ENV.items() if k not in os.environ})
+    import ray
+
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    ctx = ray.init(
+        address="local",
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=include_dashboard,
+        dashboard_host="127.0.0.1",
+        runtime_env={"working_dir": repo_root, "excludes": [".venv", "var", "models", ".git", "bench/out"], "env_vars": dict(LOCAL_ENV)},
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
+    url = getattr(ctx, "dashboard_url", None)
+    return f"http://{url}" if url else None
+
+
+def deploy(config: MaasConfig, blocking_timeout_s: float = 600) -> str:
+    """Start Serve's HTTP proxy on the configured host/port, run the app, wait until it answers; returns the API base URL."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+    base = f"http://{config.http.host}:{config.http.port}"
+    wait_healthy(base, blocking_timeout_s)
+    return f"{base}/v1"
+
+
+def wait_healthy(base_url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base_url}/healthz", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except Exception as exc:  # 503 while the engine loads, or not routed yet
+            last = exc
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{base_url}/healthz did not answer 200 within {timeout_s}s: {last}")
+        time.sleep(0.5)
+
+
+def stop() -> None:
+    """Shut down Serve and the Ray cluster this process started."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()

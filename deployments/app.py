@@ -1,0 +1,64 @@
+"""Builds the Serve application (ingress → tokenizer → generator → postprocessor) from one MaasConfig.
+
+`build_app(config)` is what the CLI and tests run; `app_builder(args)` is the
+import path for `serve deploy` / `serve run` (see `cluster/serve_config.yaml`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from cluster.config import DeploymentConfig, MaasConfig, load_config
+from cluster.model_store import ModelVersion, open_store
+from deployments.generator import Generator
+from deployments.ingress import Ingress
+from deployments.postprocessor import Postprocessor
+from deployments.tokenizer import Tokenizer
+
+
+def deployment_options(stage: DeploymentConfig, *, gpus: float = 0.0) -> dict[str, Any]:
+    """Serve `.options(...)` for one stage from its config."""
+    actor: dict[str, Any] = {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus if stage.num_gpus is not None else gpus}
+    if stage.resources:
+        actor["resources"] = dict(stage.resources)
+    if stage.memory_gib:
+        actor["memory"] = int(stage.memory_gib * 2**30)
+    if stage.env_vars:
+        actor["runtime_env"] = {"env_vars": dict(stage.env_vars)}
+    auto = stage.autoscaling
+    return {
+        "max_ongoing_requests": stage.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": auto.min_replicas,
+            "initial_replicas": auto.initial_replicas if auto.initial_replicas is not None else auto.min_replicas,
+            "max_replicas": max(auto.max_replicas, auto.min_replicas),
+            "target_ongoing_requests": auto.target_ongoing_requests,
+            "upscale_delay_s": auto.upscale_delay_s,
+            "downscale_delay_s": auto.downscale_delay_s,
+        },
+        "ray_actor_options": actor,
+    }
+
+
+def resolve_model(config: MaasConfig) -> ModelVersion:
+    """Pin `latest` to a concrete version once, so every stage serves the same one."""
+    return open_store(config.store_root()).resolve(config.model.name, config.model.version)
+
+
+def build_app(config: MaasConfig) -> Application:
+    model = resolve_model(config)
+    stages = config.deployments
+    path = str(model.path)
+    generator = Generator.options(**deployment_options(stages.generator, gpus=1.0 if config.engine.accelerator == "gpu" else 0.0)).bind(
+        path, config.engine.model_dump()
+    )
+    tokenizer = Tokenizer.options(**deployment_options(stages.tokenizer)).bind(path, config.engine.max_model_len)
+    postprocessor = Postprocessor.options(**deployment_options(stages.postprocessor)).bind(generator, path)
+    return Ingress.options(**deployment_options(stages.ingress)).bind(tokenizer, postprocessor, generator, config.model.name)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for Serve config files: `import_path: deployments.app:app_builder`, args `{config, overrides}`."""
+    return build_app(load_config(args.get("config"), args.get("overrides")))

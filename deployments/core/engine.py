@@ -1,0 +1,166 @@
+"""The generator's logic: a vLLM async engine fed token ids, streaming token ids back.
+
+The engine runs with `skip_tokenizer_init=True`: tokenizing and detokenizing are
+other stages' work.  Each stream message carries every token that is ready for
+the request when the consumer asks (vLLM's DELTA outputs merge while the consumer
+is busy), so a slow hop receives fewer, larger messages instead of falling behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from cluster.config import EngineConfig
+from deployments.core.errors import EngineNotReadyError, InvalidRequestError, ServiceUnavailableError
+from deployments.core.types import GenerationRequest, TokenDelta
+
+logger = logging.getLogger(__name__)
+
+
+def engine_env_vars(config: EngineConfig, num_cpus_on_node: int | None = None) -> dict[str, str]:
+    """Environment the engine process needs, fixed before vLLM is imported."""
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if config.accelerator == "cpu":
+        cores = num_cpus_on_node or os.cpu_count() or 1
+        bind = f"0-{cores - 1}" if config.cpu_threads_bind == "all" else config.cpu_threads_bind
+        env.update(
+            VLLM_CPU_KVCACHE_SPACE=str(config.kv_cache_space_gib),
+            VLLM_CPU_OMP_THREADS_BIND=bind,
+            # Ray sets OMP_NUM_THREADS to the actor's (fractional) CPU count; the engine binds its own threads.
+            OMP_NUM_THREADS=str(_count_cores(bind)),
+        )
+    return env
+
+
+def _count_cores(bind: str) -> int:
+    total = 0
+    for part in bind.replace("|", ",").split(","):
+        lo, _, hi = part.partition("-")
+        total += (int(hi) - int(lo) + 1) if hi else 1
+    return max(total, 1)
+
+
+def engine_args(model_path: str, config: EngineConfig) -> dict[str, Any]:
+    """AsyncEngineArgs fields for a model folder under this config."""
+    args: dict[str, Any] = {
+        "model": model_path,
+        "dtype": config.dtype,
+        "max_model_len": config.max_model_len,
+        "max_num_seqs": config.max_num_seqs,
+        "enforce_eager": config.enforce_eager,
+        "skip_tokenizer_init": True,
+        "seed": config.seed,
+        "disable_log_stats": True,
+    }
+    if config.accelerator == "gpu":
+        args["gpu_memory_utilization"] = config.gpu_memory_utilization
+    args.update(config.extra_args)
+    return args
+
+
+@dataclass
+class EngineStats:
+    ready: bool
+    running: int
+    started_total: int
+    finished_total: int
+    aborted_total: int
+    recent_aborted: list[str]
+    startup_s: float | None
+
+
+class VLLMGenerator:
+    """Owns one vLLM AsyncLLM; `generate` streams token deltas for a GenerationRequest."""
+
+    def __init__(self, model_path: str, config: EngineConfig):
+        self._model_path = model_path
+        self._config = config
+        self._engine: Any = None
+        self._startup_s: float | None = None
+        self._started = 0
+        self._finished = 0
+        self._aborted: deque[str] = deque(maxlen=256)
+        self._aborted_total = 0
+
+    def start(self) -> None:
+        """Build the engine (blocking, tens of seconds on CPU). Call once, at replica start-up."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        t0 = time.monotonic()
+        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(self._model_path, self._config)))
+        self._startup_s = time.monotonic() - t0
+        logger.info("vLLM engine for %s ready in %.1fs", self._model_path, self._startup_s)
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None and not self._engine.errored
+
+    def _sampling_params(self, req: GenerationRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=req.n,
+            max_tokens=req.max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            stop_token_ids=list(req.stop_token_ids),
+            ignore_eos=req.ignore_eos,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenDelta]]:
+        """Stream `[(choice index, new token ids, finish reason), ...]` until every choice finishes.
+
+        If the consumer goes away (the stream is closed or cancelled), the engine request is aborted.
+        """
+        if not self.ready:
+            raise EngineNotReadyError() if self._engine is None else ServiceUnavailableError("The engine has failed; the replica will be replaced.")
+        from vllm.inputs import TokensPrompt
+
+        try:
+            params = self._sampling_params(req)
+        except ValueError as exc:  # vLLM's own validation of sampling values
+            raise InvalidRequestError(str(exc)) from exc
+        self._started += 1
+        pending = req.n
+        try:
+            async for out in self._engine.generate(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id):
+                deltas = [(o.index, list(o.token_ids), o.finish_reason) for o in out.outputs]
+                pending -= sum(1 for d in deltas if d[2] is not None)
+                yield deltas
+            self._finished += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            # vLLM's generate() aborts the engine request on cancellation; record it for observers.
+            if pending > 0:
+                self._aborted_total += 1
+                self._aborted.append(req.request_id)
+                logger.info("request %s aborted by its consumer", req.request_id)
+            raise
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            ready=self.ready,
+            running=self._engine.get_num_unfinished_requests() if self._engine is not None else 0,
+            started_total=self._started,
+            finished_total=self._finished,
+            aborted_total=self._aborted_total,
+            recent_aborted=list(self._aborted),
+            startup_s=self._startup_s,
+        )
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None

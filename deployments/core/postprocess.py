@@ -1,0 +1,182 @@
+"""The postprocessor's logic: token ids → text, stop strings, finish reasons, usage.
+
+`IncrementalDetokenizer` emits text only once it is complete UTF-8 and decodes
+each step in the context of the previous tokens, so multi-byte characters split
+across tokens and leading spaces come out right.  `StopMatcher` holds back the
+tail that could still become a stop string, so a stop string split across chunks
+is trimmed exactly.  `RequestDecoder` combines them per choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Sequence
+
+from deployments.core import shapes
+from deployments.core.types import GenerationRequest, TokenDelta, Usage
+
+Decode = Callable[[Sequence[int]], str]
+
+# Tokens of prompt context used to decode the first generated tokens (as vLLM does).
+_CONTEXT_TOKENS = 5
+_REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, never emitting half a character."""
+
+    def __init__(self, decode: Decode, context_ids: Sequence[int] = ()):
+        self._decode = decode
+        self._ids: list[int] = list(context_ids[-_CONTEXT_TOKENS:])
+        self._prefix = 0
+        self._read = len(self._ids)
+
+    def push(self, new_ids: Sequence[int]) -> str:
+        self._ids.extend(new_ids)
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        full_text = self._decode(self._ids[self._prefix:])
+        if len(full_text) > len(prefix_text) and not full_text.endswith(_REPLACEMENT):
+            self._prefix, self._read = self._read, len(self._ids)
+            return full_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end), as decoded."""
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        full_text = self._decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return full_text[len(prefix_text):]
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back only what could still start one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self._stops = [s for s in stops if s]
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit). After a hit, nothing more is emitted."""
+        if not self._stops:
+            return text, False
+        buf = self._held + text
+        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buf[: min(hits)], True
+        hold = self._partial_suffix(buf)
+        self._held = buf[len(buf) - hold:] if hold else ""
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+    def _partial_suffix(self, buf: str) -> int:
+        longest = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(buf)), longest, -1):
+                if stop.startswith(buf[-k:]):
+                    longest = k
+                    break
+        return longest
+
+
+@dataclass
+class ChoiceState:
+    index: int
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    text: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    started: bool = False
+
+
+@dataclass(frozen=True)
+class ChoiceEvent:
+    """New text for one choice, and its finish reason if it just finished."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    first: bool
+
+
+class RequestDecoder:
+    """Per-request state of the postprocessor: one detokenizer and stop matcher per choice."""
+
+    def __init__(self, req: GenerationRequest, decode: Decode):
+        self.req = req
+        self.choices = [ChoiceState(i, IncrementalDetokenizer(decode, req.prompt_token_ids), StopMatcher(req.stop)) for i in range(req.n)]
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(len(self.req.prompt_token_ids), sum(c.completion_tokens for c in self.choices))
+
+    def feed(self, deltas: Sequence[TokenDelta]) -> list[ChoiceEvent]:
+        events = []
+        for index, token_ids, finish_reason in deltas:
+            choice = self.choices[index]
+            if choice.finish_reason is not None:
+                continue  # already stopped by a stop string; the engine is still catching up
+            choice.completion_tokens += len(token_ids)
+            text, hit = choice.stops.push(choice.detok.push(token_ids))
+            if not hit and finish_reason is not None:
+                tail, hit = choice.stops.push(choice.detok.flush())
+                text += tail if hit else tail + choice.stops.flush()
+            if hit:
+                finish_reason = "stop"
+            events.append(self._event(choice, text, finish_reason))
+        return events
+
+    def finish_unfinished(self, reason: str = "abort") -> list[ChoiceEvent]:
+        """Close choices the engine stream ended without finishing (e.g. the engine went away)."""
+        return [self._event(c, "", reason) for c in self.choices if c.finish_reason is None]
+
+    @staticmethod
+    def _event(choice: ChoiceState, text: str, finish_reason: str | None) -> ChoiceEvent:
+        if text:
+            choice.text.append(text)
+        choice.finish_reason = finish_reason
+        first, choice.started = not choice.started, True
+        return ChoiceEvent(choice.index, text, finish_reason, first)
+
+
+class Postprocessor:
+    """Drives a RequestDecoder over a generator's token stream, producing OpenAI responses."""
+
+    def __init__(self, decode: Decode):
+        self._decode = decode
+
+    async def stream(self, req: GenerationRequest, token_stream: AsyncIterator[list[TokenDelta]]) -> AsyncIterator[tuple[str, dict | None]]:
+        """SSE text for each generator message (every choice's news in one piece), ending with usage and [DONE].
+
+        Yields (sse_text, None) while generating and (sse_text, usage) last. Stops reading
+        `token_stream` as soon as every choice has finished (stop strings included).
+        """
+        decoder = RequestDecoder(req, self._decode)
+        async for deltas in token_stream:
+            events = decoder.feed(deltas)
+            if events:
+                yield shapes.sse_chunks(req, events), None
+            if decoder.done:
+                break
+        if not decoder.done:
+            yield shapes.sse_chunks(req, decoder.finish_unfinished()), None
+        usage = decoder.usage
+        yield shapes.sse_end(req, usage), usage.to_dict()
+
+    async def complete(self, req: GenerationRequest, token_stream: AsyncIterator[list[TokenDelta]]) -> dict:
+        """The whole (non-streaming) response body."""
+        decoder = RequestDecoder(req, self._decode)
+        async for deltas in token_stream:
+            decoder.feed(deltas)
+            if decoder.done:
+                break
+        decoder.finish_unfinished()
+        return shapes.full_response(req, decoder.choices, decoder.usage)

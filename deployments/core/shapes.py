@@ -1,0 +1,71 @@
+"""OpenAI response shapes (chat and text completions, streamed and whole), built as plain dicts / SSE text."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Sequence
+
+from deployments.core.types import GenerationRequest, Usage
+
+if TYPE_CHECKING:
+    from deployments.core.postprocess import ChoiceEvent, ChoiceState
+
+DONE = "data: [DONE]\n\n"
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _chunk(req: GenerationRequest, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": req.response_id,
+        "object": "chat.completion.chunk" if req.kind == "chat" else "text_completion",
+        "created": req.created,
+        "model": req.model,
+        "choices": choices,
+    }
+    if req.include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def _stream_choice(req: GenerationRequest, ev: "ChoiceEvent") -> dict[str, Any]:
+    if req.kind == "chat":
+        delta: dict[str, Any] = {"role": "assistant"} if ev.first else {}
+        if ev.text or ev.first:
+            delta["content"] = ev.text
+        return {"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": ev.finish_reason}
+    return {"index": ev.index, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
+
+
+def sse_chunks(req: GenerationRequest, events: Sequence["ChoiceEvent"]) -> str:
+    """One SSE event per choice that has news (OpenAI sends one choice per chunk)."""
+    return "".join(f"data: {_dumps(_chunk(req, [_stream_choice(req, ev)]))}\n\n" for ev in events)
+
+
+def sse_end(req: GenerationRequest, usage: Usage) -> str:
+    """The usage chunk (when asked for) and the [DONE] sentinel."""
+    if not req.include_usage:
+        return DONE
+    chunk = _chunk(req, [])
+    chunk["usage"] = usage.to_dict()
+    return f"data: {_dumps(chunk)}\n\n{DONE}"
+
+
+def sse_error(envelope: dict[str, Any]) -> str:
+    """An error in the middle of a stream, then [DONE] (headers are already sent)."""
+    return f"data: {_dumps(envelope)}\n\n{DONE}"
+
+
+def full_response(req: GenerationRequest, choices: Sequence["ChoiceState"], usage: Usage) -> dict[str, Any]:
+    if req.kind == "chat":
+        body = [
+            {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)}, "logprobs": None, "finish_reason": c.finish_reason}
+            for c in choices
+        ]
+        obj = "chat.completion"
+    else:
+        body = [{"index": c.index, "text": "".join(c.text), "logprobs": None, "finish_reason": c.finish_reason} for c in choices]
+        obj = "text_completion"
+    return {"id": req.response_id, "object": obj, "created": req.created, "model": req.model, "choices": body, "usage": usage.to_dict()}

@@ -1,0 +1,67 @@
+"""Records passed between the stages (ingress → tokenizer → generator → postprocessor).
+
+They cross process boundaries on every request, so they are small dataclasses of
+plain values; the generator's stream messages are bare tuples for the same reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# One generator stream message: for each choice that advanced, (choice index, new token ids, finish reason).
+# finish reason is None while generating, else "stop" | "length" | "abort".
+TokenDelta = tuple[int, list[int], "str | None"]
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """What the tokenizer returns: the prompt's ids and the completion budget that fits the context window."""
+
+    prompt_token_ids: list[int]
+    max_tokens: int
+    stop_token_ids: list[int]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything the generator and postprocessor need for one request."""
+
+    request_id: str
+    model: str
+    kind: Literal["chat", "completion"]
+    prompt_token_ids: list[int]
+    max_tokens: int
+    created: int
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    stream: bool = False
+    include_usage: bool = False
+
+    @property
+    def response_id(self) -> str:
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.request_id
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens}

@@ -1,0 +1,48 @@
+"""Serve deployment of the generator stage: one vLLM engine per replica (`VLLMGenerator`).
+
+The engine is built in the replica's constructor, so Serve routes to a replica
+only once its engine is loaded; a failed engine fails the health check and Serve
+replaces the replica.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import AsyncIterator
+
+from ray import serve
+
+from cluster.config import EngineConfig
+from deployments.core.engine import VLLMGenerator, engine_env_vars
+from deployments.core.types import GenerationRequest, TokenDelta
+
+logger = logging.getLogger(__name__)
+
+
+@serve.deployment
+class Generator:
+    def __init__(self, model_path: str, engine_config: dict):
+        config = EngineConfig.model_validate(engine_config)
+        # Fixed before vLLM is imported; the engine's worker process inherits it.
+        os.environ.update(engine_env_vars(config, len(os.sched_getaffinity(0))))
+        self._logic = VLLMGenerator(model_path, config)
+        self._logic.start()
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenDelta]]:
+        async for deltas in self._logic.generate(req):
+            yield deltas
+
+    async def ready(self) -> bool:
+        return self._logic.ready
+
+    async def stats(self) -> dict:
+        return dataclasses.asdict(self._logic.stats())
+
+    async def check_health(self) -> None:
+        if not self._logic.ready:
+            raise RuntimeError("vLLM engine is not running")
+
+    def __del__(self) -> None:
+        self._logic.shutdown()

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible ingress, in three parts: routes (FastAPI), protocol (pydantic models), service (logic)."""
