@@ -1,11 +1,13 @@
-"""Serve config files (`serve deploy FILE`) generated from the maas config, so both start paths build the same app."""
+"""Serve settings derived from the maas config: per-stage deployment options, and the Serve config file for `serve deploy`.
+
+Pure functions (no Ray import), so both start paths build the same app and unit tests check them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from cluster.config import MaasConfig
+from cluster.config import DeploymentConfig, MaasConfig
 from cluster.local import LOCAL_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,4 +28,28 @@ def serve_config_for(config: MaasConfig, config_path: Path | None = None) -> dic
                 "args": {"config": str(rel)},
             }
         ],
+    }
+
+
+def deployment_options(stage: DeploymentConfig, *, gpus: float = 0.0) -> dict[str, Any]:
+    """Serve `.options(...)` for one stage from its config."""
+    actor: dict[str, Any] = {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus if stage.num_gpus is not None else gpus}
+    if stage.resources:
+        actor["resources"] = dict(stage.resources)
+    if stage.memory_gib:
+        actor["memory"] = int(stage.memory_gib * 2**30)
+    if stage.env_vars:
+        actor["runtime_env"] = {"env_vars": dict(stage.env_vars)}
+    auto = stage.autoscaling
+    return {
+        "max_ongoing_requests": stage.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": auto.min_replicas,
+            "initial_replicas": auto.initial_replicas if auto.initial_replicas is not None else auto.min_replicas,
+            "max_replicas": max(auto.max_replicas, auto.min_replicas),
+            "target_ongoing_requests": auto.target_ongoing_requests,
+            "upscale_delay_s": auto.upscale_delay_s,
+            "downscale_delay_s": auto.downscale_delay_s,
+        },
+        "ray_actor_options": actor,
     }

@@ -10,36 +10,13 @@ from typing import Any
 
 from ray.serve import Application
 
-from cluster.config import DeploymentConfig, MaasConfig, load_config
+from cluster.config import MaasConfig, load_config
 from cluster.model_store import ModelVersion, open_store
+from cluster.serve_config import deployment_options
 from deployments.generator import Generator
 from deployments.ingress import Ingress
 from deployments.postprocessor import Postprocessor
 from deployments.tokenizer import Tokenizer
-
-
-def deployment_options(stage: DeploymentConfig, *, gpus: float = 0.0) -> dict[str, Any]:
-    """Serve `.options(...)` for one stage from its config."""
-    actor: dict[str, Any] = {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus if stage.num_gpus is not None else gpus}
-    if stage.resources:
-        actor["resources"] = dict(stage.resources)
-    if stage.memory_gib:
-        actor["memory"] = int(stage.memory_gib * 2**30)
-    if stage.env_vars:
-        actor["runtime_env"] = {"env_vars": dict(stage.env_vars)}
-    auto = stage.autoscaling
-    return {
-        "max_ongoing_requests": stage.max_ongoing_requests,
-        "autoscaling_config": {
-            "min_replicas": auto.min_replicas,
-            "initial_replicas": auto.initial_replicas if auto.initial_replicas is not None else auto.min_replicas,
-            "max_replicas": max(auto.max_replicas, auto.min_replicas),
-            "target_ongoing_requests": auto.target_ongoing_requests,
-            "upscale_delay_s": auto.upscale_delay_s,
-            "downscale_delay_s": auto.downscale_delay_s,
-        },
-        "ray_actor_options": actor,
-    }
 
 
 def resolve_model(config: MaasConfig) -> ModelVersion:

@@ -1,0 +1,80 @@
+"""In-process fakes that implement the real interfaces (tokenizer, stage clients), for tests without Ray or a model."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Sequence
+
+from deployments.core.postprocess import Postprocessor
+from deployments.core.tokenizer import PromptTokenizer
+from deployments.core.types import GenerationRequest, TokenDelta, TokenizedPrompt
+
+EOS = 256
+
+
+class ByteTokenizer:
+    """A byte-level tokenizer: token id = one UTF-8 byte (0-255), 256 = end of sequence.
+
+    Multi-byte characters are split across tokens, as byte-level BPE does for rare characters.
+    """
+
+    eos_token_id = EOS
+    vocab_size = 257
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return bytes(t for t in token_ids if t != EOS).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> list[int]:
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in conversation) + "<assistant>"
+        return self.encode(text)
+
+
+class ScriptedEngine:
+    """Stands in for the generator: answers every prompt with a fixed text, a few tokens per message."""
+
+    def __init__(self, reply: str = "Hello, world! ça va?", per_message: int = 3, fail_after: int | None = None):
+        self.reply_ids = ByteTokenizer().encode(reply)
+        self.per_message = per_message
+        self.fail_after = fail_after
+        self.closed_early = 0
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenDelta]]:
+        ids = self.reply_ids[: req.max_tokens]
+        sent = 0
+        try:
+            for start in range(0, len(ids), self.per_message):
+                if self.fail_after is not None and sent >= self.fail_after:
+                    raise RuntimeError("engine exploded")
+                chunk = ids[start:start + self.per_message]
+                sent += len(chunk)
+                last = start + self.per_message >= len(ids)
+                reason = ("length" if len(ids) == req.max_tokens else "stop") if last else None
+                yield [(i, list(chunk), reason) for i in range(req.n)]
+        except GeneratorExit:
+            self.closed_early += 1
+            raise
+
+
+class FakeTokenizerClient:
+    def __init__(self, max_model_len: int = 256):
+        self.logic = PromptTokenizer(ByteTokenizer(), max_model_len)
+
+    async def prepare_chat(self, messages: list[dict[str, str]], max_tokens: int | None) -> TokenizedPrompt:
+        return self.logic.prepare_chat(messages, max_tokens)
+
+    async def prepare_completion(self, prompt: str | list[int], max_tokens: int | None) -> TokenizedPrompt:
+        return self.logic.prepare_completion(prompt, max_tokens)
+
+
+class FakePostprocessorClient:
+    def __init__(self, engine: ScriptedEngine):
+        self.engine = engine
+        self.logic = Postprocessor(ByteTokenizer().decode)
+
+    def stream(self, req: GenerationRequest) -> AsyncIterator[tuple[str, dict | None]]:
+        return self.logic.stream(req, self.engine.generate(req))
+
+    async def complete(self, req: GenerationRequest) -> dict:
+        return await self.logic.complete(req, self.engine.generate(req))

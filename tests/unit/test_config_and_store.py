@@ -1,0 +1,117 @@
+"""The config root, Serve options derived from it, and the model store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from cluster.config import MaasConfig, load_config
+from cluster.model_store import METADATA_FILE, LocalModelStore, open_store
+from cluster.serve_config import deployment_options, serve_config_for
+from deployments.core.engine import engine_args, engine_env_vars
+from deployments.core.errors import ModelNotFoundError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _walk(model: type[BaseModel]):
+    for name, field in model.model_fields.items():
+        yield model.__name__, name, field
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _walk(ann)
+
+
+def test_every_config_field_is_described():
+    missing = [f"{m}.{n}" for m, n, f in _walk(MaasConfig) if not f.description]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "gpu.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(REPO / "cluster" / "configs" / name)
+    assert config.model.name == "SmolLM2-135M-Instruct"
+
+
+def test_unknown_fields_are_rejected(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine: {dtyp: float16}\n")
+    with pytest.raises(ValidationError):
+        load_config(path)
+
+
+def test_env_overrides(monkeypatch, tmp_path):
+    monkeypatch.setenv("MAAS_PORT", "9123")
+    monkeypatch.setenv("MAAS_MODEL_STORE", str(tmp_path))
+    config = load_config()
+    assert config.http.port == 9123 and config.store_root() == tmp_path
+
+
+def test_generator_gets_a_gpu_only_on_gpu_configs():
+    cpu = load_config(REPO / "cluster/configs/default.yaml")
+    gpu = load_config(REPO / "cluster/configs/gpu.yaml")
+    assert deployment_options(cpu.deployments.generator)["ray_actor_options"]["num_gpus"] == 0
+    assert deployment_options(gpu.deployments.generator, gpus=1.0)["ray_actor_options"]["num_gpus"] == 1.0
+    opts = deployment_options(cpu.deployments.tokenizer)
+    assert opts["ray_actor_options"]["num_cpus"] < 1 and opts["max_ongoing_requests"] > 5
+    assert opts["autoscaling_config"]["min_replicas"] >= 1
+
+
+def test_default_graph_fits_two_cpus():
+    stages = load_config(REPO / "cluster/configs/default.yaml").deployments
+    total = sum(s.num_cpus * s.autoscaling.min_replicas for s in (stages.ingress, stages.tokenizer, stages.generator, stages.postprocessor))
+    assert total <= 1.0  # leaves room for Serve's controller and proxy on 2 cores
+
+
+def test_engine_env_and_args_on_cpu():
+    config = load_config(REPO / "cluster/configs/default.yaml").engine
+    env = engine_env_vars(config, num_cpus_on_node=2)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and env["OMP_NUM_THREADS"] == "2" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    args = engine_args("/m", config)
+    assert args["skip_tokenizer_init"] and args["dtype"] == "float32" and "gpu_memory_utilization" not in args
+
+
+def test_shipped_serve_config_matches_generated():
+    shipped = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
+    assert shipped == serve_config_for(load_config(REPO / "cluster/configs/default.yaml"))
+
+
+def _hf_folder(path: Path, payload: bytes = b"weights") -> Path:
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(payload)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def test_store_publishes_versions_and_resolves_latest(tmp_path):
+    store = open_store(tmp_path / "store")
+    assert store.models() == []
+    v1 = store.publish("m", _hf_folder(tmp_path / "a"), {"source": {"kind": "test"}})
+    v2 = store.publish("m", _hf_folder(tmp_path / "b", b"other"), {"source": {"kind": "test"}})
+    assert (v1.version, v2.version) == ("v1", "v2")
+    assert store.resolve("m").version == "v2" and store.resolve("m", "v1").path == v1.path
+    meta = json.loads((v1.path / METADATA_FILE).read_text())
+    assert meta["sha256"]["model.safetensors"] and meta["created_at"] and meta["source"] == {"kind": "test"}
+    assert store.models() == ["m"]
+    with pytest.raises(ModelNotFoundError):
+        store.resolve("m", "v9")
+    with pytest.raises(ModelNotFoundError):
+        store.resolve("other")
+
+
+def test_failed_publish_leaves_nothing(tmp_path):
+    store = LocalModelStore(tmp_path / "store")
+    with pytest.raises(FileNotFoundError):
+        store.publish("m", tmp_path / "missing", {})
+    assert store.versions("m") == []
+    assert not [p for p in (tmp_path / "store" / "m").iterdir() if p.name.startswith(".staging")]
+
+
+def test_store_rejects_unsupported_uris():
+    with pytest.raises(ValueError):
+        open_store("s3://bucket/models")
+    assert open_store("file:///tmp/x").root == Path("/tmp/x")

@@ -1,0 +1,144 @@
+"""Incremental detokenization, stop strings and response shapes, without Ray or a model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deployments.core.postprocess import IncrementalDetokenizer, Postprocessor, RequestDecoder, StopMatcher
+from deployments.core.types import GenerationRequest
+from tests.fakes import ByteTokenizer, ScriptedEngine
+
+TOK = ByteTokenizer()
+
+
+def _request(**kw) -> GenerationRequest:
+    base = dict(request_id="r1", model="m", kind="chat", prompt_token_ids=TOK.encode("hi"), max_tokens=64, created=1)
+    base.update(kw)
+    return GenerationRequest(**base)
+
+
+def test_multibyte_character_split_across_tokens_is_emitted_whole():
+    detok = IncrementalDetokenizer(TOK.decode)
+    e_acute, (b1, b2, b3) = TOK.encode("é"), TOK.encode("你")
+    assert detok.push(e_acute[:1]) == ""  # half a character: held back
+    assert detok.push(e_acute[1:]) == "é"
+    assert detok.push([b1]) == "" and detok.push([b2]) == ""
+    assert detok.push([b3, *TOK.encode(" ok")]) == "你 ok"
+
+
+def test_stream_equals_whole_decode_for_any_split():
+    text = "Grüße, 世界! naïve café 🙂 end"
+    ids = TOK.encode(text)
+    for step in (1, 2, 3, 5):
+        detok = IncrementalDetokenizer(TOK.decode)
+        out = "".join(detok.push(ids[i:i + step]) for i in range(0, len(ids), step)) + detok.flush()
+        assert out == text
+
+
+class SentencePieceLike:
+    """Decodes '▁' as a space but drops the leading space of a sequence, like SentencePiece."""
+
+    vocab = {1: "▁Hello", 2: "▁world", 3: "!"}
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids).replace("▁", " ").lstrip(" ")
+
+
+def test_leading_space_is_kept_when_decoding_in_context():
+    sp = SentencePieceLike()
+    detok = IncrementalDetokenizer(sp.decode, context_ids=[1])  # prompt ended with "Hello"
+    assert detok.push([2]) == " world"
+    assert detok.push([3]) == "!"
+
+
+def test_stop_string_split_across_chunks_is_trimmed():
+    stops = StopMatcher(["STOP"])
+    assert stops.push("abc ST") == ("abc ", False)
+    assert stops.push("O") == ("", False)
+    assert stops.push("P and more") == ("", True)
+
+
+def test_held_back_prefix_is_released_when_no_stop_follows():
+    stops = StopMatcher(["\n\n", "END"])
+    assert stops.push("line\n") == ("line", False)
+    assert stops.push("x E") == ("\nx ", False)
+    assert stops.push("N") == ("", False)
+    assert stops.push("D") == ("", True)
+    assert StopMatcher([]).push("anything") == ("anything", False)
+
+
+def test_request_decoder_stops_each_choice_and_counts_tokens():
+    req = _request(n=2, stop=["lo"])
+    dec = RequestDecoder(req, TOK.decode)
+    events = dec.feed([(0, TOK.encode("Hel"), None), (1, TOK.encode("Hey"), None)])
+    assert [(e.index, e.text, e.finish_reason, e.first) for e in events] == [(0, "He", None, True), (1, "Hey", None, True)]
+    events = dec.feed([(0, TOK.encode("lo!"), None), (1, TOK.encode("!"), "length")])
+    assert [(e.index, e.text, e.finish_reason) for e in events] == [(0, "l", "stop"), (1, "!", "length")]
+    assert dec.done
+    assert dec.feed([(0, TOK.encode("zzz"), None)]) == []  # after a stop string, late tokens are ignored
+    assert dec.usage.completion_tokens == 3 + 3 + 3 + 1
+    assert ["".join(c.text) for c in dec.choices] == ["Hel", "Hey!"]
+
+
+async def _collect(agen):
+    return [item async for item in agen]
+
+
+async def test_stream_shapes_usage_and_done():
+    engine = ScriptedEngine("Hi there", per_message=3)
+    req = _request(stream=True, include_usage=True)
+    pieces = await _collect(Postprocessor(TOK.decode).stream(req, engine.generate(req)))
+    text = "".join(p for p, _ in pieces)
+    events = [line[len("data: "):] for line in text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "Hi "}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == "chatcmpl-r1" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == "Hi there"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 8, "total_tokens": 10}
+    assert pieces[-1][1] == chunks[-1]["usage"]
+    assert len(pieces) == 3 + 1  # one message per generator message, then usage+[DONE]
+
+
+async def test_stream_stops_reading_the_engine_after_a_stop_string():
+    engine = ScriptedEngine("one two three four five six", per_message=2)
+    req = _request(kind="completion", stream=True, stop=["three"])
+    stream = engine.generate(req)
+    pieces = await _collect(Postprocessor(TOK.decode).stream(req, stream))
+    await stream.aclose()
+    chunks = [json.loads(line[6:]) for line in "".join(p for p, _ in pieces).split("\n\n") if line and line != "data: [DONE]"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "one two "
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert engine.closed_early == 1
+
+
+async def test_complete_builds_whole_response():
+    engine = ScriptedEngine("abcdef", per_message=4)
+    req = _request(kind="completion", max_tokens=5, n=2)
+    body = await Postprocessor(TOK.decode).complete(req, engine.generate(req))
+    assert body["object"] == "text_completion"
+    assert [c["text"] for c in body["choices"]] == ["abcde", "abcde"]
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 10, "total_tokens": 12}
+
+
+def test_real_tokenizer_roundtrip_if_model_present():
+    from cluster.config import load_config
+    from cluster.model_store import open_store
+
+    config = load_config()
+    try:
+        mv = open_store(config.store_root()).resolve(config.model.name)
+    except Exception:
+        pytest.skip("default model not imported (make model)")
+    from deployments.core.tokenizer import load_hf_tokenizer
+
+    tok = load_hf_tokenizer(mv.path)
+    text = " Bonjour, 你好世界 — naïve 🙂!"
+    ids = tok.encode(text, add_special_tokens=False)
+    decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
+    detok = IncrementalDetokenizer(decode, context_ids=tok.encode("Say:", add_special_tokens=False))
+    assert "".join(detok.push([i]) for i in ids) + detok.flush() == text

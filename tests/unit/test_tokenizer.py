@@ -1,0 +1,32 @@
+"""Prompt preparation and the context-window check."""
+
+import pytest
+
+from deployments.core.errors import ContextLengthExceededError, InvalidRequestError
+from deployments.core.tokenizer import PromptTokenizer, fit_context
+from tests.fakes import EOS, ByteTokenizer
+
+
+def test_fit_context_defaults_to_the_room_left():
+    assert fit_context(10, None, 100) == 90
+    assert fit_context(10, 90, 100) == 90
+
+
+def test_fit_context_rejects_past_the_window():
+    with pytest.raises(ContextLengthExceededError) as err:
+        fit_context(10, 91, 100)
+    assert err.value.status_code == 400 and err.value.code == "context_length_exceeded" and err.value.param == "max_tokens"
+    with pytest.raises(ContextLengthExceededError):
+        fit_context(100, None, 100)
+
+
+def test_prepare_chat_and_completion():
+    tok = PromptTokenizer(ByteTokenizer(), max_model_len=64)
+    chat = tok.prepare_chat([{"role": "user", "content": "hi"}], None)
+    assert chat.prompt_token_ids == ByteTokenizer().encode("<user>hi\n<assistant>")
+    assert chat.max_tokens == 64 - chat.num_prompt_tokens and chat.stop_token_ids == [EOS]
+    assert tok.prepare_completion([104, 105], 5).prompt_token_ids == [104, 105]
+    with pytest.raises(InvalidRequestError):
+        tok.prepare_completion([999], 5)
+    with pytest.raises(ContextLengthExceededError):
+        tok.prepare_completion("x" * 70, None)
