@@ -54,9 +54,10 @@ def serve(ctx: click.Context, port: int | None) -> None:
     click.echo("Starting a local Ray cluster and the serving graph (the engine takes about a minute to load)...")
     dashboard = local.start_ray()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         base = local.deploy(config)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: background jobs start with it ignored
+            signal.signal(sig, lambda *_: stop.set())
         click.echo(
             f"\nray-maas is serving {config.model.name} at {base}\n"
             f"Ray dashboard: {dashboard or 'disabled'}\n\n"

