@@ -24,7 +24,7 @@ def serve_config_for(config: MaasConfig, config_path: Path | None = None) -> dic
                 "name": config.app_name,
                 "route_prefix": config.route_prefix,
                 "import_path": "deployments.app:app_builder",
-                "runtime_env": {"working_dir": ".", "env_vars": {k: LOCAL_ENV[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "VLLM_NO_USAGE_STATS")}},
+                "runtime_env": {"working_dir": ".", "env_vars": {k: LOCAL_ENV[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "VLLM_NO_USAGE_STATS", "RAY_SERVE_THROUGHPUT_OPTIMIZED")}},
                 "args": {"config": str(rel)},
             }
         ],

@@ -1,9 +1,14 @@
 """The generator's logic: a vLLM async engine fed token ids, streaming token ids back.
 
 The engine runs with `skip_tokenizer_init=True`: tokenizing and detokenizing are
-other stages' work.  Each stream message carries every token that is ready for
-the request when the consumer asks (vLLM's DELTA outputs merge while the consumer
-is busy), so a slow hop receives fewer, larger messages instead of falling behind.
+other stages' work.
+
+Streaming costs CPU per message at every hop, and on a small machine that CPU is
+taken from the engine.  `Coalescer` bounds the messages a saturated replica sends:
+the first token goes out at once; after that, while more requests are streaming
+than the budget, each message waits until it carries ceil(streaming / budget)
+tokens.  Below the budget every token is sent as soon as the engine produces it,
+and the last one always is: coalescing follows load, never a timer.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from cluster.config import EngineConfig
 from deployments.core.errors import EngineNotReadyError, InvalidRequestError, ServiceUnavailableError
@@ -64,6 +69,34 @@ def engine_args(model_path: str, config: EngineConfig) -> dict[str, Any]:
     return args
 
 
+class Coalescer:
+    """Per-request token buffer that decides when a stream message is due (see the module docstring)."""
+
+    def __init__(self, budget: int, streaming: Callable[[], int]):
+        self._budget = budget
+        self._streaming = streaming
+        self._ids: dict[int, list[int]] = {}
+        self._finish: dict[int, str | None] = {}
+        self._sent_any = False
+
+    def add(self, index: int, token_ids: Sequence[int], finish_reason: str | None) -> None:
+        self._ids.setdefault(index, []).extend(token_ids)
+        self._finish[index] = finish_reason
+
+    def due(self) -> bool:
+        if not self._ids:
+            return False
+        if not self._sent_any or any(reason is not None for reason in self._finish.values()):
+            return True
+        held = sum(len(ids) for ids in self._ids.values())
+        return held >= -(-self._streaming() // self._budget)
+
+    def take(self) -> list[TokenDelta]:
+        deltas = [(i, ids, self._finish[i]) for i, ids in self._ids.items()]
+        self._ids, self._finish, self._sent_any = {}, {}, True
+        return deltas
+
+
 @dataclass
 class EngineStats:
     ready: bool
@@ -87,6 +120,7 @@ class VLLMGenerator:
         self._finished = 0
         self._aborted: deque[str] = deque(maxlen=256)
         self._aborted_total = 0
+        self._streaming = 0  # requests whose stream is open on this replica
 
     def start(self) -> None:
         """Build the engine (blocking, tens of seconds on CPU). Call once, at replica start-up."""
@@ -134,12 +168,17 @@ class VLLMGenerator:
         except ValueError as exc:  # vLLM's own validation of sampling values
             raise InvalidRequestError(str(exc)) from exc
         self._started += 1
+        self._streaming += 1
         pending = req.n
+        buffer = Coalescer(self._config.stream_messages_per_step, lambda: self._streaming)
         try:
             async for out in self._engine.generate(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id):
-                deltas = [(o.index, list(o.token_ids), o.finish_reason) for o in out.outputs]
-                pending -= sum(1 for d in deltas if d[2] is not None)
-                yield deltas
+                for o in out.outputs:
+                    buffer.add(o.index, o.token_ids, o.finish_reason)
+                if buffer.due():
+                    deltas = buffer.take()
+                    pending -= sum(1 for d in deltas if d[2] is not None)
+                    yield deltas
             self._finished += 1
         except (asyncio.CancelledError, GeneratorExit):
             # vLLM's generate() aborts the engine request on cancellation; record it for observers.
@@ -148,6 +187,8 @@ class VLLMGenerator:
                 self._aborted.append(req.request_id)
                 logger.info("request %s aborted by its consumer", req.request_id)
             raise
+        finally:
+            self._streaming -= 1
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -7,7 +7,7 @@ replica start-up, and unit tests call it with a service over in-process fakes.
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,7 +54,12 @@ async def _sse_body(stream: SSEStream) -> AsyncIterator[str]:
         yield shapes.sse_error(err.to_envelope())
 
 
-def _respond(result: dict | SSEStream) -> Any:
+async def _respond(call: Awaitable[dict | SSEStream]) -> Any:
+    """A whole JSON body, an SSE stream, or the error envelope: the one exit of both completion routes."""
+    try:
+        result = await call
+    except Exception as exc:
+        return error_response(exc)
     if isinstance(result, dict):
         return JSONResponse(result)
     return StreamingResponse(_sse_body(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -91,16 +96,10 @@ def build_app(service: OpenAIService) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Any:
-        try:
-            return _respond(await service.chat(body))
-        except Exception as exc:
-            return error_response(exc)
+        return await _respond(service.chat(body))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
-        try:
-            return _respond(await service.completion(body))
-        except Exception as exc:
-            return error_response(exc)
+        return await _respond(service.completion(body))
 
     return app

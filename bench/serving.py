@@ -1,0 +1,176 @@
+"""Serving benchmark: ray-maas's graph vs a plain vLLM OpenAI server, same model and engine arguments.
+
+Both servers are driven, one after the other on the same machine, by vLLM's own
+`vllm bench serve` (random dataset, fixed input/output lengths, --ignore-eos, a
+fresh --seed per run) at each concurrency, and the figures and ratios ours/raw
+are printed and saved under bench/out/.
+
+    python -m bench.serving [--input-len 128 --output-len 64 --concurrency 1 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from cluster.config import load_config
+from cluster.local import LOCAL_ENV
+from cluster.model_store import ensure_default_model, open_store
+from deployments.core.engine import engine_env_vars
+
+logger = logging.getLogger("bench.serving")
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "out"
+METRICS = [
+    ("output_throughput", "output tok/s"),
+    ("median_ttft_ms", "TTFT p50 ms"),
+    ("p99_ttft_ms", "TTFT p99 ms"),
+    ("median_itl_ms", "ITL p50 ms"),
+    ("median_tpot_ms", "TPOT p50 ms"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(1)
+    raise TimeoutError(url)
+
+
+@contextmanager
+def _server(cmd: list[str], env: dict[str, str], ready_url: str, log: Path) -> Iterator[None]:
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        try:
+            _wait(ready_url, proc)
+            yield
+        finally:
+            proc.send_signal(signal.SIGTERM)  # maas serve stops its own Ray cluster on SIGTERM
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def raw_vllm(model_path: Path, model_name: str, port: int) -> tuple[list[str], dict[str, str], str]:
+    config = load_config()
+    eng = config.engine
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_path), "--served-model-name", model_name,
+        "--dtype", eng.dtype, "--max-model-len", str(eng.max_model_len), "--max-num-seqs", str(eng.max_num_seqs),
+        "--seed", str(eng.seed), "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats",
+    ]  # fmt: skip
+    if eng.enforce_eager:
+        cmd.append("--enforce-eager")
+    env = {**os.environ, **LOCAL_ENV, **engine_env_vars(eng, len(os.sched_getaffinity(0)))}
+    return cmd, env, f"http://127.0.0.1:{port}/v1/models"
+
+
+def ours(port: int) -> tuple[list[str], dict[str, str], str]:
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port)]
+    return cmd, {**os.environ, **LOCAL_ENV}, f"http://127.0.0.1:{port}/healthz"
+
+
+def run_vllm_bench(base_url: str, model_name: str, tokenizer: Path, concurrency: int, num_prompts: int, args: argparse.Namespace) -> dict:
+    from vllm.benchmarks.serve import add_cli_args, main as bench_main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    bench_args = parser.parse_args(
+        [
+            "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
+            "--model", model_name, "--tokenizer", str(tokenizer),
+            "--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--ignore-eos",
+            "--seed", str(random.randrange(1 << 30)), "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+            "--num-warmups", str(min(concurrency, 4)), "--disable-tqdm",
+        ]
+    )  # fmt: skip
+    return bench_main(bench_args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompts-per-concurrency", type=int, default=4, help="num prompts = max(8, this x concurrency)")
+    parser.add_argument("--targets", nargs="+", default=["raw", "ours"], choices=["raw", "ours"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.update(LOCAL_ENV)
+
+    config = load_config()
+    model = ensure_default_model(open_store(config.store_root()), config.model.name)
+    OUT.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results: dict[str, dict[int, dict]] = {}
+    for target in args.targets:
+        port = _free_port()
+        cmd, env, ready = raw_vllm(model.path, config.model.name, port) if target == "raw" else ours(port)
+        logger.info("starting %s: %s", target, " ".join(cmd))
+        t0 = time.monotonic()
+        with _server(cmd, env, ready, OUT / f"{stamp}-{target}.log"):
+            logger.info("%s ready in %.0fs", target, time.monotonic() - t0)
+            results[target] = {
+                c: run_vllm_bench(f"http://127.0.0.1:{port}", config.model.name, model.path, c, max(8, args.prompts_per_concurrency * c), args)
+                for c in args.concurrency
+            }
+    report = format_report(results, args)
+    print(report)
+    (OUT / f"{stamp}-serving.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2, default=str))
+    (OUT / f"{stamp}-serving.md").write_text(report)
+
+
+def format_report(results: dict[str, dict[int, dict]], args: argparse.Namespace) -> str:
+    lines = [
+        f"input {args.input_len} tokens, output {args.output_len} tokens (--ignore-eos), random dataset, vllm bench serve",
+        "",
+        "| concurrency | metric | raw vLLM | ray-maas | ours/raw |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for c in args.concurrency:
+        for key, label in METRICS:
+            raw = results.get("raw", {}).get(c, {}).get(key)
+            our = results.get("ours", {}).get(c, {}).get(key)
+            ratio = f"{our / raw:.2f}" if raw and our else "-"
+            delta = f" ({our - raw:+.0f} ms)" if raw and our and key.endswith("_ms") else ""
+            lines.append(f"| {c} | {label} | {raw if raw is None else f'{raw:.1f}'} | {our if our is None else f'{our:.1f}'} | {ratio}{delta} |")
+        for target in ("raw", "ours"):
+            r = results.get(target, {}).get(c)
+            if r and r.get("failed"):
+                lines.append(f"| {c} | failed requests ({target}) | {r['failed']} | | |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
