@@ -100,13 +100,14 @@ def list_models(ctx: click.Context) -> None:
 
 
 @main.command("serve-config")
+@click.option("--working-dir", default=None, help="Ship the code with the app: a remote URI (zip) or local:// path present on every node.")
 @click.pass_context
-def serve_config(ctx: click.Context) -> None:
+def serve_config(ctx: click.Context, working_dir: str | None) -> None:
     """Print a Serve config file for `serve deploy` built from the maas config."""
     from cluster.serve_config import serve_config_for
 
     config = _config(ctx)
-    sys.stdout.write(yaml.safe_dump(serve_config_for(config, ctx.obj), sort_keys=False))
+    sys.stdout.write(yaml.safe_dump(serve_config_for(config, ctx.obj, working_dir), sort_keys=False))
 
 
 if __name__ == "__main__":

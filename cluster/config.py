@@ -105,6 +105,8 @@ class MaasConfig(_Strict):
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> MaasConfig:
     """Load the config from YAML (MAAS_CONFIG or the shipped default), deep-merge `overrides`, apply env overrides."""
     path = Path(path) if path else envs.MAAS_CONFIG
+    if not path.is_absolute() and not path.exists():  # repo-relative paths work from any cwd (Serve's build task)
+        path = Path(__file__).resolve().parent.parent / path
     data = yaml.safe_load(path.read_text()) or {}
     if overrides:
         data = _deep_merge(data, overrides)

@@ -13,9 +13,16 @@ from cluster.local import LOCAL_ENV
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def serve_config_for(config: MaasConfig, config_path: Path | None = None) -> dict[str, Any]:
-    """A Serve config whose single application is `deployments.app:app_builder` over the given maas config file."""
+def serve_config_for(config: MaasConfig, config_path: Path | None = None, working_dir: str | None = None) -> dict[str, Any]:
+    """A Serve config whose single application is `deployments.app:app_builder` over the given maas config file.
+
+    Nodes import the installed project (the cluster set-up installs it); pass `working_dir` as a remote
+    URI (e.g. a zip on object storage) or `local://` path to ship the code with the app instead.
+    """
     rel = Path(config_path).resolve().relative_to(REPO_ROOT) if config_path else Path("cluster/configs/default.yaml")
+    runtime_env: dict[str, Any] = {"env_vars": {k: LOCAL_ENV[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "VLLM_NO_USAGE_STATS", "RAY_SERVE_THROUGHPUT_OPTIMIZED")}}
+    if working_dir:
+        runtime_env["working_dir"] = working_dir
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": config.http.host, "port": config.http.port},
@@ -24,7 +31,7 @@ def serve_config_for(config: MaasConfig, config_path: Path | None = None) -> dic
                 "name": config.app_name,
                 "route_prefix": config.route_prefix,
                 "import_path": "deployments.app:app_builder",
-                "runtime_env": {"working_dir": ".", "env_vars": {k: LOCAL_ENV[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "VLLM_NO_USAGE_STATS", "RAY_SERVE_THROUGHPUT_OPTIMIZED")}},
+                "runtime_env": runtime_env,
                 "args": {"config": str(rel)},
             }
         ],

@@ -1,0 +1,39 @@
+"""The second start path: Serve's own `serve deploy` with the Serve config file the project generates."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster import local
+from cluster.serve_config import serve_config_for
+from tests.integration.conftest import free_port
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_serve_deploy_of_the_generated_config_serves_the_model(maas_config, tmp_path):
+    from openai import OpenAI
+
+    dashboard_port = free_port()
+    local.start_ray(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=dashboard_port)
+    try:
+        config = serve_config_for(maas_config)
+        assert config["http_options"]["port"] == maas_config.http.port
+        path = tmp_path / "serve.yaml"
+        path.write_text(yaml.safe_dump(config))
+        serve_cli = Path(sys.executable).with_name("serve")
+        subprocess.run([str(serve_cli), "deploy", str(path), "--address", f"http://127.0.0.1:{dashboard_port}"], cwd=REPO, check=True, timeout=120)
+        base = f"http://127.0.0.1:{maas_config.http.port}"
+        local.wait_healthy(base, timeout_s=600)
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        resp = client.chat.completions.create(model=maas_config.model.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+        assert resp.usage.completion_tokens >= 1 and resp.choices[0].message.content
+    finally:
+        local.stop()
