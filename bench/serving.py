@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompts-per-concurrency", type=int, default=4, help="num prompts = max(8, this x concurrency)")
     parser.add_argument("--targets", nargs="+", default=["raw", "ours"], choices=["raw", "ours"])
+    parser.add_argument("--rounds", type=int, default=2, help="alternate the targets this many times (raw, ours, raw, ours, ...)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.update(LOCAL_ENV)
@@ -133,42 +134,57 @@ def main() -> None:
     model = ensure_default_model(open_store(config.store_root()), config.model.name)
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    results: dict[str, dict[int, dict]] = {}
-    for target in args.targets:
-        port = _free_port()
-        cmd, env, ready = raw_vllm(model.path, config.model.name, port) if target == "raw" else ours(port)
-        logger.info("starting %s: %s", target, " ".join(cmd))
-        t0 = time.monotonic()
-        with _server(cmd, env, ready, OUT / f"{stamp}-{target}.log"):
-            logger.info("%s ready in %.0fs", target, time.monotonic() - t0)
-            results[target] = {
-                c: run_vllm_bench(f"http://127.0.0.1:{port}", config.model.name, model.path, c, max(8, args.prompts_per_concurrency * c), args)
-                for c in args.concurrency
-            }
+    results: dict[str, dict[int, list[dict]]] = {t: {c: [] for c in args.concurrency} for t in args.targets}
+    for round_no in range(args.rounds):
+        for target in args.targets:
+            port = _free_port()
+            cmd, env, ready = raw_vllm(model.path, config.model.name, port) if target == "raw" else ours(port)
+            logger.info("round %d: starting %s: %s", round_no + 1, target, " ".join(cmd))
+            t0 = time.monotonic()
+            with _server(cmd, env, ready, OUT / f"{stamp}-{target}-{round_no + 1}.log"):
+                logger.info("%s ready in %.0fs", target, time.monotonic() - t0)
+                for c in args.concurrency:
+                    results[target][c].append(
+                        run_vllm_bench(f"http://127.0.0.1:{port}", config.model.name, model.path, c, max(8, args.prompts_per_concurrency * c), args)
+                    )
     report = format_report(results, args)
     print(report)
     (OUT / f"{stamp}-serving.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2, default=str))
     (OUT / f"{stamp}-serving.md").write_text(report)
 
 
-def format_report(results: dict[str, dict[int, dict]], args: argparse.Namespace) -> str:
+def _mean(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _cell(runs: list[dict], key: str) -> str:
+    mean = _mean(runs, key)
+    if mean is None:
+        return "-"
+    values = [r[key] for r in runs if r.get(key) is not None]
+    spread = f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ""
+    return f"{mean:.1f}{spread}"
+
+
+def format_report(results: dict[str, dict[int, list[dict]]], args: argparse.Namespace) -> str:
     lines = [
-        f"input {args.input_len} tokens, output {args.output_len} tokens (--ignore-eos), random dataset, vllm bench serve",
+        f"input {args.input_len} tokens, output {args.output_len} tokens (--ignore-eos), random dataset, vllm bench serve;",
+        f"mean of {args.rounds} alternating rounds (min-max in brackets)",
         "",
         "| concurrency | metric | raw vLLM | ray-maas | ours/raw |",
         "| --- | --- | --- | --- | --- |",
     ]
     for c in args.concurrency:
+        raw_runs, our_runs = results.get("raw", {}).get(c, []), results.get("ours", {}).get(c, [])
         for key, label in METRICS:
-            raw = results.get("raw", {}).get(c, {}).get(key)
-            our = results.get("ours", {}).get(c, {}).get(key)
+            raw, our = _mean(raw_runs, key), _mean(our_runs, key)
             ratio = f"{our / raw:.2f}" if raw and our else "-"
             delta = f" ({our - raw:+.0f} ms)" if raw and our and key.endswith("_ms") else ""
-            lines.append(f"| {c} | {label} | {raw if raw is None else f'{raw:.1f}'} | {our if our is None else f'{our:.1f}'} | {ratio}{delta} |")
-        for target in ("raw", "ours"):
-            r = results.get(target, {}).get(c)
-            if r and r.get("failed"):
-                lines.append(f"| {c} | failed requests ({target}) | {r['failed']} | | |")
+            lines.append(f"| {c} | {label} | {_cell(raw_runs, key)} | {_cell(our_runs, key)} | {ratio}{delta} |")
+        failed = {t: sum(r.get("failed", 0) or 0 for r in runs) for t, runs in (("raw", raw_runs), ("ours", our_runs))}
+        if any(failed.values()):
+            lines.append(f"| {c} | failed requests | {failed['raw']} | {failed['ours']} | |")
     return "\n".join(lines) + "\n"
 
 
