@@ -14,7 +14,7 @@ import yaml
 
 from cluster import envs
 from cluster.config import load_config
-from cluster.model_store import ensure_default_model, open_store
+from cluster.model_store import DEFAULT_MODEL_NAME, ensure_default_model, open_store
 
 logger = logging.getLogger("maas")
 
@@ -49,8 +49,14 @@ def serve(ctx: click.Context, port: int | None) -> None:
     config = _config(ctx)
     if port:
         config = config.model_copy(update={"http": config.http.model_copy(update={"port": port})})
-    model = ensure_default_model(open_store(config.store_root()), config.model.name) if config.model.version == "latest" else None
-    click.echo(f"Model: {config.model.name} ({model.version if model else config.model.version}) from {config.store_root()}")
+    store = open_store(config.store_root())
+    if config.model.name == DEFAULT_MODEL_NAME:
+        ensure_default_model(store, config.model.name)  # one-time conversion of the packaged GGUF
+    try:
+        model = store.resolve(config.model.name, config.model.version)
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Model: {model.name} ({model.version}) from {store.root}")
     click.echo("Starting a local Ray cluster and the serving graph (the engine takes about a minute to load)...")
     dashboard = local.start_ray()
     stop = threading.Event()
