@@ -47,4 +47,4 @@ bench: model
 	$(PY) -m bench.serving
 
 clean:
-	rm -rf $(VENV) var bench/out
+	rm -rf $(VENV) bench/out

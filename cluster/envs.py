@@ -26,8 +26,6 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "MAAS_CONFIG": _path("MAAS_CONFIG", _REPO_ROOT / "cluster" / "configs" / "default.yaml"),
     # Root of the model store; overrides `model_store.root` in the config when set.
     "MAAS_MODEL_STORE": _optional_path("MAAS_MODEL_STORE"),
-    # Where local run state lives (Ray temp dir, vLLM caches, SQLite files).
-    "MAAS_VAR_DIR": _path("MAAS_VAR_DIR", _REPO_ROOT / "var"),
     # HTTP host/port the API listens on; override the config's `http` section when set.
     "MAAS_HOST": lambda: os.environ.get("MAAS_HOST") or None,
     "MAAS_PORT": lambda: int(os.environ["MAAS_PORT"]) if os.environ.get("MAAS_PORT") else None,

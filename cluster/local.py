@@ -6,7 +6,6 @@ import logging
 import os
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.config import MaasConfig
@@ -36,12 +35,6 @@ LOCAL_ENV = {
 }
 
 
-@dataclass(frozen=True)
-class LocalServe:
-    base_url: str
-    dashboard_url: str | None
-
-
 def start_ray(num_cpus: int | None = None, include_dashboard: bool = True, dashboard_port: int | None = None) -> str | None:
     """Start a new local Ray cluster owned by this process (never attaches to another); returns the dashboard URL."""
     os.environ.update({k: v for k, v in LOCAL_ENV.items() if k not in os.environ})
@@ -54,7 +47,7 @@ def start_ray(num_cpus: int | None = None, include_dashboard: bool = True, dashb
         include_dashboard=include_dashboard,
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port,
-        runtime_env={"working_dir": repo_root, "excludes": [".venv", "var", "models", ".git", "bench/out"], "env_vars": dict(LOCAL_ENV)},
+        runtime_env={"working_dir": repo_root, "excludes": [".venv", ".git", "bench/out"], "env_vars": dict(LOCAL_ENV)},
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
