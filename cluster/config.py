@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from billing.catalog import BillingConfig
 from cluster import envs
 
 
@@ -89,6 +90,7 @@ class MaasConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig, description="Resources and scaling per stage.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="Where the API listens.")
+    billing: BillingConfig = Field(default_factory=BillingConfig, description="API keys, prices, plans, quotas and the usage ledger.")
 
     def store_root(self) -> Path:
         """The model store root, with MAAS_MODEL_STORE applied and relative paths anchored at the repo root."""

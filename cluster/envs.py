@@ -29,6 +29,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     # HTTP host/port the API listens on; override the config's `http` section when set.
     "MAAS_HOST": lambda: os.environ.get("MAAS_HOST") or None,
     "MAAS_PORT": lambda: int(os.environ["MAAS_PORT"]) if os.environ.get("MAAS_PORT") else None,
+    # SQLAlchemy URL of the billing ledger; overrides `billing.ledger_url` when set.
+    "MAAS_LEDGER_URL": lambda: os.environ.get("MAAS_LEDGER_URL") or None,
+    # API key the `maas` CLI and tests use against the HTTP API (never logged).
+    "MAAS_API_KEY": lambda: os.environ.get("MAAS_API_KEY") or None,
     # Log level for ray-maas loggers.
     "MAAS_LOG_LEVEL": lambda: os.environ.get("MAAS_LOG_LEVEL", "INFO").upper(),
 }

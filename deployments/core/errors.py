@@ -70,6 +70,50 @@ class EngineNotReadyError(ServiceUnavailableError):
         super().__init__(message, **kwargs)
 
 
+class AuthenticationError(MaasError):
+    """401: missing, unknown, revoked or expired API key."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(MaasError):
+    """403: a valid key that may not do this (e.g. a tenant key on /admin)."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    default_code = "permission_denied"
+
+
+class RateLimitError(MaasError):
+    """429 over requests- or tokens-per-minute; `error_type` is `requests` or `tokens` as in OpenAI's API."""
+
+    status_code = 429
+    error_type = "requests"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit_type: str = "requests", retry_after_s: float = 1.0, **kwargs: Any):
+        kwargs.setdefault("headers", {"Retry-After": str(max(1, int(retry_after_s + 0.999)))})
+        super().__init__(message, **kwargs)
+        self.error_type = limit_type
+
+    def __reduce__(self):
+        return (_rebuild_rate, (self.message, self.error_type, self.param, self.code, self.headers))
+
+
+def _rebuild_rate(message: str, limit_type: str, param: str | None, code: str | None, headers: dict[str, str]) -> "RateLimitError":
+    return RateLimitError(message, limit_type=limit_type, param=param, code=code, headers=headers)
+
+
+class InsufficientQuotaError(MaasError):
+    """429 `insufficient_quota`: the tenant's monthly budget is spent (OpenAI's shape)."""
+
+    status_code = 429
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
 class InternalError(MaasError):
     status_code = 500
     error_type = "internal_error"

@@ -1,0 +1,273 @@
+"""The replica side of billing (no Ray): authentication, admission from leases, and the usage outbox.
+
+An ingress replica holds one `BillingClient`.  Keys are checked against a local
+copy of the key table (hashes only); admission takes a reservation from the
+tenant's local lease; usage events queue in an outbox.  One background loop,
+every `flush_interval_s`, sends the outbox, the leases held and any asks to the
+billing actor in a single message; events leave the outbox only once the actor
+acknowledges them, so an actor restart loses nothing (the ledger is idempotent
+on request id, so a resend counts once).  The request path waits on the actor
+only when a lease runs dry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
+
+from billing.catalog import BillingConfig, Price
+from billing.keys import check_key
+from billing.pricing import Quote, quote
+from billing.quota import ZERO, Ask, Reservation, TenantLease, period_of, refill, reserve, settle, shortfall, window_of
+from billing.records import Claim, EngineCount, KeyRecord, SyncReply, SyncRequest, UsageEvent
+from deployments.core.errors import InsufficientQuotaError, PermissionDeniedError, RateLimitError, ServiceUnavailableError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Transport(Protocol):
+    async def sync(self, req: SyncRequest) -> SyncReply: ...
+
+
+class Outbox(Generic[T]):
+    """Items waiting for an acknowledgement, oldest first; `flush` sends a batch and drops it only once acked."""
+
+    def __init__(self, send: Callable[[list[T]], Awaitable[Any]], max_batch: int):
+        self._items: list[T] = []
+        self._send = send
+        self._max_batch = max_batch
+        self._lock = asyncio.Lock()
+        self.failures = 0
+
+    def add(self, item: T) -> None:
+        self._items.append(item)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def flush(self) -> bool:
+        async with self._lock:
+            while self._items:
+                batch = self._items[: self._max_batch]
+                try:
+                    await self._send(batch)
+                except Exception as exc:
+                    self.failures += 1
+                    if self.failures in (1, 10) or self.failures % 100 == 0:
+                        logger.warning("billing actor unreachable (%d tries); keeping %d items: %s", self.failures, len(self._items), exc)
+                    return False
+                del self._items[: len(batch)]
+                self.failures = 0
+            return True
+
+
+async def run_periodically(interval_s: float, step: Callable[[], Awaitable[Any]]) -> None:
+    """Call `step` every `interval_s` until cancelled; a failing step is logged and retried."""
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("billing background step failed")
+        await asyncio.sleep(interval_s)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """An admitted request: who, what, and the reservation to settle."""
+
+    request_id: str
+    key: KeyRecord
+    model: str
+    version: str
+    kind: str
+    reservation: Reservation
+
+
+class BillingClient:
+    def __init__(self, config: BillingConfig, transport: Transport, holder: str, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.holder = holder
+        self._transport = transport
+        self._clock = clock
+        self._keys: dict[str, KeyRecord] = {}
+        self._keys_seq = 0
+        self._leases: dict[str, TenantLease] = defaultdict(TenantLease)
+        self._hints: dict[str, Quote] = {}
+        self._outbox: list[UsageEvent] = []
+        self._lock = asyncio.Lock()
+        self._loop_task: asyncio.Task | None = None
+        self.synced = False
+        self._failures = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        """First sync (loads every key), then the background loop."""
+        deadline = self._clock() + timeout_s
+        while await self._sync() is None:
+            if self._clock() > deadline:
+                raise ServiceUnavailableError("The billing service is unreachable.")
+            await asyncio.sleep(0.5)
+        self._loop_task = asyncio.get_running_loop().create_task(run_periodically(self.config.flush_interval_s, self._sync))
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the loop and try to deliver what is still queued."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        deadline = self._clock() + timeout_s
+        while self._outbox and self._clock() < deadline:
+            if await self._sync() is None:
+                await asyncio.sleep(0.2)
+
+    @property
+    def queued(self) -> int:
+        return len(self._outbox)
+
+    # ---- the request path --------------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None) -> KeyRecord:
+        return check_key(self._keys, authorization, self._clock())
+
+    def require_admin(self, authorization: str | None) -> KeyRecord:
+        key = self.authenticate(authorization)
+        if key.role != "admin":
+            raise PermissionDeniedError("This route needs an admin key.")
+        return key
+
+    async def admit(self, key: KeyRecord, request_id: str, model: str, version: str, kind: str, price: Price, prompt_tokens: int, max_tokens: int, n: int = 1) -> Ticket:
+        """Reserve the request's worst case from the tenant's lease, asking the actor only when it runs dry."""
+        q = quote(price, prompt_tokens, max_tokens, n)
+        tenant = key.tenant
+        self._hints[tenant] = q
+        for attempt in range(4):
+            now = self._clock()
+            lease = self._leases[tenant]
+            lease.roll(period_of(now), window_of(now))
+            if shortfall(lease, tenant, q) is None:
+                return Ticket(request_id, key, model, version, kind, reserve(lease, tenant, q))
+            reply = await self._sync(need=(tenant, q))
+            if reply is None:
+                raise ServiceUnavailableError("The billing service is unavailable; retry shortly.", headers={"Retry-After": "1"})
+            grant = next((g for g in reply.grants if g.tenant == tenant), None)
+            if grant is not None and grant.denied == "warming_up":
+                await asyncio.sleep(grant.retry_after_s)
+            elif grant is not None and grant.denied:
+                raise _denial(grant.denied, grant.message, grant.retry_after_s)
+        raise ServiceUnavailableError("Could not reserve quota; retry shortly.", headers={"Retry-After": "1"})
+
+    def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int | None, status: str) -> None:
+        """End of a request: release the reservation and queue its usage event (completion None: the engine's count follows)."""
+        r = ticket.reservation
+        settle(self._leases[r.tenant], r, completion_tokens)
+        q = r.quote
+        self._outbox.append(
+            UsageEvent(
+                ticket.request_id,
+                self._clock(),
+                r.tenant,
+                ticket.key.key_id,
+                ticket.model,
+                ticket.version,
+                ticket.kind,
+                status,
+                prompt_tokens,
+                completion_tokens,
+                str(q.prompt_price),
+                str(q.completion_price),
+                str(r.reserved),
+                self.holder,
+            )
+        )
+
+    # ---- the channel to the actor ------------------------------------------------------------
+
+    async def _sync(self, need: tuple[str, Quote] | None = None) -> SyncReply | None:
+        async with self._lock:
+            now = self._clock()
+            asks = self._asks(now, need)
+            events = self._outbox[: self.config.max_batch]
+            claims = self._claims(unsent=self._outbox[len(events) :])
+            try:
+                reply = await self._transport.sync(SyncRequest(self.holder, events, claims, asks, self._keys_seq))
+            except Exception as exc:
+                self._failures += 1
+                if self._failures in (1, 10) or self._failures % 100 == 0:
+                    logger.warning("billing sync failed (%d in a row, %d events queued): %s", self._failures, len(self._outbox), exc)
+                return None
+            self._failures = 0
+            del self._outbox[: len(events)]
+            for grant in reply.grants:
+                self._leases[grant.tenant].apply(grant)
+            for key in reply.keys:
+                self._keys[key.key_hash] = key
+            self._keys_seq = max(self._keys_seq, reply.keys_seq)
+            self.synced = True
+            return reply
+
+    def _asks(self, now: float, need: tuple[str, Quote] | None) -> list[Ask]:
+        period, window = period_of(now), window_of(now)
+        asks: dict[str, Ask] = {}
+        for tenant, lease in self._leases.items():
+            lease.roll(period, window)
+            if need is not None and tenant == need[0]:
+                ask = shortfall(lease, tenant, need[1])
+            elif tenant in self._hints and now - lease.last_used < self.config.lease.idle_release_s:
+                ask = refill(lease, tenant, self._hints[tenant], self.config.lease.refill_below)
+            else:
+                if lease.budget:  # idle: hand the unused budget back
+                    lease.budget = ZERO
+                ask = None
+            if ask is not None:
+                asks[tenant] = ask
+        if need is not None and need[0] not in self._leases:
+            lease = self._leases[need[0]]
+            lease.roll(period, window)
+            ask = shortfall(lease, need[0], need[1])
+            if ask is not None:
+                asks[need[0]] = ask
+        return list(asks.values())
+
+    def _claims(self, unsent: list[UsageEvent]) -> list[Claim]:
+        """Leases held, plus what settled requests not in this message will cost (so nothing is undercounted)."""
+        extra: dict[tuple[str, str], Decimal] = defaultdict(lambda: ZERO)
+        for e in unsent:
+            amount = Decimal(e.reserved) if e.completion_tokens is None else (Decimal(e.prompt_price) * e.prompt_tokens + Decimal(e.completion_price) * e.completion_tokens) / 1_000_000
+            extra[(e.tenant, period_of(e.ts))] += amount
+        claims = [Claim(t, lease.period, lease.claim() + extra.pop((t, lease.period), ZERO)) for t, lease in self._leases.items()]
+        claims += [Claim(t, p, a) for (t, p), a in extra.items()]
+        return [c for c in claims if c.amount]
+
+
+def _denial(reason: str, message: str, retry_after_s: float) -> Exception:
+    if reason == "insufficient_quota":
+        return InsufficientQuotaError(message)
+    return RateLimitError(message, limit_type=reason, retry_after_s=retry_after_s)
+
+
+class EngineCountReporter:
+    """The generator's side: counts of requests that ended early, delivered until acknowledged."""
+
+    def __init__(self, send: Callable[[list[EngineCount]], Awaitable[Any]], flush_interval_s: float, max_batch: int = 5000):
+        self._outbox: Outbox[EngineCount] = Outbox(send, max_batch)
+        self._interval = flush_interval_s
+        self._task: asyncio.Task | None = None
+
+    def report(self, request_id: str, completion_tokens: int) -> None:
+        self._outbox.add(EngineCount(request_id, completion_tokens, time.time()))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(run_periodically(self._interval, self._outbox.flush))
+
+    async def flush(self) -> bool:
+        return await self._outbox.flush()
+
+    def __len__(self) -> int:
+        return len(self._outbox)

@@ -1,0 +1,323 @@
+"""The durable ledger: usage events, tenants, API keys and the audit trail, in any SQLAlchemy database.
+
+The embedded default is SQLite in WAL mode (one file, no server); a cluster that
+must survive the loss of its head node points `billing.ledger_url` at a server
+(e.g. PostgreSQL).  The billing actor is the only writer.
+
+Usage rows are keyed by request id: `record()` inserts only ids it has not seen,
+so a resent batch is counted once.  Amounts are never stored as floats: a row
+keeps its token counts and the unit prices (as exact decimal text) that applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from sqlalchemy import Column, Float, Index, Integer, MetaData, String, Table, create_engine, event, func, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from billing.pricing import cost
+from billing.quota import day_of, period_of
+from billing.records import EngineCount, KeyRecord, UsageEvent
+
+logger = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("ts", Float, nullable=False),
+    Column("period", String(7), nullable=False),
+    Column("day", String(10), nullable=False),
+    Column("tenant", String(128), nullable=False),
+    Column("key_id", String(32), nullable=False),
+    Column("model", String(256), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=True),
+    Column("prompt_price", String(32), nullable=False),
+    Column("completion_price", String(32), nullable=False),
+    Column("reserved", String(40), nullable=False),
+    Column("holder", String(128), nullable=False),
+    Index("ix_usage_tenant_period", "tenant", "period"),
+    Index("ix_usage_period", "period"),
+)
+
+engine_counts = Table(
+    "engine_counts",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("ts", Float, nullable=False),
+)
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("tenant", String(128), primary_key=True),
+    Column("plan", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("tenant", String(128), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("name", String(128), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=True),
+    Column("revoked_at", Float, nullable=True),
+    Column("seq", Integer, nullable=False, index=True),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("who", String(128), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(256), nullable=False),
+    Column("detail", String(2048), nullable=False, default=""),
+)
+
+_CHUNK = 500  # ids per IN (...) lookup
+
+
+@dataclass(frozen=True)
+class SpendRow:
+    """Tokens of one tenant at one pair of unit prices in one period (summing tokens keeps amounts exact)."""
+
+    tenant: str
+    period: str
+    model: str
+    version: str
+    prompt_price: Decimal
+    completion_price: Decimal
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    day: str = ""
+
+    @property
+    def amount(self) -> Decimal:
+        return cost(self.prompt_price, self.completion_price, self.prompt_tokens, self.completion_tokens)
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    """An aborted request still waiting for the engine's count: its unknown part stays reserved."""
+
+    request_id: str
+    tenant: str
+    period: str
+    ts: float
+    held: Decimal  # reserved − cost of the prompt
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")  # each committed batch survives a crash of the machine
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+def open_engine(url: str) -> Engine:
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Ledger:
+    """All reads and writes of the billing database."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = open_engine(url)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- usage -----------------------------------------------------------------------------
+
+    def record(self, events: Sequence[UsageEvent]) -> tuple[list[UsageEvent], list[tuple[UsageEvent, int]]]:
+        """Insert the events whose request id is new; return them, and which aborted ones the engine count completed.
+
+        One transaction per call: either the whole batch is durable or none of it.
+        """
+        batch: dict[str, UsageEvent] = {}
+        for e in events:
+            batch.setdefault(e.request_id, e)
+        if not batch:
+            return [], []
+        with self.engine.begin() as conn:
+            seen = set(self._existing(conn, usage.c.request_id, list(batch)))
+            fresh = [e for rid, e in batch.items() if rid not in seen]
+            unknown = [e.request_id for e in fresh if e.completion_tokens is None]
+            counts = dict(self._counts(conn, unknown)) if unknown else {}
+            completed: list[tuple[UsageEvent, int]] = []
+            rows = []
+            for e in fresh:
+                if e.completion_tokens is None and e.request_id in counts:
+                    completed.append((e, counts[e.request_id]))
+                    e = e._replace(completion_tokens=counts[e.request_id])
+                rows.append(_usage_row(e))
+            if rows:
+                conn.execute(usage.insert(), rows)
+        return fresh, completed
+
+    def record_engine_counts(self, counts: Sequence[EngineCount]) -> list[tuple[UsageEvent, int]]:
+        """Store engine counts; fill in the aborted rows that were waiting for them. Returns (row, completion) filled."""
+        batch = {c.request_id: c for c in counts}
+        if not batch:
+            return []
+        filled: list[tuple[UsageEvent, int]] = []
+        with self.engine.begin() as conn:
+            seen = set(self._existing(conn, engine_counts.c.request_id, list(batch)))
+            new = [c for rid, c in batch.items() if rid not in seen]
+            if new:
+                conn.execute(engine_counts.insert(), [c._asdict() for c in new])
+            waiting = {r.request_id: r for r in self._rows(conn, usage.c.request_id.in_([c.request_id for c in new]) & usage.c.completion_tokens.is_(None))} if new else {}
+            for c in new:
+                row = waiting.get(c.request_id)
+                if row is None:
+                    continue
+                conn.execute(update(usage).where(usage.c.request_id == c.request_id).values(completion_tokens=c.completion_tokens))
+                filled.append((row, c.completion_tokens))
+        return filled
+
+    def close_pending(self, older_than: float) -> list[UsageEvent]:
+        """Aborted rows that never got an engine count: close them with zero completion tokens (logged)."""
+        with self.engine.begin() as conn:
+            rows = list(self._rows(conn, usage.c.completion_tokens.is_(None) & (usage.c.ts < older_than)))
+            for r in rows:
+                conn.execute(update(usage).where(usage.c.request_id == r.request_id).values(completion_tokens=0, status=r.status + "_unmetered"))
+        for r in rows:
+            logger.warning("request %s: no engine count arrived; billed for its prompt only", r.request_id)
+        return rows
+
+    def pending(self) -> list[PendingRow]:
+        with self.engine.connect() as conn:
+            return [
+                PendingRow(r.request_id, r.tenant, period_of(r.ts), r.ts, Decimal(r.reserved) - cost(Decimal(r.prompt_price), Decimal(r.completion_price), r.prompt_tokens, 0))
+                for r in self._rows(conn, usage.c.completion_tokens.is_(None))
+            ]
+
+    def spend(self, period: str | None = None, tenant: str | None = None, by_day: bool = False) -> list[SpendRow]:
+        """Token sums grouped by tenant, period, model, version and unit prices (and day); exact amounts via `SpendRow.amount`."""
+        cols = [usage.c.tenant, usage.c.period, usage.c.model, usage.c.version, usage.c.prompt_price, usage.c.completion_price]
+        if by_day:
+            cols.append(usage.c.day)
+        q = select(*cols, func.count(), func.sum(usage.c.prompt_tokens), func.coalesce(func.sum(usage.c.completion_tokens), 0)).group_by(*cols)
+        if period is not None:
+            q = q.where(usage.c.period == period)
+        if tenant is not None:
+            q = q.where(usage.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            out = []
+            for r in conn.execute(q):
+                out.append(
+                    SpendRow(r[0], r[1], r[2], r[3], Decimal(r[4]), Decimal(r[5]), int(r[-3]), int(r[-2] or 0), int(r[-1] or 0), r[6] if by_day else "")
+                )
+            return out
+
+    def events(self, request_ids: Iterable[str] | None = None, tenant: str | None = None) -> list[UsageEvent]:
+        cond = None
+        if request_ids is not None:
+            cond = usage.c.request_id.in_(list(request_ids))
+        if tenant is not None:
+            cond = usage.c.tenant == tenant if cond is None else cond & (usage.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            return list(self._rows(conn, cond))
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(usage)).scalar_one())
+
+    # ---- tenants and keys -------------------------------------------------------------------
+
+    def upsert_tenant(self, tenant: str, plan: str) -> None:
+        with self.engine.begin() as conn:
+            if conn.execute(select(tenants.c.tenant).where(tenants.c.tenant == tenant)).first():
+                conn.execute(update(tenants).where(tenants.c.tenant == tenant).values(plan=plan))
+            else:
+                conn.execute(tenants.insert().values(tenant=tenant, plan=plan, created_at=time.time()))
+
+    def tenant_plans(self) -> dict[str, str]:
+        with self.engine.connect() as conn:
+            return {r.tenant: r.plan for r in conn.execute(select(tenants))}
+
+    def next_key_seq(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.coalesce(func.max(api_keys.c.seq), 0))).scalar_one()) + 1
+
+    def save_key(self, key: KeyRecord) -> None:
+        values = {f: getattr(key, f) for f in ("key_id", "key_hash", "tenant", "role", "name", "created_at", "expires_at", "revoked_at", "seq")}
+        with self.engine.begin() as conn:
+            if conn.execute(select(api_keys.c.key_id).where(api_keys.c.key_id == key.key_id)).first():
+                conn.execute(update(api_keys).where(api_keys.c.key_id == key.key_id).values(**values))
+            else:
+                conn.execute(api_keys.insert().values(**values))
+
+    def keys(self, since_seq: int = 0) -> list[KeyRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(api_keys).where(api_keys.c.seq > since_seq).order_by(api_keys.c.seq))
+            return [KeyRecord(**r._asdict()) for r in rows]
+
+    # ---- audit ------------------------------------------------------------------------------
+
+    def audit(self, who: str, action: str, target: str, detail: str = "") -> None:
+        with self.engine.begin() as conn:
+            conn.execute(audit.insert().values(ts=time.time(), who=who, action=action, target=target, detail=detail))
+
+    def audit_log(self, limit: int = 100) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [r._asdict() for r in conn.execute(select(audit).order_by(audit.c.id.desc()).limit(limit))]
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _existing(conn: Connection, column, ids: list[str]) -> Iterator[str]:
+        for i in range(0, len(ids), _CHUNK):
+            yield from conn.execute(select(column).where(column.in_(ids[i : i + _CHUNK]))).scalars()
+
+    @staticmethod
+    def _counts(conn: Connection, ids: list[str]) -> Iterator[tuple[str, int]]:
+        for i in range(0, len(ids), _CHUNK):
+            q = select(engine_counts.c.request_id, engine_counts.c.completion_tokens).where(engine_counts.c.request_id.in_(ids[i : i + _CHUNK]))
+            yield from ((r[0], r[1]) for r in conn.execute(q))
+
+    @staticmethod
+    def _rows(conn: Connection, cond) -> Iterator[UsageEvent]:
+        q = select(*[usage.c[f] for f in UsageEvent._fields])
+        if cond is not None:
+            q = q.where(cond)
+        for r in conn.execute(q):
+            yield UsageEvent(*r)
+
+
+def _usage_row(e: UsageEvent) -> dict:
+    row = e._asdict()
+    row["period"] = period_of(e.ts)
+    row["day"] = day_of(e.ts)
+    return row

@@ -1,0 +1,255 @@
+"""The billing actor's logic (no Ray): aggregates, leases, keys and reports over one `Ledger`.
+
+`BillingCore` holds the state the actor holds: per tenant and period the spend
+(rebuilt from the ledger at start), the pending holds of aborted requests, every
+replica's outstanding leases, and the per-minute rate counters.  Each decision
+is delegated to the pure functions in `billing.quota`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Callable, Protocol
+
+from billing.catalog import BillingConfig, Plan
+from billing.keys import new_key
+from billing.ledger import Ledger, SpendRow
+from billing.pricing import cost
+from billing.quota import ZERO, Ask, Grant, decide_grant, period_of, window_of
+from billing.records import EngineCount, KeyRecord, SyncReply, SyncRequest, UsageEvent
+from deployments.core.errors import InvalidRequestError, NotFoundError
+
+logger = logging.getLogger(__name__)
+
+
+class BillingMetrics(Protocol):
+    def on_usage(self, event: UsageEvent, completion_tokens: int, amount: Decimal) -> None: ...
+
+    def on_ingest(self, events: int, lag_s: float) -> None: ...
+
+    def on_denied(self, tenant: str, reason: str) -> None: ...
+
+
+class _NoMetrics:
+    def on_usage(self, event: UsageEvent, completion_tokens: int, amount: Decimal) -> None:
+        pass
+
+    def on_ingest(self, events: int, lag_s: float) -> None:
+        pass
+
+    def on_denied(self, tenant: str, reason: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Totals:
+    tenant: str
+    period: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    amount: Decimal
+
+
+class BillingCore:
+    def __init__(self, config: BillingConfig, ledger: Ledger, metrics: BillingMetrics | None = None, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.ledger = ledger
+        self._metrics = metrics or _NoMetrics()
+        self._clock = clock
+        self._spent: dict[tuple[str, str], Decimal] = defaultdict(lambda: ZERO)
+        self._pending: dict[str, tuple[str, str, Decimal, float]] = {}  # request id -> (tenant, period, held, ts)
+        self._claims: dict[str, dict[str, tuple[str, Decimal]]] = {}  # holder -> tenant -> (period, amount)
+        self._last_seen: dict[str, float] = {}
+        self._windows: dict[tuple[str, int], list[int]] = {}
+        self._last_maintenance = 0.0
+        self.rebuild()
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def rebuild(self) -> None:
+        """Aggregates from the ledger: what a restarted actor does first."""
+        self._spent.clear()
+        for row in self.ledger.spend():
+            self._spent[(row.tenant, row.period)] += row.amount
+        self._pending = {p.request_id: (p.tenant, p.period, p.held, p.ts) for p in self.ledger.pending()}
+        self._plans = self.ledger.tenant_plans()
+        self._keys_seq = self.ledger.next_key_seq() - 1
+        self._started = self._clock()
+        logger.info("billing state rebuilt: %d tenant-periods, %d pending, %d keys", len(self._spent), len(self._pending), self._keys_seq)
+
+    def configure(self, config: BillingConfig, who: str = "system") -> bool:
+        """Adopt a new price book / plans (a redeploy); audited when they change."""
+        changed = config.model_dump(mode="json") != self.config.model_dump(mode="json")
+        if changed:
+            self.ledger.audit(who, "billing.configure", "price_book,plans", config.model_dump_json(include={"price_book", "plans"}))
+        self.config = config
+        return changed
+
+    def spent(self, tenant: str, period: str) -> Decimal:
+        return self._spent[(tenant, period)]
+
+    def committed(self, tenant: str, period: str) -> Decimal:
+        pending = sum((held for t, p, held, _ in self._pending.values() if t == tenant and p == period), ZERO)
+        claims = sum((amount for leases in self._claims.values() for t, (p, amount) in leases.items() if t == tenant and p == period), ZERO)
+        return self._spent[(tenant, period)] + pending + claims
+
+    def plan_of(self, tenant: str) -> Plan:
+        name = self._plans.get(tenant, self.config.default_plan)
+        return self.config.plans.get(name) or Plan()
+
+    # ---- the replicas' channel ---------------------------------------------------------------
+
+    def sync(self, req: SyncRequest) -> SyncReply:
+        """Durably record the replica's events, note its leases, answer its asks and send key changes."""
+        now = self._clock()
+        self._ingest(req.events, now)
+        self._last_seen[req.holder] = now
+        leases = {c.tenant: (c.period, c.amount) for c in req.claims}
+        self._claims[req.holder] = leases
+        grants = []
+        for ask in req.asks:
+            grant = self._grant(ask, now)
+            if grant.budget:  # count what was just granted until the replica reports it in its next claim
+                period, amount = leases.get(ask.tenant, (ask.period, ZERO))
+                leases[ask.tenant] = (ask.period, (amount if period == ask.period else ZERO) + grant.budget)
+            grants.append(grant)
+        keys = self.ledger.keys(req.keys_since) if req.keys_since < self._keys_seq else []
+        self._maintain(now)
+        return SyncReply(len(req.events), grants, keys, self._keys_seq)
+
+    def record(self, events: list[UsageEvent]) -> int:
+        """Ingest events outside a replica's sync (tools, benchmarks)."""
+        self._ingest(events, self._clock())
+        return len(events)
+
+    def engine_counts(self, counts: list[EngineCount]) -> int:
+        for event, completion in self.ledger.record_engine_counts(counts):
+            self._resolve(event, completion)
+        return len(counts)
+
+    def _ingest(self, events: list[UsageEvent], now: float) -> None:
+        if not events:
+            return
+        fresh, completed = self.ledger.record(events)
+        done = {e.request_id: c for e, c in completed}
+        for e in fresh:
+            completion = e.completion_tokens if e.completion_tokens is not None else done.get(e.request_id)
+            if completion is None:
+                held = Decimal(e.reserved) - cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, 0)
+                self._pending[e.request_id] = (e.tenant, period_of(e.ts), held, e.ts)
+                self._add_spend(e, 0)
+            else:
+                self._add_spend(e, completion)
+        self._metrics.on_ingest(len(fresh), max(0.0, now - min(e.ts for e in events)))
+
+    def _add_spend(self, e: UsageEvent, completion: int) -> None:
+        amount = cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, completion)
+        self._spent[(e.tenant, period_of(e.ts))] += amount
+        self._metrics.on_usage(e, completion, amount)
+
+    def _resolve(self, e: UsageEvent, completion: int) -> None:
+        """An aborted request's engine count arrived: bill its completion and release its hold."""
+        self._pending.pop(e.request_id, None)
+        amount = cost(ZERO, Decimal(e.completion_price), 0, completion)
+        self._spent[(e.tenant, period_of(e.ts))] += amount
+        self._metrics.on_usage(e._replace(prompt_tokens=0), completion, amount)
+
+    def _grant(self, ask: Ask, now: float) -> Grant:
+        if now - self._started < self.config.lease.restart_grace_s:
+            # Just (re)started: leases held by replicas are unknown until each has synced once.
+            return Grant(ask.tenant, ask.period, ask.window, ZERO, 0, 0, "warming_up", self.config.lease.restart_grace_s, "Billing is starting.")
+        window = self._windows.setdefault((ask.tenant, ask.window), [0, 0])
+        grant = decide_grant(self.plan_of(ask.tenant), self.config.lease, ask, self.committed(ask.tenant, ask.period), (window[0], window[1]), now)
+        window[0] += grant.requests or 0
+        window[1] += grant.tokens or 0
+        if grant.denied:
+            self._metrics.on_denied(ask.tenant, grant.denied)
+        return grant
+
+    def _maintain(self, now: float) -> None:
+        if now - self._last_maintenance < 1.0:
+            return
+        self._last_maintenance = now
+        for holder, seen in list(self._last_seen.items()):
+            if now - seen > self.config.lease.holder_ttl_s:
+                logger.warning("replica %s silent for %.0fs: dropping its leases", holder, now - seen)
+                self._last_seen.pop(holder)
+                self._claims.pop(holder, None)
+        current = window_of(now)
+        for key in [k for k in self._windows if k[1] < current - 1]:
+            del self._windows[key]
+        stale = [rid for rid, (_, _, _, ts) in self._pending.items() if now - ts > self.config.pending_timeout_s]
+        if stale:
+            for row in self.ledger.close_pending(now - self.config.pending_timeout_s):
+                self._pending.pop(row.request_id, None)
+
+    # ---- administration ----------------------------------------------------------------------
+
+    def create_key(self, tenant: str, plan: str | None = None, role: str = "tenant", expires_in_s: float | None = None, name: str = "", who: str = "cli") -> tuple[str, KeyRecord]:
+        if role not in ("tenant", "admin"):
+            raise InvalidRequestError(f"Unknown role `{role}`: use tenant or admin.", param="role")
+        if role == "tenant":
+            if plan is not None and plan not in self.config.plans:
+                raise InvalidRequestError(f"Unknown plan `{plan}`. Plans: {', '.join(sorted(self.config.plans))}.", param="plan")
+            if plan is not None or tenant not in self._plans:
+                self.set_plan(tenant, plan or self.config.default_plan, who)
+        self._keys_seq += 1
+        key, record = new_key(tenant, role, self._keys_seq, expires_in_s=expires_in_s, name=name, now=self._clock())
+        self.ledger.save_key(record)
+        self.ledger.audit(who, "key.create", record.key_id, f"tenant={tenant} role={role} expires_at={record.expires_at}")
+        return key, record
+
+    def revoke_key(self, key_id: str, who: str = "cli") -> KeyRecord:
+        match = [k for k in self.ledger.keys() if k.key_id == key_id]
+        if not match:
+            raise NotFoundError(f"No API key `{key_id}`.", param="key_id")
+        self._keys_seq += 1
+        record = KeyRecord(**{**match[0].__dict__, "revoked_at": match[0].revoked_at or self._clock(), "seq": self._keys_seq})
+        self.ledger.save_key(record)
+        self.ledger.audit(who, "key.revoke", key_id, f"tenant={record.tenant}")
+        return record
+
+    def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
+        return [k for k in self.ledger.keys() if tenant is None or k.tenant == tenant]
+
+    def set_plan(self, tenant: str, plan: str, who: str = "cli") -> None:
+        if plan not in self.config.plans:
+            raise InvalidRequestError(f"Unknown plan `{plan}`. Plans: {', '.join(sorted(self.config.plans))}.", param="plan")
+        before = self._plans.get(tenant)
+        self.ledger.upsert_tenant(tenant, plan)
+        self._plans[tenant] = plan
+        if before != plan:
+            self.ledger.audit(who, "tenant.plan", tenant, f"{before} -> {plan}")
+
+    def tenants(self) -> dict[str, str]:
+        return dict(self._plans)
+
+    # ---- reports -----------------------------------------------------------------------------
+
+    def spend_rows(self, period: str | None = None, tenant: str | None = None, by_day: bool = False) -> list[SpendRow]:
+        return self.ledger.spend(period, tenant, by_day)
+
+    def totals(self, period: str) -> list[Totals]:
+        acc: dict[str, list] = defaultdict(lambda: [0, 0, 0, ZERO])
+        for r in self.ledger.spend(period):
+            a = acc[r.tenant]
+            a[0] += r.requests
+            a[1] += r.prompt_tokens
+            a[2] += r.completion_tokens
+            a[3] += r.amount
+        return [Totals(t, period, *v) for t, v in sorted(acc.items())]
+
+    def status(self) -> dict:
+        return {
+            "events": self.ledger.count(),
+            "pending": len(self._pending),
+            "holders": sorted(self._last_seen),
+            "keys_seq": self._keys_seq,
+            "tenants": len(self._plans),
+            "ledger": self.ledger.engine.url.render_as_string(hide_password=True),
+        }

@@ -1,0 +1,329 @@
+"""Billing as plain logic (no Ray): pricing, plan limits, leases, keys, the ledger, the actor's core, the replica client, invoices."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+
+from billing.catalog import BillingConfig, LeaseConfig, Plan, Price, PriceBook
+from billing.client import BillingClient, EngineCountReporter
+from billing.invoice import build_invoices, read_invoice_csv, write_invoice
+from billing.keys import check_key, hash_key, key_id_of, new_key
+from billing.ledger import Ledger
+from billing.pricing import cost, quote, to_cents
+from billing.quota import Ask, TenantLease, decide_grant, period_of, reserve, settle, shortfall, window_of
+from billing.records import EngineCount, SyncRequest, UsageEvent
+from billing.service import BillingCore
+from deployments.core.errors import AuthenticationError, InsufficientQuotaError, InvalidRequestError, PermissionDeniedError, RateLimitError
+
+NOV = 1795000000.0  # 2026-11-19 UTC
+PRICE = Price(prompt_per_1m=Decimal("0.50"), completion_per_1m=Decimal("1.50"))
+
+
+def config(**plans: Plan) -> BillingConfig:
+    return BillingConfig(
+        price_book=PriceBook(models={"m": {"prompt_per_1m": "0.50", "completion_per_1m": "1.50", "versions": {"v2": {"prompt_per_1m": "1", "completion_per_1m": "2"}}}}),
+        plans=plans or {"free": Plan(monthly_budget=Decimal("1"), rpm=10, tpm=10_000)},
+        lease=LeaseConfig(restart_grace_s=0),
+    )
+
+
+class Clock:
+    def __init__(self, t: float = NOV):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def event(rid: str, tenant: str = "acme", prompt: int = 10, completion: int | None = 5, ts: float = NOV, status: str = "ok") -> UsageEvent:
+    return UsageEvent(rid, ts, tenant, "sk-maas-x", "m", "v1", "chat", status, prompt, completion, "0.50", "1.50", "0.001", "h1")
+
+
+# ---- pricing and plan limits ------------------------------------------------------------------
+
+
+def test_cost_is_exact_decimal_and_rounds_once_per_line():
+    assert cost(Decimal("0.50"), Decimal("1.50"), 1, 1) == Decimal("0.000002")
+    assert to_cents(Decimal("0.005")) == Decimal("0.01")
+    q = quote(PRICE, prompt_tokens=100, max_tokens=50, n=2)
+    assert q.worst_tokens == 200 and q.worst_cost == Decimal("0.0002")
+    assert q.actual_cost(10) == Decimal("0.000065")
+
+
+def test_price_book_version_override_and_unpriced_model():
+    book = config().price_book
+    assert book.price_for("m", "v1").prompt_per_1m == Decimal("0.50")
+    assert book.price_for("m", "v2").completion_per_1m == Decimal("2")
+    with pytest.raises(InvalidRequestError):
+        book.price_for("other")
+
+
+def test_grant_respects_budget_rpm_and_tpm():
+    plan = Plan(monthly_budget=Decimal("1.00"), rpm=10, tpm=1000)
+    lease = LeaseConfig(budget_fraction=0.1, rate_fraction=0.2)
+    ask = Ask("acme", "2026-11", 1, budget=Decimal("0.01"), requests=1, tokens=100)
+    g = decide_grant(plan, lease, ask, committed=Decimal("0"), window_used=(0, 0), now=NOV)
+    assert (g.budget, g.requests, g.tokens, g.denied) == (Decimal("0.100"), 2, 200, None)
+    # The chunk never exceeds what is left.
+    g = decide_grant(plan, lease, ask, committed=Decimal("0.95"), window_used=(9, 900), now=NOV)
+    assert (g.budget, g.requests, g.tokens) == (Decimal("0.05"), 1, 100)
+    g = decide_grant(plan, lease, ask, committed=Decimal("0.995"), window_used=(0, 0), now=NOV)
+    assert g.denied == "insufficient_quota" and g.budget == 0
+    g = decide_grant(plan, lease, ask, committed=Decimal("0"), window_used=(10, 0), now=NOV)
+    assert g.denied == "requests" and g.requests == 0 and 0 < g.retry_after_s <= 60
+    g = decide_grant(plan, lease, Ask("acme", "2026-11", 1, tokens=5000), committed=Decimal("0"), window_used=(0, 0), now=NOV)
+    assert g.denied == "tokens" and "too large" in g.message
+
+
+def test_unlimited_plan_grants_none():
+    g = decide_grant(Plan(), LeaseConfig(), Ask("a", "2026-11", 1, Decimal("5"), 1, 10**9), Decimal("1e9"), (10**9, 10**9), NOV)
+    assert (g.budget, g.requests, g.tokens, g.denied) == (None, None, None, None)
+
+
+def test_lease_reserve_settle_returns_unused_part():
+    lease = TenantLease()
+    lease.roll(period_of(NOV), window_of(NOV))
+    q = quote(PRICE, 100, 100)
+    assert shortfall(lease, "acme", q) == Ask("acme", "2026-11", window_of(NOV), q.worst_cost, 1, 200)
+    lease.budget, lease.requests, lease.tokens = Decimal("0.001"), 2, 1000
+    assert shortfall(lease, "acme", q) is None
+    r = reserve(lease, "acme", q)
+    assert lease.budget == Decimal("0.001") - q.worst_cost and lease.in_flight == q.worst_cost and lease.requests == 1 and lease.tokens == 800
+    assert settle(lease, r, completion_tokens=10) == q.actual_cost(10)
+    assert lease.in_flight == 0 and lease.budget == Decimal("0.001") - q.actual_cost(10) and lease.tokens == 890
+    # An abort: usage unknown, nothing comes back until the engine's count is billed.
+    r = reserve(lease, "acme", q)
+    assert settle(lease, r, None) is None and lease.in_flight == 0
+
+
+def test_new_minute_voids_rate_lease_new_month_voids_budget():
+    lease = TenantLease()
+    lease.roll("2026-11", 5)
+    lease.budget, lease.requests = Decimal(1), 3
+    lease.roll("2026-11", 6)
+    assert lease.budget == 1 and lease.requests == 0
+    lease.roll("2026-12", 6)
+    assert lease.budget == 0
+
+
+# ---- keys ------------------------------------------------------------------------------------
+
+
+def test_keys_are_random_hashed_and_checked():
+    key, rec = new_key("acme", "tenant", 1, expires_in_s=10, now=NOV)
+    other, _ = new_key("acme", "tenant", 2)
+    assert key != other and key.startswith("sk-maas-") and rec.key_id == key_id_of(key) and key not in repr(rec)
+    assert rec.key_hash == hash_key(key)
+    table = {rec.key_hash: rec}
+    assert check_key(table, f"Bearer {key}", NOV + 1).tenant == "acme"
+    for header in (None, "", "Basic abc", f"Bearer {other}"):
+        with pytest.raises(AuthenticationError):
+            check_key(table, header, NOV)
+    with pytest.raises(AuthenticationError, match="expired"):
+        check_key(table, f"Bearer {key}", NOV + 11)
+
+
+# ---- the ledger and the actor's core ---------------------------------------------------------
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.db")
+    yield ledger
+    ledger.close()
+
+
+def test_ledger_is_idempotent_on_request_id(ledger):
+    fresh, _ = ledger.record([event("a"), event("b"), event("a")])
+    assert [e.request_id for e in fresh] == ["a", "b"]
+    fresh, _ = ledger.record([event("a"), event("c")])
+    assert [e.request_id for e in fresh] == ["c"]
+    assert ledger.count() == 3
+    (row,) = ledger.spend("2026-11")
+    assert (row.requests, row.prompt_tokens, row.completion_tokens) == (3, 30, 15)
+
+
+def test_engine_count_completes_an_aborted_row_in_either_order(ledger):
+    ledger.record([event("early", completion=None, status="aborted")])
+    assert [(e.request_id, c) for e, c in ledger.record_engine_counts([EngineCount("early", 7, NOV)])] == [("early", 7)]
+    assert ledger.record_engine_counts([EngineCount("late", 4, NOV)]) == []
+    _, completed = ledger.record([event("late", completion=None, status="aborted")])
+    assert [(e.request_id, c) for e, c in completed] == [("late", 4)]
+    assert {e.request_id: e.completion_tokens for e in ledger.events()} == {"early": 7, "late": 4}
+
+
+def test_core_rebuilds_spend_from_the_ledger_after_a_restart(tmp_path):
+    url = f"sqlite:///{tmp_path}/l.db"
+    core = BillingCore(config(), Ledger(url), clock=Clock())
+    core.sync(SyncRequest("h1", [event("a"), event("b", completion=None, status="aborted")]))
+    before = core.spent("acme", "2026-11")
+    assert before == cost(Decimal("0.5"), Decimal("1.5"), 20, 5)
+    restarted = BillingCore(config(), Ledger(url), clock=Clock())
+    assert restarted.spent("acme", "2026-11") == before
+    assert restarted.committed("acme", "2026-11") == before + Decimal("0.001") - cost(Decimal("0.5"), 0, 10, 0)
+    restarted.engine_counts([EngineCount("b", 100, NOV)])
+    assert restarted.spent("acme", "2026-11") == before + cost(0, Decimal("1.5"), 0, 100)
+    assert restarted.committed("acme", "2026-11") == restarted.spent("acme", "2026-11")
+
+
+def test_core_closes_pending_rows_that_never_get_a_count(ledger):
+    clock = Clock()
+    core = BillingCore(config(), ledger, clock=clock)
+    core.sync(SyncRequest("h1", [event("x", completion=None, status="aborted")]))
+    clock.t += 120
+    core.sync(SyncRequest("h1"))
+    (row,) = ledger.events()
+    assert row.completion_tokens == 0 and row.status == "aborted_unmetered"
+    assert core.committed("acme", "2026-11") == core.spent("acme", "2026-11")
+
+
+def test_core_key_lifecycle_and_audit(ledger):
+    core = BillingCore(config(free=Plan(), pro=Plan(rpm=5)), ledger, clock=Clock())
+    key, rec = core.create_key("acme", plan="pro")
+    assert core.tenants() == {"acme": "pro"} and core.plan_of("acme").rpm == 5
+    reply = core.sync(SyncRequest("h1", keys_since=0))
+    assert [k.key_id for k in reply.keys] == [rec.key_id] and reply.keys_seq == 1
+    core.revoke_key(rec.key_id)
+    reply = core.sync(SyncRequest("h1", keys_since=1))
+    assert reply.keys[0].revoked_at is not None
+    with pytest.raises(InvalidRequestError):
+        core.create_key("acme", plan="gold")
+    assert [a["action"] for a in ledger.audit_log()] == ["key.revoke", "key.create", "tenant.plan"]
+    assert all(key not in str(a) for a in ledger.audit_log())
+
+
+def test_grants_from_two_replicas_never_exceed_the_budget(ledger):
+    from billing.records import Claim
+
+    core = BillingCore(config(free=Plan(monthly_budget=Decimal("0.01"))), ledger, clock=Clock())
+    held = {"h0": Decimal(0), "h1": Decimal(0)}
+    for i in range(50):
+        holder = f"h{i % 2}"
+        claims = [Claim("acme", "2026-11", held[holder])] if held[holder] else []
+        reply = core.sync(SyncRequest(holder, claims=claims, asks=[Ask("acme", "2026-11", window_of(NOV), budget=Decimal("0.0007"))]))
+        held[holder] += reply.grants[0].budget or 0  # as a replica applies its grants
+    assert sum(held.values()) <= Decimal("0.01") and core.committed("acme", "2026-11") <= Decimal("0.01")
+    assert sum(held.values()) >= Decimal("0.0093")  # and nearly all of it is usable
+
+
+# ---- the replica's client, wired in-process to the core ---------------------------------------
+
+
+class InProcess:
+    """The Transport interface straight into a BillingCore; `down` simulates an actor restart."""
+
+    def __init__(self, core: BillingCore):
+        self.core = core
+        self.down = False
+        self.calls = 0
+
+    async def sync(self, req):
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("actor restarting")
+        return self.core.sync(req)
+
+
+async def test_client_admits_from_lease_and_bills_once_even_across_an_outage(ledger):
+    clock = Clock()
+    cfg = config(free=Plan(monthly_budget=Decimal("1"), rpm=100, tpm=100_000))
+    core = BillingCore(cfg, ledger, clock=clock)
+    key, rec = core.create_key("acme")
+    transport = InProcess(core)
+    client = BillingClient(cfg, transport, "h1", clock=clock)
+    await client.start()
+    principal = client.authenticate(f"Bearer {key}")
+    calls = transport.calls
+    tickets = [await client.admit(principal, f"r{i}", "m", "v1", "chat", PRICE, 20, 30) for i in range(5)]
+    assert transport.calls - calls == 1  # one lease served all five
+    transport.down = True
+    for t in tickets:
+        client.settle(t, 20, 10, "ok")
+    assert await client._sync() is None and client.queued == 5
+    transport.down = False
+    await client._sync()
+    await client._sync()
+    assert client.queued == 0 and ledger.count() == 5
+    assert core.spent("acme", "2026-11") == 5 * PRICE.prompt_per_1m * 20 / 1_000_000 + 5 * PRICE.completion_per_1m * 10 / 1_000_000
+    await client.close()
+
+
+async def test_client_denials_become_openai_errors(ledger):
+    clock = Clock()
+    cfg = config(tiny=Plan(monthly_budget=Decimal("0.00001")), slow=Plan(rpm=1), admin=Plan())
+    core = BillingCore(cfg, ledger, clock=clock)
+    k1, _ = core.create_key("poor", plan="tiny")
+    k2, _ = core.create_key("slow", plan="slow")
+    k3, _ = core.create_key("ops", role="admin")
+    client = BillingClient(cfg, InProcess(core), "h1", clock=clock)
+    await client.start()
+    with pytest.raises(InsufficientQuotaError):
+        await client.admit(client.authenticate(f"Bearer {k1}"), "r1", "m", "v1", "chat", PRICE, 100, 100)
+    slow = client.authenticate(f"Bearer {k2}")
+    await client.admit(slow, "r2", "m", "v1", "chat", PRICE, 1, 1)
+    with pytest.raises(RateLimitError) as info:
+        await client.admit(slow, "r3", "m", "v1", "chat", PRICE, 1, 1)
+    assert info.value.status_code == 429 and "Retry-After" in info.value.headers and info.value.error_type == "requests"
+    with pytest.raises(PermissionDeniedError):
+        client.require_admin(f"Bearer {k1}")
+    assert client.require_admin(f"Bearer {k3}").role == "admin"
+    await client.close()
+
+
+async def test_revocation_reaches_the_client_on_its_next_sync(ledger):
+    core = BillingCore(config(), ledger, clock=Clock())
+    key, rec = core.create_key("acme")
+    client = BillingClient(config(), InProcess(core), "h1", clock=Clock())
+    await client.start()
+    client.authenticate(f"Bearer {key}")
+    core.revoke_key(rec.key_id)
+    await client._sync()
+    with pytest.raises(AuthenticationError, match="revoked"):
+        client.authenticate(f"Bearer {key}")
+    await client.close()
+
+
+async def test_engine_count_reporter_resends_until_acknowledged():
+    sent, fail = [], [True]
+
+    async def send(batch):
+        if fail[0]:
+            raise ConnectionError("down")
+        sent.extend(batch)
+
+    reporter = EngineCountReporter(send, flush_interval_s=60)
+    reporter.report("r1", 5)
+    assert not await reporter.flush() and len(reporter) == 1
+    fail[0] = False
+    assert await reporter.flush() and [c.request_id for c in sent] == ["r1"] and len(reporter) == 0
+    reporter._task.cancel()
+    await asyncio.sleep(0)
+
+
+# ---- invoices ----------------------------------------------------------------------------------
+
+
+def test_invoice_lines_reconcile_to_the_cent(ledger, tmp_path):
+    events = [event(f"a{i}", prompt=1234, completion=567) for i in range(3)]
+    events += [event("b", tenant="beta", prompt=10, completion=0)]
+    events += [event("c", prompt=1_000_000, completion=1_000_000)._replace(version="v2", prompt_price="1", completion_price="2")]
+    events += [event("dec", ts=NOV - 40 * 86400)]  # October: not on November's invoice
+    ledger.record(events)
+    invoices = build_invoices(ledger.spend("2026-11"), "2026-11")
+    acme = next(i for i in invoices if i.tenant == "acme")
+    lines = acme.lines.set_index("version")
+    assert lines.loc["v1", "prompt_tokens"] == 3702 and lines.loc["v1", "completion_tokens"] == 1701
+    # By hand: 3702 × 0.50/1M + 1701 × 1.50/1M = 0.0044025 → 0.00; 1M × 1 + 1M × 2 per 1M = 3.00.
+    assert lines.loc["v1", "amount"] == Decimal("0.00") and lines.loc["v2", "amount"] == Decimal("3.00")
+    assert acme.total == Decimal("3.00")
+    path = write_invoice(acme, tmp_path / "acme.csv")
+    back, total = read_invoice_csv(path)
+    assert total == Decimal("3.00") and list(back["amount"]) == [Decimal("0.00"), Decimal("3.00")]
+    pq_path = write_invoice(acme, tmp_path / "acme.parquet", "parquet")
+    import pandas as pd
+
+    assert pd.read_parquet(pq_path)["amount"].tolist() == [Decimal("0.00"), Decimal("3.00")]
+    assert build_invoices(ledger.spend("2026-11"), "2026-11", tenant="nobody")[0].total == Decimal("0.00")
