@@ -45,9 +45,6 @@ class BillingActor:
             raise AttributeError(f"BillingCore has no method {method!r}")
         return getattr(self._core, method)(*args, **kwargs)
 
-    def audit_log(self, limit: int = 100) -> list[dict]:
-        return self._core.ledger.audit_log(limit)
-
 
 def get_or_create(config: BillingConfig) -> Any:
     """The billing actor's handle, creating it (detached, restartable, on the head node) if it does not exist."""

@@ -92,11 +92,17 @@ def write_invoice(invoice: Invoice, path: Path, fmt: str = "csv") -> Path:
         table = pa.Table.from_pandas(lines, schema=schema, preserve_index=False)
         pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), b"currency": invoice.currency.encode(), b"total": str(invoice.total).encode()}), path)
         return path
+    path.write_text(invoice_csv(invoice))
+    return path
+
+
+def invoice_csv(invoice: Invoice, header: bool = True) -> str:
+    """The invoice as CSV text: its lines, then a TOTAL line; amounts as exact decimal text."""
+    lines = invoice.lines.copy()
     for col in ("prompt_price_per_1m", "completion_price_per_1m", "amount"):
         lines[col] = lines[col].map(str)
     total = {c: "" for c in LINE_COLUMNS} | {"tenant": invoice.tenant, "period": invoice.period, "model": "TOTAL", "amount": str(invoice.total)}
-    pd.concat([lines, pd.DataFrame([total])], ignore_index=True).to_csv(path, index=False)
-    return path
+    return pd.concat([lines, pd.DataFrame([total])], ignore_index=True).to_csv(index=False, header=header)
 
 
 def read_invoice_csv(path: Path) -> tuple[pd.DataFrame, Decimal]:

@@ -244,6 +244,9 @@ class BillingCore:
             a[3] += r.amount
         return [Totals(t, period, *v) for t, v in sorted(acc.items())]
 
+    def audit_log(self, limit: int = 100) -> list[dict]:
+        return self.ledger.audit_log(limit)
+
     def status(self) -> dict:
         return {
             "events": self.ledger.count(),

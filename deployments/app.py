@@ -28,12 +28,15 @@ def build_app(config: MaasConfig) -> Application:
     model = resolve_model(config)
     stages = config.deployments
     path = str(model.path)
+    billing = config.billing.model_dump(mode="json")
+    if config.billing.enabled:
+        config.billing.price_book.price_for(config.model.name, model.version)  # fail at deploy time, not per request
     generator = Generator.options(**deployment_options(stages.generator, gpus=1.0 if config.engine.accelerator == "gpu" else 0.0)).bind(
-        path, config.engine.model_dump()
+        path, config.engine.model_dump(), billing
     )
     tokenizer = Tokenizer.options(**deployment_options(stages.tokenizer)).bind(path, config.engine.max_model_len)
     postprocessor = Postprocessor.options(**deployment_options(stages.postprocessor)).bind(generator, path)
-    return Ingress.options(**deployment_options(stages.ingress)).bind(tokenizer, postprocessor, generator, config.model.name)
+    return Ingress.options(**deployment_options(stages.ingress)).bind(tokenizer, postprocessor, generator, config.model.name, model.version, billing)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

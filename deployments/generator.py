@@ -14,6 +14,7 @@ from typing import AsyncIterator
 
 from ray import serve
 
+from billing.catalog import BillingConfig
 from cluster.config import EngineConfig
 from deployments.core.engine import VLLMGenerator, engine_env_vars
 from deployments.core.types import GenerationRequest, TokenDelta
@@ -23,11 +24,20 @@ logger = logging.getLogger(__name__)
 
 @serve.deployment
 class Generator:
-    def __init__(self, model_path: str, engine_config: dict):
+    def __init__(self, model_path: str, engine_config: dict, billing: dict | None = None):
         config = EngineConfig.model_validate(engine_config)
         # Fixed before vLLM is imported; the engine's worker process inherits it.
         os.environ.update(engine_env_vars(config, len(os.sched_getaffinity(0))))
-        self._logic = VLLMGenerator(model_path, config)
+        self._counts = None
+        billing_config = BillingConfig.model_validate(billing or {"enabled": False})
+        if billing_config.enabled:
+            # What the engine produced for requests that ended early (client gone, failure) is billed from here.
+            from billing import actor
+            from billing.client import EngineCountReporter
+
+            handle = actor.get_or_create(billing_config)
+            self._counts = EngineCountReporter(lambda batch: handle.engine_counts.remote(batch), billing_config.flush_interval_s)
+        self._logic = VLLMGenerator(model_path, config, on_unfinished=self._counts.report if self._counts else None)
         self._logic.start()
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenDelta]]:

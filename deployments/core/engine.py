@@ -106,19 +106,22 @@ class EngineStats:
     aborted_total: int
     recent_aborted: list[str]
     startup_s: float | None
+    aborted_tokens: dict[str, int]  # request id -> tokens produced before the abort (recent ones)
 
 
 class VLLMGenerator:
     """Owns one vLLM AsyncLLM; `generate` streams token deltas for a GenerationRequest."""
 
-    def __init__(self, model_path: str, config: EngineConfig):
+    def __init__(self, model_path: str, config: EngineConfig, on_unfinished: Callable[[str, int], None] | None = None):
         self._model_path = model_path
+        self._on_unfinished = on_unfinished  # (request id, tokens the engine produced) for requests that ended early
         self._config = config
         self._engine: Any = None
         self._startup_s: float | None = None
         self._started = 0
         self._finished = 0
         self._aborted: deque[str] = deque(maxlen=256)
+        self._aborted_tokens: dict[str, int] = {}
         self._aborted_total = 0
         self._streaming = 0  # requests whose stream is open on this replica
 
@@ -170,25 +173,35 @@ class VLLMGenerator:
         self._started += 1
         self._streaming += 1
         pending = req.n
+        produced = 0  # the engine's own count of completion tokens, all choices
+        finished = False
         buffer = Coalescer(self._config.stream_messages_per_step, lambda: self._streaming)
         try:
             async for out in self._engine.generate(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id):
                 for o in out.outputs:
+                    produced += len(o.token_ids)
                     buffer.add(o.index, o.token_ids, o.finish_reason)
                 if buffer.due():
                     deltas = buffer.take()
                     pending -= sum(1 for d in deltas if d[2] is not None)
                     yield deltas
             self._finished += 1
+            finished = True
         except (asyncio.CancelledError, GeneratorExit):
             # vLLM's generate() aborts the engine request on cancellation; record it for observers.
             if pending > 0:
                 self._aborted_total += 1
                 self._aborted.append(req.request_id)
-                logger.info("request %s aborted by its consumer", req.request_id)
+                self._aborted_tokens[req.request_id] = produced
+                if len(self._aborted_tokens) > 2 * (self._aborted.maxlen or 256):
+                    keep = set(self._aborted)
+                    self._aborted_tokens = {k: v for k, v in self._aborted_tokens.items() if k in keep}
+                logger.info("request %s aborted by its consumer after %d tokens", req.request_id, produced)
             raise
         finally:
             self._streaming -= 1
+            if not finished and pending > 0 and self._on_unfinished is not None:
+                self._on_unfinished(req.request_id, produced)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -199,6 +212,7 @@ class VLLMGenerator:
             aborted_total=self._aborted_total,
             recent_aborted=list(self._aborted),
             startup_s=self._startup_s,
+            aborted_tokens={rid: self._aborted_tokens[rid] for rid in self._aborted if rid in self._aborted_tokens},
         )
 
     def shutdown(self) -> None:

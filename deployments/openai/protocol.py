@@ -132,3 +132,15 @@ class CompletionRequest(_SamplingFields):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+
+class CreateKeyRequest(BaseModel):
+    """Body of POST /admin/keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@-]+$")
+    plan: str | None = Field(None, description="Plan of the tenant (kept if omitted, the default plan for a new tenant).")
+    role: Literal["tenant", "admin"] = "tenant"
+    expires_in_s: float | None = Field(None, gt=0)
+    name: str = Field("", max_length=128)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import logging
 from typing import Any, AsyncIterator, Awaitable
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.core import shapes
 from deployments.core.errors import EngineNotReadyError, InternalError, InvalidRequestError, MaasError, NotFoundError, as_maas_error
-from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.openai.accounts import AccountsService
+from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateKeyRequest
 from deployments.openai.service import OpenAIService, SSEStream
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ async def _sse_body(stream: SSEStream) -> AsyncIterator[str]:
             logger.error("Error in the middle of a stream", exc_info=exc)
             err = InternalError("The server had an error while streaming the response.")
         yield shapes.sse_error(err.to_envelope())
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]  # a client that left: settle and cancel now, not at GC
 
 
 async def _respond(call: Awaitable[dict | SSEStream]) -> Any:
@@ -65,8 +68,22 @@ async def _respond(call: Awaitable[dict | SSEStream]) -> Any:
     return StreamingResponse(_sse_body(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def build_app(service: OpenAIService) -> FastAPI:
+async def _json(call: Awaitable[Any]) -> JSONResponse:
+    try:
+        return JSONResponse(await call)
+    except Exception as exc:
+        return error_response(exc)
+
+
+def build_app(service: OpenAIService, accounts: AccountsService | None = None) -> FastAPI:
     app = FastAPI(title="ray-maas", summary="OpenAI-compatible API served by ray-maas")
+
+    def principal(request: Request) -> Any:
+        """The caller's key (401 without a valid one); None when billing is off."""
+        return service.authenticate(request.headers.get("authorization"))
+
+    def admin(request: Request) -> Any:
+        return service.require_admin(request.headers.get("authorization"))
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -80,6 +97,10 @@ def build_app(service: OpenAIService) -> FastAPI:
         err.status_code, err.error_type = exc.status_code, "invalid_request_error"
         return error_response(err)
 
+    @app.exception_handler(MaasError)  # e.g. a 401 raised by the key dependency
+    async def _on_maas_error(_: Request, exc: MaasError) -> JSONResponse:
+        return error_response(exc)
+
     @app.exception_handler(Exception)
     async def _on_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
@@ -91,15 +112,50 @@ def build_app(service: OpenAIService) -> FastAPI:
         return JSONResponse({"status": "ok", "model": service.model_name})
 
     @app.get("/v1/models")
-    async def list_models() -> JSONResponse:
+    async def list_models(who: Any = Depends(principal)) -> JSONResponse:
         return JSONResponse(service.models())
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
-        return await _respond(service.chat(body))
+    async def chat_completions(body: ChatCompletionRequest, who: Any = Depends(principal)) -> Any:
+        return await _respond(service.chat(body, who))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
-        return await _respond(service.completion(body))
+    async def completions(body: CompletionRequest, who: Any = Depends(principal)) -> Any:
+        return await _respond(service.completion(body, who))
+
+    if accounts is None:
+        return app
+
+    @app.get("/v1/usage")
+    async def usage(who: Any = Depends(principal), period: str | None = Query(None, pattern=r"^\d{4}-\d{2}$"), tenant: str | None = None) -> JSONResponse:
+        """The caller's tenant's usage this month (or `period`), by day, model and version."""
+        return await _json(accounts.tenant_usage(who, period, tenant))
+
+    @app.get("/admin/usage")
+    async def admin_usage(who: Any = Depends(admin), period: str | None = Query(None, pattern=r"^\d{4}-\d{2}$"), tenant: str | None = None) -> JSONResponse:
+        return await _json(accounts.usage(period, tenant))
+
+    @app.get("/admin/invoice")
+    async def admin_invoice(who: Any = Depends(admin), period: str | None = Query(None, pattern=r"^\d{4}-\d{2}$"), tenant: str | None = None) -> Any:
+        try:
+            return PlainTextResponse(await accounts.invoice(period, tenant), media_type="text/csv")
+        except Exception as exc:
+            return error_response(exc)
+
+    @app.get("/admin/keys")
+    async def admin_keys(who: Any = Depends(admin), tenant: str | None = None) -> JSONResponse:
+        return await _json(accounts.list_keys(tenant))
+
+    @app.post("/admin/keys")
+    async def admin_create_key(body: CreateKeyRequest, who: Any = Depends(admin)) -> JSONResponse:
+        return await _json(accounts.create_key(who.key_id, body.tenant, body.plan, body.role, body.expires_in_s, body.name))
+
+    @app.post("/admin/keys/{key_id}/revoke")
+    async def admin_revoke_key(key_id: str, who: Any = Depends(admin)) -> JSONResponse:
+        return await _json(accounts.revoke_key(who.key_id, key_id))
+
+    @app.get("/admin/audit")
+    async def admin_audit(who: Any = Depends(admin), limit: int = Query(100, ge=1, le=10000)) -> JSONResponse:
+        return await _json(accounts.audit(limit))
 
     return app

@@ -1,16 +1,20 @@
-"""The ingress's logic: validate the model, prepare the prompt, and drive the postprocessor.
+"""The ingress's logic: authenticate, validate the model, prepare the prompt, admit, drive the postprocessor, meter.
 
-It talks to the other stages through two small interfaces, so the Serve wrapper
-plugs in deployment handles and unit tests plug in in-process fakes.
+It talks to the other stages through small interfaces, so the Serve wrapper
+plugs in deployment handles and the billing client, and unit tests plug in
+in-process fakes.  Every admitted request is settled exactly once: with the
+usage the postprocessor reported, or, when the client went away or the request
+failed mid-way, with the completion count left to the engine's own report.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from typing import AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
-from deployments.core.errors import EngineNotReadyError, ModelNotFoundError
+from deployments.core.errors import EngineNotReadyError, MaasError, ModelNotFoundError, as_maas_error
 from deployments.core.types import GenerationRequest, TokenizedPrompt
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -29,8 +33,20 @@ class PostprocessorClient(Protocol):
     async def complete(self, req: GenerationRequest) -> dict: ...
 
 
+class BillingGate(Protocol):
+    """What the service needs from billing (`billing.client.BillingClient` implements it)."""
+
+    def authenticate(self, authorization: str | None) -> Any: ...
+
+    def require_admin(self, authorization: str | None) -> Any: ...
+
+    async def admit(self, key: Any, request_id: str, model: str, version: str, kind: str, price: Any, prompt_tokens: int, max_tokens: int, n: int = 1) -> Any: ...
+
+    def settle(self, ticket: Any, prompt_tokens: int, completion_tokens: int | None, status: str) -> None: ...
+
+
 class OpenAIService:
-    """Chat and text completions over the tokenizer and postprocessor stages."""
+    """Chat and text completions over the tokenizer and postprocessor stages, metered through an optional BillingGate."""
 
     def __init__(
         self,
@@ -39,13 +55,38 @@ class OpenAIService:
         postprocessor: PostprocessorClient,
         is_ready: Callable[[], bool] = lambda: True,
         new_request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        billing: BillingGate | None = None,
+        price: Any = None,
+        model_version: str = "",
+        on_reject: Callable[[str, str], None] = lambda tenant, reason: None,
     ):
         self.model_name = model_name
+        self.model_version = model_version
         self._tokenizer = tokenizer
         self._post = postprocessor
         self._is_ready = is_ready
         self._new_request_id = new_request_id
         self._created = int(time.time())
+        self.billing = billing
+        self._price = price
+        self._on_reject = on_reject
+
+    def authenticate(self, authorization: str | None) -> Any:
+        """The caller's key record (None when billing is off), or a 401."""
+        if self.billing is None:
+            return None
+        try:
+            return self.billing.authenticate(authorization)
+        except MaasError as exc:
+            self._on_reject("", exc.code or "invalid_api_key")
+            raise
+
+    def require_admin(self, authorization: str | None) -> Any:
+        if self.billing is None:
+            from deployments.core.errors import NotFoundError
+
+            raise NotFoundError("Administration needs billing enabled.")
+        return self.billing.require_admin(authorization)
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self._created, "owned_by": "ray-maas"}]}
@@ -53,18 +94,18 @@ class OpenAIService:
     def ready(self) -> bool:
         return self._is_ready()
 
-    async def chat(self, body: ChatCompletionRequest) -> dict | SSEStream:
-        self._admit(body.model)
+    async def chat(self, body: ChatCompletionRequest, principal: Any = None) -> dict | SSEStream:
+        self._check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = await self._tokenizer.prepare_chat(messages, body.token_limit)
-        return await self._run(self._request("chat", body, prompt))
+        return await self._run(self._request("chat", body, prompt), principal)
 
-    async def completion(self, body: CompletionRequest) -> dict | SSEStream:
-        self._admit(body.model)
+    async def completion(self, body: CompletionRequest, principal: Any = None) -> dict | SSEStream:
+        self._check_model(body.model)
         prompt = await self._tokenizer.prepare_completion(body.prompt, body.token_limit)  # type: ignore[arg-type]
-        return await self._run(self._request("completion", body, prompt))
+        return await self._run(self._request("completion", body, prompt), principal)
 
-    def _admit(self, model: str) -> None:
+    def _check_model(self, model: str) -> None:
         if model != self.model_name:
             raise ModelNotFoundError(f"The model `{model}` does not exist. Available: {self.model_name}.", param="model")
         if not self._is_ready():
@@ -91,21 +132,79 @@ class OpenAIService:
             include_usage=body.include_usage,
         )
 
-    async def _run(self, req: GenerationRequest) -> dict | SSEStream:
+    async def _run(self, req: GenerationRequest, principal: Any = None) -> dict | SSEStream:
+        meter = await self._meter(req, principal)
         if not req.stream:
-            return await self._post.complete(req)
+            try:
+                result = await self._post.complete(req)
+            except BaseException as exc:
+                meter.failed(exc)
+                raise
+            meter.done(result["usage"]["completion_tokens"])
+            return result
         stream = self._post.stream(req)
-        # Wait for the first piece so that errors before any token still get a proper HTTP status.
-        first = await stream.__anext__()
-        return _prepend(first, stream)
+        try:
+            # Wait for the first piece so that errors before any token still get a proper HTTP status.
+            first = await stream.__anext__()
+        except BaseException as exc:
+            meter.failed(exc)
+            await stream.aclose()  # type: ignore[attr-defined]
+            raise
+        return _metered(first, stream, meter)
+
+    async def _meter(self, req: GenerationRequest, principal: Any) -> "_Meter":
+        if self.billing is None or principal is None:
+            return _Meter(None, None, 0)
+        try:
+            ticket = await self.billing.admit(
+                principal, req.request_id, self.model_name, self.model_version, req.kind, self._price, len(req.prompt_token_ids), req.max_tokens, req.n
+            )
+        except MaasError as exc:
+            self._on_reject(principal.tenant, exc.error_type if exc.status_code == 429 else (exc.code or "error"))
+            raise
+        return _Meter(self.billing, ticket, len(req.prompt_token_ids))
 
 
-async def _prepend(first: tuple[str, dict | None], rest: SSEStream) -> SSEStream:
+class _Meter:
+    """Settles one admitted request exactly once."""
+
+    def __init__(self, billing: BillingGate | None, ticket: Any, prompt_tokens: int):
+        self._billing, self._ticket, self._prompt = billing, ticket, prompt_tokens
+
+    def _settle(self, completion_tokens: int | None, status: str) -> None:
+        if self._billing is not None and self._ticket is not None:
+            self._billing.settle(self._ticket, self._prompt, completion_tokens, status)
+            self._ticket = None
+
+    def done(self, completion_tokens: int) -> None:
+        self._settle(completion_tokens, "ok")
+
+    def aborted(self) -> None:
+        self._settle(None, "aborted")  # the generator reports what the engine produced
+
+    def failed(self, exc: BaseException) -> None:
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            return self.aborted()
+        err = as_maas_error(exc)
+        # A client error was raised before any token was generated; otherwise the engine's count follows.
+        self._settle(0 if err is not None and err.status_code < 500 else None, "error")
+
+
+async def _metered(first: tuple[str, dict | None], rest: SSEStream, meter: _Meter) -> SSEStream:
+    usage = first[1]
     try:
         yield first
         async for item in rest:
+            usage = item[1] or usage
             yield item
+    except BaseException as exc:
+        meter.failed(exc)
+        raise
     finally:
+        if usage is not None:
+            meter.done(usage["completion_tokens"])
+        else:
+            meter.aborted()
         # Close the upstream stream now (not at garbage collection) so a client that
         # went away cancels the postprocessor and generator at once.
         await rest.aclose()  # type: ignore[attr-defined]

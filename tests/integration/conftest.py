@@ -19,10 +19,33 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def maas_config() -> MaasConfig:
-    config = load_config(overrides={"http": {"host": "127.0.0.1", "port": free_port()}})
+def ledger_url(tmp_path_factory):
+    """A fresh ledger per module; the env var reaches the billing actor through the cluster's environment."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('ledger')}/ledger.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MAAS_LEDGER_URL", url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def config_overrides() -> dict:
+    """Per-module changes to the shipped config (a module may override this fixture)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def maas_config(ledger_url, config_overrides) -> MaasConfig:
+    overrides = {"http": {"host": "127.0.0.1", "port": free_port()}, "billing": {"ledger_url": ledger_url}}
+    config = load_config(overrides=_merge(overrides, config_overrides))
     ensure_default_model(open_store(config.store_root()), config.model.name)
     return config
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +59,30 @@ def base_url(maas_config: MaasConfig):
 
 
 @pytest.fixture(scope="module")
-def client(base_url: str):
+def billing_actor(base_url: str, maas_config: MaasConfig):
+    from billing import actor
+
+    return actor.get(maas_config.billing)
+
+
+def create_key(billing_actor, tenant: str, plan: str | None = None, role: str = "tenant", expires_in_s: float | None = None) -> tuple[str, object]:
+    import ray
+
+    return ray.get(billing_actor.call.remote("create_key", tenant, plan, role, expires_in_s, "tests", "tests"))
+
+
+@pytest.fixture(scope="module")
+def api_key(billing_actor) -> str:
+    """A key of an unlimited tenant, for tests that are not about quotas."""
+    key, _ = create_key(billing_actor, "tests", plan="enterprise")
+    return key
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str, api_key: str):
     from openai import OpenAI
 
-    return OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,11 @@ def test_serve_deploy_of_the_generated_config_serves_the_model(maas_config, tmp_
         subprocess.run([str(serve_cli), "deploy", str(path), "--address", f"http://127.0.0.1:{dashboard_port}"], cwd=REPO, check=True, timeout=120)
         base = f"http://127.0.0.1:{maas_config.http.port}"
         local.wait_healthy(base, timeout_s=600)
-        client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        from billing import actor
+        from tests.integration.conftest import create_key
+
+        key, _ = create_key(actor.get(maas_config.billing), "deploy-test")
+        client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
         resp = client.chat.completions.create(model=maas_config.model.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
         assert resp.usage.completion_tokens >= 1 and resp.choices[0].message.content
     finally:

@@ -110,11 +110,12 @@ def test_bad_requests_get_the_openai_envelope(client, kwargs, status, code):
         assert body["code"] == code
 
 
-def test_malformed_json_and_missing_messages(base_url):
+def test_malformed_json_and_missing_messages(base_url, api_key):
     root = base_url
-    resp = httpx.post(f"{root}/chat/completions", content=b'{"model": "x", ', headers={"content-type": "application/json"})
+    auth = {"Authorization": f"Bearer {api_key}"}
+    resp = httpx.post(f"{root}/chat/completions", content=b'{"model": "x", ', headers={"content-type": "application/json", **auth})
     assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
-    resp = httpx.post(f"{root}/chat/completions", json={"model": MODEL})
+    resp = httpx.post(f"{root}/chat/completions", json={"model": MODEL}, headers=auth)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
 
 

@@ -1,0 +1,68 @@
+"""The logic behind `/v1/usage` and `/admin/*`: a tenant's own usage, and the operators' keys, usage, invoices and audit.
+
+It reaches the billing actor through one awaitable `call(method, *args)` (the
+actor's `BillingCore` methods), so unit tests can plug in a core directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from billing.invoice import build_invoices, invoice_csv
+from billing.quota import period_of
+from billing.reports import usage_report
+from deployments.core.errors import PermissionDeniedError
+
+Call = Callable[..., Awaitable[Any]]
+
+
+def key_view(record: Any) -> dict:
+    """A key as operators see it: never its hash."""
+    return {
+        "key_id": record.key_id,
+        "tenant": record.tenant,
+        "role": record.role,
+        "name": record.name,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+        "revoked_at": record.revoked_at,
+    }
+
+
+class AccountsService:
+    def __init__(self, call: Call, currency: str, clock: Callable[[], float]):
+        self._call = call
+        self._currency = currency
+        self._clock = clock
+
+    def _period(self, period: str | None) -> str:
+        return period or period_of(self._clock())
+
+    async def tenant_usage(self, principal: Any, period: str | None, tenant: str | None) -> dict:
+        """A tenant's own usage; asking for anyone else's is refused."""
+        if tenant is not None and tenant != principal.tenant and principal.role != "admin":
+            raise PermissionDeniedError("A key can read only its own tenant's usage.", param="tenant")
+        return await self.usage(self._period(period), tenant or principal.tenant)
+
+    async def usage(self, period: str | None, tenant: str | None) -> dict:
+        period = self._period(period)
+        rows = await self._call("spend_rows", period, tenant, True)
+        return usage_report(rows, period, self._currency, tenant)
+
+    async def invoice(self, period: str | None, tenant: str | None) -> str:
+        period = self._period(period)
+        invoices = build_invoices(await self._call("spend_rows", period, tenant), period, self._currency, tenant)
+        return "".join(invoice_csv(inv, header=i == 0) for i, inv in enumerate(invoices))
+
+    async def create_key(self, who: str, tenant: str, plan: str | None, role: str, expires_in_s: float | None, name: str) -> dict:
+        key, record = await self._call("create_key", tenant, plan, role, expires_in_s, name, who)
+        return {**key_view(record), "key": key}
+
+    async def list_keys(self, tenant: str | None) -> dict:
+        return {"object": "list", "data": [key_view(k) for k in await self._call("list_keys", tenant)]}
+
+    async def revoke_key(self, who: str, key_id: str) -> dict:
+        return key_view(await self._call("revoke_key", key_id, who))
+
+    async def audit(self, limit: int) -> dict:
+        return {"object": "list", "data": await self._call("audit_log", limit)}
