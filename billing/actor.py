@@ -39,6 +39,9 @@ class BillingActor:
     def configure(self, config: dict, who: str = "system") -> bool:
         return self._core.configure(BillingConfig.model_validate(config), who)
 
+    def status(self) -> dict:
+        return {**self._core.status(), "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
+
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Administration and reports: any public method of `BillingCore` (keys, plans, usage, totals, audit)."""
         if method.startswith("_") or not hasattr(self._core, method):

@@ -35,7 +35,7 @@ LOCAL_ENV = {
 }
 
 
-def start_ray(num_cpus: int | None = None, include_dashboard: bool = True, dashboard_port: int | None = None) -> str | None:
+def start_ray(num_cpus: int | None = None, include_dashboard: bool = True, dashboard_port: int | None = None, metrics_export_port: int | None = None) -> str | None:
     """Start a new local Ray cluster owned by this process (never attaches to another); returns the dashboard URL."""
     os.environ.update({k: v for k, v in LOCAL_ENV.items() if k not in os.environ})
     import ray
@@ -50,6 +50,7 @@ def start_ray(num_cpus: int | None = None, include_dashboard: bool = True, dashb
         runtime_env={"working_dir": repo_root, "excludes": [".venv", ".git", "bench/out"], "env_vars": dict(LOCAL_ENV)},
         logging_level=logging.WARNING,
         log_to_driver=True,
+        _metrics_export_port=metrics_export_port,
     )
     url = getattr(ctx, "dashboard_url", None)
     return f"http://{url}" if url else None

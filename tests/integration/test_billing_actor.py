@@ -1,0 +1,166 @@
+"""The real billing actor and ledger on a real Ray cluster (no model): idempotency, restarts, and global limits.
+
+Two "ingress replicas" here are two Ray actors each holding the same
+`BillingClient` an ingress replica holds, talking to the named billing actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from decimal import Decimal
+
+import pytest
+import ray
+
+from billing import actor
+from billing.catalog import BillingConfig, LeaseConfig, Plan, Price, PriceBook
+from billing.pricing import cost
+from billing.quota import period_of, window_of
+from cluster import local
+
+pytestmark = pytest.mark.integration
+
+PRICE = Price(prompt_per_1m=Decimal("0.05"), completion_per_1m=Decimal("0.20"))
+
+
+@pytest.fixture(scope="module")
+def config(ledger_url) -> BillingConfig:
+    return BillingConfig(
+        ledger_url=ledger_url,
+        actor_name="billing-under-test",
+        price_book=PriceBook(models={"m": {"prompt_per_1m": "0.05", "completion_per_1m": "0.20"}}),
+        plans={
+            "unlimited": Plan(),
+            "rpm20": Plan(rpm=20),
+            "tiny": Plan(monthly_budget=Decimal("0.001")),
+        },
+        lease=LeaseConfig(restart_grace_s=0.3),
+    )
+
+
+@pytest.fixture(scope="module")
+def billing(config):
+    local.start_ray(num_cpus=2, include_dashboard=False)
+    try:
+        handle = actor.get_or_create(config)
+        ray.get(handle.call.remote("status"))
+        yield handle
+    finally:
+        local.stop()
+
+
+@ray.remote(num_cpus=0.1)
+class FakeIngress:
+    """What an ingress replica does with billing, minus HTTP: authenticate, admit, settle, all through BillingClient."""
+
+    def __init__(self, config: dict, holder: str):
+        from billing.client import BillingClient
+
+        self.config = BillingConfig.model_validate(config)
+        self.client = BillingClient(self.config, actor.ActorTransport(actor.get(self.config)), holder)
+        self.holder = holder
+
+    async def start(self) -> None:
+        await self.client.start()
+
+    async def hammer(self, key: str, n: int, prompt: int, max_tokens: int, completion: int, stop_after_denials: int = 1000, pace_s: float = 0.0) -> dict:
+        """Admit up to n requests concurrently-ish; settle each with `completion` tokens. Returns what happened."""
+        principal = self.client.authenticate(f"Bearer {key}")
+        admitted, denied, denials_in_row = [], {}, 0
+        for i in range(n):
+            try:
+                t = await self.client.admit(principal, f"{self.holder}-{i}-{time.time_ns()}", "m", "v1", "chat", PRICE, prompt, max_tokens)
+            except Exception as exc:
+                code = getattr(exc, "error_type", type(exc).__name__)
+                denied[code] = denied.get(code, 0) + 1
+                denials_in_row += 1
+                if denials_in_row >= stop_after_denials:
+                    break
+                continue
+            denials_in_row = 0
+            admitted.append(window_of(time.time()))
+            self.client.settle(t, prompt, completion, "ok")
+            await asyncio.sleep(pace_s)
+        return {"windows": admitted, "denied": denied}
+
+    async def drain(self, timeout_s: float = 60) -> int:
+        deadline = time.monotonic() + timeout_s
+        while self.client.queued and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return self.client.queued
+
+
+def _key(billing, tenant: str, plan: str) -> str:
+    key, _ = ray.get(billing.call.remote("create_key", tenant, plan, "tenant", None, "", "tests"))
+    return key
+
+
+def _spent(billing, tenant: str) -> Decimal:
+    return ray.get(billing.call.remote("spent", tenant, period_of(time.time())))
+
+
+def test_duplicate_events_are_counted_once(billing, config):
+    from billing.records import UsageEvent
+
+    now = time.time()
+    events = [UsageEvent(f"dup-{i}", now, "dup", "k", "m", "v1", "chat", "ok", 100, 10, "0.05", "0.20", "0", "t") for i in range(100)]
+    assert ray.get(billing.record.remote(events)) == 100
+    ray.get(billing.record.remote(events[:50] + events))  # resent, and resent twice in one batch
+    rows = ray.get(billing.call.remote("spend_rows", period_of(now), "dup"))
+    assert sum(r.requests for r in rows) == 100
+    assert _spent(billing, "dup") == 100 * cost(Decimal("0.05"), Decimal("0.20"), 100, 10)
+
+
+def test_killing_the_actor_mid_stream_loses_and_doubles_nothing(billing, config):
+    key = _key(billing, "killme", "unlimited")
+    ingress = FakeIngress.remote(config.model_dump(mode="json"), "kill-h1")
+    ray.get(ingress.start.remote())
+    first = ingress.hammer.remote(key, 3000, 20, 10, 7, pace_s=0.001)  # a few seconds of traffic
+    time.sleep(0.3)
+    ray.kill(billing, no_restart=False)  # the actor restarts and rebuilds from the ledger
+    assert ray.wait([first], timeout=0)[0] == [], "the stream of events ended before the kill"
+    ray.get(first)
+    second = ray.get(ingress.hammer.remote(key, 500, 20, 10, 7))
+    assert ray.get(ingress.drain.remote()) == 0
+    restarted = actor.get(config)
+    assert ray.get(restarted.status.remote())["restarted"]
+    rows = ray.get(restarted.call.remote("spend_rows", period_of(time.time()), "killme"))
+    sent = 3000 + len(second["windows"])
+    assert sum(r.requests for r in rows) == sent and sum(r.completion_tokens for r in rows) == 7 * sent
+    assert _spent(restarted, "killme") == sent * cost(Decimal("0.05"), Decimal("0.20"), 20, 7)
+
+
+def test_two_replicas_cannot_exceed_rpm(billing, config):
+    key = _key(billing, "rpm-tenant", "rpm20")
+    replicas = [FakeIngress.remote(config.model_dump(mode="json"), f"rpm-h{i}") for i in range(2)]
+    ray.get([r.start.remote() for r in replicas])
+    results = ray.get([r.hammer.remote(key, 60, 5, 5, 5) for r in replicas])
+    per_window: dict[int, int] = {}
+    for res in results:
+        for w in res["windows"]:
+            per_window[w] = per_window.get(w, 0) + 1
+        assert set(res["denied"]) <= {"requests"}
+    assert all(n <= 20 for n in per_window.values()), per_window  # never more than the limit, let alone one lease
+    assert sum(per_window.values()) >= 20  # and the limit is actually usable
+    assert sum(sum(r["denied"].values()) for r in results) >= 120 - 20 * len(per_window)
+
+
+def test_two_replicas_cannot_overspend_the_budget(billing, config):
+    key = _key(billing, "tiny-tenant", "tiny")
+    replicas = [FakeIngress.remote(config.model_dump(mode="json"), f"tiny-h{i}") for i in range(2)]
+    ray.get([r.start.remote() for r in replicas])
+    # worst case 100×0.05 + 200×0.20 per 1M = 0.000045; actual 100×0.05 + 50×0.20 = 0.000015
+    results = ray.get([r.hammer.remote(key, 400, 100, 200, 50, stop_after_denials=20) for r in replicas])
+    assert all(set(r["denied"]) <= {"insufficient_quota"} for r in results)
+    assert ray.get([r.drain.remote() for r in replicas]) == [0, 0]
+    deadline = time.monotonic() + 30
+    admitted = sum(len(r["windows"]) for r in results)
+    while sum(rr.requests for rr in ray.get(billing.call.remote("spend_rows", period_of(time.time()), "tiny-tenant"))) < admitted:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    spent = _spent(billing, "tiny-tenant")
+    worst = cost(Decimal("0.05"), Decimal("0.20"), 100, 200)
+    assert spent <= Decimal("0.001") + worst
+    assert spent >= Decimal("0.001") - 2 * Decimal("0.001") * Decimal(str(config.lease.budget_fraction)) - 2 * worst  # nearly all of it usable
