@@ -25,7 +25,7 @@ from billing.keys import check_key
 from billing.pricing import Quote, quote
 from billing.quota import ZERO, Ask, Reservation, TenantLease, period_of, refill, reserve, settle, shortfall, window_of
 from billing.records import Claim, EngineCount, KeyRecord, SyncReply, SyncRequest, UsageEvent
-from deployments.core.errors import InsufficientQuotaError, PermissionDeniedError, RateLimitError, ServiceUnavailableError
+from deployments.core.errors import AuthenticationError, InsufficientQuotaError, PermissionDeniedError, RateLimitError, ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class BillingClient:
         self._lock = asyncio.Lock()
         self._loop_task: asyncio.Task | None = None
         self.synced = False
+        self._synced_event = asyncio.Event()
         self._failures = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -134,11 +135,22 @@ class BillingClient:
 
     # ---- the request path --------------------------------------------------------------------
 
-    def authenticate(self, authorization: str | None) -> KeyRecord:
+    async def authenticate(self, authorization: str | None) -> KeyRecord:
+        """The caller's key. A key this replica does not know yet (created a moment ago) waits for the next sync, once."""
+        try:
+            return check_key(self._keys, authorization, self._clock())
+        except AuthenticationError as exc:
+            if exc.code != "invalid_api_key" or not authorization:
+                raise
+        self._synced_event.clear()
+        try:
+            await asyncio.wait_for(self._synced_event.wait(), timeout=3 * self.config.flush_interval_s)
+        except asyncio.TimeoutError:
+            pass
         return check_key(self._keys, authorization, self._clock())
 
-    def require_admin(self, authorization: str | None) -> KeyRecord:
-        key = self.authenticate(authorization)
+    async def require_admin(self, authorization: str | None) -> KeyRecord:
+        key = await self.authenticate(authorization)
         if key.role != "admin":
             raise PermissionDeniedError("This route needs an admin key.")
         return key
@@ -211,6 +223,7 @@ class BillingClient:
                 self._keys[key.key_hash] = key
             self._keys_seq = max(self._keys_seq, reply.keys_seq)
             self.synced = True
+            self._synced_event.set()
             return reply
 
     def _asks(self, now: float, need: tuple[str, Quote] | None) -> list[Ask]:

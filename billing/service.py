@@ -244,6 +244,9 @@ class BillingCore:
             a[3] += r.amount
         return [Totals(t, period, *v) for t, v in sorted(acc.items())]
 
+    def events(self, request_ids: list[str] | None = None, tenant: str | None = None) -> list[UsageEvent]:
+        return self.ledger.events(request_ids, tenant)
+
     def audit_log(self, limit: int = 100) -> list[dict]:
         return self.ledger.audit_log(limit)
 

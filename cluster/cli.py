@@ -64,13 +64,15 @@ def serve(ctx: click.Context, port: int | None) -> None:
         base = local.deploy(config)
         for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: background jobs start with it ignored
             signal.signal(sig, lambda *_: stop.set())
+        key_line, key = _first_key(config)
         click.echo(
             f"\nray-maas is serving {config.model.name} at {base}\n"
-            f"Ray dashboard: {dashboard or 'disabled'}\n\n"
-            f"  curl {base}/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"Ray dashboard: {dashboard or 'disabled'}\n{key_line}\n"
+            f"  curl {base}/chat/completions -H \"Authorization: Bearer {key}\" -H 'Content-Type: application/json' \\\n"
             f"    -d '{{\"model\": \"{config.model.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
-            f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='none'); "
+            f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='{key}'); "
             f"print(c.chat.completions.create(model='{config.model.name}', messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)\"\n\n"
+            "Keys, usage and invoices: `maas keys --help`, `maas usage`, `maas invoice --month YYYY-MM` (in another shell).\n"
             "Press Ctrl-C to stop."
         )
         stop.wait()
@@ -79,6 +81,22 @@ def serve(ctx: click.Context, port: int | None) -> None:
     finally:
         click.echo("Stopping...")
         local.stop()
+
+
+def _first_key(config) -> tuple[str, str]:
+    """On a ledger with no keys yet, create a first tenant key and an admin key and show them (once)."""
+    if not config.billing.enabled:
+        return "Billing is off: any key is accepted.\n", "none"
+    import ray
+
+    from billing import actor
+
+    handle = actor.get(config.billing)
+    if ray.get(handle.call.remote("list_keys", None)):
+        return "API keys: existing ones (`maas keys list`), or create one with `maas keys create --tenant NAME`.\n", "$MAAS_API_KEY"
+    key, _ = ray.get(handle.call.remote("create_key", "local", None, "tenant", None, "first key", "maas serve"))
+    admin, _ = ray.get(handle.call.remote("create_key", "operators", None, "admin", None, "first admin key", "maas serve"))
+    return f"\nFirst API key (tenant `local`, plan `{config.billing.default_plan}`), shown only now:\n  {key}\nAdmin key for /admin/*:\n  {admin}\n", key
 
 
 @main.group()
@@ -114,6 +132,148 @@ def serve_config(ctx: click.Context, working_dir: str | None) -> None:
 
     config = _config(ctx)
     sys.stdout.write(yaml.safe_dump(serve_config_for(config, ctx.obj, working_dir), sort_keys=False))
+
+
+# ---- billing: keys, usage, invoices (through the billing actor of a running cluster) -------------
+
+
+def _billing(ctx: click.Context):
+    """The config and the billing actor's handle, connecting to the running Ray cluster if needed."""
+    import os
+
+    import ray
+
+    from billing import actor
+    from cluster.local import LOCAL_ENV
+
+    config = _config(ctx)
+    if not config.billing.enabled:
+        raise click.ClickException("Billing is disabled in this configuration (billing.enabled: false).")
+    if not ray.is_initialized():
+        os.environ.update({k: v for k, v in LOCAL_ENV.items() if k not in os.environ})
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=config.billing.namespace, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as exc:
+            raise click.ClickException(f"No running Ray cluster to reach ({exc}). Start one with `maas serve`, or set RAY_ADDRESS.") from exc
+    return config, actor.get_or_create(config.billing)
+
+
+def _call(handle, method: str, *args):
+    import ray
+
+    from deployments.core.errors import as_maas_error
+
+    try:
+        return ray.get(handle.call.remote(method, *args), timeout=60)
+    except Exception as exc:
+        err = as_maas_error(exc)
+        raise click.ClickException(err.message if err else str(exc)) from exc
+
+
+def _root(ctx: click.Context) -> click.Context:
+    while ctx.parent is not None:
+        ctx = ctx.parent
+    return ctx
+
+
+def _duration_s(text: str | None) -> float | None:
+    if not text:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, KeyError) as exc:
+        raise click.BadParameter(f"{text!r}: use e.g. 30s, 15m, 12h or 90d") from exc
+
+
+@main.group()
+def keys() -> None:
+    """API keys: create (shown once), list, revoke."""
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="Tenant the key bills to (created if new).")
+@click.option("--plan", default=None, help="Set the tenant's plan (default: kept, or billing.default_plan for a new tenant).")
+@click.option("--admin", is_flag=True, help="An operator key for /admin/* instead of a tenant key.")
+@click.option("--expires-in", default=None, help="Lifetime, e.g. 30d or 12h (default: never expires).")
+@click.option("--name", default="", help="A note to recognise the key by.")
+@click.pass_context
+def keys_create(ctx: click.Context, tenant: str, plan: str | None, admin: bool, expires_in: str | None, name: str) -> None:
+    _, handle = _billing(_root(ctx))
+    key, record = _call(handle, "create_key", tenant, plan, "admin" if admin else "tenant", _duration_s(expires_in), name, "cli")
+    click.echo(f"Created {record.role} key {record.key_id}… for tenant {record.tenant}. It is shown only now:\n\n  {key}\n")
+
+
+@keys.command("list")
+@click.option("--tenant", default=None)
+@click.pass_context
+def keys_list(ctx: click.Context, tenant: str | None) -> None:
+    from datetime import datetime, timezone
+
+    _, handle = _billing(_root(ctx))
+    fmt = lambda ts: datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M") if ts else "-"  # noqa: E731
+    click.echo(f"{'KEY ID':<20} {'TENANT':<16} {'ROLE':<7} {'CREATED':<17} {'EXPIRES':<17} {'REVOKED':<17} NAME")
+    for k in _call(handle, "list_keys", tenant):
+        click.echo(f"{k.key_id:<20} {k.tenant:<16} {k.role:<7} {fmt(k.created_at):<17} {fmt(k.expires_at):<17} {fmt(k.revoked_at):<17} {k.name}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.pass_context
+def keys_revoke(ctx: click.Context, key_id: str) -> None:
+    _, handle = _billing(_root(ctx))
+    record = _call(handle, "revoke_key", key_id.rstrip("…"), "cli")
+    click.echo(f"Revoked {record.key_id} (tenant {record.tenant}); every ingress replica refuses it within a second.")
+
+
+def _month(value: str | None) -> str:
+    import re
+
+    from billing.quota import period_of
+
+    if value is None:
+        return period_of(__import__("time").time())
+    if not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", value):
+        raise click.BadParameter(f"{value!r}: use YYYY-MM")
+    return value
+
+
+@main.command()
+@click.option("--tenant", default=None, help="One tenant (default: all).")
+@click.option("--month", default=None, help="YYYY-MM (default: this month, UTC).")
+@click.pass_context
+def usage(ctx: click.Context, tenant: str | None, month: str | None) -> None:
+    """Usage by tenant, day, model and version, from the ledger."""
+    from billing.reports import usage_report
+
+    config, handle = _billing(ctx)
+    period = _month(month)
+    report = usage_report(_call(handle, "spend_rows", period, tenant, True), period, config.billing.price_book.currency, tenant)
+    click.echo(f"{'TENANT':<16} {'DAY':<10} {'MODEL':<24} {'VER':<5} {'REQS':>7} {'PROMPT':>10} {'COMPLETION':>10} {'COST':>14}")
+    for r in report["data"]:
+        click.echo(f"{r['tenant']:<16} {r['day']:<10} {r['model']:<24} {r['version']:<5} {r['requests']:>7} {r['prompt_tokens']:>10} {r['completion_tokens']:>10} {r['cost']:>14}")
+    t = report["total"]
+    click.echo(f"{'TOTAL':<58} {t['requests']:>7} {t['prompt_tokens']:>10} {t['completion_tokens']:>10} {t['cost']:>14} {report['currency']}")
+
+
+@main.command()
+@click.option("--month", required=True, help="YYYY-MM (UTC calendar month).")
+@click.option("--tenant", default=None, help="One tenant (default: every tenant with usage).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default="csv")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("invoices"), help="Folder for the files.")
+@click.pass_context
+def invoice(ctx: click.Context, month: str, tenant: str | None, fmt: str, out_dir: Path) -> None:
+    """Monthly invoices (one file per tenant), built with pandas from the ledger, exact to the cent."""
+    from billing.invoice import build_invoices, write_invoice
+
+    config, handle = _billing(ctx)
+    period = _month(month)
+    invoices = build_invoices(_call(handle, "spend_rows", period, tenant), period, config.billing.price_book.currency, tenant)
+    if not invoices:
+        click.echo(f"No usage in {period}.")
+    for inv in invoices:
+        path = write_invoice(inv, out_dir / f"invoice-{inv.tenant}-{period}.{fmt}", fmt)
+        click.echo(f"{inv.tenant}: {len(inv.lines)} lines, total {inv.total} {inv.currency} -> {path}")
 
 
 if __name__ == "__main__":

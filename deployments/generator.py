@@ -37,7 +37,7 @@ class Generator:
 
             handle = actor.get_or_create(billing_config)
             self._counts = EngineCountReporter(lambda batch: handle.engine_counts.remote(batch), billing_config.flush_interval_s)
-        self._logic = VLLMGenerator(model_path, config, on_unfinished=self._counts.report if self._counts else None)
+        self._logic = VLLMGenerator(model_path, config, on_unfinished=self._counts.report if self._counts is not None else None)
         self._logic.start()
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenDelta]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from typing import Any, AsyncIterator, Sequence
 
 from deployments.core.postprocess import Postprocessor
@@ -34,10 +36,11 @@ class ByteTokenizer:
 class ScriptedEngine:
     """Stands in for the generator: answers every prompt with a fixed text, a few tokens per message."""
 
-    def __init__(self, reply: str = "Hello, world! ça va?", per_message: int = 3, fail_after: int | None = None):
+    def __init__(self, reply: str = "Hello, world! ça va?", per_message: int = 3, fail_after: int | None = None, delay_s: float = 0.0):
         self.reply_ids = ByteTokenizer().encode(reply)
         self.per_message = per_message
         self.fail_after = fail_after
+        self.delay_s = delay_s
         self.closed_early = 0
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenDelta]]:
@@ -52,7 +55,9 @@ class ScriptedEngine:
                 last = start + self.per_message >= len(ids)
                 reason = ("length" if len(ids) == req.max_tokens else "stop") if last else None
                 yield [(i, list(chunk), reason) for i in range(req.n)]
-        except GeneratorExit:
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+        except (GeneratorExit, asyncio.CancelledError):
             self.closed_early += 1
             raise
 

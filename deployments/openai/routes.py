@@ -57,6 +57,21 @@ async def _sse_body(stream: SSEStream) -> AsyncIterator[str]:
         await stream.aclose()  # type: ignore[attr-defined]  # a client that left: settle and cancel now, not at GC
 
 
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its body iterator however the response ends.
+
+    Starlette leaves the iterator to the garbage collector when the client goes away
+    (the send fails or the task is cancelled); closing it here settles the request's
+    usage and cancels the stages behind it at once, not whenever a GC runs.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
 async def _respond(call: Awaitable[dict | SSEStream]) -> Any:
     """A whole JSON body, an SSE stream, or the error envelope: the one exit of both completion routes."""
     try:
@@ -65,7 +80,7 @@ async def _respond(call: Awaitable[dict | SSEStream]) -> Any:
         return error_response(exc)
     if isinstance(result, dict):
         return JSONResponse(result)
-    return StreamingResponse(_sse_body(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _ClosingStreamingResponse(_sse_body(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _json(call: Awaitable[Any]) -> JSONResponse:
@@ -78,12 +93,12 @@ async def _json(call: Awaitable[Any]) -> JSONResponse:
 def build_app(service: OpenAIService, accounts: AccountsService | None = None) -> FastAPI:
     app = FastAPI(title="ray-maas", summary="OpenAI-compatible API served by ray-maas")
 
-    def principal(request: Request) -> Any:
+    async def principal(request: Request) -> Any:
         """The caller's key (401 without a valid one); None when billing is off."""
-        return service.authenticate(request.headers.get("authorization"))
+        return await service.authenticate(request.headers.get("authorization"))
 
-    def admin(request: Request) -> Any:
-        return service.require_admin(request.headers.get("authorization"))
+    async def admin(request: Request) -> Any:
+        return await service.require_admin(request.headers.get("authorization"))
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:

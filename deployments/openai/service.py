@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Protocol
 
-from deployments.core.errors import EngineNotReadyError, MaasError, ModelNotFoundError, as_maas_error
+from deployments.core.errors import EngineNotReadyError, MaasError, ModelNotFoundError, NotFoundError, as_maas_error
 from deployments.core.types import GenerationRequest, TokenizedPrompt
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -36,9 +36,9 @@ class PostprocessorClient(Protocol):
 class BillingGate(Protocol):
     """What the service needs from billing (`billing.client.BillingClient` implements it)."""
 
-    def authenticate(self, authorization: str | None) -> Any: ...
+    async def authenticate(self, authorization: str | None) -> Any: ...
 
-    def require_admin(self, authorization: str | None) -> Any: ...
+    async def require_admin(self, authorization: str | None) -> Any: ...
 
     async def admit(self, key: Any, request_id: str, model: str, version: str, kind: str, price: Any, prompt_tokens: int, max_tokens: int, n: int = 1) -> Any: ...
 
@@ -71,22 +71,20 @@ class OpenAIService:
         self._price = price
         self._on_reject = on_reject
 
-    def authenticate(self, authorization: str | None) -> Any:
+    async def authenticate(self, authorization: str | None) -> Any:
         """The caller's key record (None when billing is off), or a 401."""
         if self.billing is None:
             return None
         try:
-            return self.billing.authenticate(authorization)
+            return await self.billing.authenticate(authorization)
         except MaasError as exc:
             self._on_reject("", exc.code or "invalid_api_key")
             raise
 
-    def require_admin(self, authorization: str | None) -> Any:
+    async def require_admin(self, authorization: str | None) -> Any:
         if self.billing is None:
-            from deployments.core.errors import NotFoundError
-
             raise NotFoundError("Administration needs billing enabled.")
-        return self.billing.require_admin(authorization)
+        return await self.billing.require_admin(authorization)
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self._created, "owned_by": "ray-maas"}]}

@@ -90,3 +90,14 @@ def hf_tokenizer(maas_config: MaasConfig):
     from deployments.core.tokenizer import load_hf_tokenizer
 
     return load_hf_tokenizer(open_store(maas_config.store_root()).resolve(maas_config.model.name).path)
+
+
+@pytest.fixture(scope="module")
+def generator_handle(base_url):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Generator", app_name="maas")
+    # Serve's throughput mode routes on the caller's event loop; this synchronous test driver has none,
+    # so this one handle keeps its router on Serve's own loop thread.
+    handle._init(_run_router_in_separate_loop=True)
+    return handle

@@ -67,7 +67,7 @@ class FakeIngress:
 
     async def hammer(self, key: str, n: int, prompt: int, max_tokens: int, completion: int, stop_after_denials: int = 1000, pace_s: float = 0.0) -> dict:
         """Admit up to n requests concurrently-ish; settle each with `completion` tokens. Returns what happened."""
-        principal = self.client.authenticate(f"Bearer {key}")
+        principal = await self.client.authenticate(f"Bearer {key}")
         admitted, denied, denials_in_row = [], {}, 0
         for i in range(n):
             try:

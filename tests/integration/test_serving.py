@@ -119,17 +119,6 @@ def test_malformed_json_and_missing_messages(base_url, api_key):
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
 
 
-@pytest.fixture(scope="module")
-def generator_handle(base_url):
-    from ray import serve
-
-    handle = serve.get_deployment_handle("Generator", app_name="maas")
-    # Serve's throughput mode routes on the caller's event loop; this synchronous test driver has none,
-    # so this one handle keeps its router on Serve's own loop thread.
-    handle._init(_run_router_in_separate_loop=True)
-    return handle
-
-
 def test_client_disconnect_aborts_the_engine_request(client, generator_handle):
     stream = chat(client, max_tokens=1000, extra_body={"ignore_eos": True}, stream=True)
     chunk_ids = [next(iter(stream)).id for _ in range(3)]

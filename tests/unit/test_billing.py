@@ -235,7 +235,7 @@ async def test_client_admits_from_lease_and_bills_once_even_across_an_outage(led
     transport = InProcess(core)
     client = BillingClient(cfg, transport, "h1", clock=clock)
     await client.start()
-    principal = client.authenticate(f"Bearer {key}")
+    principal = await client.authenticate(f"Bearer {key}")
     calls = transport.calls
     tickets = [await client.admit(principal, f"r{i}", "m", "v1", "chat", PRICE, 20, 30) for i in range(5)]
     assert transport.calls - calls == 1  # one lease served all five
@@ -261,15 +261,15 @@ async def test_client_denials_become_openai_errors(ledger):
     client = BillingClient(cfg, InProcess(core), "h1", clock=clock)
     await client.start()
     with pytest.raises(InsufficientQuotaError):
-        await client.admit(client.authenticate(f"Bearer {k1}"), "r1", "m", "v1", "chat", PRICE, 100, 100)
-    slow = client.authenticate(f"Bearer {k2}")
+        await client.admit(await client.authenticate(f"Bearer {k1}"), "r1", "m", "v1", "chat", PRICE, 100, 100)
+    slow = await client.authenticate(f"Bearer {k2}")
     await client.admit(slow, "r2", "m", "v1", "chat", PRICE, 1, 1)
     with pytest.raises(RateLimitError) as info:
         await client.admit(slow, "r3", "m", "v1", "chat", PRICE, 1, 1)
     assert info.value.status_code == 429 and "Retry-After" in info.value.headers and info.value.error_type == "requests"
     with pytest.raises(PermissionDeniedError):
-        client.require_admin(f"Bearer {k1}")
-    assert client.require_admin(f"Bearer {k3}").role == "admin"
+        await client.require_admin(f"Bearer {k1}")
+    assert (await client.require_admin(f"Bearer {k3}")).role == "admin"
     await client.close()
 
 
@@ -278,11 +278,11 @@ async def test_revocation_reaches_the_client_on_its_next_sync(ledger):
     key, rec = core.create_key("acme")
     client = BillingClient(config(), InProcess(core), "h1", clock=Clock())
     await client.start()
-    client.authenticate(f"Bearer {key}")
+    await client.authenticate(f"Bearer {key}")
     core.revoke_key(rec.key_id)
     await client._sync()
     with pytest.raises(AuthenticationError, match="revoked"):
-        client.authenticate(f"Bearer {key}")
+        await client.authenticate(f"Bearer {key}")
     await client.close()
 
 

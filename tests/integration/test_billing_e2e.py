@@ -1,0 +1,244 @@
+"""Billing end to end: the real model behind two ingress replicas, driven over HTTP by the `openai` client.
+
+Usage in responses equals the ledger; a stream the client cuts is billed for what the
+engine produced; bad keys get 401; tenants see only their own usage; limits hold
+across both replicas; invoices reconcile; an app restart keeps everything; the
+metrics reach Ray's metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+import ray
+
+from billing.invoice import read_invoice_csv
+from billing.pricing import to_cents
+from billing.quota import period_of
+from cluster import local
+from tests.integration.conftest import create_key, free_port
+
+pytestmark = pytest.mark.integration
+
+MODEL = "SmolLM2-135M-Instruct"
+P_PRICE, C_PRICE = Decimal("1000"), Decimal("3000")  # per 1M tokens: dear, so a few requests are worth cents
+METRICS_PORT = free_port()
+
+
+@pytest.fixture(scope="module")
+def config_overrides() -> dict:
+    return {
+        "deployments": {"ingress": {"autoscaling": {"min_replicas": 2, "max_replicas": 2}}},
+        "billing": {
+            "price_book": {"models": {MODEL: {"prompt_per_1m": str(P_PRICE), "completion_per_1m": str(C_PRICE)}}},
+            "plans": {
+                "free": {"monthly_budget": "100"},
+                "enterprise": {},
+                "rpm10": {"rpm": 10},
+                "tiny": {"monthly_budget": "0.30"},
+            },
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def base_url(maas_config):
+    local.start_ray(num_cpus=os.cpu_count(), include_dashboard=False, metrics_export_port=METRICS_PORT)
+    try:
+        yield local.deploy(maas_config)
+    finally:
+        local.stop()
+
+
+def _client(base_url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
+
+
+def _chat(client: openai.OpenAI, **kwargs):
+    kwargs.setdefault("max_tokens", 8)
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}], temperature=0, **kwargs)
+
+
+def _wait_for(predicate, timeout_s: float = 30, interval_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(interval_s)
+
+
+def _rows(billing_actor, ids: list[str]):
+    return {e.request_id: e for e in ray.get(billing_actor.call.remote("events", ids))}
+
+
+@pytest.fixture(scope="module")
+def admin_key(billing_actor) -> str:
+    return create_key(billing_actor, "operators", role="admin")[0]
+
+
+def test_every_v1_route_needs_a_valid_key(base_url, billing_actor):
+    for route, method in (("/models", "GET"), ("/chat/completions", "POST"), ("/completions", "POST"), ("/usage", "GET")):
+        resp = httpx.request(method, base_url + route, json={"model": MODEL, "prompt": "x"} if method == "POST" else None)
+        assert resp.status_code == 401, route
+        assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.AuthenticationError) as err:
+        _chat(_client(base_url, "sk-maas-wrongkey-" + "x" * 43))
+    assert err.value.body["code"] == "invalid_api_key" and "x" * 43 not in err.value.body["message"]
+
+
+def test_revoked_key_is_refused_within_a_second_on_every_replica(base_url, billing_actor):
+    key, record = create_key(billing_actor, "revokee", plan="enterprise")
+    client = _client(base_url, key)
+    _wait_for(lambda: httpx.get(base_url + "/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200, 5)
+    _chat(client, max_tokens=1)
+    ray.get(billing_actor.call.remote("revoke_key", record.key_id, "tests"))
+    t0 = time.monotonic()
+    time.sleep(1.0)
+    # Many calls, so that both ingress replicas answer at least a few of them.
+    codes = {httpx.get(base_url + "/models", headers={"Authorization": f"Bearer {key}"}).json()["error"]["code"] for _ in range(20)}
+    assert codes == {"revoked_api_key"}, codes
+    assert time.monotonic() - t0 < 3
+
+
+def test_expired_key_gets_401(base_url, billing_actor):
+    key, _ = create_key(billing_actor, "shortlived", plan="enterprise", expires_in_s=2)
+    _wait_for(lambda: httpx.get(base_url + "/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200, 5, 0.05)
+    time.sleep(2.1)
+    with pytest.raises(openai.AuthenticationError) as err:
+        _chat(_client(base_url, key), max_tokens=1)
+    assert err.value.body["code"] == "expired_api_key"
+
+
+def test_usage_in_responses_equals_the_ledger(base_url, billing_actor):
+    key, _ = create_key(billing_actor, "acct", plan="enterprise")
+    client = _client(base_url, key)
+    usage: dict[str, tuple[int, int]] = {}
+    for i in range(3):
+        resp = _chat(client, max_tokens=4 + i)
+        usage[resp.id.removeprefix("chatcmpl-")] = (resp.usage.prompt_tokens, resp.usage.completion_tokens)
+    for i in range(2):
+        chunks = list(_chat(client, max_tokens=6 + i, stream=True, stream_options={"include_usage": True}))
+        usage[chunks[0].id.removeprefix("chatcmpl-")] = (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens)
+    resp = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0)
+    usage[resp.id.removeprefix("cmpl-")] = (resp.usage.prompt_tokens, resp.usage.completion_tokens)
+    rows = _wait_for(lambda: (r := _rows(billing_actor, list(usage))) and len(r) == len(usage) and r)
+    assert {rid: (r.prompt_tokens, r.completion_tokens) for rid, r in rows.items()} == usage
+    assert {r.status for r in rows.values()} == {"ok"} and {r.tenant for r in rows.values()} == {"acct"}
+    # The tenant's own view says the same.
+    report = httpx.get(base_url + "/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    assert report["total"]["requests"] == len(usage)
+    assert report["total"]["prompt_tokens"] == sum(p for p, _ in usage.values())
+    assert report["total"]["completion_tokens"] == sum(c for _, c in usage.values())
+    assert Decimal(report["total"]["cost"]) == sum((P_PRICE * p + C_PRICE * c) / 1_000_000 for p, c in usage.values())
+
+
+def test_invoice_csv_matches_hand_computed_totals(base_url, billing_actor, maas_config, tmp_path):
+    from click.testing import CliRunner
+
+    from cluster.cli import main
+
+    key, _ = create_key(billing_actor, "invoiced", plan="enterprise")
+    client = _client(base_url, key)
+    sent = [_chat(client, max_tokens=n).usage for n in (3, 5, 9)]
+    _wait_for(lambda: sum(r.requests for r in ray.get(billing_actor.call.remote("spend_rows", period_of(time.time()), "invoiced"))) == 3)
+    month = period_of(time.time())
+    result = CliRunner().invoke(main, ["invoice", "--month", month, "--tenant", "invoiced", "--out", str(tmp_path)], env={"MAAS_LEDGER_URL": os.environ["MAAS_LEDGER_URL"]})
+    assert result.exit_code == 0, result.output
+    lines, total = read_invoice_csv(tmp_path / f"invoice-invoiced-{month}.csv")
+    prompt, completion = sum(u.prompt_tokens for u in sent), sum(u.completion_tokens for u in sent)
+    by_hand = to_cents((P_PRICE * prompt + C_PRICE * completion) / 1_000_000)
+    assert len(lines) == 1 and lines.loc[0, "prompt_tokens"] == prompt and lines.loc[0, "completion_tokens"] == completion
+    assert lines.loc[0, "amount"] == by_hand == total and total > Decimal("0.05")
+
+
+def test_stream_cut_by_the_client_is_billed_for_what_the_engine_produced(base_url, billing_actor, generator_handle):
+    key, _ = create_key(billing_actor, "quitter", plan="enterprise")
+    stream = _chat(_client(base_url, key), max_tokens=1000, extra_body={"ignore_eos": True}, stream=True)
+    request_id = [next(iter(stream)).id for _ in range(3)][0].removeprefix("chatcmpl-")
+    stream.close()
+    engine = _wait_for(lambda: generator_handle.stats.remote().result()["aborted_tokens"].get(request_id), 60)
+    row = _wait_for(lambda: (r := _rows(billing_actor, [request_id]).get(request_id)) and r.completion_tokens is not None and r, 30)
+    assert row.status == "aborted" and row.completion_tokens == engine and 3 <= engine < 1000
+
+
+def test_a_tenant_reads_only_its_own_usage(base_url, billing_actor, admin_key):
+    key_a, _ = create_key(billing_actor, "tenant-a", plan="enterprise")
+    key_b, _ = create_key(billing_actor, "tenant-b", plan="enterprise")
+    _chat(_client(base_url, key_b), max_tokens=2)
+    _wait_for(lambda: ray.get(billing_actor.call.remote("spend_rows", None, "tenant-b")))
+    auth_a = {"Authorization": f"Bearer {key_a}"}
+    resp = httpx.get(base_url + "/usage", params={"tenant": "tenant-b"}, headers=auth_a)
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "permission_denied"
+    mine = httpx.get(base_url + "/usage", headers=auth_a).json()
+    assert mine["tenant"] == "tenant-a" and mine["data"] == []
+    root = base_url.removesuffix("/v1")
+    assert httpx.get(root + "/admin/usage", headers=auth_a).status_code == 403
+    everyone = httpx.get(root + "/admin/usage", params={"tenant": "tenant-b"}, headers={"Authorization": f"Bearer {admin_key}"}).json()
+    assert everyone["total"]["requests"] == 1 and everyone["data"][0]["tenant"] == "tenant-b"
+
+
+def _burst(base_url: str, key: str, n: int) -> list[httpx.Response]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda _: httpx.post(base_url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120), range(n)))
+
+
+def test_rpm_holds_across_two_ingress_replicas(base_url, billing_actor):
+    key, _ = create_key(billing_actor, "limited", plan="rpm10")
+    start = time.time()
+    responses = _burst(base_url, key, 30)
+    minutes = len({int(start // 60), int(time.time() // 60)})
+    ok = [r for r in responses if r.status_code == 200]
+    limited = [r for r in responses if r.status_code == 429]
+    assert len(ok) + len(limited) == 30
+    assert 10 <= len(ok) <= 10 * minutes
+    assert all(r.json()["error"]["type"] == "requests" and int(r.headers["retry-after"]) >= 1 for r in limited)
+
+
+def test_budget_cannot_be_overspent(base_url, billing_actor):
+    key, _ = create_key(billing_actor, "thrifty", plan="tiny")
+    responses = _burst(base_url, key, 40)
+    quota = [r for r in responses if r.status_code == 429]
+    assert quota and all(r.json()["error"]["code"] == "insufficient_quota" for r in quota)
+    ok = [r.json()["usage"] for r in responses if r.status_code == 200]
+    assert ok
+    spent = _wait_for(lambda: (rows := ray.get(billing_actor.call.remote("spend_rows", None, "thrifty"))) and sum(r.requests for r in rows) == len(ok) and sum(r.amount for r in rows))
+    worst = max((P_PRICE * u["prompt_tokens"] + C_PRICE * 1) / 1_000_000 for u in ok)
+    assert spent <= Decimal("0.30")  # never more than the budget (at most one reservation over, by design none)
+    assert spent >= Decimal("0.30") - 3 * worst - Decimal("0.30") * Decimal("0.04")  # and most of it was usable
+
+
+def test_billing_metrics_reach_rays_metrics_endpoint(base_url, client):
+    _chat(client, max_tokens=2)
+
+    def scrape() -> str | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return text if "maas_billing_tokens" in text and "maas_requests_rejected" in text else None
+
+    text = _wait_for(scrape, 60, 1.0)
+    for name in ("maas_billing_tokens", "maas_billing_spend", "maas_billing_events", "maas_billing_ledger_lag_seconds", "maas_requests_rejected"):
+        assert name in text, name
+
+
+def test_restarting_the_serve_app_keeps_all_usage(base_url, billing_actor, maas_config, api_key):
+    from ray import serve
+
+    before = ray.get(billing_actor.call.remote("totals", period_of(time.time())))
+    serve.delete(maas_config.app_name)
+    local.deploy(maas_config)
+    after = ray.get(billing_actor.call.remote("totals", period_of(time.time())))
+    assert after == before
+    _chat(_client(base_url, api_key), max_tokens=2)
+    tests_total = lambda: next((t for t in ray.get(billing_actor.call.remote("totals", period_of(time.time()))) if t.tenant == "tests"), None)  # noqa: E731
+    was = next((t.requests for t in before if t.tenant == "tests"), 0)
+    _wait_for(lambda: (t := tests_total()) and t.requests == was + 1)

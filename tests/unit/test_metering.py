@@ -1,0 +1,130 @@
+"""Metering through the HTTP routes (no Ray): a real HTTP server, the real BillingClient, an in-process billing core.
+
+Every admitted request is settled exactly once, including a stream the client abandons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from decimal import Decimal
+
+import httpx
+import pytest
+import uvicorn
+
+from billing.catalog import Plan
+from billing.client import BillingClient
+from billing.ledger import Ledger
+from billing.service import BillingCore
+from deployments.openai.accounts import AccountsService
+from deployments.openai.routes import build_app
+from deployments.openai.service import OpenAIService
+from tests.fakes import FakePostprocessorClient, FakeTokenizerClient, ScriptedEngine
+from tests.unit.test_billing import PRICE, InProcess, config
+
+
+class Server:
+    """uvicorn in a thread, serving the ingress app with billing wired in-process."""
+
+    def __init__(self, tmp_path, engine: ScriptedEngine):
+        self.core = BillingCore(config(free=Plan(), tiny=Plan(monthly_budget=Decimal("0.00001"))), Ledger(f"sqlite:///{tmp_path}/l.db"))
+        self.key, _ = self.core.create_key("acme")
+        self.engine = engine
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.ready = threading.Event()
+
+    async def _app(self):
+        self.billing = BillingClient(self.core.config, InProcess(self.core), "h1")
+        await self.billing.start()
+
+        async def call(method, *args):
+            return getattr(self.core, method)(*args)
+
+        service = OpenAIService("m", FakeTokenizerClient(), FakePostprocessorClient(self.engine), billing=self.billing, price=PRICE, model_version="v1")
+        return build_app(service, AccountsService(call, "USD", time.time))
+
+    def run(self):
+        loop = asyncio.new_event_loop()
+        app = loop.run_until_complete(self._app())
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", loop="asyncio"))
+        self.ready.set()
+        loop.run_until_complete(self.server.serve())
+        loop.run_until_complete(self.billing.close(timeout_s=0.5))
+        loop.close()
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        self.ready.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{self.port}/healthz")
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _events(core: BillingCore, timeout_s: float = 5.0, n: int = 1):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = core.ledger.events()
+        if len(events) >= n:
+            return events
+        time.sleep(0.05)
+    return core.ledger.events()
+
+
+def test_a_stream_the_client_abandons_is_settled_as_aborted(tmp_path):
+    engine = ScriptedEngine(reply="x" * 200, per_message=1, delay_s=0.02)
+    with Server(tmp_path, engine) as srv:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 200}
+        with httpx.stream("POST", f"http://127.0.0.1:{srv.port}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {srv.key}"}) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            for _ in range(3):
+                next(lines)
+        (event,) = _events(srv.core)
+        assert event.status == "aborted" and event.completion_tokens is None and event.tenant == "acme"
+        assert engine.closed_early == 1
+
+
+def test_whole_and_streamed_requests_are_metered_with_their_usage(tmp_path):
+    with Server(tmp_path, ScriptedEngine()) as srv:
+        auth = {"Authorization": f"Bearer {srv.key}"}
+        url = f"http://127.0.0.1:{srv.port}/v1/chat/completions"
+        whole = httpx.post(url, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}, headers=auth).json()
+        httpx.post(url, json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}, headers=auth).read()
+        events = sorted(_events(srv.core, n=2), key=lambda e: e.request_id != whole["id"].removeprefix("chatcmpl-"))
+        assert [(e.status, e.prompt_tokens, e.completion_tokens) for e in events] == [("ok", whole["usage"]["prompt_tokens"], whole["usage"]["completion_tokens"])] * 2
+        usage = httpx.get(f"http://127.0.0.1:{srv.port}/v1/usage", headers=auth).json()
+        assert usage["total"]["requests"] == 2
+        assert httpx.get(f"http://127.0.0.1:{srv.port}/v1/models").status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{srv.port}/admin/keys", headers=auth).status_code == 403
+
+
+def test_over_budget_is_429_insufficient_quota_and_nothing_is_metered(tmp_path):
+    with Server(tmp_path, ScriptedEngine()) as srv:
+        key, _ = srv.core.create_key("poor", plan="tiny")
+        resp = httpx.post(
+            f"http://127.0.0.1:{srv.port}/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert resp.status_code == 429 and resp.json()["error"] == {
+            "message": resp.json()["error"]["message"],
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "insufficient_quota",
+        }
+        assert srv.core.ledger.events() == []
