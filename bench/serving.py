@@ -96,7 +96,17 @@ def raw_vllm(model_path: Path, model_name: str, port: int) -> tuple[list[str], d
 
 def ours(port: int) -> tuple[list[str], dict[str, str], str]:
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port)]
-    return cmd, {**os.environ, **LOCAL_ENV}, f"http://127.0.0.1:{port}/healthz"
+    ledger = OUT / "bench-ledger.db"  # billing on, as users run it, without touching the user's own ledger
+    return cmd, {**os.environ, **LOCAL_ENV, "MAAS_LEDGER_URL": f"sqlite:///{ledger}"}, f"http://127.0.0.1:{port}/healthz"
+
+
+def bench_key(env: dict[str, str]) -> str:
+    """An unlimited tenant's key, made with the CLI against the running server's cluster, as an operator would."""
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "--config", str(REPO / "cluster/configs/default.yaml"), "keys", "create", "--tenant", "bench", "--plan", "enterprise"],
+        env=env, cwd=REPO, capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    return next(word for word in out.stdout.split() if word.startswith("sk-maas-"))
 
 
 def run_vllm_bench(base_url: str, model_name: str, tokenizer: Path, concurrency: int, num_prompts: int, args: argparse.Namespace) -> dict:
@@ -143,6 +153,7 @@ def main() -> None:
             t0 = time.monotonic()
             with _server(cmd, env, ready, OUT / f"{stamp}-{target}-{round_no + 1}.log"):
                 logger.info("%s ready in %.0fs", target, time.monotonic() - t0)
+                os.environ["OPENAI_API_KEY"] = bench_key(env) if target == "ours" else "none"  # vllm bench sends it as Bearer
                 for c in args.concurrency:
                     results[target][c].append(
                         run_vllm_bench(f"http://127.0.0.1:{port}", config.model.name, model.path, c, max(8, args.prompts_per_concurrency * c), args)

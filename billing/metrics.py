@@ -11,8 +11,6 @@ from decimal import Decimal
 
 from ray.util import metrics
 
-from billing.records import UsageEvent
-
 
 class RayBillingMetrics:
     """The billing actor's metrics (implements `billing.service.BillingMetrics`)."""
@@ -24,14 +22,14 @@ class RayBillingMetrics:
         self.lag = metrics.Gauge("maas_billing_ledger_lag_seconds", "Age of the oldest event in the last batch made durable.")
         self.rejections = metrics.Counter("maas_billing_rejections", "Lease asks the billing actor denied, by reason.", tag_keys=("tenant", "reason"))
 
-    def on_usage(self, event: UsageEvent, completion_tokens: int, amount: Decimal) -> None:
-        tags = {"tenant": event.tenant, "model": event.model, "version": event.version}
-        if event.prompt_tokens:
-            self.tokens.inc(event.prompt_tokens, tags={**tags, "kind": "prompt"})
+    def on_usage(self, tenant: str, model: str, version: str, prompt_tokens: int, completion_tokens: int, amount: Decimal) -> None:
+        tags = {"tenant": tenant, "model": model, "version": version}
+        if prompt_tokens:
+            self.tokens.inc(prompt_tokens, tags={**tags, "kind": "prompt"})
         if completion_tokens:
             self.tokens.inc(completion_tokens, tags={**tags, "kind": "completion"})
         if amount:
-            self.spend.inc(float(amount), tags={"tenant": event.tenant, "model": event.model})
+            self.spend.inc(float(amount), tags={"tenant": tenant, "model": model})
 
     def on_ingest(self, events: int, lag_s: float) -> None:
         if events:

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 class BillingMetrics(Protocol):
-    def on_usage(self, event: UsageEvent, completion_tokens: int, amount: Decimal) -> None: ...
+    def on_usage(self, tenant: str, model: str, version: str, prompt_tokens: int, completion_tokens: int, amount: Decimal) -> None: ...
 
     def on_ingest(self, events: int, lag_s: float) -> None: ...
 
@@ -35,7 +35,7 @@ class BillingMetrics(Protocol):
 
 
 class _NoMetrics:
-    def on_usage(self, event: UsageEvent, completion_tokens: int, amount: Decimal) -> None:
+    def on_usage(self, tenant: str, model: str, version: str, prompt_tokens: int, completion_tokens: int, amount: Decimal) -> None:
         pass
 
     def on_ingest(self, events: int, lag_s: float) -> None:
@@ -137,27 +137,33 @@ class BillingCore:
             return
         fresh, completed = self.ledger.record(events)
         done = {e.request_id: c for e, c in completed}
+        # Sum tokens per (tenant, period, model, version, prices) first: exact, and one Decimal and metric update per group.
+        groups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+        periods: dict[int, str] = {}
         for e in fresh:
+            day = int(e.ts // 86400)
+            period = periods.get(day) or periods.setdefault(day, period_of(e.ts))
             completion = e.completion_tokens if e.completion_tokens is not None else done.get(e.request_id)
             if completion is None:
                 held = Decimal(e.reserved) - cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, 0)
-                self._pending[e.request_id] = (e.tenant, period_of(e.ts), held, e.ts)
-                self._add_spend(e, 0)
-            else:
-                self._add_spend(e, completion)
+                self._pending[e.request_id] = (e.tenant, period, held, e.ts)
+                completion = 0
+            g = groups[(e.tenant, period, e.model, e.version, e.prompt_price, e.completion_price)]
+            g[0] += e.prompt_tokens
+            g[1] += completion
+        for (tenant, period, model, version, pp, cp), (prompt, completion) in groups.items():
+            self._add_spend(tenant, period, model, version, Decimal(pp), Decimal(cp), prompt, completion)
         self._metrics.on_ingest(len(fresh), max(0.0, now - min(e.ts for e in events)))
 
-    def _add_spend(self, e: UsageEvent, completion: int) -> None:
-        amount = cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, completion)
-        self._spent[(e.tenant, period_of(e.ts))] += amount
-        self._metrics.on_usage(e, completion, amount)
+    def _add_spend(self, tenant: str, period: str, model: str, version: str, pp: Decimal, cp: Decimal, prompt: int, completion: int) -> None:
+        amount = cost(pp, cp, prompt, completion)
+        self._spent[(tenant, period)] += amount
+        self._metrics.on_usage(tenant, model, version, prompt, completion, amount)
 
     def _resolve(self, e: UsageEvent, completion: int) -> None:
         """An aborted request's engine count arrived: bill its completion and release its hold."""
         self._pending.pop(e.request_id, None)
-        amount = cost(ZERO, Decimal(e.completion_price), 0, completion)
-        self._spent[(e.tenant, period_of(e.ts))] += amount
-        self._metrics.on_usage(e._replace(prompt_tokens=0), completion, amount)
+        self._add_spend(e.tenant, period_of(e.ts), e.model, e.version, ZERO, Decimal(e.completion_price), 0, completion)
 
     def _grant(self, ask: Ask, now: float) -> Grant:
         if now - self._started < self.config.lease.restart_grace_s:
