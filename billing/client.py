@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
 
 from billing.catalog import BillingConfig, Price
 from billing.keys import check_key
-from billing.pricing import Quote, quote
+from billing.pricing import Quote, cost, quote
 from billing.quota import ZERO, Ask, Reservation, TenantLease, period_of, refill, reserve, settle, shortfall, window_of
 from billing.records import Claim, EngineCount, KeyRecord, SyncReply, SyncRequest, UsageEvent
 from deployments.core.errors import AuthenticationError, InsufficientQuotaError, PermissionDeniedError, RateLimitError, ServiceUnavailableError
@@ -253,7 +253,7 @@ class BillingClient:
         """Leases held, plus what settled requests not in this message will cost (so nothing is undercounted)."""
         extra: dict[tuple[str, str], Decimal] = defaultdict(lambda: ZERO)
         for e in unsent:
-            amount = Decimal(e.reserved) if e.completion_tokens is None else (Decimal(e.prompt_price) * e.prompt_tokens + Decimal(e.completion_price) * e.completion_tokens) / 1_000_000
+            amount = Decimal(e.reserved) if e.completion_tokens is None else cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, e.completion_tokens)
             extra[(e.tenant, period_of(e.ts))] += amount
         claims = [Claim(t, lease.period, lease.claim() + extra.pop((t, lease.period), ZERO)) for t, lease in self._leases.items()]
         claims += [Claim(t, p, a) for (t, p), a in extra.items()]

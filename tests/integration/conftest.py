@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from cluster import local
-from cluster.config import MaasConfig, load_config
+from cluster.config import MaasConfig, _deep_merge, load_config
 from cluster.model_store import ensure_default_model, open_store
 
 
@@ -36,16 +36,9 @@ def config_overrides() -> dict:
 @pytest.fixture(scope="module")
 def maas_config(ledger_url, config_overrides) -> MaasConfig:
     overrides = {"http": {"host": "127.0.0.1", "port": free_port()}, "billing": {"ledger_url": ledger_url}}
-    config = load_config(overrides=_merge(overrides, config_overrides))
+    config = load_config(overrides=_deep_merge(overrides, config_overrides))
     ensure_default_model(open_store(config.store_root()), config.model.name)
     return config
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 @pytest.fixture(scope="module")

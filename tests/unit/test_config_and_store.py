@@ -35,6 +35,9 @@ def test_every_config_field_is_described():
 def test_shipped_configs_load(name):
     config = load_config(REPO / "cluster" / "configs" / name)
     assert config.model.name == "SmolLM2-135M-Instruct"
+    # Billing is on, the served model has a price, and the default plan exists.
+    assert config.billing.enabled and config.billing.price_book.price_for(config.model.name).completion_per_1m > 0
+    assert config.billing.default_plan in config.billing.plans
 
 
 def test_unknown_fields_are_rejected(tmp_path):
