@@ -7,6 +7,7 @@ because the embedded SQLite ledger is a file there.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -72,10 +73,15 @@ def get(config: BillingConfig) -> Any:
 
 
 class ActorTransport:
-    """`billing.client.Transport` over the actor handle."""
+    """`billing.client.Transport` over the actor handle.
 
-    def __init__(self, handle: Any):
+    A call to a restarting actor waits until it is back; the timeout bounds that, and
+    whatever was not acknowledged is simply sent again (the ledger is idempotent).
+    """
+
+    def __init__(self, handle: Any, timeout_s: float = 10.0):
         self._h = handle
+        self._timeout_s = timeout_s
 
     async def sync(self, req: SyncRequest) -> SyncReply:
-        return await self._h.sync.remote(req)
+        return await asyncio.wait_for(asyncio.wrap_future(self._h.sync.remote(req).future()), self._timeout_s)

@@ -257,6 +257,19 @@ def usage(ctx: click.Context, tenant: str | None, month: str | None) -> None:
 
 
 @main.command()
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.pass_context
+def audit(ctx: click.Context, limit: int) -> None:
+    """Who did what to keys, plans and prices, newest first (from the ledger database)."""
+    from datetime import datetime, timezone
+
+    _, handle = _billing(ctx)
+    for a in _call(handle, "audit_log", limit):
+        when = datetime.fromtimestamp(a["ts"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"{when}  {a['who']:<20} {a['action']:<18} {a['target']:<24} {a['detail'][:120]}")
+
+
+@main.command()
 @click.option("--month", required=True, help="YYYY-MM (UTC calendar month).")
 @click.option("--tenant", default=None, help="One tenant (default: every tenant with usage).")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default="csv")
