@@ -253,6 +253,10 @@ class BillingCore:
     def events(self, request_ids: list[str] | None = None, tenant: str | None = None) -> list[UsageEvent]:
         return self.ledger.events(request_ids, tenant)
 
+    def record_audit(self, who: str, action: str, target: str, detail: str = "") -> None:
+        """An operator action taken outside billing (e.g. a model version canaried, promoted or rolled back)."""
+        self.ledger.audit(who, action, target, detail)
+
     def audit_log(self, limit: int = 100) -> list[dict]:
         return self.ledger.audit_log(limit)
 

@@ -1,4 +1,4 @@
-"""The `maas` command line: serve the default model locally, manage the model store, emit the Serve config."""
+"""The `maas` command line: serve locally, manage the model store and live versions, fine-tune, keys, usage, invoices."""
 
 from __future__ import annotations
 
@@ -114,24 +114,198 @@ def import_default(ctx: click.Context) -> None:
 
 
 @models.command("list")
+@click.option("--name", default=None, help="One model (default: all).")
 @click.pass_context
-def list_models(ctx: click.Context) -> None:
-    """Models and versions in the store."""
-    store = open_store(_config(ctx.parent).store_root())  # type: ignore[arg-type]
-    for name in store.models():
-        for mv in store.versions(name):
-            click.echo(f"{name}\t{mv.version}\t{mv.metadata.get('created_at', '')}\t{json.dumps(mv.metadata.get('source', {}))}")
+def list_models(ctx: click.Context, name: str | None) -> None:
+    """Models and versions in the store, with lineage and eval metrics."""
+    store = open_store(_config(_root(ctx)).store_root())
+    click.echo(f"{'MODEL':<28} {'VER':<5} {'CREATED':<20} {'SOURCE':<10} {'BASE':<8} {'EVAL LOSS':<17} RUN")
+    for model in [name] if name else store.models():
+        for mv in store.versions(model):
+            meta = mv.metadata
+            base = meta.get("lineage", {}).get("base", {})
+            ev = meta.get("eval", {})
+            loss = f"{ev['eval_loss_before']:.3f}->{ev['eval_loss']:.3f}" if "eval_loss" in ev and "eval_loss_before" in ev else "-"
+            click.echo(
+                f"{model:<28} {mv.version:<5} {meta.get('created_at', '')[:19]:<20} {meta.get('source', {}).get('kind', '-'):<10} "
+                f"{base.get('version', '-'):<8} {loss:<17} {meta.get('lineage', {}).get('run', {}).get('name') or '-'}"
+            )
+
+
+@models.command("show")
+@click.argument("name")
+@click.argument("version", default="latest")
+@click.pass_context
+def show_model(ctx: click.Context, name: str, version: str) -> None:
+    """One version's metadata: lineage (base, dataset hash, run, config) and eval metrics."""
+    try:
+        mv = open_store(_config(_root(ctx)).store_root()).resolve(name, version)
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({"path": str(mv.path), **mv.metadata}, indent=2, default=str))
+
+
+def _connect(config) -> None:
+    """Join the running Ray cluster (RAY_ADDRESS or the local one), with a clear error when there is none."""
+    import os
+
+    import ray
+
+    from cluster.local import LOCAL_ENV
+
+    if ray.is_initialized():
+        return
+    os.environ.update({k: v for k, v in LOCAL_ENV.items() if k not in os.environ})
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=config.billing.namespace, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError) as exc:
+        raise click.ClickException(f"No running Ray cluster to reach ({exc}). Start one with `maas serve`, or set RAY_ADDRESS.") from exc
+
+
+def _traffic_line(plan) -> str:
+    weights = ", ".join(f"{v} {w}%" for v, w in plan.weights().items())
+    standby = f"; rollback target {plan.previous} (kept running)" if plan.previous else ""
+    return f"{plan.model}: {weights}{standby}  [revision {plan.revision}, {plan.action} by {plan.updated_by or '-'}]"
+
+
+def _change(ctx: click.Context, op, *args) -> None:
+    from cluster.traffic import TrafficError
+
+    config = _config(_root(ctx))
+    if ctx.params["model"] != config.model.name:
+        raise click.ClickException(f"This configuration serves {config.model.name}, not {ctx.params['model']} (pass --config).")
+    _connect(config)
+    try:
+        plan = op(config, *args, who=f"cli:{__import__('getpass').getuser()}")
+    except TrafficError as exc:
+        raise click.ClickException(exc.message) from exc
+    except Exception as exc:
+        from deployments.core.errors import as_maas_error
+
+        err = as_maas_error(exc)
+        raise click.ClickException(err.message if err else str(exc)) from exc
+    click.echo(_traffic_line(plan))
+
+
+@models.command("traffic")
+@click.pass_context
+def traffic(ctx: click.Context) -> None:
+    """The live traffic plan of the served model: versions and their share of requests."""
+    from cluster.versions import traffic_file
+
+    plan = traffic_file(_config(_root(ctx))).load()
+    click.echo(_traffic_line(plan) if plan else "No traffic plan yet: the model has not been deployed.")
+
+
+@models.command("canary")
+@click.argument("model")
+@click.argument("version")
+@click.option("--weight", type=click.IntRange(1, 100), default=10, show_default=True, help="Percent of requests sent to VERSION.")
+@click.pass_context
+def models_canary(ctx: click.Context, model: str, version: str, weight: int) -> None:
+    """Deploy VERSION of MODEL beside the stable one and send it --weight percent of requests."""
+    from cluster.versions import do_canary
+
+    with _progress(f"Deploying {model} {version} and shifting {weight}% of traffic"):
+        _change(ctx, do_canary, version, weight)
+
+
+@models.command("promote")
+@click.argument("model")
+@click.argument("version", required=False)
+@click.pass_context
+def models_promote(ctx: click.Context, model: str, version: str | None) -> None:
+    """Make VERSION (default: the canary) take all traffic; the old stable stays up for a rollback."""
+    from cluster.versions import do_promote
+
+    with _progress(f"Promoting {model} {version or '(canary)'}"):
+        _change(ctx, do_promote, version)
+
+
+@models.command("rollback")
+@click.argument("model")
+@click.pass_context
+def models_rollback(ctx: click.Context, model: str) -> None:
+    """Stop the canary, or return to the version before the last promote."""
+    from cluster.versions import do_rollback
+
+    with _progress(f"Rolling back {model}"):
+        _change(ctx, do_rollback)
+
+
+class _progress:
+    """A one-line spinner-free progress note for long steps (elapsed time on completion)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __enter__(self):
+        import time
+
+        self.t0 = time.monotonic()
+        click.echo(f"{self.text} ...", err=True)
+
+    def __exit__(self, exc_type, *_):
+        import time
+
+        if exc_type is None:
+            click.echo(f"  done in {time.monotonic() - self.t0:.1f}s", err=True)
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--address", default=None, help="Ray dashboard URL of a running cluster (e.g. http://127.0.0.1:8265): submit as a Ray job. Default: run here.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a training config field, e.g. --set optim.max_steps=10.")
+@click.option("--no-wait", is_flag=True, help="With --address: print the job id and return.")
+def train(config_file: str, address: str | None, sets: tuple[str, ...], no_wait: bool) -> None:
+    """Fine-tune with Ray Train (a shortcut for `ray job submit ... -- python -m training.finetune`)."""
+    import shlex
+
+    entry = ["python", "-m", "training.finetune", "--config", config_file, *[a for kv in sets for a in ("--set", kv)]]
+    if address is None:
+        from training.finetune import main as finetune
+
+        raise SystemExit(finetune(entry[3:]))
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from cluster.serve_config import REPO_ROOT
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(
+        entrypoint=" ".join(shlex.quote(a) for a in entry),
+        runtime_env={"working_dir": str(REPO_ROOT), "excludes": [".venv", ".git", "bench/out"], "env_vars": {k: v for k, v in __import__("os").environ.items() if k.startswith("MAAS_")}},
+    )
+    click.echo(f"Submitted {job_id}: follow it with `ray job logs -f {job_id} --address {address}` or in the dashboard.")
+    if no_wait:
+        return
+    import asyncio
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            click.echo(lines, nl=False)
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    click.echo(f"Job {job_id}: {status}")
+    if status != JobStatus.SUCCEEDED:
+        raise SystemExit(1)
 
 
 @main.command("serve-config")
 @click.option("--working-dir", default=None, help="Ship the code with the app: a remote URI (zip) or local:// path present on every node.")
 @click.pass_context
 def serve_config(ctx: click.Context, working_dir: str | None) -> None:
-    """Print a Serve config file for `serve deploy` built from the maas config."""
+    """Print a Serve config file for `serve deploy`: the front app and one app per version the traffic plan serves."""
     from cluster.serve_config import serve_config_for
+    from cluster.versions import plan_from_config, traffic_file
 
     config = _config(ctx)
-    sys.stdout.write(yaml.safe_dump(serve_config_for(config, ctx.obj, working_dir), sort_keys=False))
+    try:
+        latest = open_store(config.store_root()).resolve(config.model.name).version
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from exc
+    plan = plan_from_config(config, traffic_file(config).load(), latest, "serve-config", 0.0)
+    sys.stdout.write(yaml.safe_dump(serve_config_for(config, ctx.obj, working_dir, plan.deployed()), sort_keys=False))
 
 
 # ---- billing: keys, usage, invoices (through the billing actor of a running cluster) -------------

@@ -22,9 +22,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class CanaryConfig(_Strict):
+    version: str = Field(description="Store version that gets a share of the traffic.")
+    weight: int = Field(ge=1, le=100, description="Percent of requests sent to it.")
+
+
 class ModelConfig(_Strict):
     name: str = Field("SmolLM2-135M-Instruct", description="Public model id clients send in `model`; also the model's folder name in the store.")
-    version: str = Field("latest", description="Store version to serve, or `latest` for the newest one.")
+    version: str = Field(
+        "latest",
+        description="Stable store version to serve. `latest` pins the newest version at the first deploy and then keeps the live "
+        "traffic plan (`maas models canary/promote/rollback`); a concrete version replaces the live plan's stable version.",
+    )
+    canary: CanaryConfig | None = Field(None, description="Optionally a second version with a share of the traffic (replaces the live plan's canary).")
+    traffic_poll_s: float = Field(0.5, gt=0, description="How often each ingress replica checks the live traffic plan for changes.")
+    drain_timeout_s: float = Field(300, gt=0, description="How long a retired version's replicas may keep serving the requests they started.")
 
 
 class ModelStoreConfig(_Strict):
@@ -111,12 +123,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(__file__).resolve().parent.parent / path
     data = yaml.safe_load(path.read_text()) or {}
     if overrides:
-        data = _deep_merge(data, overrides)
+        data = deep_merge(data, overrides)
     return MaasConfig.model_validate(data).with_env_overrides()
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out

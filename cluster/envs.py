@@ -33,6 +33,8 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "MAAS_LEDGER_URL": lambda: os.environ.get("MAAS_LEDGER_URL") or None,
     # API key the `maas` CLI and tests use against the HTTP API (never logged).
     "MAAS_API_KEY": lambda: os.environ.get("MAAS_API_KEY") or None,
+    # Where fine-tuning runs write checkpoints; overrides `checkpoint.storage_path` in training configs.
+    "MAAS_TRAIN_STORAGE": lambda: os.environ.get("MAAS_TRAIN_STORAGE") or None,
     # Log level for ray-maas loggers.
     "MAAS_LOG_LEVEL": lambda: os.environ.get("MAAS_LOG_LEVEL", "INFO").upper(),
 }

@@ -60,10 +60,10 @@ def deploy(config: MaasConfig, blocking_timeout_s: float = 600) -> str:
     """Start Serve's HTTP proxy on the configured host/port, run the app, wait until it answers; returns the API base URL."""
     from ray import serve
 
-    from deployments.app import build_app
+    from cluster.versions import deploy_all
 
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
-    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+    deploy_all(config, who="maas serve", timeout_s=blocking_timeout_s)
     base = f"http://{config.http.host}:{config.http.port}"
     wait_healthy(base, blocking_timeout_s)
     return f"{base}/v1"

@@ -95,13 +95,18 @@ class LocalModelStore:
                 return mv
         raise ModelNotFoundError(f"Model {name!r} has no version {version!r}.", param="model")
 
-    def publish(self, name: str, source_dir: Path, metadata: dict[str, Any]) -> ModelVersion:
-        """Copy an HF folder in as the next version, atomically; returns the new version."""
+    def publish(self, name: str, source_dir: Path, metadata: dict[str, Any], ignore: tuple[str, ...] = ()) -> ModelVersion:
+        """Copy an HF folder in as the next version, atomically; returns the new version.
+
+        The copy is written to a hidden staging folder and renamed into place only when
+        complete, so readers never see a partial version; a writer that dies leaves only
+        a `.staging-*` folder, which `versions()` ignores and `clean_staging()` removes.
+        """
         model_dir = self._model_dir(name)
         model_dir.mkdir(parents=True, exist_ok=True)
         staging = model_dir / f".staging-{uuid.uuid4().hex}"
-        shutil.copytree(source_dir, staging)
         try:
+            shutil.copytree(source_dir, staging, ignore=shutil.ignore_patterns(*ignore) if ignore else None)
             weights = {p.name: sha256_file(p) for p in sorted(staging.glob("*.safetensors"))}
             while True:
                 existing = [int(m.group(1)) for p in model_dir.iterdir() if (m := _VERSION_RE.match(p.name))]
@@ -125,6 +130,18 @@ class LocalModelStore:
             raise
         logger.info("Published %s/%s", name, version)
         return self.resolve(name, version)
+
+    def clean_staging(self, name: str, older_than_s: float = 3600) -> list[Path]:
+        """Remove staging folders that crashed writers left behind (older than `older_than_s`)."""
+        import time
+
+        model_dir = self._model_dir(name)
+        removed = []
+        for entry in model_dir.glob(".staging-*") if model_dir.is_dir() else []:
+            if time.time() - entry.stat().st_mtime > older_than_s:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        return removed
 
 
 def open_store(uri: str | Path) -> LocalModelStore:

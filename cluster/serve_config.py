@@ -4,6 +4,7 @@ Pure functions (no Ray import), so both start paths build the same app and unit 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -13,29 +14,30 @@ from cluster.local import LOCAL_ENV
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def serve_config_for(config: MaasConfig, config_path: Path | None = None, working_dir: str | None = None) -> dict[str, Any]:
-    """A Serve config whose single application is `deployments.app:app_builder` over the given maas config file.
+def serve_config_for(config: MaasConfig, config_path: Path | None = None, working_dir: str | None = None, versions: list[str] | None = None) -> dict[str, Any]:
+    """A Serve config over the given maas config file: the front application (`deployments.app:app_builder`)
+    and one application per served model version (`deployments.app:version_app_builder`).
 
-    Nodes import the installed project (the cluster set-up installs it); pass `working_dir` as a remote
-    URI (e.g. a zip on object storage) or `local://` path to ship the code with the app instead.
+    `versions` are the ones the live traffic plan needs (`TrafficPlan.deployed()`). Nodes import the
+    installed project (the cluster set-up installs it); pass `working_dir` as a remote URI (e.g. a zip on
+    object storage) or `local://` path to ship the code with the app instead.
     """
     rel = Path(config_path).resolve().relative_to(REPO_ROOT) if config_path else Path("cluster/configs/default.yaml")
     runtime_env: dict[str, Any] = {"env_vars": {k: LOCAL_ENV[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "VLLM_NO_USAGE_STATS", "RAY_SERVE_THROUGHPUT_OPTIMIZED")}}
     if working_dir:
         runtime_env["working_dir"] = working_dir
-    return {
-        "proxy_location": "EveryNode",
-        "http_options": {"host": config.http.host, "port": config.http.port},
-        "applications": [
-            {
-                "name": config.app_name,
-                "route_prefix": config.route_prefix,
-                "import_path": "deployments.app:app_builder",
-                "runtime_env": runtime_env,
-                "args": {"config": str(rel)},
-            }
-        ],
-    }
+    version_apps = [
+        {
+            "name": f"{config.app_name}--{config.model.name}--{v}",  # deployments.app.version_app_name
+            "route_prefix": None,
+            "import_path": "deployments.app:version_app_builder",
+            "runtime_env": copy.deepcopy(runtime_env),
+            "args": {"config": str(rel), "version": v},
+        }
+        for v in versions or []
+    ]
+    front = {"name": config.app_name, "route_prefix": config.route_prefix, "import_path": "deployments.app:app_builder", "runtime_env": copy.deepcopy(runtime_env), "args": {"config": str(rel)}}
+    return {"proxy_location": "EveryNode", "http_options": {"host": config.http.host, "port": config.http.port}, "applications": [*version_apps, front]}
 
 
 def deployment_options(stage: DeploymentConfig, *, gpus: float = 0.0) -> dict[str, Any]:

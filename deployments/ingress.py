@@ -1,5 +1,8 @@
 """Serve deployment of the OpenAI-compatible ingress: FastAPI routes over `OpenAIService`, wired to the other stages' handles.
 
+Each request goes to a model version picked by the live traffic plan
+(`cluster.traffic.TrafficFollower`, re-read every `model.traffic_poll_s`); the
+version's postprocessor → generator live in their own Serve application.
 With billing on, each replica holds a `BillingClient` connected to the named
 billing actor: keys are checked locally, quota is leased, usage is batched.
 """
@@ -14,12 +17,11 @@ from typing import AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from billing.catalog import BillingConfig
 from deployments._handles import cancelling_stream
 from deployments.core.types import GenerationRequest, TokenizedPrompt
 from deployments.openai.accounts import AccountsService
 from deployments.openai.routes import build_app
-from deployments.openai.service import OpenAIService
+from deployments.openai.service import Backend, OpenAIService
 
 logger = logging.getLogger(__name__)
 
@@ -50,58 +52,88 @@ class _PostprocessorClient:
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    def __init__(self, tokenizer: DeploymentHandle, postprocessor: DeploymentHandle, generator: DeploymentHandle, model_name: str, model_version: str, billing: dict):
-        self._engine_ready = False
-        config = BillingConfig.model_validate(billing)
+    def __init__(self, tokenizer: DeploymentHandle, config: dict):
+        from cluster.config import MaasConfig
+        from cluster.traffic import TrafficFile, TrafficFollower
+
+        self._config = cfg = MaasConfig.model_validate(config)
+        self._engine_ready: set[str] = set()
+        billing = cfg.billing
         self._billing = self._accounts = None
-        price = on_reject = None
-        if config.enabled:
+        on_reject = None
+        if billing.enabled:
             from billing import actor
             from billing.client import BillingClient
             from billing.metrics import RayIngressMetrics
 
-            handle = actor.get_or_create(config)
-            handle.configure.remote(config.model_dump(mode="json"), "deploy")
+            handle = actor.get_or_create(billing)
+            handle.configure.remote(billing.model_dump(mode="json"), "deploy")
             holder = serve.get_replica_context().replica_id.unique_id
-            self._billing = BillingClient(config, actor.ActorTransport(handle), holder)
+            self._billing = BillingClient(billing, actor.ActorTransport(handle), holder)
             self._metrics = RayIngressMetrics()
             on_reject = self._metrics.rejected
-            price = config.price_book.price_for(model_name, model_version)
 
             async def call(method: str, *args):
                 return await handle.call.remote(method, *args)
 
-            self._accounts = AccountsService(call, config.price_book.currency, time.time)
+            self._accounts = AccountsService(call, billing.price_book.currency, time.time)
             asyncio.get_running_loop().create_task(self._billing.start(timeout_s=600))
+        self._traffic = TrafficFollower(TrafficFile(cfg.store_root(), cfg.app_name, cfg.model.name), self._backend)
         self._service = OpenAIService(
-            model_name,
+            cfg.model.name,
             _TokenizerClient(tokenizer),
-            _PostprocessorClient(postprocessor),
+            None,  # type: ignore[arg-type]
             is_ready=self._ready,
             billing=self._billing,
-            price=price,
-            model_version=model_version,
             on_reject=on_reject or (lambda tenant, reason: None),
+            backends=self._traffic,
         )
-        self._watch = asyncio.get_running_loop().create_task(self._wait_for_engine(generator))
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._follow_traffic())]
+
+    def _backend(self, version: str) -> Backend:
+        from deployments.app import version_app_name
+
+        app = version_app_name(self._config.app_name, self._config.model.name, version)
+        price = self._config.billing.price_book.price_for(self._config.model.name, version) if self._config.billing.enabled else None
+        asyncio.get_running_loop().create_task(self._wait_for_engine(version, serve.get_deployment_handle("Generator", app_name=app)))
+        logger.info("traffic: version %s served by application %s", version, app)
+        return Backend(version, _PostprocessorClient(serve.get_deployment_handle("Postprocessor", app_name=app)), price)
+
+    async def _follow_traffic(self) -> None:
+        while True:
+            try:
+                if self._traffic.refresh():
+                    logger.info("traffic plan revision %d (%s): %s", self._traffic.plan.revision, self._traffic.plan.action, self._traffic.plan.weights())
+            except Exception:  # a plan being replaced or a store hiccup: keep the current plan
+                logger.exception("could not read the traffic plan")
+            await asyncio.sleep(self._config.model.traffic_poll_s)
 
     def _ready(self) -> bool:
-        return self._engine_ready and (self._billing is None or self._billing.synced)
+        plan = self._traffic.plan
+        return plan is not None and plan.stable in self._engine_ready and (self._billing is None or self._billing.synced)
 
-    async def _wait_for_engine(self, generator: DeploymentHandle) -> None:
-        """Answer 503 until a generator replica reports its engine loaded (once; Serve routes around later restarts)."""
-        while not self._engine_ready:
+    async def _wait_for_engine(self, version: str, generator: DeploymentHandle) -> None:
+        """Answer 503 until the stable version's generator reports its engine loaded (once; Serve routes around later restarts)."""
+        while version not in self._engine_ready:
             try:
-                self._engine_ready = await generator.ready.remote()
-            except Exception as exc:  # generator not deployed yet, or restarting
-                logger.debug("generator not ready: %s", exc)
-            if not self._engine_ready:
-                await asyncio.sleep(1.0)
-        logger.info("generator ready; accepting requests")
+                if await generator.ready.remote():
+                    self._engine_ready.add(version)
+                    logger.info("generator of %s ready", version)
+                    return
+            except Exception as exc:  # not deployed yet, or restarting
+                logger.debug("generator of %s not ready: %s", version, exc)
+            await asyncio.sleep(1.0)
+
+    async def traffic(self) -> dict | None:
+        """The plan this replica follows (for operators and the CLI)."""
+        return self._traffic.plan.to_json() if self._traffic.plan else None
 
     def __serve_build_asgi_app__(self):
         return build_app(self._service, self._accounts)
 
     async def __del__(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         if self._billing is not None:
             await self._billing.close()

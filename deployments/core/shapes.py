@@ -17,12 +17,18 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+def fingerprint(req: GenerationRequest) -> str | None:
+    """`system_fingerprint`: which model version produced the response (e.g. `SmolLM2-135M-Instruct@v2`)."""
+    return f"{req.model}@{req.model_version}" if req.model_version else None
+
+
 def _chunk(req: GenerationRequest, choices: list[dict[str, Any]]) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": req.response_id,
         "object": "chat.completion.chunk" if req.kind == "chat" else "text_completion",
         "created": req.created,
         "model": req.model,
+        "system_fingerprint": fingerprint(req),
         "choices": choices,
     }
     if req.include_usage:
@@ -68,4 +74,4 @@ def full_response(req: GenerationRequest, choices: Sequence["ChoiceState"], usag
     else:
         body = [{"index": c.index, "text": "".join(c.text), "logprobs": None, "finish_reason": c.finish_reason} for c in choices]
         obj = "text_completion"
-    return {"id": req.response_id, "object": obj, "created": req.created, "model": req.model, "choices": body, "usage": usage.to_dict()}
+    return {"id": req.response_id, "object": obj, "created": req.created, "model": req.model, "system_fingerprint": fingerprint(req), "choices": body, "usage": usage.to_dict()}

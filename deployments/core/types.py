@@ -48,6 +48,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     stream: bool = False
     include_usage: bool = False
+    model_version: str = ""  # the store version serving it; responses name it in `system_fingerprint`
 
     @property
     def response_id(self) -> str:

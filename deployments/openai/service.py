@@ -10,9 +10,10 @@ failed mid-way, with the completion count left to the engine's own report.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, NamedTuple, Protocol
 
 from deployments.core.errors import EngineNotReadyError, MaasError, ModelNotFoundError, NotFoundError, as_maas_error
 from deployments.core.types import GenerationRequest, TokenizedPrompt
@@ -31,6 +32,30 @@ class PostprocessorClient(Protocol):
     def stream(self, req: GenerationRequest) -> SSEStream: ...
 
     async def complete(self, req: GenerationRequest) -> dict: ...
+
+
+class Backend(NamedTuple):
+    """One model version's generation path, and what its tokens cost."""
+
+    version: str
+    postprocessor: PostprocessorClient
+    price: Any = None
+
+
+class BackendPicker(Protocol):
+    """Chooses the version that serves the next request (traffic split); the Serve wrapper's follows the live plan."""
+
+    def pick(self) -> Backend: ...
+
+
+class StaticPicker:
+    """Every request to one backend."""
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+
+    def pick(self) -> Backend:
+        return self._backend
 
 
 class BillingGate(Protocol):
@@ -59,16 +84,15 @@ class OpenAIService:
         price: Any = None,
         model_version: str = "",
         on_reject: Callable[[str, str], None] = lambda tenant, reason: None,
+        backends: BackendPicker | None = None,
     ):
         self.model_name = model_name
-        self.model_version = model_version
         self._tokenizer = tokenizer
-        self._post = postprocessor
+        self._backends = backends or StaticPicker(Backend(model_version, postprocessor, price))  # type: ignore[arg-type]
         self._is_ready = is_ready
         self._new_request_id = new_request_id
         self._created = int(time.time())
         self.billing = billing
-        self._price = price
         self._on_reject = on_reject
 
     async def authenticate(self, authorization: str | None) -> Any:
@@ -131,16 +155,21 @@ class OpenAIService:
         )
 
     async def _run(self, req: GenerationRequest, principal: Any = None) -> dict | SSEStream:
-        meter = await self._meter(req, principal)
+        # The version is chosen once, after tokenizing (versions of a model share its tokenizer), and the
+        # whole request, stream included, stays on it; billing attributes the tokens to it.
+        backend = self._backends.pick()
+        req = dataclasses.replace(req, model_version=backend.version)
+        meter = await self._meter(req, principal, backend)
+        post = backend.postprocessor
         if not req.stream:
             try:
-                result = await self._post.complete(req)
+                result = await post.complete(req)
             except BaseException as exc:
                 meter.failed(exc)
                 raise
             meter.done(result["usage"]["completion_tokens"])
             return result
-        stream = self._post.stream(req)
+        stream = post.stream(req)
         try:
             # Wait for the first piece so that errors before any token still get a proper HTTP status.
             first = await stream.__anext__()
@@ -150,12 +179,12 @@ class OpenAIService:
             raise
         return _metered(first, stream, meter)
 
-    async def _meter(self, req: GenerationRequest, principal: Any) -> "_Meter":
+    async def _meter(self, req: GenerationRequest, principal: Any, backend: Backend) -> "_Meter":
         if self.billing is None or principal is None:
             return _Meter(None, None, 0)
         try:
             ticket = await self.billing.admit(
-                principal, req.request_id, self.model_name, self.model_version, req.kind, self._price, len(req.prompt_token_ids), req.max_tokens, req.n
+                principal, req.request_id, self.model_name, backend.version, req.kind, backend.price, len(req.prompt_token_ids), req.max_tokens, req.n
             )
         except MaasError as exc:
             self._on_reject(principal.tenant, exc.error_type if exc.status_code == 429 else (exc.code or "error"))

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from cluster import local
-from cluster.config import MaasConfig, _deep_merge, load_config
+from cluster.config import MaasConfig, deep_merge, load_config
 from cluster.model_store import ensure_default_model, open_store
 
 
@@ -36,7 +36,7 @@ def config_overrides() -> dict:
 @pytest.fixture(scope="module")
 def maas_config(ledger_url, config_overrides) -> MaasConfig:
     overrides = {"http": {"host": "127.0.0.1", "port": free_port()}, "billing": {"ledger_url": ledger_url}}
-    config = load_config(overrides=_deep_merge(overrides, config_overrides))
+    config = load_config(overrides=deep_merge(overrides, config_overrides))
     ensure_default_model(open_store(config.store_root()), config.model.name)
     return config
 
@@ -86,10 +86,14 @@ def hf_tokenizer(maas_config: MaasConfig):
 
 
 @pytest.fixture(scope="module")
-def generator_handle(base_url):
+def generator_handle(base_url, maas_config):
     from ray import serve
 
-    handle = serve.get_deployment_handle("Generator", app_name="maas")
+    from cluster.versions import traffic_file
+    from deployments.app import version_app_name
+
+    stable = traffic_file(maas_config).load().stable
+    handle = serve.get_deployment_handle("Generator", app_name=version_app_name(maas_config.app_name, maas_config.model.name, stable))
     # Serve's throughput mode routes on the caller's event loop; this synchronous test driver has none,
     # so this one handle keeps its router on Serve's own loop thread.
     handle._init(_run_router_in_separate_loop=True)

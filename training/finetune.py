@@ -1,0 +1,197 @@
+"""Run a fine-tuning job: `python -m training.finetune --config training/configs/pirate.yaml`.
+
+Works the same as a local run or as a Ray job (`ray job submit --working-dir . -- python -m training.finetune ...`):
+it connects to the cluster it finds (RAY_ADDRESS, or a new local one), reads and encodes
+the dataset with Ray Data, runs a Ray Train `TorchTrainer`, and publishes the final
+checkpoint as a new version in the model store with its lineage and eval metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster import envs
+from cluster.model_store import ModelVersion, open_store
+from training.config import TrainConfig, load_train_config
+from training.data import encode_chat, file_sha256, is_eval, read_chats
+from training.loop import OPTIMIZER_FILE, STATE_FILE, train_loop_per_worker
+
+logger = logging.getLogger("maas.train")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_name: str
+    storage_path: str
+    checkpoint_path: str
+    metrics: dict[str, Any]
+    version: str | None  # the model version published, when registering
+
+
+class _Encoder:
+    """Ray Data map_batches callable: one tokenizer per actor, rows of messages -> input ids, labels, split."""
+
+    def __init__(self, tokenizer_path: str, max_seq_len: int, eval_fraction: float, seed: int):
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(tokenizer_path)
+        self._max, self._frac, self._seed = max_seq_len, eval_fraction, seed
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "split": []}
+        for raw in batch["messages"]:
+            messages = [{"role": m["role"], "content": m["content"]} for m in raw]
+            enc = encode_chat(self._tok, messages, self._max)
+            if enc is not None:
+                out["input_ids"].append(enc.input_ids)
+                out["labels"].append(enc.labels)
+                out["split"].append("eval" if is_eval(messages, self._frac, self._seed) else "train")
+        return out
+
+
+def build_datasets(cfg: TrainConfig, tokenizer_path: str) -> dict[str, Any]:
+    """Read the JSONL with Ray Data, encode it once (materialized), and split it into train and eval."""
+    import ray.data
+
+    small = {"num_cpus": 0.1}  # Ray Train workers hold most CPUs of a small node
+    ray.data.DataContext.get_current().enable_progress_bars = False  # job logs show the training steps instead
+    ds = ray.data.read_json(str(cfg.data_path()), ray_remote_args=small).map_batches(
+        _Encoder, fn_constructor_args=(tokenizer_path, cfg.data.max_seq_len, cfg.data.eval_fraction, cfg.optim.seed), batch_size=64, concurrency=1, **small
+    ).materialize()
+    train = ds.filter(lambda r: r["split"] == "train", **small).drop_columns(["split"]).materialize()
+    evals = ds.filter(lambda r: r["split"] == "eval", **small).drop_columns(["split"]).materialize()
+    return {"train": train, "eval": evals}
+
+
+def storage_path(cfg: TrainConfig) -> str:
+    raw = envs.MAAS_TRAIN_STORAGE or cfg.checkpoint.storage_path
+    return raw if "://" in raw else str(Path(raw).expanduser().resolve())
+
+
+def store_root(cfg: TrainConfig) -> Path:
+    if cfg.model_store:
+        return Path(cfg.model_store).expanduser()
+    from cluster.config import load_config
+
+    return load_config().store_root()
+
+
+def run(cfg: TrainConfig) -> RunResult:
+    """Train and (by default) register; Ray must be initialised (or is started locally)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    store = open_store(store_root(cfg))
+    base = store.resolve(cfg.base.name, cfg.base.version)
+    data_path = cfg.data_path()
+    chats = read_chats(data_path)  # fail fast, naming the bad line, before any worker starts
+    run_name = cfg.run_name or f"{cfg.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    logger.info("fine-tuning %s/%s on %s (%d examples) as run %s", base.name, base.version, data_path, len(chats), run_name)
+    if not ray.is_initialized():
+        from cluster.local import LOCAL_ENV
+
+        # Inside `ray job submit` RAY_ADDRESS names the cluster; otherwise join a running one or start one (loopback only).
+        os.environ.update({k: v for k, v in LOCAL_ENV.items() if k not in os.environ})
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
+    datasets = build_datasets(cfg, str(base.path))
+    logger.info("dataset encoded: %d train / %d eval examples", datasets["train"].count(), datasets["eval"].count())
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.model_dump(mode="json"), "base_path": str(base.path)},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={**resources, **({"GPU": 1} if cfg.scaling.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path(cfg),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {run_name} finished without a checkpoint")
+    metrics = dict(result.metrics or {})
+    version = None
+    if cfg.output.publish:
+        version = register(cfg, store, base, result.checkpoint.path, run_name, file_sha256(data_path), len(chats), metrics).version
+    return RunResult(run_name, storage_path(cfg), result.checkpoint.path, metrics, version)
+
+
+def register(cfg: TrainConfig, store: Any, base: ModelVersion, checkpoint_path: str, run_name: str, dataset_sha256: str, examples: int, metrics: dict) -> ModelVersion:
+    """Publish the final checkpoint's HF folder as the next version (atomically: staged, then renamed)."""
+    metadata = {
+        "source": {"kind": "finetune", "run": run_name, "checkpoint": checkpoint_path},
+        "lineage": {
+            "base": {"name": base.name, "version": base.version},
+            "dataset": {"path": cfg.data.path, "sha256": dataset_sha256, "examples": examples},
+            "run": {"name": run_name, "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")},
+            "config": cfg.model_dump(mode="json"),
+        },
+        "eval": {k: metrics[k] for k in ("eval_loss", "perplexity", "eval_loss_before", "perplexity_before", "eval_tokens") if k in metrics},
+        "train": {k: metrics[k] for k in ("step", "loss", "tokens_per_s") if k in metrics},
+    }
+    local = _local_dir(checkpoint_path)
+    mv = store.publish(cfg.output_name, local, metadata, ignore=(OPTIMIZER_FILE, STATE_FILE))
+    logger.info("registered %s/%s (held-out loss %s -> %s)", mv.name, mv.version, metadata["eval"].get("eval_loss_before"), metadata["eval"].get("eval_loss"))
+    return mv
+
+
+def _local_dir(path: str) -> Path:
+    if "://" in path:  # a cloud URI: download once
+        import tempfile
+
+        import ray.train
+
+        return Path(ray.train.Checkpoint(path).to_directory(tempfile.mkdtemp(prefix="maas-publish-")))
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.finetune", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="Training config YAML (see training/configs/).")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a field, e.g. --set optim.max_steps=10 (YAML value).")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=envs.MAAS_LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        cfg = load_train_config(args.config, _overrides(args.set))
+    except Exception as exc:
+        logger.error("invalid training config %s: %s", args.config, exc)
+        return 2
+    try:
+        result = run(cfg)
+    except Exception as exc:
+        logger.error("fine-tuning failed: %s", exc, exc_info=not isinstance(exc, ValueError))
+        return 1
+    logger.info("result %s", json.dumps(asdict(result), default=str))
+    return 0
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
