@@ -134,7 +134,7 @@ def register(cfg: TrainConfig, store: Any, base: ModelVersion, checkpoint_path: 
         "lineage": {
             "base": {"name": base.name, "version": base.version},
             "dataset": {"path": cfg.data.path, "sha256": dataset_sha256, "examples": examples},
-            "run": {"name": run_name, "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")},
+            "run": {"name": run_name, **_job_ids()},
             "config": cfg.model_dump(mode="json"),
         },
         "eval": {k: metrics[k] for k in ("eval_loss", "perplexity", "eval_loss_before", "perplexity_before", "eval_tokens") if k in metrics},
@@ -144,6 +144,14 @@ def register(cfg: TrainConfig, store: Any, base: ModelVersion, checkpoint_path: 
     mv = store.publish(cfg.output_name, local, metadata, ignore=(OPTIMIZER_FILE, STATE_FILE))
     logger.info("registered %s/%s (held-out loss %s -> %s)", mv.name, mv.version, metadata["eval"].get("eval_loss_before"), metadata["eval"].get("eval_loss"))
     return mv
+
+
+def _job_ids() -> dict[str, str | None]:
+    """The Ray job this run belongs to, and its `ray job submit` id when it was submitted."""
+    import ray
+
+    submission = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("metadata", {}).get("job_submission_id")
+    return {"ray_job_id": ray.get_runtime_context().get_job_id() if ray.is_initialized() else None, "submission_id": submission}
 
 
 def _local_dir(path: str) -> Path:

@@ -172,7 +172,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             step += 1
             loss_sum, tokens = _all_sum([loss.item(), float(batch["attention_mask"].sum().item())])
             elapsed = time.perf_counter() - t0
-            metrics = {"step": step, "epoch": epoch, "loss": loss_sum / world, "lr": lr, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "resumed_from_step": start_step}
+            metrics = {"step": step, "epoch": epoch, "world_size": world, "loss": loss_sum / world, "lr": lr, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "resumed_from_step": start_step}
             if rank == 0:
                 logger.info("step %d/%d  loss %.4f  tokens/s %.0f  lr %.2e", step, cfg.optim.max_steps, metrics["loss"], metrics["tokens_per_s"], lr)
                 gauges["loss"].set(metrics["loss"], tags)
