@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install model serve test unit bench clean
+.PHONY: install model serve test unit bench bench-training clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,9 @@ unit: install
 
 bench: model
 	$(PY) -m bench.serving
+
+bench-training: model
+	$(PY) -m bench.training
 
 clean:
 	rm -rf $(VENV) bench/out

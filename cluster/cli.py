@@ -313,22 +313,12 @@ def serve_config(ctx: click.Context, working_dir: str | None) -> None:
 
 def _billing(ctx: click.Context):
     """The config and the billing actor's handle, connecting to the running Ray cluster if needed."""
-    import os
-
-    import ray
-
     from billing import actor
-    from cluster.local import LOCAL_ENV
 
     config = _config(ctx)
     if not config.billing.enabled:
         raise click.ClickException("Billing is disabled in this configuration (billing.enabled: false).")
-    if not ray.is_initialized():
-        os.environ.update({k: v for k, v in LOCAL_ENV.items() if k not in os.environ})
-        try:
-            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=config.billing.namespace, logging_level=logging.WARNING, log_to_driver=False)
-        except (ConnectionError, RuntimeError) as exc:
-            raise click.ClickException(f"No running Ray cluster to reach ({exc}). Start one with `maas serve`, or set RAY_ADDRESS.") from exc
+    _connect(config)
     return config, actor.get_or_create(config.billing)
 
 

@@ -131,6 +131,14 @@ class LocalModelStore:
         logger.info("Published %s/%s", name, version)
         return self.resolve(name, version)
 
+    def link_version(self, mv: ModelVersion) -> ModelVersion:
+        """Make another store's version available here under the same name and version (a symlink, no copy)."""
+        target = self._model_dir(mv.name) / mv.version
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(mv.path, target_is_directory=True)
+        return self.resolve(mv.name, mv.version)
+
     def clean_staging(self, name: str, older_than_s: float = 3600) -> list[Path]:
         """Remove staging folders that crashed writers left behind (older than `older_than_s`)."""
         import time

@@ -156,6 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:06d}{'_final' if final else ''}")
 
     step, epoch = start_step, 0
+    timed_tokens, timed_s = 0.0, 0.0  # steady state: every step after this attempt's first
     metrics: dict = {"step": step, "resumed_from_step": start_step}
     model.train()
     while step < cfg.optim.max_steps:
@@ -172,7 +173,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             step += 1
             loss_sum, tokens = _all_sum([loss.item(), float(batch["attention_mask"].sum().item())])
             elapsed = time.perf_counter() - t0
-            metrics = {"step": step, "epoch": epoch, "world_size": world, "loss": loss_sum / world, "lr": lr, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "resumed_from_step": start_step}
+            if step > start_step + 1:
+                timed_tokens, timed_s = timed_tokens + tokens, timed_s + elapsed
+            metrics = {"step": step, "epoch": epoch, "world_size": world, "loss": loss_sum / world, "lr": lr, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "tokens_per_s_mean": timed_tokens / timed_s if timed_s else tokens / elapsed, "resumed_from_step": start_step}
             if rank == 0:
                 logger.info("step %d/%d  loss %.4f  tokens/s %.0f  lr %.2e", step, cfg.optim.max_steps, metrics["loss"], metrics["tokens_per_s"], lr)
                 gauges["loss"].set(metrics["loss"], tags)

@@ -151,7 +151,8 @@ class VLLMGenerator:
             seed=req.seed,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            stop_token_ids=list(req.stop_token_ids),
+            # The model's end-of-turn ids stop generation unless the client asked to ignore EOS (as vLLM's server does).
+            stop_token_ids=[] if req.ignore_eos else list(req.stop_token_ids),
             ignore_eos=req.ignore_eos,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,

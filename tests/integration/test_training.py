@@ -34,8 +34,7 @@ def linked_store(tmp_path_factory) -> Path:
     config = load_config()
     default = ensure_default_model(open_store(config.store_root()), config.model.name)
     root = tmp_path_factory.mktemp("store")
-    (root / default.name).mkdir()
-    (root / default.name / default.version).symlink_to(default.path)
+    open_store(root).link_version(default)
     return root
 
 
