@@ -297,15 +297,14 @@ def train(config_file: str, address: str | None, sets: tuple[str, ...], no_wait:
 def serve_config(ctx: click.Context, working_dir: str | None) -> None:
     """Print a Serve config file for `serve deploy`: the front app and one app per version the traffic plan serves."""
     from cluster.serve_config import serve_config_for
-    from cluster.versions import plan_from_config, traffic_file
+    from cluster.versions import planned_versions
 
     config = _config(ctx)
     try:
-        latest = open_store(config.store_root()).resolve(config.model.name).version
+        versions = planned_versions(config)
     except Exception as exc:
         raise click.ClickException(str(exc)) from exc
-    plan = plan_from_config(config, traffic_file(config).load(), latest, "serve-config", 0.0)
-    sys.stdout.write(yaml.safe_dump(serve_config_for(config, ctx.obj, working_dir, plan.deployed()), sort_keys=False))
+    sys.stdout.write(yaml.safe_dump(serve_config_for(config, ctx.obj, working_dir, versions), sort_keys=False))
 
 
 # ---- billing: keys, usage, invoices (through the billing actor of a running cluster) -------------
