@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -176,7 +178,7 @@ def _change(ctx: click.Context, op, *args) -> None:
         raise click.ClickException(f"This configuration serves {config.model.name}, not {ctx.params['model']} (pass --config).")
     _connect(config)
     try:
-        plan = op(config, *args, who=f"cli:{__import__('getpass').getuser()}")
+        plan = op(config, *args, who=f"cli:{getpass.getuser()}")
     except TrafficError as exc:
         raise click.ClickException(exc.message) from exc
     except Exception as exc:
@@ -273,7 +275,7 @@ def train(config_file: str, address: str | None, sets: tuple[str, ...], no_wait:
     client = JobSubmissionClient(address)
     job_id = client.submit_job(
         entrypoint=" ".join(shlex.quote(a) for a in entry),
-        runtime_env={"working_dir": str(REPO_ROOT), "excludes": [".venv", ".git", "bench/out"], "env_vars": {k: v for k, v in __import__("os").environ.items() if k.startswith("MAAS_")}},
+        runtime_env={"working_dir": str(REPO_ROOT), "excludes": [".venv", ".git", "bench/out"], "env_vars": {k: v for k, v in os.environ.items() if k.startswith("MAAS_")}},
     )
     click.echo(f"Submitted {job_id}: follow it with `ray job logs -f {job_id} --address {address}` or in the dashboard.")
     if no_wait:

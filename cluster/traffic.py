@@ -195,7 +195,7 @@ class TrafficFollower:
             return False
         plan = self._file.load()
         self._stamp = stamp
-        if plan is None or (self.plan is not None and plan.revision == self.plan.revision and plan == self.plan):
+        if plan is None or plan == self.plan:
             return False
         self._adopt(plan)
         return True

@@ -50,16 +50,18 @@ def plan_from_config(config: MaasConfig, existing: TrafficPlan | None, latest: s
     return plan
 
 
+def _latest(config: MaasConfig) -> str:
+    return open_store(config.store_root()).resolve(config.model.name, "latest").version
+
+
 def planned_versions(config: MaasConfig) -> list[str]:
     """The versions a deploy of `config` would serve (the live plan, or the config's), without writing anything."""
-    latest = open_store(config.store_root()).resolve(config.model.name, "latest").version
-    return plan_from_config(config, traffic_file(config).load(), latest, "plan", 0.0).deployed()
+    return plan_from_config(config, traffic_file(config).load(), _latest(config), "plan", 0.0).deployed()
 
 
 def ensure_plan(config: MaasConfig, who: str = "deploy") -> TrafficPlan:
     """Create or update the live plan from the config (see `plan_from_config`); every version in it must exist."""
-    store = open_store(config.store_root())
-    latest = store.resolve(config.model.name, "latest").version
+    latest = _latest(config)
 
     def change(current: TrafficPlan | None) -> TrafficPlan:
         plan = plan_from_config(config, current, latest, who, time.time())
