@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 
 class BillingActor:
     def __init__(self, config: dict):
-        logging.basicConfig(level=logging.INFO)
+        from cluster.logs import setup_logging
+
+        setup_logging("billing")
         cfg = BillingConfig.model_validate(config)
         self._core = BillingCore(cfg, Ledger(cfg.resolved_ledger_url()), RayBillingMetrics())
 

@@ -137,6 +137,8 @@ class BillingCore:
             return
         fresh, completed = self.ledger.record(events)
         done = {e.request_id: c for e, c in completed}
+        if fresh or completed:
+            logger.info("ledger batch", extra={"events": len(fresh), "request_ids": [e.request_id for e in fresh] + [e.request_id for e, _ in completed]})
         # Sum tokens per (tenant, period, model, version, prices) first: exact, and one Decimal and metric update per group.
         groups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
         periods: dict[int, str] = {}

@@ -60,6 +60,11 @@ class EngineConfig(_Strict):
         "ceil(streaming/budget) tokens, so a saturated replica sends about this many messages per engine step. "
         "The first token, the last, and every token at lower load go out at once; there is no timer.",
     )
+    log_stats: bool = Field(
+        True,
+        description="Engine statistics: vLLM's `vllm:*` metrics on Ray's metrics endpoint, its periodic throughput log line, "
+        "and each request's queue wait (`maas_queue_wait_seconds`). Off saves a little work per engine step.",
+    )
     extra_args: dict[str, Any] = Field(default_factory=dict, description="Further vllm AsyncEngineArgs fields passed through as-is.")
 
 

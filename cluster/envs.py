@@ -35,6 +35,8 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "MAAS_API_KEY": lambda: os.environ.get("MAAS_API_KEY") or None,
     # Where fine-tuning runs write checkpoints; overrides `checkpoint.storage_path` in training configs.
     "MAAS_TRAIN_STORAGE": lambda: os.environ.get("MAAS_TRAIN_STORAGE") or None,
+    # Also write the JSON log lines of replicas and the billing actor to stderr (they always go to Ray's log folder).
+    "MAAS_LOG_STDERR": lambda: os.environ.get("MAAS_LOG_STDERR", "0").lower() in ("1", "true", "yes"),
     # Log level for ray-maas loggers.
     "MAAS_LOG_LEVEL": lambda: os.environ.get("MAAS_LOG_LEVEL", "INFO").upper(),
 }

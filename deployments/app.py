@@ -44,7 +44,7 @@ def build_version_app(config: MaasConfig, version: str) -> Application:
         config.billing.price_book.price_for(config.model.name, model.version)  # fail at deploy time, not per request
     drain = {"graceful_shutdown_timeout_s": config.model.drain_timeout_s}
     generator = Generator.options(**deployment_options(stages.generator, gpus=1.0 if config.engine.accelerator == "gpu" else 0.0), **drain).bind(
-        path, config.engine.model_dump(), billing
+        path, config.engine.model_dump(), billing, config.model.name, model.version
     )
     return Postprocessor.options(**deployment_options(stages.postprocessor), **drain).bind(generator, path)
 

@@ -24,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 @serve.deployment
 class Generator:
-    def __init__(self, model_path: str, engine_config: dict, billing: dict | None = None):
+    def __init__(self, model_path: str, engine_config: dict, billing: dict | None = None, model_name: str = "", version: str = ""):
+        from cluster.logs import setup_logging
+        from deployments.observability import RayQueueMetrics
+
+        setup_logging("generator")
         config = EngineConfig.model_validate(engine_config)
         # Fixed before vLLM is imported; the engine's worker process inherits it.
         os.environ.update(engine_env_vars(config, len(os.sched_getaffinity(0))))
@@ -37,7 +41,15 @@ class Generator:
 
             handle = actor.get_or_create(billing_config)
             self._counts = EngineCountReporter(lambda batch: handle.engine_counts.remote(batch), billing_config.flush_interval_s)
-        self._logic = VLLMGenerator(model_path, config, on_unfinished=self._counts.report if self._counts is not None else None)
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger  # vLLM's engine metrics, exported through Ray
+
+        self._logic = VLLMGenerator(
+            model_path,
+            config,
+            on_unfinished=self._counts.report if self._counts is not None else None,
+            on_queue_wait=RayQueueMetrics(model_name or os.path.basename(model_path), version).observe,
+            stat_loggers=[RayPrometheusStatLogger],
+        )
         self._logic.start()
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenDelta]]:

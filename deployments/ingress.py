@@ -30,11 +30,11 @@ class _TokenizerClient:
     def __init__(self, handle: DeploymentHandle):
         self._h = handle
 
-    async def prepare_chat(self, messages: list[dict[str, str]], max_tokens: int | None) -> TokenizedPrompt:
-        return await self._h.prepare_chat.remote(messages, max_tokens)
+    async def prepare_chat(self, messages: list[dict[str, str]], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt:
+        return await self._h.prepare_chat.remote(messages, max_tokens, request_id)
 
-    async def prepare_completion(self, prompt: str | list[int], max_tokens: int | None) -> TokenizedPrompt:
-        return await self._h.prepare_completion.remote(prompt, max_tokens)
+    async def prepare_completion(self, prompt: str | list[int], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt:
+        return await self._h.prepare_completion.remote(prompt, max_tokens, request_id)
 
 
 class _PostprocessorClient:
@@ -55,7 +55,10 @@ class Ingress:
     def __init__(self, tokenizer: DeploymentHandle, config: dict):
         from cluster.config import MaasConfig
         from cluster.traffic import TrafficFile, TrafficFollower
+        from cluster.logs import setup_logging
+        from deployments.observability import RayRequestMetrics
 
+        setup_logging("ingress")
         self._config = cfg = MaasConfig.model_validate(config)
         self._engine_ready: set[str] = set()
         billing = cfg.billing
@@ -87,6 +90,7 @@ class Ingress:
             billing=self._billing,
             on_reject=on_reject or (lambda tenant, reason: None),
             backends=self._traffic,
+            observer=RayRequestMetrics(),
         )
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._follow_traffic())]

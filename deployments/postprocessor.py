@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import AsyncIterator
 
 from ray import serve
@@ -12,10 +13,15 @@ from deployments.core.postprocess import Postprocessor as PostprocessorLogic
 from deployments.core.tokenizer import load_hf_tokenizer
 from deployments.core.types import GenerationRequest
 
+logger = logging.getLogger(__name__)
+
 
 @serve.deployment
 class Postprocessor:
     def __init__(self, generator: DeploymentHandle, model_path: str):
+        from cluster.logs import setup_logging
+
+        setup_logging("postprocessor")
         backend = load_hf_tokenizer(model_path).backend_tokenizer  # the Rust tokenizer: decode is on the hot path
         self._logic = PostprocessorLogic(lambda ids: backend.decode(ids, skip_special_tokens=True))
         self._generator = generator.options(stream=True)
@@ -25,15 +31,29 @@ class Postprocessor:
 
     async def stream(self, req: GenerationRequest) -> AsyncIterator[tuple[str, dict | None]]:
         tokens = self._tokens(req)
+        usage = None
         try:
             async for item in self._logic.stream(req, tokens):
+                usage = item[1] or usage
                 yield item
         finally:
+            _log_end(req, usage)
             await tokens.aclose()  # type: ignore[attr-defined]
 
     async def complete(self, req: GenerationRequest) -> dict:
         tokens = self._tokens(req)
+        usage = None
         try:
-            return await self._logic.complete(req, tokens)
+            result = await self._logic.complete(req, tokens)
+            usage = result["usage"]
+            return result
         finally:
+            _log_end(req, usage)
             await tokens.aclose()  # type: ignore[attr-defined]
+
+
+def _log_end(req: GenerationRequest, usage: dict | None) -> None:
+    logger.info(
+        "response %s", "finished" if usage else "ended early",
+        extra={"request_id": req.request_id, "version": req.model_version, "stream": req.stream, "completion_tokens": usage["completion_tokens"] if usage else None},
+    )

@@ -66,10 +66,10 @@ class FakeTokenizerClient:
     def __init__(self, max_model_len: int = 256):
         self.logic = PromptTokenizer(ByteTokenizer(), max_model_len)
 
-    async def prepare_chat(self, messages: list[dict[str, str]], max_tokens: int | None) -> TokenizedPrompt:
+    async def prepare_chat(self, messages: list[dict[str, str]], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt:
         return self.logic.prepare_chat(messages, max_tokens)
 
-    async def prepare_completion(self, prompt: str | list[int], max_tokens: int | None) -> TokenizedPrompt:
+    async def prepare_completion(self, prompt: str | list[int], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt:
         return self.logic.prepare_completion(prompt, max_tokens)
 
 

@@ -61,7 +61,7 @@ def engine_args(model_path: str, config: EngineConfig) -> dict[str, Any]:
         "enforce_eager": config.enforce_eager,
         "skip_tokenizer_init": True,
         "seed": config.seed,
-        "disable_log_stats": True,
+        "disable_log_stats": not config.log_stats,
     }
     if config.accelerator == "gpu":
         args["gpu_memory_utilization"] = config.gpu_memory_utilization
@@ -109,12 +109,27 @@ class EngineStats:
     aborted_tokens: dict[str, int]  # request id -> tokens produced before the abort (recent ones)
 
 
+def _queue_wait(stats: Any) -> float | None:
+    """Queue wait from vLLM's per-request timestamps (present when the engine logs stats)."""
+    queued, scheduled = getattr(stats, "queued_ts", 0.0), getattr(stats, "scheduled_ts", 0.0)
+    return scheduled - queued if queued and scheduled and scheduled >= queued else None
+
+
 class VLLMGenerator:
     """Owns one vLLM AsyncLLM; `generate` streams token deltas for a GenerationRequest."""
 
-    def __init__(self, model_path: str, config: EngineConfig, on_unfinished: Callable[[str, int], None] | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        config: EngineConfig,
+        on_unfinished: Callable[[str, int], None] | None = None,
+        on_queue_wait: Callable[[float], None] | None = None,
+        stat_loggers: list[Any] | None = None,
+    ):
         self._model_path = model_path
         self._on_unfinished = on_unfinished  # (request id, tokens the engine produced) for requests that ended early
+        self._on_queue_wait = on_queue_wait  # seconds a request waited before its first scheduling (needs log_stats)
+        self._stat_loggers = stat_loggers  # vLLM StatLoggerFactory list (the Serve wrapper's exports to Ray)
         self._config = config
         self._engine: Any = None
         self._startup_s: float | None = None
@@ -131,7 +146,9 @@ class VLLMGenerator:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         t0 = time.monotonic()
-        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(self._model_path, self._config)))
+        self._engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**engine_args(self._model_path, self._config)), stat_loggers=self._stat_loggers if self._config.log_stats else None
+        )
         self._startup_s = time.monotonic() - t0
         logger.info("vLLM engine for %s ready in %.1fs", self._model_path, self._startup_s)
 
@@ -176,9 +193,11 @@ class VLLMGenerator:
         pending = req.n
         produced = 0  # the engine's own count of completion tokens, all choices
         finished = False
+        stats = None
         buffer = Coalescer(self._config.stream_messages_per_step, lambda: self._streaming)
         try:
             async for out in self._engine.generate(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id):
+                stats = out.metrics or stats
                 for o in out.outputs:
                     produced += len(o.token_ids)
                     buffer.add(o.index, o.token_ids, o.finish_reason)
@@ -188,6 +207,10 @@ class VLLMGenerator:
                     yield deltas
             self._finished += 1
             finished = True
+            queue_s = _queue_wait(stats)
+            if queue_s is not None and self._on_queue_wait is not None:
+                self._on_queue_wait(queue_s)
+            logger.info("engine request finished", extra={"request_id": req.request_id, "completion_tokens": produced, "queue_s": queue_s, "version": req.model_version})
         except (asyncio.CancelledError, GeneratorExit):
             # vLLM's generate() aborts the engine request on cancellation; record it for observers.
             if pending > 0:
@@ -197,7 +220,7 @@ class VLLMGenerator:
                 if len(self._aborted_tokens) > 2 * (self._aborted.maxlen or 256):
                     keep = set(self._aborted)
                     self._aborted_tokens = {k: v for k, v in self._aborted_tokens.items() if k in keep}
-                logger.info("request %s aborted by its consumer after %d tokens", req.request_id, produced)
+                logger.info("engine request aborted by its consumer", extra={"request_id": req.request_id, "completion_tokens": produced, "version": req.model_version})
             raise
         finally:
             self._streaming -= 1

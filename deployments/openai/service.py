@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, NamedTuple, Protocol
 
 from deployments.core.errors import EngineNotReadyError, MaasError, ModelNotFoundError, NotFoundError, as_maas_error
@@ -21,11 +23,42 @@ from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 
 SSEStream = AsyncIterator[tuple[str, "dict | None"]]
 
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """How one request ended, as the ingress saw it: what metrics and the request log line are made of.
+
+    `status` is `ok`, `aborted` (the client went away) or the error's code/type. `ttft_s` is the time from
+    arrival to the first streamed piece (the whole response when not streaming); `itl_s` is the mean gap
+    between completion tokens after the first (None with fewer than two).
+    """
+
+    request_id: str
+    model: str
+    version: str
+    tenant: str
+    kind: str
+    stream: bool
+    status: str
+    prompt_tokens: int
+    completion_tokens: int | None
+    ttft_s: float | None
+    itl_s: float | None
+    duration_s: float
+
+
+class RequestObserver(Protocol):
+    """Receives every request's record once (the Serve wrapper's turns them into Ray metrics)."""
+
+    def finished(self, record: RequestRecord) -> None: ...
+
 
 class TokenizerClient(Protocol):
-    async def prepare_chat(self, messages: list[dict[str, str]], max_tokens: int | None) -> TokenizedPrompt: ...
+    async def prepare_chat(self, messages: list[dict[str, str]], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt: ...
 
-    async def prepare_completion(self, prompt: str | list[int], max_tokens: int | None) -> TokenizedPrompt: ...
+    async def prepare_completion(self, prompt: str | list[int], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt: ...
 
 
 class PostprocessorClient(Protocol):
@@ -85,6 +118,7 @@ class OpenAIService:
         model_version: str = "",
         on_reject: Callable[[str, str], None] = lambda tenant, reason: None,
         backends: BackendPicker | None = None,
+        observer: RequestObserver | None = None,
     ):
         self.model_name = model_name
         self._tokenizer = tokenizer
@@ -94,6 +128,7 @@ class OpenAIService:
         self._created = int(time.time())
         self.billing = billing
         self._on_reject = on_reject
+        self._observer = observer
 
     async def authenticate(self, authorization: str | None) -> Any:
         """The caller's key record (None when billing is off), or a 401."""
@@ -117,15 +152,28 @@ class OpenAIService:
         return self._is_ready()
 
     async def chat(self, body: ChatCompletionRequest, principal: Any = None) -> dict | SSEStream:
-        self._check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = await self._tokenizer.prepare_chat(messages, body.token_limit)
-        return await self._run(self._request("chat", body, prompt), principal)
+        return await self._handle("chat", body, principal, lambda rid: self._tokenizer.prepare_chat(messages, body.token_limit, request_id=rid))
 
     async def completion(self, body: CompletionRequest, principal: Any = None) -> dict | SSEStream:
-        self._check_model(body.model)
-        prompt = await self._tokenizer.prepare_completion(body.prompt, body.token_limit)  # type: ignore[arg-type]
-        return await self._run(self._request("completion", body, prompt), principal)
+        return await self._handle("completion", body, principal, lambda rid: self._tokenizer.prepare_completion(body.prompt, body.token_limit, request_id=rid))  # type: ignore[arg-type]
+
+    async def _handle(self, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, prepare: Callable[[str], Any]) -> dict | SSEStream:
+        t0 = time.monotonic()
+        request_id = self._new_request_id()
+        try:
+            self._check_model(body.model)
+            prompt = await prepare(request_id)
+            req = self._request(request_id, kind, body, prompt)
+        except BaseException as exc:
+            # Refused before reaching a model version (bad input, unknown model, context too long).
+            _Meter(None, None, 0, self._observer, self._record_base(request_id, kind, body, principal, "", 0), t0).failed(exc)
+            raise
+        return await self._run(req, principal, t0)
+
+    def _record_base(self, request_id: str, kind: str, body: Any, principal: Any, version: str, prompt_tokens: int) -> dict:
+        tenant = getattr(principal, "tenant", "") or ""
+        return {"request_id": request_id, "model": self.model_name, "version": version, "tenant": tenant, "kind": kind, "stream": bool(body.stream), "prompt_tokens": prompt_tokens}
 
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -133,9 +181,9 @@ class OpenAIService:
         if not self._is_ready():
             raise EngineNotReadyError()
 
-    def _request(self, kind: str, body: ChatCompletionRequest | CompletionRequest, prompt: TokenizedPrompt) -> GenerationRequest:
+    def _request(self, request_id: str, kind: str, body: ChatCompletionRequest | CompletionRequest, prompt: TokenizedPrompt) -> GenerationRequest:
         return GenerationRequest(
-            request_id=self._new_request_id(),
+            request_id=request_id,
             model=self.model_name,
             kind=kind,  # type: ignore[arg-type]
             prompt_token_ids=prompt.prompt_token_ids,
@@ -154,12 +202,18 @@ class OpenAIService:
             include_usage=body.include_usage,
         )
 
-    async def _run(self, req: GenerationRequest, principal: Any = None) -> dict | SSEStream:
+    async def _run(self, req: GenerationRequest, principal: Any, t0: float) -> dict | SSEStream:
         # The version is chosen once, after tokenizing (versions of a model share its tokenizer), and the
         # whole request, stream included, stays on it; billing attributes the tokens to it.
         backend = self._backends.pick()
         req = dataclasses.replace(req, model_version=backend.version)
-        meter = await self._meter(req, principal, backend)
+        base = self._record_base(req.request_id, req.kind, req, principal, backend.version, len(req.prompt_token_ids))
+        try:
+            ticket = await self._admit(req, principal, backend)
+        except BaseException as exc:
+            _Meter(None, None, 0, self._observer, base, t0).failed(exc)
+            raise
+        meter = _Meter(self.billing if ticket is not None else None, ticket, len(req.prompt_token_ids), self._observer, base, t0)
         post = backend.postprocessor
         if not req.stream:
             try:
@@ -167,6 +221,7 @@ class OpenAIService:
             except BaseException as exc:
                 meter.failed(exc)
                 raise
+            meter.first_piece()
             meter.done(result["usage"]["completion_tokens"])
             return result
         stream = post.stream(req)
@@ -177,44 +232,65 @@ class OpenAIService:
             meter.failed(exc)
             await stream.aclose()  # type: ignore[attr-defined]
             raise
+        meter.first_piece()
         return _metered(first, stream, meter)
 
-    async def _meter(self, req: GenerationRequest, principal: Any, backend: Backend) -> "_Meter":
+    async def _admit(self, req: GenerationRequest, principal: Any, backend: Backend) -> Any:
+        """The billing ticket (None when billing is off), or a 429 / quota error."""
         if self.billing is None or principal is None:
-            return _Meter(None, None, 0)
+            return None
         try:
-            ticket = await self.billing.admit(
+            return await self.billing.admit(
                 principal, req.request_id, self.model_name, backend.version, req.kind, backend.price, len(req.prompt_token_ids), req.max_tokens, req.n
             )
         except MaasError as exc:
             self._on_reject(principal.tenant, exc.error_type if exc.status_code == 429 else (exc.code or "error"))
             raise
-        return _Meter(self.billing, ticket, len(req.prompt_token_ids))
 
 
 class _Meter:
-    """Settles one admitted request exactly once."""
+    """Ends one request exactly once: settles its billing ticket, reports its record, writes its log line."""
 
-    def __init__(self, billing: BillingGate | None, ticket: Any, prompt_tokens: int):
+    def __init__(self, billing: BillingGate | None, ticket: Any, prompt_tokens: int, observer: RequestObserver | None, base: dict, t0: float):
         self._billing, self._ticket, self._prompt = billing, ticket, prompt_tokens
+        self._observer, self._base, self._t0 = observer, base, t0
+        self._first: float | None = None
+        self._ended = False
 
-    def _settle(self, completion_tokens: int | None, status: str) -> None:
+    def first_piece(self) -> None:
+        if self._first is None:
+            self._first = time.monotonic()
+
+    def _end(self, completion_tokens: int | None, status: str) -> None:
         if self._billing is not None and self._ticket is not None:
             self._billing.settle(self._ticket, self._prompt, completion_tokens, status)
             self._ticket = None
+        if self._ended:
+            return
+        self._ended = True
+        now = time.monotonic()
+        ttft = self._first - self._t0 if self._first is not None else None
+        itl = (now - self._first) / (completion_tokens - 1) if self._first is not None and completion_tokens and completion_tokens > 1 and self._base["stream"] else None
+        record = RequestRecord(**self._base, status=status, completion_tokens=completion_tokens, ttft_s=ttft, itl_s=itl, duration_s=now - self._t0)
+        logger.info(
+            "request %s", status,
+            extra={k: getattr(record, k) for k in ("request_id", "tenant", "model", "version", "kind", "stream", "status", "prompt_tokens", "completion_tokens", "ttft_s", "duration_s")},
+        )
+        if self._observer is not None:
+            self._observer.finished(record)
 
     def done(self, completion_tokens: int) -> None:
-        self._settle(completion_tokens, "ok")
+        self._end(completion_tokens, "ok")
 
     def aborted(self) -> None:
-        self._settle(None, "aborted")  # the generator reports what the engine produced
+        self._end(None, "aborted")  # the generator reports what the engine produced
 
     def failed(self, exc: BaseException) -> None:
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
             return self.aborted()
         err = as_maas_error(exc)
         # A client error was raised before any token was generated; otherwise the engine's count follows.
-        self._settle(0 if err is not None and err.status_code < 500 else None, "error")
+        self._end(0 if err is not None and err.status_code < 500 else None, (err.code or err.error_type) if err is not None else "internal_error")
 
 
 async def _metered(first: tuple[str, dict | None], rest: SSEStream, meter: _Meter) -> SSEStream:

@@ -1,0 +1,96 @@
+"""Structured logs (JSON lines, request id, no key material) and the ingress's request records, without Ray."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from fastapi.testclient import TestClient
+
+from billing.keys import new_key
+from cluster import logs
+from deployments.openai.routes import build_app
+from deployments.openai.service import OpenAIService, RequestRecord
+from tests.fakes import FakePostprocessorClient, FakeTokenizerClient, ScriptedEngine
+
+MODEL = "test-model"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.records: list[RequestRecord] = []
+
+    def finished(self, record: RequestRecord) -> None:
+        self.records.append(record)
+
+
+def test_redact_keeps_the_key_id_and_drops_every_secret():
+    key, record = new_key("acme", "tenant", 1)
+    line = logs.redact(f"auth failed for {key}; header was Authorization: Bearer {key} and 'bearer abc.def'")
+    assert key not in line and key.split("-")[-1] not in line
+    assert f"{record.key_id}-***" in line and "Bearer ***" in line and "bearer ***" in line
+    assert logs.redact("nothing to see") == "nothing to see"
+
+
+@pytest.fixture
+def restore_loggers():
+    yield
+    for name in logs.PROJECT_LOGGERS:  # leave the process's logging as other tests expect it
+        lg = logging.getLogger(name)
+        for h in [h for h in lg.handlers if getattr(h, "_maas", False)]:
+            lg.removeHandler(h)
+            h.close()
+        lg.propagate = True
+        lg.setLevel(logging.NOTSET)
+
+
+def test_json_lines_carry_the_request_id_and_fields(tmp_path, restore_loggers):
+    path = logs.configure("unit", tmp_path, "INFO")
+    log = logging.getLogger("deployments.test")
+    key, _ = new_key("acme", "tenant", 2)
+    log.info("explicit", extra={"request_id": "r1", "prompt_tokens": 7, "tenant": "acme"})
+    with logs.request_scope("r2"):
+        log.warning("scoped %s", key)
+    log.info("none")
+    for h in logging.getLogger("deployments").handlers:
+        h.flush()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["msg"] for x in lines][-3:][0] == "explicit"
+    first, second, third = lines[-3:]
+    assert first["request_id"] == "r1" and first["prompt_tokens"] == 7 and first["tenant"] == "acme" and first["stage"] == "unit"
+    assert second["request_id"] == "r2" and second["level"] == "WARNING" and key not in json.dumps(second)
+    assert "request_id" not in third
+    assert path.name.startswith("unit-") and path.parent.name == "maas"
+    logs.configure("unit", tmp_path, "INFO")  # idempotent: still one file handler per logger
+    assert sum(1 for h in logging.getLogger("billing").handlers if getattr(h, "_maas", False)) == 1
+
+
+def _client(recorder: Recorder, engine: ScriptedEngine | None = None) -> TestClient:
+    service = OpenAIService(MODEL, FakeTokenizerClient(max_model_len=128), FakePostprocessorClient(engine or ScriptedEngine()), model_version="v3", observer=recorder)
+    return TestClient(build_app(service), raise_server_exceptions=False)
+
+
+def test_every_request_ends_in_exactly_one_record():
+    rec = Recorder()
+    client = _client(rec)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    whole = client.post("/v1/chat/completions", json={**body, "max_tokens": 5}).json()
+    client.post("/v1/chat/completions", json={**body, "stream": True, "max_tokens": 50})
+    client.post("/v1/chat/completions", json={**body, "model": "nope"})
+    client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 500})  # past the context window
+    ok, streamed, unknown, too_long = rec.records
+    assert ok.status == "ok" and ok.version == "v3" and ok.completion_tokens == whole["usage"]["completion_tokens"] == 5
+    assert ok.request_id in whole["id"] and ok.prompt_tokens == whole["usage"]["prompt_tokens"] and ok.itl_s is None
+    assert streamed.status == "ok" and streamed.stream and streamed.ttft_s is not None and streamed.itl_s is not None
+    assert streamed.ttft_s <= streamed.duration_s
+    assert unknown.status == "model_not_found" and unknown.version == ""
+    assert too_long.status == "context_length_exceeded" and too_long.kind == "completion"
+
+
+def test_a_failure_mid_stream_is_recorded_as_an_error():
+    rec = Recorder()
+    client = _client(rec, ScriptedEngine(fail_after=2))
+    client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 50, "stream": True})
+    (record,) = rec.records
+    assert record.status not in ("ok", "aborted") and record.completion_tokens is None
