@@ -309,6 +309,23 @@ def serve_config(ctx: click.Context, working_dir: str | None) -> None:
     sys.stdout.write(yaml.safe_dump(serve_config_for(config, ctx.obj, working_dir, versions), sort_keys=False))
 
 
+@main.command()
+@click.option("--versions", default=None, help="Comma-separated model versions to serve (default: the live plan, or the config's).")
+@click.option("--name", default="ray-maas", show_default=True, help="metadata.name of the RayService.")
+@click.pass_context
+def kuberay(ctx: click.Context, versions: str | None, name: str) -> None:
+    """Print a KubeRay RayService manifest: this config's Serve apps on the node types of cluster.yaml."""
+    from cluster.kuberay import load_launcher, rayservice_for, render
+    from cluster.versions import planned_versions
+
+    config = _config(ctx)
+    try:
+        served = versions.split(",") if versions else planned_versions(config)
+    except Exception as exc:
+        raise click.ClickException(f"{exc} (pass --versions v1,...)") from exc
+    sys.stdout.write(render(rayservice_for(config, ctx.obj, load_launcher(), served, name)))
+
+
 # ---- billing: keys, usage, invoices (through the billing actor of a running cluster) -------------
 
 
