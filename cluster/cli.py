@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -30,6 +31,10 @@ def _setup_logging() -> None:
 @click.pass_context
 def main(ctx: click.Context, config_path: Path | None) -> None:
     """ray-maas: an OpenAI-compatible model service on Ray."""
+    from cluster.local import LOCAL_ENV
+
+    # Before Ray is imported anywhere: loopback-only addressing, offline models, no usage stats.
+    os.environ.update({k: v for k, v in LOCAL_ENV.items() if k not in os.environ})
     _setup_logging()
     ctx.obj = config_path
 
@@ -51,13 +56,7 @@ def serve(ctx: click.Context, port: int | None) -> None:
     config = _config(ctx)
     if port:
         config = config.model_copy(update={"http": config.http.model_copy(update={"port": port})})
-    store = open_store(config.store_root())
-    if config.model.name == DEFAULT_MODEL_NAME:
-        ensure_default_model(store, config.model.name)  # one-time conversion of the packaged GGUF
-    try:
-        model = store.resolve(config.model.name, config.model.version)
-    except Exception as exc:
-        raise click.ClickException(str(exc)) from exc
+    store, model = _resolve_model(config)
     click.echo(f"Model: {model.name} ({model.version}) from {store.root}")
     click.echo("Starting a local Ray cluster and the serving graph (the engine takes about a minute to load)...")
     dashboard = local.start_ray()
@@ -67,22 +66,186 @@ def serve(ctx: click.Context, port: int | None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: background jobs start with it ignored
             signal.signal(sig, lambda *_: stop.set())
         key_line, key = _first_key(config)
-        click.echo(
-            f"\nray-maas is serving {config.model.name} at {base}\n"
-            f"Ray dashboard: {dashboard or 'disabled'}\n{key_line}\n"
-            f"  curl {base}/chat/completions -H \"Authorization: Bearer {key}\" -H 'Content-Type: application/json' \\\n"
-            f"    -d '{{\"model\": \"{config.model.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
-            f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='{key}'); "
-            f"print(c.chat.completions.create(model='{config.model.name}', messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)\"\n\n"
-            "Keys, usage and invoices: `maas keys --help`, `maas usage`, `maas invoice --month YYYY-MM` (in another shell).\n"
-            "Press Ctrl-C to stop."
-        )
+        click.echo(_banner(config, base, dashboard, key_line, key) + "\nPress Ctrl-C to stop.")
         stop.wait()
     except KeyboardInterrupt:
         pass
     finally:
         click.echo("Stopping...")
         local.stop()
+
+
+def _banner(config, base: str, dashboard: str | None, key_line: str, key: str) -> str:
+    return (
+        f"\nray-maas is serving {config.model.name} at {base}\n"
+        f"Ray dashboard: {dashboard or 'disabled'}\n{key_line}\n"
+        f"  curl {base}/chat/completions -H \"Authorization: Bearer {key}\" -H 'Content-Type: application/json' \\\n"
+        f"    -d '{{\"model\": \"{config.model.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
+        f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='{key}'); "
+        f"print(c.chat.completions.create(model='{config.model.name}', messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)\"\n\n"
+        "Keys, usage and invoices: `maas keys --help`, `maas usage`, `maas invoice --month YYYY-MM` (in another shell)."
+    )
+
+
+def _resolve_model(config):
+    store = open_store(config.store_root())
+    if config.model.name == DEFAULT_MODEL_NAME:
+        ensure_default_model(store, config.model.name)  # one-time conversion of the packaged GGUF
+    try:
+        return store, store.resolve(config.model.name, config.model.version)
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="HTTP port (default: config http.port).")
+@click.option("--num-cpus", type=int, default=None, help="CPUs the head offers Ray (default: all).")
+@click.option("--dashboard-port", type=int, default=8265, show_default=True)
+@click.option("--metrics-port", type=int, default=8080, show_default=True, help="Ray's Prometheus metrics endpoint.")
+@click.pass_context
+def up(ctx: click.Context, port: int | None, num_cpus: int | None, dashboard_port: int, metrics_port: int) -> None:
+    """Start a local Ray head (loopback only), deploy the app, print the URL, dashboard and a first key, and return.
+
+    The cluster keeps running in the background; `maas status` shows it, `maas down` stops it."""
+    import ray
+
+    from cluster import local, up as upmod
+
+    config = _config(ctx)
+    if port:
+        config = config.model_copy(update={"http": config.http.model_copy(update={"port": port})})
+    state = upmod.load_state()
+    if state is not None and upmod.pid_alive(state.pid):
+        raise click.ClickException(f"A cluster started by `maas up` is already running (API {state.api_url}); `maas down` stops it.")
+    for what, p in (("API", config.http.port), ("dashboard", dashboard_port), ("metrics", metrics_port)):
+        if upmod.port_open(f"127.0.0.1:{p}", 0.3):
+            raise click.ClickException(f"Port {p} ({what}) is already in use; pick another with --{'port' if what == 'API' else what + '-port'}.")
+    store, model = _resolve_model(config)
+    click.echo(f"Model: {model.name} ({model.version}) from {store.root}")
+    log_path = envs.MAAS_STATE_DIR / "up-ray.log"
+    try:
+        with _progress("Starting the Ray head on 127.0.0.1"):
+            pid, address = upmod.start_head(num_cpus, dashboard_port, metrics_port, log_path)
+    except upmod.ClusterError as exc:
+        raise click.ClickException(str(exc)) from exc
+    ctx_info = ray.init(address=address, _node_ip_address="127.0.0.1", namespace=config.billing.namespace, logging_level=logging.WARNING, log_to_driver=False)
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
+    dashboard = f"http://{ctx_info.dashboard_url}" if getattr(ctx_info, "dashboard_url", None) else f"http://127.0.0.1:{dashboard_port}"
+    base = f"http://{config.http.host}:{config.http.port}/v1"
+    upmod.save_state(
+        upmod.UpState(pid, address, dashboard, f"http://127.0.0.1:{metrics_port}/metrics", base, session_dir, str(log_path), str(ctx.obj) if ctx.obj else None, time.time())
+    )
+    try:
+        with _progress("Deploying the serving graph (the engine takes about a minute to load)"):
+            local.deploy(config)
+        key_line, key = _first_key(config)
+    except BaseException as exc:
+        click.echo(f"Deploy failed ({exc}); stopping the head.", err=True)
+        ray.shutdown()
+        upmod.stop_head(pid, Path(session_dir).name)
+        upmod.clear_state()
+        raise click.ClickException(f"Deploy failed: {exc}") from exc
+    ray.shutdown()
+    click.echo(_banner(config, base, dashboard, key_line, key))
+    click.echo(f"Metrics: http://127.0.0.1:{metrics_port}/metrics\nStatus: `maas status`; stop everything: `maas down`.")
+
+
+@main.command()
+@click.pass_context
+def down(ctx: click.Context) -> None:
+    """Stop what `maas up` started: Serve (streams drain), then every Ray process of that head."""
+    import ray
+    from ray import serve
+
+    from cluster import up as upmod
+
+    state = upmod.load_state()
+    if state is None:
+        raise click.ClickException(f"Nothing to stop: no cluster started by `maas up` ({upmod.state_path()} is absent).")
+    session = Path(state.session_dir).name
+    if upmod.pid_alive(state.pid) and upmod.port_open(state.gcs_address):
+        with _progress("Shutting Serve down"):
+            try:
+                ray.init(address=state.gcs_address, _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False)
+                serve.shutdown()
+                _stop_billing_actor(_config(ctx))  # its ledger is durable; the node can then drain at once
+            except Exception as exc:  # stop the head anyway
+                click.echo(f"  Serve shutdown failed ({exc}); stopping the head anyway.", err=True)
+            finally:
+                ray.shutdown()
+    with _progress(f"Stopping the Ray head (pid {state.pid})"):
+        killed = upmod.stop_head(state.pid, session)
+    if killed:
+        click.echo(f"  {len(killed)} process(es) did not stop in time and were killed: {killed}", err=True)
+    upmod.clear_state()
+    click.echo("Stopped. No Ray processes of that cluster are left.")
+
+
+@main.command()
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """The running cluster: nodes, every Serve application and deployment with its replicas, and the traffic plan."""
+    import ray
+    from ray import serve
+
+    from cluster import up as upmod
+    from cluster.versions import traffic_file
+
+    config = _config(ctx)
+    _connect(config)
+    state = upmod.load_state()
+    if state is not None and upmod.pid_alive(state.pid):
+        click.echo(f"Cluster: started by `maas up` (pid {state.pid}), GCS {state.gcs_address}\nAPI: {state.api_url}\nDashboard: {state.dashboard_url}\nMetrics: {state.metrics_url}")
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    click.echo(f"\nNodes ({len(nodes)}):")
+    for n in nodes:
+        res = ", ".join(f"{k} {v:g}" for k, v in sorted(n["Resources"].items()) if not k.startswith("node:") and k not in ("memory", "object_store_memory"))
+        click.echo(f"  {n['NodeManagerAddress']:<15} {'head' if n['Resources'].get('node:__internal_head__') else 'worker':<7} {res}")
+    try:
+        st = serve.status()
+    except Exception as exc:
+        raise click.ClickException(f"Serve is not running on this cluster ({exc}); deploy with `maas deploy`.") from exc
+    click.echo("\nApplications:")
+    if not st.applications:
+        click.echo("  none (deploy with `maas deploy`)")
+    for name, app in st.applications.items():
+        click.echo(f"  {name:<40} {_enum(app.status)}{'  ' + app.message.splitlines()[0] if app.message else ''}")
+        for dname, dep in app.deployments.items():
+            replicas = ", ".join(f"{_enum(k)} {v}" for k, v in sorted(dep.replica_states.items())) or "no replicas"
+            click.echo(f"    {dname:<16} {_enum(dep.status):<10} {replicas}")
+    plan = traffic_file(config).load()
+    if plan is not None:
+        click.echo(f"\nTraffic: {_traffic_line(plan)}")
+
+
+def _stop_billing_actor(config) -> None:
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(config.billing.actor_name, namespace=config.billing.namespace), no_restart=True)
+    except ValueError:  # billing off, or never started
+        pass
+
+
+def _enum(value) -> str:
+    return str(getattr(value, "value", value))
+
+
+@main.command()
+@click.pass_context
+def deploy(ctx: click.Context) -> None:
+    """Deploy (or update) this config's applications on the running cluster and wait until the API answers."""
+    from cluster import local
+
+    config = _config(ctx)
+    _resolve_model(config)
+    _connect(config)
+    try:
+        with _progress(f"Deploying {config.model.name} as application `{config.app_name}`"):
+            base = local.deploy(config)
+    except Exception as exc:
+        raise click.ClickException(f"Deploy failed: {exc}") from exc
+    click.echo(f"Serving at {base} (`maas status` shows every deployment).")
 
 
 def _first_key(config) -> tuple[str, str]:
@@ -148,20 +311,22 @@ def show_model(ctx: click.Context, name: str, version: str) -> None:
 
 
 def _connect(config) -> None:
-    """Join the running Ray cluster (RAY_ADDRESS or the local one), with a clear error when there is none."""
-    import os
-
+    """Join the running Ray cluster (RAY_ADDRESS, the one `maas up` started, or the local one), failing fast when there is none."""
     import ray
 
     from cluster.local import LOCAL_ENV
+    from cluster.up import ClusterError, find_cluster
 
     if ray.is_initialized():
         return
     os.environ.update({k: v for k, v in LOCAL_ENV.items() if k not in os.environ})
     try:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=config.billing.namespace, logging_level=logging.WARNING, log_to_driver=False)
+        address = find_cluster()
+        ray.init(address=address, namespace=config.billing.namespace, logging_level=logging.WARNING, log_to_driver=False)
+    except ClusterError as exc:
+        raise click.ClickException(str(exc)) from exc
     except (ConnectionError, RuntimeError) as exc:
-        raise click.ClickException(f"No running Ray cluster to reach ({exc}). Start one with `maas serve`, or set RAY_ADDRESS.") from exc
+        raise click.ClickException(f"Could not join the Ray cluster ({exc}). Start one with `maas up`, or set RAY_ADDRESS.") from exc
 
 
 def _traffic_line(plan) -> str:
@@ -242,14 +407,10 @@ class _progress:
         self.text = text
 
     def __enter__(self):
-        import time
-
         self.t0 = time.monotonic()
         click.echo(f"{self.text} ...", err=True)
 
     def __exit__(self, exc_type, *_):
-        import time
-
         if exc_type is None:
             click.echo(f"  done in {time.monotonic() - self.t0:.1f}s", err=True)
 

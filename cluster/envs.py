@@ -37,6 +37,8 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "MAAS_TRAIN_STORAGE": lambda: os.environ.get("MAAS_TRAIN_STORAGE") or None,
     # Also write the JSON log lines of replicas and the billing actor to stderr (they always go to Ray's log folder).
     "MAAS_LOG_STDERR": lambda: os.environ.get("MAAS_LOG_STDERR", "0").lower() in ("1", "true", "yes"),
+    # Where `maas up` keeps the state of the cluster it started (and that head's log).
+    "MAAS_STATE_DIR": _path("MAAS_STATE_DIR", Path("~/.cache/ray-maas")),
     # Log level for ray-maas loggers.
     "MAAS_LOG_LEVEL": lambda: os.environ.get("MAAS_LOG_LEVEL", "INFO").upper(),
 }

@@ -1,0 +1,180 @@
+"""The operator's path, tried as a new user would: `maas up` → traffic → `maas status` / keys / audit → `maas down`.
+
+One real head started by `maas up` (its own ports, state folder and ledger) serves the module. On it:
+the metrics names reach Ray's endpoint, one request's id appears in the JSON logs of every stage, no
+key secret appears in any log file of the session, and admin actions land in the audit log.
+`maas down` must leave no process of that Ray session behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+MAAS = str(Path(sys.executable).with_name("maas"))
+STAGES = ("ingress", "tokenizer", "generator", "postprocessor", "billing")
+
+
+def _wait_for(predicate, timeout_s: float, interval_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    state = tmp_path_factory.mktemp("maas-state")
+    e = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MAAS_PORT", "MAAS_HOST")}
+    e.update(MAAS_STATE_DIR=str(state), MAAS_LEDGER_URL=f"sqlite:///{state}/ledger.db", HF_HUB_OFFLINE="1")
+    return e
+
+
+def maas(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([MAAS, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def up(env):
+    ports = {"api": free_port(), "dashboard": free_port(), "metrics": free_port()}
+    t0 = time.monotonic()
+    result = maas(env, "up", "--port", str(ports["api"]), "--dashboard-port", str(ports["dashboard"]), "--metrics-port", str(ports["metrics"]), timeout=600)
+    state_file = Path(env["MAAS_STATE_DIR"]) / "up.json"
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        out = result.stdout
+        url = re.search(r"serving \S+ at (http://\S+/v1)", out).group(1)
+        key = re.search(r"shown only now:\n\s+(sk-maas-\S+)", out).group(1)
+        admin = re.search(r"Admin key for /admin/\*:\n\s+(sk-maas-\S+)", out).group(1)
+        assert f"http://127.0.0.1:{ports['dashboard']}" in out and f"127.0.0.1:{ports['metrics']}/metrics" in out
+        yield {"url": url, "key": key, "admin": admin, "ports": ports, "state": json.loads(state_file.read_text()), "up_s": time.monotonic() - t0}
+    finally:
+        if state_file.exists():  # stop what this module started, whatever happened
+            maas(env, "down", timeout=180)
+
+
+def _client(up, key=None):
+    from openai import OpenAI
+
+    return OpenAI(base_url=up["url"], api_key=key or up["key"], max_retries=0, timeout=120)
+
+
+def test_up_prints_a_working_url_and_key(up):
+    reply = _client(up).chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hello!"}], max_tokens=8)
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    assert reply.system_fingerprint == "SmolLM2-135M-Instruct@v1"
+
+
+def test_status_shows_every_deployment_running(up, env):
+    result = maas(env, "status")
+    assert result.returncode == 0, result.stderr
+    for deployment in ("Ingress", "Tokenizer", "Generator", "Postprocessor"):
+        assert re.search(rf"{deployment}\s+HEALTHY\s+RUNNING 1", result.stdout), result.stdout
+    assert "maas--SmolLM2-135M-Instruct--v1" in result.stdout and up["url"] in result.stdout and "v1 100%" in result.stdout
+
+
+def test_one_request_id_is_in_the_logs_of_every_stage(up):
+    stream = _client(up).chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, stream=True)
+    chunks = list(stream)
+    request_id = chunks[0].id.removeprefix("chatcmpl-")
+    logs_dir = Path(up["state"]["session_dir"]) / "logs" / "maas"
+
+    def stages_with_id():
+        found = {}
+        for path in logs_dir.glob("*.jsonl"):
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)  # every line is JSON
+                if rec.get("request_id") == request_id or request_id in rec.get("request_ids", []):
+                    found.setdefault(rec["stage"], rec)
+        return found if set(found) == set(STAGES) else None
+
+    found = _wait_for(stages_with_id, 30)
+    assert found["ingress"]["status"] == "ok" and found["ingress"]["tenant"] == "local" and found["ingress"]["ttft_s"] > 0
+    assert found["tokenizer"]["prompt_tokens"] == found["ingress"]["prompt_tokens"]
+    assert found["generator"]["completion_tokens"] == found["postprocessor"]["completion_tokens"] == found["ingress"]["completion_tokens"]
+
+
+def test_metrics_names_on_rays_endpoint_after_traffic(up):
+    client = _client(up)
+    client.completions.create(model="SmolLM2-135M-Instruct", prompt="Once upon a time", max_tokens=5, stream=False)
+    wanted = [
+        "ray_maas_requests_total", "ray_maas_tokens_total", "ray_maas_time_to_first_token_seconds_bucket",
+        "ray_maas_inter_token_latency_seconds_bucket", "ray_maas_request_duration_seconds_bucket", "ray_maas_queue_wait_seconds_bucket",
+        "ray_maas_billing_ledger_lag_seconds", "ray_maas_billing_tokens_total", "ray_vllm_request_queue_time_seconds_bucket",
+    ]  # fmt: skip
+
+    def scrape():
+        with urllib.request.urlopen(f"http://127.0.0.1:{up['ports']['metrics']}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return text if all(name in text for name in wanted) else None
+
+    text = _wait_for(scrape, 60, 2.0)
+    ok = [line for line in text.splitlines() if line.startswith("ray_maas_requests_total{")]
+    assert any('status="ok"' in line and 'tenant="local"' in line and 'version="v1"' in line for line in ok), ok
+
+
+def test_admin_actions_are_audited(up, env):
+    created = maas(env, "keys", "create", "--tenant", "audited", "--name", "ops test")
+    assert created.returncode == 0, created.stderr
+    key = re.search(r"(sk-maas-\S+)", created.stdout.split("shown only now:")[1]).group(1)
+    key_id = "-".join(key.split("-")[:3])
+    assert maas(env, "keys", "revoke", key_id).returncode == 0
+    audit = maas(env, "audit", "--limit", "20")
+    assert audit.returncode == 0, audit.stderr
+    lines = audit.stdout.splitlines()
+    assert any("key.create" in line and key_id in line and "cli" in line for line in lines), audit.stdout
+    assert any("key.revoke" in line and key_id in line for line in lines), audit.stdout
+    import httpx
+
+    body = httpx.get(up["url"].removesuffix("/v1") + "/admin/audit", headers={"Authorization": f"Bearer {up['admin']}"}, timeout=30).json()
+    assert {("key.create", key_id), ("key.revoke", key_id)} <= {(a["action"], a["target"]) for a in body["data"]}
+
+
+def test_no_key_secret_in_any_log_line(up, env):
+    secrets_ = [k.split("-", 3)[3] for k in (up["key"], up["admin"])]
+    try:  # a wrong key is logged as a rejection, never printed
+        _client(up, "sk-maas-deadbeef-" + "y" * 43).chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    except Exception:
+        pass
+    secrets_.append("y" * 43)
+    session = Path(up["state"]["session_dir"])
+    files = [p for p in session.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".jsonl", ".txt", "")]
+    files.append(Path(up["state"]["log_path"]))
+    assert len(files) > 10
+    for path in files:
+        try:
+            text = path.read_text(errors="ignore")
+        except OSError:
+            continue
+        for secret in secrets_:
+            assert secret not in text, f"key material in {path}"
+
+
+def test_down_leaves_no_ray_process_behind(up, env):
+    import psutil
+
+    session = Path(up["state"]["session_dir"]).name
+    result = maas(env, "down", timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])]
+    assert left == [] and not psutil.pid_exists(up["state"]["pid"])
+    assert "killed" not in result.stderr, result.stderr  # Ray's own shutdown sufficed
+    t0 = time.monotonic()
+    after = maas(env, "status", timeout=60)
+    assert after.returncode != 0 and ("Ray is not running" in after.stderr or "No Ray cluster answers" in after.stderr), after.stderr
+    assert time.monotonic() - t0 < 15  # a clear error at once, not Ray's connection timeout
