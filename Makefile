@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install model serve test unit bench bench-training clean
+.PHONY: install model serve up down status test unit bench bench-training clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,16 @@ model: install
 
 serve: model
 	$(VENV)/bin/maas serve --port $(PORT)
+
+# The same, in the background: `make up` returns once the API answers; `make down` stops exactly that cluster.
+up: model
+	$(VENV)/bin/maas up --port $(PORT)
+
+down:
+	$(VENV)/bin/maas down
+
+status:
+	$(VENV)/bin/maas status
 
 test: model
 	$(PY) -m pytest $(PYTEST_ARGS)
