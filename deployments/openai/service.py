@@ -301,7 +301,10 @@ async def _metered(first: tuple[str, dict | None], rest: SSEStream, meter: _Mete
             usage = item[1] or usage
             yield item
     except BaseException as exc:
-        meter.failed(exc)
+        # Once the final piece (the only one with usage) is out, the response is complete: a client that
+        # closes the connection right after `[DONE]` cancels only the stream's teardown, not the request.
+        if usage is None:
+            meter.failed(exc)
         raise
     finally:
         if usage is not None:

@@ -94,3 +94,26 @@ def test_a_failure_mid_stream_is_recorded_as_an_error():
     client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 50, "stream": True})
     (record,) = rec.records
     assert record.status not in ("ok", "aborted") and record.completion_tokens is None
+
+
+def test_a_client_leaving_right_after_the_last_piece_ends_the_request_ok():
+    """Closing the stream after `[DONE]` but before it is exhausted is not an abort (the engine made every token)."""
+    import asyncio
+
+    from deployments.openai.protocol import ChatCompletionRequest
+
+    rec = Recorder()
+    service = OpenAIService(MODEL, FakeTokenizerClient(max_model_len=128), FakePostprocessorClient(ScriptedEngine()), model_version="v3", observer=rec)
+
+    async def run():
+        body = ChatCompletionRequest.model_validate({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 50})
+        stream = await service.chat(body)
+        async for _text, usage in stream:
+            if usage is not None:
+                break  # the final piece: stop here, as a server does when the client hangs up
+        await stream.aclose()
+        return usage
+
+    usage = asyncio.run(run())
+    (record,) = rec.records
+    assert record.status == "ok" and record.completion_tokens == usage["completion_tokens"] > 0
