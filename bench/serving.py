@@ -86,8 +86,10 @@ def raw_vllm(model_path: Path, model_name: str, port: int) -> tuple[list[str], d
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path), "--served-model-name", model_name,
         "--dtype", eng.dtype, "--max-model-len", str(eng.max_model_len), "--max-num-seqs", str(eng.max_num_seqs),
-        "--seed", str(eng.seed), "--host", "127.0.0.1", "--port", str(port), "--disable-log-stats",
+        "--seed", str(eng.seed), "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
+    if not eng.log_stats:  # engine statistics on or off on both sides alike
+        cmd.append("--disable-log-stats")
     if eng.enforce_eager:
         cmd.append("--enforce-eager")
     env = {**os.environ, **LOCAL_ENV, **engine_env_vars(eng, len(os.sched_getaffinity(0)))}

@@ -137,7 +137,7 @@ def up(ctx: click.Context, port: int | None, num_cpus: int | None, dashboard_por
     )
     try:
         with _progress("Deploying the serving graph (the engine takes about a minute to load)"):
-            local.deploy(config)
+            local.deploy(config, who="maas up")
         key_line, key = _first_key(config)
     except BaseException as exc:
         click.echo(f"Deploy failed ({exc}); stopping the head.", err=True)
@@ -242,7 +242,7 @@ def deploy(ctx: click.Context) -> None:
     _connect(config)
     try:
         with _progress(f"Deploying {config.model.name} as application `{config.app_name}`"):
-            base = local.deploy(config)
+            base = local.deploy(config, who=f"cli:{getpass.getuser()}")
     except Exception as exc:
         raise click.ClickException(f"Deploy failed: {exc}") from exc
     click.echo(f"Serving at {base} (`maas status` shows every deployment).")

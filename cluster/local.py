@@ -56,14 +56,14 @@ def start_ray(num_cpus: int | None = None, include_dashboard: bool = True, dashb
     return f"http://{url}" if url else None
 
 
-def deploy(config: MaasConfig, blocking_timeout_s: float = 600) -> str:
+def deploy(config: MaasConfig, blocking_timeout_s: float = 600, who: str = "maas serve") -> str:
     """Start Serve's HTTP proxy on the configured host/port, run the app, wait until it answers; returns the API base URL."""
     from ray import serve
 
     from cluster.versions import deploy_all
 
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
-    deploy_all(config, who="maas serve", timeout_s=blocking_timeout_s)
+    deploy_all(config, who=who, timeout_s=blocking_timeout_s)
     base = f"http://{config.http.host}:{config.http.port}"
     wait_healthy(base, blocking_timeout_s)
     return f"{base}/v1"

@@ -165,6 +165,13 @@ def test_no_key_secret_in_any_log_line(up, env):
             assert secret not in text, f"key material in {path}"
 
 
+def test_deploy_updates_the_running_cluster(up, env):
+    result = subprocess.run([MAAS, "deploy"], env={**env, "MAAS_PORT": str(up["ports"]["api"])}, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Serving at {up['url']}" in result.stdout and "done in" in result.stderr
+    assert _client(up).models.list().data[0].id == "SmolLM2-135M-Instruct"  # still answering with the same keys
+
+
 def test_down_leaves_no_ray_process_behind(up, env):
     import psutil
 

@@ -327,3 +327,14 @@ def test_invoice_lines_reconcile_to_the_cent(ledger, tmp_path):
 
     assert pd.read_parquet(pq_path)["amount"].tolist() == [Decimal("0.00"), Decimal("3.00")]
     assert build_invoices(ledger.spend("2026-11"), "2026-11", tenant="nobody")[0].total == Decimal("0.00")
+
+
+def test_price_book_and_plan_changes_are_audited(ledger):
+    base = config(free=Plan(), pro=Plan(rpm=5))
+    core = BillingCore(base, ledger, clock=Clock())
+    assert core.configure(base, "deploy") is False  # a redeploy with nothing changed writes nothing
+    changed = base.model_copy(update={"plans": {**base.plans, "pro": Plan(rpm=10)}})
+    assert core.configure(changed, "cli:ops") is True
+    (entry,) = [a for a in ledger.audit_log() if a["action"] == "billing.configure"]
+    assert entry["who"] == "cli:ops" and entry["target"] == "price_book,plans" and '"rpm":10' in entry["detail"]
+    assert core.plan_of("nobody").rpm is None and core.config.plans["pro"].rpm == 10
