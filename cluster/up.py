@@ -6,8 +6,8 @@ drain), stops that head with SIGTERM (Ray's own shutdown of every process it sta
 SIGKILLs whatever of that Ray session is still alive, so nothing is left behind.  Nothing here ever
 touches a Ray cluster it did not start: no `ray stop`.
 
-`find_cluster()` tells the CLI where the running cluster is (RAY_ADDRESS, the state file, or Ray's own
-pointer in /tmp/ray) and checks within a second that its GCS answers, instead of Ray's minute-long
+`find_cluster()` tells the CLI where the running cluster is (RAY_ADDRESS, the state file, or what Ray's
+own discovery finds: a live local GCS, or the last `ray start`'s address) and checks within a second that its GCS answers, instead of Ray's minute-long
 connection timeout on a stale address.
 """
 
@@ -95,12 +95,15 @@ def port_open(address: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
-def _ray_current_cluster() -> str | None:
-    """The address `ray.init(address="auto")` would use (Ray's pointer file), if any."""
+def _local_cluster() -> str:
+    """What `ray.init(address="auto")` would join: a live local GCS process (a `maas serve` or `ray start` cluster),
+    else the last `ray start`'s address in /tmp/ray/ray_current_cluster."""
+    from ray._private.services import get_ray_address_from_environment
+
     try:
-        return Path("/tmp/ray/ray_current_cluster").read_text().strip() or None
-    except OSError:
-        return None
+        return get_ray_address_from_environment("auto", None)
+    except ConnectionError as exc:
+        raise ClusterError("Ray is not running: start a local cluster with `maas up` (or `maas serve`), or set RAY_ADDRESS.") from exc
 
 
 def find_cluster() -> str:
@@ -111,10 +114,8 @@ def find_cluster() -> str:
             return address
     elif (state := load_state()) is not None and pid_alive(state.pid):
         address, source = state.gcs_address, f"the cluster `maas up` started ({state_path()})"
-    elif (current := _ray_current_cluster()) is not None:
-        address, source = current, "Ray's pointer to the last local cluster (/tmp/ray/ray_current_cluster)"
     else:
-        raise ClusterError("Ray is not running: start a local cluster with `maas up` (or `maas serve`), or set RAY_ADDRESS.")
+        address, source = _local_cluster(), "the local Ray cluster Ray's own discovery found"
     if not port_open(address):
         raise ClusterError(f"No Ray cluster answers at {address} (from {source}); it has stopped. Start one with `maas up`, or set RAY_ADDRESS.")
     return address

@@ -217,6 +217,20 @@ def test_budget_cannot_be_overspent(base_url, billing_actor):
     assert spent >= Decimal("0.30") - 3 * worst - Decimal("0.30") * Decimal("0.04")  # and most of it was usable
 
 
+def test_the_cli_in_another_shell_finds_this_cluster(base_url, billing_actor):
+    """`maas keys ...` in a second shell beside `maas serve` (a cluster started by ray.init, not `ray start`)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    create_key(billing_actor, "from-another-shell")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    maas = str(Path(sys.executable).with_name("maas"))
+    result = subprocess.run([maas, "keys", "list", "--tenant", "from-another-shell"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "from-another-shell" in result.stdout
+
+
 def test_billing_metrics_reach_rays_metrics_endpoint(base_url, client):
     _chat(client, max_tokens=2)
 
