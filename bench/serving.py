@@ -108,7 +108,7 @@ def bench_key(env: dict[str, str]) -> str:
         [sys.executable, "-m", "cluster.cli", "--config", str(REPO / "cluster/configs/default.yaml"), "keys", "create", "--tenant", "bench", "--plan", "enterprise"],
         env=env, cwd=REPO, capture_output=True, text=True, check=True, timeout=120,
     )  # fmt: skip
-    return next(word for word in out.stdout.split() if word.startswith("sk-maas-"))
+    return out.stdout.split("shown only now:", 1)[1].split()[0]  # the key itself, not its id earlier in the line
 
 
 def run_vllm_bench(base_url: str, model_name: str, tokenizer: Path, concurrency: int, num_prompts: int, args: argparse.Namespace) -> dict:
