@@ -45,8 +45,9 @@ def bench_ingestion(n: int, batch: int, tmp: Path) -> dict:
     import ray
 
     from billing import actor
-    from billing.catalog import BillingConfig
+    from billing.admin import wait
     from billing.ledger import Ledger
+    from common.config import BillingConfig
 
     events = _events(n)
     batches = [events[i : i + batch] for i in range(0, n, batch)]
@@ -69,25 +70,24 @@ def bench_ingestion(n: int, batch: int, tmp: Path) -> dict:
             ray.get(inflight.pop(0))
     ray.get(inflight)
     through_actor = n / (time.perf_counter() - t0)
-    stored = ray.get(handle.call.remote("status"))["events"]
+    admin = actor.admin_client(handle)
+    stored = wait(admin.status())["events"]
     # Resending everything must add nothing.
     t0 = time.perf_counter()
     ray.get([handle.record.remote(b) for b in batches[:5]])
-    assert ray.get(handle.call.remote("status"))["events"] == stored == n
+    assert wait(admin.status())["events"] == stored == n
     ray.kill(handle, no_restart=True)
     return {"events": n, "batch": batch, "direct_events_per_s": direct, "actor_events_per_s": through_actor, "ratio_actor_vs_direct": through_actor / direct}
 
 
 async def _admission_loop(n: int, config, handle) -> list[float]:
     from billing import actor
-    from billing.catalog import Price
     from billing.client import BillingClient
+    from common.config import Price
 
     client = BillingClient(config, actor.ActorTransport(handle), "bench-holder")
     await client.start()
-    import ray
-
-    key, _ = await handle.call.remote("create_key", "bench-tenant", "pro", "tenant", None, "", "bench")
+    key, _ = await actor.admin_client(handle).create_key("bench-tenant", "pro", "tenant", None, "", "bench")
     await asyncio.sleep(0.3)
     price = Price(prompt_per_1m=Decimal("0.05"), completion_per_1m=Decimal("0.20"))
     header = f"Bearer {key}"
@@ -108,7 +108,7 @@ async def _admission_loop(n: int, config, handle) -> list[float]:
 
 def bench_admission_inprocess(n: int, tmp: Path) -> dict:
     from billing import actor
-    from billing.catalog import BillingConfig, Plan
+    from common.config import BillingConfig, Plan
 
     config = BillingConfig(
         ledger_url=f"sqlite:///{tmp}/adm.db",
@@ -140,12 +140,11 @@ def _http_latencies(base: str, key: str, model: str, n: int) -> list[float]:
 
 
 def bench_admission_http(n: int, tmp: Path) -> dict:
-    import ray
     from ray import serve
 
     from cluster import local
-    from cluster.config import load_config
-    from tests.integration.conftest import free_port
+    from common.config import load_config
+    from common.runtime import free_port
 
     results = {}
     port = free_port()  # one HTTP proxy serves both runs
@@ -155,8 +154,9 @@ def bench_admission_http(n: int, tmp: Path) -> dict:
         key = "none"
         if billing_on:
             from billing import actor
+            from billing.admin import wait
 
-            key, _ = ray.get(actor.get(config.billing).call.remote("create_key", "bench-http", "enterprise", "tenant", None, "", "bench"))
+            key, _ = wait(actor.admin_client(actor.get(config.billing)).create_key("bench-http", "enterprise", "tenant", None, "", "bench"))
             time.sleep(0.5)
         samples = _http_latencies(base, key, config.model.name, n)
         results["on" if billing_on else "off"] = {"p50_ms": _pct(samples, 0.5), "p99_ms": _pct(samples, 0.99), "mean_ms": statistics.fmean(samples)}

@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,14 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from cluster.config import load_config
-from cluster.local import LOCAL_ENV
-from cluster.model_store import ensure_default_model, open_store
-from deployments.core.engine import engine_env_vars
+from common.config import load_config
+from common.model_store import ensure_default_model, open_store
+from common.runtime import LOCAL_ENV, REPO_ROOT, free_port
+from deployments.core.generator import engine_env_vars
 
 logger = logging.getLogger("bench.serving")
-REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "bench" / "out"
+OUT = REPO_ROOT / "bench" / "out"
 METRICS = [
     ("output_throughput", "output tok/s"),
     ("median_ttft_ms", "TTFT p50 ms"),
@@ -40,12 +38,6 @@ METRICS = [
     ("median_itl_ms", "ITL p50 ms"),
     ("median_tpot_ms", "TPOT p50 ms"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
@@ -66,7 +58,7 @@ def _wait(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
 @contextmanager
 def _server(cmd: list[str], env: dict[str, str], ready_url: str, log: Path) -> Iterator[None]:
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)
         try:
             _wait(ready_url, proc)
             yield
@@ -105,8 +97,8 @@ def ours(port: int) -> tuple[list[str], dict[str, str], str]:
 def bench_key(env: dict[str, str]) -> str:
     """An unlimited tenant's key, made with the CLI against the running server's cluster, as an operator would."""
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "--config", str(REPO / "cluster/configs/default.yaml"), "keys", "create", "--tenant", "bench", "--plan", "enterprise"],
-        env=env, cwd=REPO, capture_output=True, text=True, check=True, timeout=120,
+        [sys.executable, "-m", "cluster.cli", "--config", str(REPO_ROOT / "cluster/configs/default.yaml"), "keys", "create", "--tenant", "bench", "--plan", "enterprise"],
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=120,
     )  # fmt: skip
     return out.stdout.split("shown only now:", 1)[1].split()[0]  # the key itself, not its id earlier in the line
 
@@ -149,7 +141,7 @@ def main() -> None:
     results: dict[str, dict[int, list[dict]]] = {t: {c: [] for c in args.concurrency} for t in args.targets}
     for round_no in range(args.rounds):
         for target in args.targets:
-            port = _free_port()
+            port = free_port()
             cmd, env, ready = raw_vllm(model.path, config.model.name, port) if target == "raw" else ours(port)
             logger.info("round %d: starting %s: %s", round_no + 1, target, " ".join(cmd))
             t0 = time.monotonic()

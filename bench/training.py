@@ -25,10 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.runtime import REPO_ROOT
+
 logger = logging.getLogger("bench.training")
-REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "bench" / "out"
-CONFIGS = {"real": REPO / "training/configs/pirate.yaml", "tiny": REPO / "training/configs/tiny.yaml"}
+OUT = REPO_ROOT / "bench" / "out"
+CONFIGS = {"real": REPO_ROOT / "training/configs/pirate.yaml", "tiny": REPO_ROOT / "training/configs/tiny.yaml"}
 
 
 def _cfg(kind: str, steps: int, storage: str):
@@ -41,8 +42,8 @@ def plain_loop(kind: str, steps: int) -> dict:
     """The baseline: one process, every core, the same encoded data and global batch."""
     import torch
 
-    from cluster.config import load_config
-    from cluster.model_store import open_store
+    from common.config import load_config
+    from common.model_store import open_store
     from training.data import collate, encode_chat, is_eval, lr_at, read_chats
     from training.loop import build_model
     from transformers import AutoTokenizer
@@ -98,12 +99,12 @@ def ray_train(kind: str, steps: int) -> dict:
 def job_submit_to_first_step() -> dict:
     """`ray job submit` of the tiny config to a running local head: seconds to the first step and to the end."""
     from cluster import local
-    from tests.integration.conftest import free_port
+    from common.runtime import free_port
 
     port = free_port()
     store = Path(tempfile.mkdtemp(prefix="bench-store-"))
-    from cluster.config import load_config
-    from cluster.model_store import open_store
+    from common.config import load_config
+    from common.model_store import open_store
 
     open_store(store).link_version(open_store(load_config().store_root()).resolve("SmolLM2-135M-Instruct"))
     os.environ.update(MAAS_MODEL_STORE=str(store), MAAS_TRAIN_STORAGE=tempfile.mkdtemp(), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -113,7 +114,7 @@ def job_submit_to_first_step() -> dict:
         proc = subprocess.Popen(
             [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", ".", "--",
              "python", "-m", "training.finetune", "--config", "training/configs/tiny.yaml", "--set", "optim.max_steps=10"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         first = None
         for line in proc.stdout:  # type: ignore[union-attr]

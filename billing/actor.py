@@ -1,55 +1,37 @@
-"""The billing actor: a named, detached Ray actor around `BillingCore`, and how replicas and tools reach it.
+"""The billing actor: a named, detached Ray actor that is a `BillingCore`, and how replicas and tools reach it.
 
 It restarts on failure (`max_restarts=-1`) and rebuilds its aggregates from the
 ledger; callers resend what was not acknowledged.  It is pinned to the head node
-because the embedded SQLite ledger is a file there.
+because the embedded SQLite ledger is a file there.  Replicas talk to it through
+`ActorTransport` (their batched sync); administration and reports through the typed
+`billing.admin.BillingAdmin` that `admin_client` builds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 import ray
 
-from billing.catalog import BillingConfig
+from billing.admin import BillingAdmin
 from billing.ledger import Ledger
 from billing.metrics import RayBillingMetrics
-from billing.records import EngineCount, SyncReply, SyncRequest, UsageEvent
+from billing.records import SyncReply, SyncRequest
 from billing.service import BillingCore
+from common.config import BillingConfig
+from common.logs import setup_logging
 
-logger = logging.getLogger(__name__)
 
+class BillingActor(BillingCore):
+    """Every public method of `BillingCore` is a method of the actor."""
 
-class BillingActor:
-    def __init__(self, config: dict):
-        from cluster.logs import setup_logging
-
+    def __init__(self, config: BillingConfig):
         setup_logging("billing")
-        cfg = BillingConfig.model_validate(config)
-        self._core = BillingCore(cfg, Ledger(cfg.resolved_ledger_url()), RayBillingMetrics())
-
-    def sync(self, req: SyncRequest) -> SyncReply:
-        return self._core.sync(req)
-
-    def record(self, events: list[UsageEvent]) -> int:
-        return self._core.record(events)
-
-    def engine_counts(self, counts: list[EngineCount]) -> int:
-        return self._core.engine_counts(counts)
-
-    def configure(self, config: dict, who: str = "system") -> bool:
-        return self._core.configure(BillingConfig.model_validate(config), who)
+        super().__init__(config, Ledger(config.resolved_ledger_url()), RayBillingMetrics())
 
     def status(self) -> dict:
-        return {**self._core.status(), "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Administration and reports: any public method of `BillingCore` (keys, plans, usage, totals, audit)."""
-        if method.startswith("_") or not hasattr(self._core, method):
-            raise AttributeError(f"BillingCore has no method {method!r}")
-        return getattr(self._core, method)(*args, **kwargs)
+        return {**super().status(), "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
 
 
 def get_or_create(config: BillingConfig) -> Any:
@@ -66,12 +48,21 @@ def get_or_create(config: BillingConfig) -> Any:
             num_cpus=0,
             resources={"node:__internal_head__": 0.001},
         )
-        .remote(config.model_dump(mode="json"))
+        .remote(config)
     )
 
 
 def get(config: BillingConfig) -> Any:
     return ray.get_actor(config.actor_name, namespace=config.namespace)
+
+
+def admin_client(handle: Any, timeout_s: float = 60.0) -> BillingAdmin:
+    """The typed administration client over the actor's handle; each call is bounded by `timeout_s`."""
+
+    async def invoke(method: str, *args: Any) -> Any:
+        return await asyncio.wait_for(asyncio.wrap_future(getattr(handle, method).remote(*args).future()), timeout_s)
+
+    return BillingAdmin(invoke)
 
 
 class ActorTransport:

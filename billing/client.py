@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
 
-from billing.catalog import BillingConfig, Price
 from billing.keys import check_key
 from billing.pricing import Quote, cost, quote
 from billing.quota import ZERO, Ask, Reservation, TenantLease, period_of, refill, reserve, settle, shortfall, window_of
 from billing.records import Claim, EngineCount, KeyRecord, SyncReply, SyncRequest, UsageEvent
-from deployments.core.errors import AuthenticationError, InsufficientQuotaError, PermissionDeniedError, RateLimitError, ServiceUnavailableError
+from common.config import BillingConfig, Price
+from common.errors import AuthenticationError, InsufficientQuotaError, PermissionDeniedError, RateLimitError, ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +37,18 @@ class Transport(Protocol):
 
 
 class Outbox(Generic[T]):
-    """Items waiting for an acknowledgement, oldest first; `flush` sends a batch and drops it only once acked."""
+    """Items waiting for an acknowledgement, oldest first: a batch leaves only once the receiver acknowledged it.
 
-    def __init__(self, send: Callable[[list[T]], Awaitable[Any]], max_batch: int):
+    `send(batch, *extra)` delivers one batch (and may carry more in the same message, as the ingress's sync does);
+    `flush()` sends batch after batch until the outbox is empty or a send fails.  Failures are counted and
+    logged sparingly (the 1st, 10th and every 100th in a row).
+    """
+
+    def __init__(self, send: Callable[..., Awaitable[Any]], max_batch: int, what: str = "items"):
         self._items: list[T] = []
         self._send = send
         self._max_batch = max_batch
+        self._what = what
         self._lock = asyncio.Lock()
         self.failures = 0
 
@@ -52,20 +58,32 @@ class Outbox(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
-    async def flush(self) -> bool:
+    def pending(self, skip: int = 0) -> list[T]:
+        """Queued items from `skip` on (not yet in flight)."""
+        return self._items[skip:]
+
+    async def send_batch(self, *extra: Any) -> tuple[bool, Any]:
+        """Send the oldest batch (with `extra` for `send`); drop it once acknowledged. Returns (delivered, the send's reply)."""
         async with self._lock:
-            while self._items:
-                batch = self._items[: self._max_batch]
-                try:
-                    await self._send(batch)
-                except Exception as exc:
-                    self.failures += 1
-                    if self.failures in (1, 10) or self.failures % 100 == 0:
-                        logger.warning("billing actor unreachable (%d tries); keeping %d items: %s", self.failures, len(self._items), exc)
-                    return False
-                del self._items[: len(batch)]
-                self.failures = 0
-            return True
+            batch = self._items[: self._max_batch]
+            try:
+                reply = await self._send(batch, *extra)
+            except Exception as exc:
+                self.failures += 1
+                if self.failures in (1, 10) or self.failures % 100 == 0:
+                    logger.warning("billing actor unreachable (%d tries in a row); keeping %d %s: %s", self.failures, len(self._items), self._what, exc)
+                return False, None
+            del self._items[: len(batch)]
+            self.failures = 0
+            return True, reply
+
+    async def flush(self) -> bool:
+        """Send until empty; False when a send failed (the rest stays queued)."""
+        while self._items:
+            delivered, _ = await self.send_batch()
+            if not delivered:
+                return False
+        return True
 
 
 async def run_periodically(interval_s: float, step: Callable[[], Awaitable[Any]]) -> None:
@@ -93,21 +111,27 @@ class Ticket:
 
 
 class BillingClient:
-    def __init__(self, config: BillingConfig, transport: Transport, holder: str, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        config: BillingConfig,
+        transport: Transport,
+        holder: str,
+        clock: Callable[[], float] = time.time,
+        on_outbox: Callable[[int], None] = lambda queued: None,
+    ):
         self.config = config
         self.holder = holder
         self._transport = transport
         self._clock = clock
+        self._on_outbox = on_outbox  # events still waiting for an acknowledgement, after each sync (a gauge)
         self._keys: dict[str, KeyRecord] = {}
         self._keys_seq = 0
         self._leases: dict[str, TenantLease] = defaultdict(TenantLease)
         self._hints: dict[str, Quote] = {}
-        self._outbox: list[UsageEvent] = []
-        self._lock = asyncio.Lock()
+        self._outbox: Outbox[UsageEvent] = Outbox(self._send, config.max_batch, "usage events")
         self._loop_task: asyncio.Task | None = None
         self.synced = False
         self._synced_event = asyncio.Event()
-        self._failures = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -181,7 +205,7 @@ class BillingClient:
         r = ticket.reservation
         settle(self._leases[r.tenant], r, completion_tokens)
         q = r.quote
-        self._outbox.append(
+        self._outbox.add(
             UsageEvent(
                 ticket.request_id,
                 self._clock(),
@@ -203,28 +227,24 @@ class BillingClient:
     # ---- the channel to the actor ------------------------------------------------------------
 
     async def _sync(self, need: tuple[str, Quote] | None = None) -> SyncReply | None:
-        async with self._lock:
-            now = self._clock()
-            asks = self._asks(now, need)
-            events = self._outbox[: self.config.max_batch]
-            claims = self._claims(unsent=self._outbox[len(events) :])
-            try:
-                reply = await self._transport.sync(SyncRequest(self.holder, events, claims, asks, self._keys_seq))
-            except Exception as exc:
-                self._failures += 1
-                if self._failures in (1, 10) or self._failures % 100 == 0:
-                    logger.warning("billing sync failed (%d in a row, %d events queued): %s", self._failures, len(self._outbox), exc)
-                return None
-            self._failures = 0
-            del self._outbox[: len(events)]
-            for grant in reply.grants:
-                self._leases[grant.tenant].apply(grant)
-            for key in reply.keys:
-                self._keys[key.key_hash] = key
-            self._keys_seq = max(self._keys_seq, reply.keys_seq)
-            self.synced = True
-            self._synced_event.set()
-            return reply
+        """One message to the actor: the oldest batch of events, the leases held, asks, and key changes back."""
+        _, reply = await self._outbox.send_batch(need)
+        self._on_outbox(len(self._outbox))
+        return reply
+
+    async def _send(self, events: list[UsageEvent], need: tuple[str, Quote] | None) -> SyncReply:
+        now = self._clock()
+        asks = self._asks(now, need)
+        claims = self._claims(unsent=self._outbox.pending(skip=len(events)))
+        reply = await self._transport.sync(SyncRequest(self.holder, events, claims, asks, self._keys_seq))
+        for grant in reply.grants:
+            self._leases[grant.tenant].apply(grant)
+        for key in reply.keys:
+            self._keys[key.key_hash] = key
+        self._keys_seq = max(self._keys_seq, reply.keys_seq)
+        self.synced = True
+        self._synced_event.set()
+        return reply
 
     def _asks(self, now: float, need: tuple[str, Quote] | None) -> list[Ask]:
         period, window = period_of(now), window_of(now)
@@ -270,7 +290,7 @@ class EngineCountReporter:
     """The generator's side: counts of requests that ended early, delivered until acknowledged."""
 
     def __init__(self, send: Callable[[list[EngineCount]], Awaitable[Any]], flush_interval_s: float, max_batch: int = 5000):
-        self._outbox: Outbox[EngineCount] = Outbox(send, max_batch)
+        self._outbox: Outbox[EngineCount] = Outbox(send, max_batch, "engine counts")
         self._interval = flush_interval_s
         self._task: asyncio.Task | None = None
 

@@ -41,7 +41,6 @@ def build_invoices(rows: Sequence[SpendRow], period: str, currency: str = "USD",
     )
     if frame.empty:
         return [] if tenant is None else [Invoice(tenant, period, currency, pd.DataFrame(columns=LINE_COLUMNS), Decimal("0.00"))]
-    keys = ["tenant", "period", "model", "version", "prompt_price_per_1m", "completion_price_per_1m"]
     # Group on the prices' text so equal Decimals written differently ("0.10" / "0.1") fall in one line.
     frame["_pp"] = frame["prompt_price_per_1m"].map(lambda d: str(d.normalize()))
     frame["_cp"] = frame["completion_price_per_1m"].map(lambda d: str(d.normalize()))

@@ -13,7 +13,7 @@ import string
 import time
 
 from billing.records import KeyRecord
-from deployments.core.errors import AuthenticationError
+from common.errors import AuthenticationError
 
 PREFIX = "sk-maas-"
 _ID_ALPHABET = string.ascii_lowercase + string.digits

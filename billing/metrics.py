@@ -49,3 +49,6 @@ class RayIngressMetrics:
 
     def rejected(self, tenant: str, reason: str) -> None:
         self.rejections.inc(1, tags={"tenant": tenant or "-", "reason": reason})
+
+    def outbox_size(self, queued: int) -> None:
+        self.outbox.set(queued)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
-from billing.catalog import Price
+from common.config import Price
 
 MILLION = Decimal(1_000_000)
 CENT = Decimal("0.01")

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 
-from billing.catalog import LeaseConfig, Plan
 from billing.pricing import Quote
+from common.config import LeaseConfig, Plan
 
 ZERO = Decimal(0)
 

@@ -1,33 +1,54 @@
-"""Usage reports as pure functions over ledger rows: what `/v1/usage`, `/admin/usage` and `maas usage` show."""
+"""Usage reports as pure functions over ledger rows: what `/v1/usage`, `/admin/usage`, `maas usage` and the actor's totals show.
+
+`tally` is the one accumulator: requests, tokens and exact cost summed per any key of a row.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Sequence
+from typing import Callable, Hashable, Sequence, TypeVar
 
 from billing.ledger import SpendRow
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass
+class Tally:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    amount: Decimal = Decimal(0)
+
+    def add(self, row: SpendRow) -> None:
+        self.requests += row.requests
+        self.prompt_tokens += row.prompt_tokens
+        self.completion_tokens += row.completion_tokens
+        self.amount += row.amount
+
+
+def tally(rows: Sequence[SpendRow], key: Callable[[SpendRow], K]) -> dict[K, Tally]:
+    """Rows summed per `key(row)`, keys in sorted order."""
+    acc: dict[K, Tally] = defaultdict(Tally)
+    for r in rows:
+        acc[key(r)].add(r)
+    return dict(sorted(acc.items()))
 
 
 def usage_report(rows: Sequence[SpendRow], period: str, currency: str, tenant: str | None = None) -> dict:
     """Requests, tokens and exact cost by tenant, day, model and version (amounts as decimal strings)."""
-    acc: dict[tuple[str, str, str, str], list] = defaultdict(lambda: [0, 0, 0, Decimal(0)])
-    for r in rows:
-        if r.period != period or (tenant is not None and r.tenant != tenant):
-            continue
-        a = acc[(r.tenant, r.day, r.model, r.version)]
-        a[0] += r.requests
-        a[1] += r.prompt_tokens
-        a[2] += r.completion_tokens
-        a[3] += r.amount
+    kept = [r for r in rows if r.period == period and (tenant is None or r.tenant == tenant)]
     data = [
-        {"tenant": t, "day": d, "model": m, "version": v, "requests": n, "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, "cost": str(amount)}
-        for (t, d, m, v), (n, p, c, amount) in sorted(acc.items())
-    ]
-    total = {
-        "requests": sum(x["requests"] for x in data),
-        "prompt_tokens": sum(x["prompt_tokens"] for x in data),
-        "completion_tokens": sum(x["completion_tokens"] for x in data),
-        "cost": str(sum((Decimal(x["cost"]) for x in data), Decimal(0))),
-    }
-    return {"object": "usage", "period": period, "currency": currency, "tenant": tenant, "data": data, "total": total}
+        {
+            "tenant": t, "day": d, "model": m, "version": v, "requests": a.requests, "prompt_tokens": a.prompt_tokens,
+            "completion_tokens": a.completion_tokens, "total_tokens": a.prompt_tokens + a.completion_tokens, "cost": str(a.amount),
+        }
+        for (t, d, m, v), a in tally(kept, lambda r: (r.tenant, r.day, r.model, r.version)).items()
+    ]  # fmt: skip
+    total = tally(kept, lambda r: 0).get(0, Tally())
+    return {
+        "object": "usage", "period": period, "currency": currency, "tenant": tenant, "data": data,
+        "total": {"requests": total.requests, "prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens, "cost": str(total.amount)},
+    }  # fmt: skip

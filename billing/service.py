@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Callable, Protocol
 
-from billing.catalog import BillingConfig, Plan
 from billing.keys import new_key
 from billing.ledger import Ledger, SpendRow
 from billing.pricing import cost
 from billing.quota import ZERO, Ask, Grant, decide_grant, period_of, window_of
 from billing.records import EngineCount, KeyRecord, SyncReply, SyncRequest, UsageEvent
-from deployments.core.errors import InvalidRequestError, NotFoundError
+from billing.reports import tally
+from common.config import BillingConfig, Plan
+from common.errors import InvalidRequestError, NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -243,14 +244,7 @@ class BillingCore:
         return self.ledger.spend(period, tenant, by_day)
 
     def totals(self, period: str) -> list[Totals]:
-        acc: dict[str, list] = defaultdict(lambda: [0, 0, 0, ZERO])
-        for r in self.ledger.spend(period):
-            a = acc[r.tenant]
-            a[0] += r.requests
-            a[1] += r.prompt_tokens
-            a[2] += r.completion_tokens
-            a[3] += r.amount
-        return [Totals(t, period, *v) for t, v in sorted(acc.items())]
+        return [Totals(t, period, a.requests, a.prompt_tokens, a.completion_tokens, a.amount) for t, a in tally(self.ledger.spend(period), lambda r: r.tenant).items()]
 
     def events(self, request_ids: list[str] | None = None, tenant: str | None = None) -> list[UsageEvent]:
         return self.ledger.events(request_ids, tenant)

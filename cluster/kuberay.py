@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 
-from cluster.config import MaasConfig
-from cluster.serve_config import REPO_ROOT, serve_config_for
+from cluster.serve_config import serve_config_for
+from common.config import MaasConfig
+from common.runtime import REPO_ROOT
 
 # vCPUs, memory (GiB) and GPUs of the instance types cluster.yaml may name (the Kubernetes requests mirror them,
 # less headroom for the kubelet).

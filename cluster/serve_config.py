@@ -1,6 +1,6 @@
-"""Serve settings derived from the maas config: per-stage deployment options, and the Serve config file for `serve deploy`.
+"""The Serve config file for `serve deploy`, derived from the maas config.
 
-Pure functions (no Ray import), so both start paths build the same app and unit tests check them."""
+A pure function (no Ray import), so `maas serve-config`, `maas kuberay` and the unit tests build the same file."""
 
 from __future__ import annotations
 
@@ -8,15 +8,14 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from cluster.config import DeploymentConfig, MaasConfig
-from cluster.local import LOCAL_ENV
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from common.config import MaasConfig
+from common.runtime import LOCAL_ENV, REPO_ROOT
+from deployments.core.traffic import version_app_name
 
 
 def serve_config_for(config: MaasConfig, config_path: Path | None = None, working_dir: str | None = None, versions: list[str] | None = None) -> dict[str, Any]:
-    """A Serve config over the given maas config file: the front application (`deployments.app:app_builder`)
-    and one application per served model version (`deployments.app:version_app_builder`).
+    """A Serve config over the given maas config file: the front application (`cluster.entrypoints:app_builder`)
+    and one application per served model version (`cluster.entrypoints:version_app_builder`).
 
     `versions` are the ones the live traffic plan needs (`TrafficPlan.deployed()`). Nodes import the
     installed project (the cluster set-up installs it); pass `working_dir` as a remote URI (e.g. a zip on
@@ -28,37 +27,14 @@ def serve_config_for(config: MaasConfig, config_path: Path | None = None, workin
         runtime_env["working_dir"] = working_dir
     version_apps = [
         {
-            "name": f"{config.app_name}--{config.model.name}--{v}",  # deployments.app.version_app_name
+            "name": version_app_name(config.app_name, config.model.name, v),
             "route_prefix": None,
-            "import_path": "deployments.app:version_app_builder",
+            "import_path": "cluster.entrypoints:version_app_builder",
             "runtime_env": copy.deepcopy(runtime_env),
             "args": {"config": str(rel), "version": v},
         }
         for v in versions or []
     ]
-    front = {"name": config.app_name, "route_prefix": config.route_prefix, "import_path": "deployments.app:app_builder", "runtime_env": copy.deepcopy(runtime_env), "args": {"config": str(rel)}}
+    front = {"name": config.app_name, "route_prefix": config.route_prefix, "import_path": "cluster.entrypoints:app_builder", "runtime_env": copy.deepcopy(runtime_env), "args": {"config": str(rel)}}
     return {"proxy_location": "EveryNode", "http_options": {"host": config.http.host, "port": config.http.port}, "applications": [*version_apps, front]}
 
-
-def deployment_options(stage: DeploymentConfig, *, gpus: float = 0.0) -> dict[str, Any]:
-    """Serve `.options(...)` for one stage from its config."""
-    actor: dict[str, Any] = {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus if stage.num_gpus is not None else gpus}
-    if stage.resources:
-        actor["resources"] = dict(stage.resources)
-    if stage.memory_gib:
-        actor["memory"] = int(stage.memory_gib * 2**30)
-    if stage.env_vars:
-        actor["runtime_env"] = {"env_vars": dict(stage.env_vars)}
-    auto = stage.autoscaling
-    return {
-        "max_ongoing_requests": stage.max_ongoing_requests,
-        "autoscaling_config": {
-            "min_replicas": auto.min_replicas,
-            "initial_replicas": auto.initial_replicas if auto.initial_replicas is not None else auto.min_replicas,
-            "max_replicas": max(auto.max_replicas, auto.min_replicas),
-            "target_ongoing_requests": auto.target_ongoing_requests,
-            "upscale_delay_s": auto.upscale_delay_s,
-            "downscale_delay_s": auto.downscale_delay_s,
-        },
-        "ray_actor_options": actor,
-    }

@@ -2,7 +2,7 @@
 
 Every change follows the same order, so no request is dropped:
 
-1. the new plan is computed (pure, `cluster.traffic`) and checked against the store;
+1. the new plan is computed (pure, `deployments.core.traffic`) and checked against the store;
 2. every version it needs is deployed as its own Serve application and is RUNNING;
 3. the plan file is replaced (ingress replicas follow it within `model.traffic_poll_s`);
 4. after the replicas have switched (plus a grace period), versions no longer needed are
@@ -21,9 +21,10 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from cluster.config import MaasConfig
-from cluster.model_store import open_store
-from cluster.traffic import TrafficError, TrafficFile, TrafficPlan, canary, promote, rollback
+from common.config import MaasConfig
+from common.model_store import open_store
+from deployments.app import build_app, build_version_app
+from deployments.core.traffic import TrafficError, TrafficFile, TrafficPlan, canary, promote, rollback, version_app_name
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,6 @@ def deploy_versions(config: MaasConfig, versions: list[str], timeout_s: float = 
     """Deploy each version's application unless it already runs; wait until all are RUNNING."""
     from ray import serve
 
-    from deployments.app import build_version_app, version_app_name
-
     apps = _running_apps()
     targets = [
         serve.RunTarget(build_version_app(config, v), name=version_app_name(config.app_name, config.model.name, v), route_prefix=None)
@@ -140,8 +139,6 @@ def deploy_versions(config: MaasConfig, versions: list[str], timeout_s: float = 
 def retire_versions(config: MaasConfig, keep: list[str]) -> list[str]:
     """Delete (draining) the version applications of this model that `keep` does not list."""
     from ray import serve
-
-    from deployments.app import version_app_name
 
     prefix = version_app_name(config.app_name, config.model.name, "")
     wanted = {version_app_name(config.app_name, config.model.name, v) for v in keep}
@@ -179,8 +176,6 @@ def deploy_all(config: MaasConfig, who: str = "deploy", timeout_s: float = 900) 
     """A full deploy: the plan from the config, its versions, then the front application (used by `maas serve`/`up`)."""
     from ray import serve
 
-    from deployments.app import build_app
-
     before = traffic_file(config).load()
     plan = ensure_plan(config, who)
     if before != plan:
@@ -194,13 +189,12 @@ def deploy_all(config: MaasConfig, who: str = "deploy", timeout_s: float = 900) 
 def _audit(config: MaasConfig, who: str, plan: TrafficPlan, before: TrafficPlan | None) -> None:
     if not config.billing.enabled:
         return
-    import ray
-
     from billing import actor
+    from billing.admin import wait
 
     detail = json.dumps({"before": before.weights() if before else None, "after": plan.weights(), "previous": plan.previous, "revision": plan.revision})
     try:
-        ray.get(actor.get_or_create(config.billing).call.remote("record_audit", who, f"model.{plan.action}", f"{plan.model}", detail), timeout=30)
+        wait(actor.admin_client(actor.get_or_create(config.billing)).record_audit(who, f"model.{plan.action}", plan.model, detail), timeout_s=30)
     except Exception:
         logger.exception("could not write the audit entry for %s", plan.action)
 

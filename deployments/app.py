@@ -1,13 +1,11 @@
-"""Builds the Serve applications of one model from a MaasConfig.
+"""Turns a MaasConfig into the Serve applications of one model; nothing else.
 
 * the **front** application (`config.app_name`, HTTP): ingress → tokenizer, shared by every version;
-* one **version** application per served store version (`<app>--<model>--<version>`, no HTTP route):
+* one **version** application per served store version (`version_app_name(...)`, no HTTP route):
   postprocessor → generator.
 
-Canary, promote and rollback (`cluster.versions`) add and remove version
-applications and rewrite the live traffic plan; the front application never
-restarts for them.  `app_builder` / `version_app_builder` are the import paths
-for `serve deploy` (see `cluster/serve_config.py`).
+Which versions run, and the `serve deploy` entry points that keep the live traffic plan, are
+operations (`cluster.versions`, `cluster.entrypoints`).
 """
 
 from __future__ import annotations
@@ -16,17 +14,36 @@ from typing import Any
 
 from ray.serve import Application
 
-from cluster.config import MaasConfig, load_config
-from cluster.model_store import ModelVersion, open_store
-from cluster.serve_config import deployment_options
+from common.config import DeploymentConfig, MaasConfig
+from common.model_store import ModelVersion, open_store
 from deployments.generator import Generator
 from deployments.ingress import Ingress
 from deployments.postprocessor import Postprocessor
 from deployments.tokenizer import Tokenizer
 
 
-def version_app_name(app_name: str, model: str, version: str) -> str:
-    return f"{app_name}--{model}--{version}"
+def deployment_options(stage: DeploymentConfig, *, gpus: float = 0.0) -> dict[str, Any]:
+    """Serve `.options(...)` for one stage from its config."""
+    actor: dict[str, Any] = {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus if stage.num_gpus is not None else gpus}
+    if stage.resources:
+        actor["resources"] = dict(stage.resources)
+    if stage.memory_gib:
+        actor["memory"] = int(stage.memory_gib * 2**30)
+    if stage.env_vars:
+        actor["runtime_env"] = {"env_vars": dict(stage.env_vars)}
+    auto = stage.autoscaling
+    return {
+        "max_ongoing_requests": stage.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": auto.min_replicas,
+            "initial_replicas": auto.initial_replicas if auto.initial_replicas is not None else auto.min_replicas,
+            "max_replicas": max(auto.max_replicas, auto.min_replicas),
+            "target_ongoing_requests": auto.target_ongoing_requests,
+            "upscale_delay_s": auto.upscale_delay_s,
+            "downscale_delay_s": auto.downscale_delay_s,
+        },
+        "ray_actor_options": actor,
+    }
 
 
 def resolve_model(config: MaasConfig, version: str | None = None) -> ModelVersion:
@@ -55,16 +72,3 @@ def build_app(config: MaasConfig, stable_version: str | None = None) -> Applicat
     stages = config.deployments
     tokenizer = Tokenizer.options(**deployment_options(stages.tokenizer)).bind(str(model.path), config.engine.max_model_len)
     return Ingress.options(**deployment_options(stages.ingress)).bind(tokenizer, config.model_dump(mode="json"))
-
-
-def app_builder(args: dict[str, Any]) -> Application:
-    """`import_path: deployments.app:app_builder`, args `{config, overrides}`: the front application."""
-    from cluster.versions import ensure_plan
-
-    config = load_config(args.get("config"), args.get("overrides"))
-    return build_app(config, ensure_plan(config, who="serve deploy").stable)
-
-
-def version_app_builder(args: dict[str, Any]) -> Application:
-    """`import_path: deployments.app:version_app_builder`, args `{config, overrides, version}`: one version."""
-    return build_version_app(load_config(args.get("config"), args.get("overrides")), args["version"])

@@ -1,4 +1,4 @@
-"""Serve deployment of the generator stage: one vLLM engine per replica (`VLLMGenerator`).
+"""Serve deployment of the generator stage over `deployments.core.generator.VLLMGenerator`: one vLLM engine per replica.
 
 The engine is built in the replica's constructor, so Serve routes to a replica
 only once its engine is loaded; a failed engine fails the health check and Serve
@@ -14,9 +14,8 @@ from typing import AsyncIterator
 
 from ray import serve
 
-from billing.catalog import BillingConfig
-from cluster.config import EngineConfig
-from deployments.core.engine import VLLMGenerator, engine_env_vars
+from common.config import BillingConfig, EngineConfig
+from deployments.core.generator import VLLMGenerator, engine_env_vars
 from deployments.core.types import GenerationRequest, TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ logger = logging.getLogger(__name__)
 @serve.deployment
 class Generator:
     def __init__(self, model_path: str, engine_config: dict, billing: dict | None = None, model_name: str = "", version: str = ""):
-        from cluster.logs import setup_logging
+        from common.logs import setup_logging
         from deployments.observability import RayQueueMetrics
 
         setup_logging("generator")

@@ -1,7 +1,7 @@
 """Serve deployment of the OpenAI-compatible ingress: FastAPI routes over `OpenAIService`, wired to the other stages' handles.
 
 Each request goes to a model version picked by the live traffic plan
-(`cluster.traffic.TrafficFollower`, re-read every `model.traffic_poll_s`); the
+(`deployments.core.traffic.TrafficFollower`, re-read every `model.traffic_poll_s`); the
 version's postprocessor → generator live in their own Serve application.
 With billing on, each replica holds a `BillingClient` connected to the named
 billing actor: keys are checked locally, quota is leased, usage is batched.
@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments._handles import cancelling_stream
-from deployments.core.types import GenerationRequest, TokenizedPrompt
+from common.config import MaasConfig
+from common.logs import setup_logging
+from deployments.core.traffic import TrafficFile, TrafficFollower, version_app_name
+from deployments.handles import PostprocessorHandleClient, TokenizerHandleClient
+from deployments.observability import RayRequestMetrics
 from deployments.openai.accounts import AccountsService
 from deployments.openai.routes import build_app
 from deployments.openai.service import Backend, OpenAIService
@@ -26,38 +28,10 @@ from deployments.openai.service import Backend, OpenAIService
 logger = logging.getLogger(__name__)
 
 
-class _TokenizerClient:
-    def __init__(self, handle: DeploymentHandle):
-        self._h = handle
-
-    async def prepare_chat(self, messages: list[dict[str, str]], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt:
-        return await self._h.prepare_chat.remote(messages, max_tokens, request_id)
-
-    async def prepare_completion(self, prompt: str | list[int], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt:
-        return await self._h.prepare_completion.remote(prompt, max_tokens, request_id)
-
-
-class _PostprocessorClient:
-    def __init__(self, handle: DeploymentHandle):
-        self._h = handle
-        self._stream_h = handle.options(stream=True)
-
-    def stream(self, req: GenerationRequest) -> AsyncIterator[tuple[str, dict | None]]:
-        return cancelling_stream(self._stream_h.stream.remote(req))
-
-    async def complete(self, req: GenerationRequest) -> dict:
-        return await self._h.complete.remote(req)
-
-
 @serve.deployment
 @serve.ingress()
 class Ingress:
     def __init__(self, tokenizer: DeploymentHandle, config: dict):
-        from cluster.config import MaasConfig
-        from cluster.traffic import TrafficFile, TrafficFollower
-        from cluster.logs import setup_logging
-        from deployments.observability import RayRequestMetrics
-
         setup_logging("ingress")
         self._config = cfg = MaasConfig.model_validate(config)
         self._engine_ready: set[str] = set()
@@ -70,39 +44,32 @@ class Ingress:
             from billing.metrics import RayIngressMetrics
 
             handle = actor.get_or_create(billing)
-            handle.configure.remote(billing.model_dump(mode="json"), "deploy")
+            handle.configure.remote(billing, "deploy")
             holder = serve.get_replica_context().replica_id.unique_id
-            self._billing = BillingClient(billing, actor.ActorTransport(handle), holder)
             self._metrics = RayIngressMetrics()
+            self._billing = BillingClient(billing, actor.ActorTransport(handle), holder, on_outbox=self._metrics.outbox_size)
             on_reject = self._metrics.rejected
-
-            async def call(method: str, *args):
-                return await handle.call.remote(method, *args)
-
-            self._accounts = AccountsService(call, billing.price_book.currency, time.time)
+            self._accounts = AccountsService(actor.admin_client(handle), billing.price_book.currency, time.time)
             asyncio.get_running_loop().create_task(self._billing.start(timeout_s=600))
         self._traffic = TrafficFollower(TrafficFile(cfg.store_root(), cfg.app_name, cfg.model.name), self._backend)
         self._service = OpenAIService(
             cfg.model.name,
-            _TokenizerClient(tokenizer),
-            None,  # type: ignore[arg-type]
+            TokenizerHandleClient(tokenizer),
+            self._traffic,
             is_ready=self._ready,
             billing=self._billing,
             on_reject=on_reject or (lambda tenant, reason: None),
-            backends=self._traffic,
             observer=RayRequestMetrics(),
         )
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._follow_traffic())]
 
     def _backend(self, version: str) -> Backend:
-        from deployments.app import version_app_name
-
         app = version_app_name(self._config.app_name, self._config.model.name, version)
         price = self._config.billing.price_book.price_for(self._config.model.name, version) if self._config.billing.enabled else None
         asyncio.get_running_loop().create_task(self._wait_for_engine(version, serve.get_deployment_handle("Generator", app_name=app)))
         logger.info("traffic: version %s served by application %s", version, app)
-        return Backend(version, _PostprocessorClient(serve.get_deployment_handle("Postprocessor", app_name=app)), price)
+        return Backend(version, PostprocessorHandleClient(serve.get_deployment_handle("Postprocessor", app_name=app)), price)
 
     async def _follow_traffic(self) -> None:
         while True:

@@ -13,7 +13,7 @@ Prometheus adds `_total`, `_bucket`, ... by type):
 * billing's (`billing/metrics.py`): rejections, billed tokens and spend, ledger lag;
 * vLLM's engine metrics (`vllm:*`, through its `RayPrometheusStatLogger`) when `engine.log_stats` is on.
 
-Logs: `cluster.logs.setup_logging(stage)` (JSON lines with the request id, keys scrubbed).
+Logs: `common.logs.setup_logging(stage)` (JSON lines with the request id, keys scrubbed).
 """
 
 from __future__ import annotations

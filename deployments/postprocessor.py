@@ -1,4 +1,7 @@
-"""Serve deployment of the postprocessor stage: it pulls the generator's token stream and turns it into OpenAI responses."""
+"""Serve deployment of the postprocessor stage over `deployments.core.postprocessor.ResponseWriter`.
+
+It pulls the generator's token stream and turns it into OpenAI responses (detokenization, stop strings, shapes).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,11 @@ from typing import AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments._handles import cancelling_stream
-from deployments.core.postprocess import Postprocessor as PostprocessorLogic
+from common.logs import setup_logging
+from deployments.core.postprocessor import ResponseWriter
 from deployments.core.tokenizer import load_hf_tokenizer
 from deployments.core.types import GenerationRequest
+from deployments.handles import cancelling_stream
 
 logger = logging.getLogger(__name__)
 
@@ -19,11 +23,9 @@ logger = logging.getLogger(__name__)
 @serve.deployment
 class Postprocessor:
     def __init__(self, generator: DeploymentHandle, model_path: str):
-        from cluster.logs import setup_logging
-
         setup_logging("postprocessor")
         backend = load_hf_tokenizer(model_path).backend_tokenizer  # the Rust tokenizer: decode is on the hot path
-        self._logic = PostprocessorLogic(lambda ids: backend.decode(ids, skip_special_tokens=True))
+        self._logic = ResponseWriter(lambda ids: backend.decode(ids, skip_special_tokens=True))
         self._generator = generator.options(stream=True)
 
     def _tokens(self, req: GenerationRequest) -> AsyncIterator:

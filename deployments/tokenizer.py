@@ -6,6 +6,7 @@ import logging
 
 from ray import serve
 
+from common.logs import setup_logging
 from deployments.core.tokenizer import PromptTokenizer, load_hf_tokenizer
 from deployments.core.types import TokenizedPrompt
 
@@ -15,8 +16,6 @@ logger = logging.getLogger(__name__)
 @serve.deployment
 class Tokenizer:
     def __init__(self, model_path: str, max_model_len: int):
-        from cluster.logs import setup_logging
-
         setup_logging("tokenizer")
         self._logic = PromptTokenizer(load_hf_tokenizer(model_path), max_model_len)
 

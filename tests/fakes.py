@@ -6,7 +6,7 @@ import asyncio
 
 from typing import Any, AsyncIterator, Sequence
 
-from deployments.core.postprocess import Postprocessor
+from deployments.core.postprocessor import ResponseWriter
 from deployments.core.tokenizer import PromptTokenizer
 from deployments.core.types import GenerationRequest, TokenDelta, TokenizedPrompt
 
@@ -76,7 +76,7 @@ class FakeTokenizerClient:
 class FakePostprocessorClient:
     def __init__(self, engine: ScriptedEngine):
         self.engine = engine
-        self.logic = Postprocessor(ByteTokenizer().decode)
+        self.logic = ResponseWriter(ByteTokenizer().decode)
 
     def stream(self, req: GenerationRequest) -> AsyncIterator[tuple[str, dict | None]]:
         return self.logic.stream(req, self.engine.generate(req))

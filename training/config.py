@@ -9,17 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from common.config import Strict, read_yaml
+from common.runtime import repo_path
 
 
-class BaseModelRef(_Strict):
+class BaseModelRef(Strict):
     name: str = Field("SmolLM2-135M-Instruct", description="Model in the store to start from (its tokenizer and chat template are always used).")
     version: str = Field("latest", description="Store version to start from, or `latest`.")
     init: Literal["pretrained", "random"] = Field(
@@ -31,13 +27,13 @@ class BaseModelRef(_Strict):
     )
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     path: str = Field("training/datasets/pirate_sft.jsonl", description="JSONL chat dataset, one `{\"messages\": [{role, content}, ...]}` per line (relative paths: repo root).")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of examples held out for the eval loss (a deterministic split by `seed`).")
     max_seq_len: int = Field(256, ge=8, description="Examples are truncated to this many tokens.")
 
 
-class OptimConfig(_Strict):
+class OptimConfig(Strict):
     max_steps: int = Field(60, ge=1, description="Optimizer steps in the run.")
     batch_size_per_worker: int = Field(4, ge=1, description="Examples per worker per step (the global batch is this × workers).")
     learning_rate: float = Field(5e-5, gt=0, description="Peak AdamW learning rate (linear warm-up, then linear decay to 10%).")
@@ -47,26 +43,26 @@ class OptimConfig(_Strict):
     seed: int = Field(0, description="Seed for the split, the random init and the data order.")
 
 
-class ScalingConfig(_Strict):
+class ScalingConfig(Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker and the `nccl` backend; otherwise CPUs and `gloo`.")
     cpus_per_worker: float = Field(0.8, gt=0, description="CPUs reserved per worker (fractions allowed; leave some for Ray Data).")
     torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per worker (default: the whole CPUs it reserves, at least 1).")
 
 
-class CheckpointConfig(_Strict):
+class CheckpointConfig(Strict):
     storage_path: str = Field("~/.cache/ray-maas/train", description="Where Ray Train writes run folders and checkpoints: local, or a shared path/URI (s3://, gs://, NFS) on clusters. Overridden by MAAS_TRAIN_STORAGE.")
     every_steps: int = Field(20, ge=1, description="Checkpoint every this many steps (and at the end).")
     num_to_keep: int = Field(2, ge=1, description="Checkpoints kept per run.")
     max_failures: int = Field(2, ge=0, description="Worker failures a run recovers from (restarting from the latest checkpoint).")
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Strict):
     name: str | None = Field(None, description="Model name the result is published under (default: the base model's, i.e. a new version of it).")
     publish: bool = Field(True, description="Publish the final checkpoint as a new version in the model store.")
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     run_name: str | None = Field(None, description="Ray Train run name (default: `<output name>-<timestamp>`).")
     base: BaseModelRef = Field(default_factory=BaseModelRef, description="What to fine-tune.")
     data: DataConfig = Field(default_factory=DataConfig, description="The chat dataset.")
@@ -87,16 +83,9 @@ class TrainConfig(_Strict):
         return self.output.name or self.base.name
 
     def data_path(self) -> Path:
-        path = Path(self.data.path).expanduser()
-        return path if path.is_absolute() else REPO_ROOT / path
+        return repo_path(self.data.path)
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Load a job config from YAML (repo-relative paths work from any cwd) and deep-merge `overrides`."""
-    from cluster.config import deep_merge
-
-    path = Path(path)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    data = yaml.safe_load(path.read_text()) or {}
-    return TrainConfig.model_validate(deep_merge(data, overrides or {}))
+    return TrainConfig.model_validate(read_yaml(path, overrides))

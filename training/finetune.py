@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster import envs
-from cluster.model_store import ModelVersion, open_store
+from common import envs
+from common.model_store import ModelVersion, open_store
 from training.config import TrainConfig, load_train_config
 from training.data import encode_chat, file_sha256, is_eval, read_chats
 from training.loop import OPTIMIZER_FILE, STATE_FILE, train_loop_per_worker
@@ -79,7 +79,7 @@ def storage_path(cfg: TrainConfig) -> str:
 def store_root(cfg: TrainConfig) -> Path:
     if cfg.model_store:
         return Path(cfg.model_store).expanduser()
-    from cluster.config import load_config
+    from common.config import load_config
 
     return load_config().store_root()
 
@@ -97,10 +97,10 @@ def run(cfg: TrainConfig) -> RunResult:
     run_name = cfg.run_name or f"{cfg.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     logger.info("fine-tuning %s/%s on %s (%d examples) as run %s", base.name, base.version, data_path, len(chats), run_name)
     if not ray.is_initialized():
-        from cluster.local import LOCAL_ENV
+        from common.runtime import use_local_env
 
         # Inside `ray job submit` RAY_ADDRESS names the cluster; otherwise join a running one or start one (loopback only).
-        os.environ.update({k: v for k, v in LOCAL_ENV.items() if k not in os.environ})
+        use_local_env()
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
     datasets = build_datasets(cfg, str(base.path))
     logger.info("dataset encoded: %d train / %d eval examples", datasets["train"].count(), datasets["eval"].count())

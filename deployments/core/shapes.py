@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-from deployments.core.types import GenerationRequest, Usage
-
-if TYPE_CHECKING:
-    from deployments.core.postprocess import ChoiceEvent, ChoiceState
+from deployments.core.types import ChoiceEvent, GenerationRequest, Usage
 
 DONE = "data: [DONE]\n\n"
 
@@ -36,7 +33,7 @@ def _chunk(req: GenerationRequest, choices: list[dict[str, Any]]) -> dict[str, A
     return chunk
 
 
-def _stream_choice(req: GenerationRequest, ev: "ChoiceEvent") -> dict[str, Any]:
+def _stream_choice(req: GenerationRequest, ev: ChoiceEvent) -> dict[str, Any]:
     if req.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant"} if ev.first else {}
         if ev.text or ev.first:
@@ -45,7 +42,7 @@ def _stream_choice(req: GenerationRequest, ev: "ChoiceEvent") -> dict[str, Any]:
     return {"index": ev.index, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
 
 
-def sse_chunks(req: GenerationRequest, events: Sequence["ChoiceEvent"]) -> str:
+def sse_chunks(req: GenerationRequest, events: Sequence[ChoiceEvent]) -> str:
     """One SSE event per choice that has news (OpenAI sends one choice per chunk)."""
     return "".join(f"data: {_dumps(_chunk(req, [_stream_choice(req, ev)]))}\n\n" for ev in events)
 
@@ -64,14 +61,15 @@ def sse_error(envelope: dict[str, Any]) -> str:
     return f"data: {_dumps(envelope)}\n\n{DONE}"
 
 
-def full_response(req: GenerationRequest, choices: Sequence["ChoiceState"], usage: Usage) -> dict[str, Any]:
+def full_response(req: GenerationRequest, choices: Sequence[ChoiceEvent], usage: Usage) -> dict[str, Any]:
+    """The whole (non-streamed) body; each choice's `text` is its complete answer."""
     if req.kind == "chat":
         body = [
-            {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)}, "logprobs": None, "finish_reason": c.finish_reason}
+            {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None, "finish_reason": c.finish_reason}
             for c in choices
         ]
         obj = "chat.completion"
     else:
-        body = [{"index": c.index, "text": "".join(c.text), "logprobs": None, "finish_reason": c.finish_reason} for c in choices]
+        body = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for c in choices]
         obj = "text_completion"
     return {"id": req.response_id, "object": obj, "created": req.created, "model": req.model, "system_fingerprint": fingerprint(req), "choices": body, "usage": usage.to_dict()}

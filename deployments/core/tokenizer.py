@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from deployments.core.errors import ContextLengthExceededError, InvalidRequestError
+from common.errors import ContextLengthExceededError, InvalidRequestError
 from deployments.core.types import TokenizedPrompt
 
 logger = logging.getLogger(__name__)

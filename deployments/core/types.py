@@ -56,6 +56,16 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class ChoiceEvent:
+    """Text for one choice and its finish reason: news in a stream (`first` on a choice's first piece), or a whole answer."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    first: bool = False
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int

@@ -1,19 +1,18 @@
 """The logic behind `/v1/usage` and `/admin/*`: a tenant's own usage, and the operators' keys, usage, invoices and audit.
 
-It reaches the billing actor through one awaitable `call(method, *args)` (the
-actor's `BillingCore` methods), so unit tests can plug in a core directly.
+It reaches the billing actor through the typed `billing.admin.BillingAdmin`; unit tests build
+that client over an in-process core.
 """
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
+from billing.admin import BillingAdmin
 from billing.invoice import build_invoices, invoice_csv
 from billing.quota import period_of
 from billing.reports import usage_report
-from deployments.core.errors import PermissionDeniedError
-
-Call = Callable[..., Awaitable[Any]]
+from common.errors import PermissionDeniedError
 
 
 def key_view(record: Any) -> dict:
@@ -30,8 +29,8 @@ def key_view(record: Any) -> dict:
 
 
 class AccountsService:
-    def __init__(self, call: Call, currency: str, clock: Callable[[], float]):
-        self._call = call
+    def __init__(self, admin: BillingAdmin, currency: str, clock: Callable[[], float]):
+        self._admin = admin
         self._currency = currency
         self._clock = clock
 
@@ -46,23 +45,23 @@ class AccountsService:
 
     async def usage(self, period: str | None, tenant: str | None) -> dict:
         period = self._period(period)
-        rows = await self._call("spend_rows", period, tenant, True)
+        rows = await self._admin.spend_rows(period, tenant, by_day=True)
         return usage_report(rows, period, self._currency, tenant)
 
     async def invoice(self, period: str | None, tenant: str | None) -> str:
         period = self._period(period)
-        invoices = build_invoices(await self._call("spend_rows", period, tenant), period, self._currency, tenant)
+        invoices = build_invoices(await self._admin.spend_rows(period, tenant), period, self._currency, tenant)
         return "".join(invoice_csv(inv, header=i == 0) for i, inv in enumerate(invoices))
 
     async def create_key(self, who: str, tenant: str, plan: str | None, role: str, expires_in_s: float | None, name: str) -> dict:
-        key, record = await self._call("create_key", tenant, plan, role, expires_in_s, name, who)
+        key, record = await self._admin.create_key(tenant, plan, role, expires_in_s, name, who)
         return {**key_view(record), "key": key}
 
     async def list_keys(self, tenant: str | None) -> dict:
-        return {"object": "list", "data": [key_view(k) for k in await self._call("list_keys", tenant)]}
+        return {"object": "list", "data": [key_view(k) for k in await self._admin.list_keys(tenant)]}
 
     async def revoke_key(self, who: str, key_id: str) -> dict:
-        return key_view(await self._call("revoke_key", key_id, who))
+        return key_view(await self._admin.revoke_key(key_id, who))
 
     async def audit(self, limit: int) -> dict:
-        return {"object": "list", "data": await self._call("audit_log", limit)}
+        return {"object": "list", "data": await self._admin.audit_log(limit)}

@@ -14,8 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.errors import EngineNotReadyError, InternalError, InvalidRequestError, MaasError, NotFoundError, as_maas_error
 from deployments.core import shapes
-from deployments.core.errors import EngineNotReadyError, InternalError, InvalidRequestError, MaasError, NotFoundError, as_maas_error
 from deployments.openai.accounts import AccountsService
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateKeyRequest
 from deployments.openai.service import OpenAIService, SSEStream

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, NamedTuple, Protocol
 
-from deployments.core.errors import EngineNotReadyError, MaasError, ModelNotFoundError, NotFoundError, as_maas_error
+from common.errors import EngineNotReadyError, MaasError, ModelNotFoundError, NotFoundError, as_maas_error
 from deployments.core.types import GenerationRequest, TokenizedPrompt
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -110,19 +110,16 @@ class OpenAIService:
         self,
         model_name: str,
         tokenizer: TokenizerClient,
-        postprocessor: PostprocessorClient,
+        backends: BackendPicker,
         is_ready: Callable[[], bool] = lambda: True,
         new_request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
         billing: BillingGate | None = None,
-        price: Any = None,
-        model_version: str = "",
         on_reject: Callable[[str, str], None] = lambda tenant, reason: None,
-        backends: BackendPicker | None = None,
         observer: RequestObserver | None = None,
     ):
         self.model_name = model_name
         self._tokenizer = tokenizer
-        self._backends = backends or StaticPicker(Backend(model_version, postprocessor, price))  # type: ignore[arg-type]
+        self._backends = backends
         self._is_ready = is_ready
         self._new_request_id = new_request_id
         self._created = int(time.time())

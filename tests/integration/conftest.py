@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
+from billing.actor import admin_client
+from billing.admin import wait
 from cluster import local
-from cluster.config import MaasConfig, deep_merge, load_config
-from cluster.model_store import ensure_default_model, open_store
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common.config import MaasConfig, deep_merge, load_config
+from common.model_store import ensure_default_model, open_store
+from common.runtime import free_port
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +55,8 @@ def billing_actor(base_url: str, maas_config: MaasConfig):
 
 
 def create_key(billing_actor, tenant: str, plan: str | None = None, role: str = "tenant", expires_in_s: float | None = None) -> tuple[str, object]:
-    import ray
 
-    return ray.get(billing_actor.call.remote("create_key", tenant, plan, role, expires_in_s, "tests", "tests"))
+    return wait(admin_client(billing_actor).create_key(tenant, plan, role, expires_in_s, "tests", "tests"))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +85,7 @@ def generator_handle(base_url, maas_config):
     from ray import serve
 
     from cluster.versions import traffic_file
-    from deployments.app import version_app_name
+    from deployments.core.traffic import version_app_name
 
     stable = traffic_file(maas_config).load().stable
     handle = serve.get_deployment_handle("Generator", app_name=version_app_name(maas_config.app_name, maas_config.model.name, stable))

@@ -7,7 +7,6 @@ Two "ingress replicas" here are two Ray actors each holding the same
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from decimal import Decimal
 
@@ -15,10 +14,12 @@ import pytest
 import ray
 
 from billing import actor
-from billing.catalog import BillingConfig, LeaseConfig, Plan, Price, PriceBook
+from billing.actor import admin_client
+from billing.admin import wait
 from billing.pricing import cost
 from billing.quota import period_of, window_of
 from cluster import local
+from common.config import BillingConfig, LeaseConfig, Plan, Price, PriceBook
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +46,7 @@ def billing(config):
     local.start_ray(num_cpus=2, include_dashboard=False)
     try:
         handle = actor.get_or_create(config)
-        ray.get(handle.call.remote("status"))
+        wait(admin_client(handle).status())
         yield handle
     finally:
         local.stop()
@@ -93,12 +94,12 @@ class FakeIngress:
 
 
 def _key(billing, tenant: str, plan: str) -> str:
-    key, _ = ray.get(billing.call.remote("create_key", tenant, plan, "tenant", None, "", "tests"))
+    key, _ = wait(admin_client(billing).create_key(tenant, plan, "tenant", None, "", "tests"))
     return key
 
 
 def _spent(billing, tenant: str) -> Decimal:
-    return ray.get(billing.call.remote("spent", tenant, period_of(time.time())))
+    return wait(admin_client(billing).spent(tenant, period_of(time.time())))
 
 
 def test_duplicate_events_are_counted_once(billing, config):
@@ -108,7 +109,7 @@ def test_duplicate_events_are_counted_once(billing, config):
     events = [UsageEvent(f"dup-{i}", now, "dup", "k", "m", "v1", "chat", "ok", 100, 10, "0.05", "0.20", "0", "t") for i in range(100)]
     assert ray.get(billing.record.remote(events)) == 100
     ray.get(billing.record.remote(events[:50] + events))  # resent, and resent twice in one batch
-    rows = ray.get(billing.call.remote("spend_rows", period_of(now), "dup"))
+    rows = wait(admin_client(billing).spend_rows(period_of(now), "dup"))
     assert sum(r.requests for r in rows) == 100
     assert _spent(billing, "dup") == 100 * cost(Decimal("0.05"), Decimal("0.20"), 100, 10)
 
@@ -126,7 +127,7 @@ def test_killing_the_actor_mid_stream_loses_and_doubles_nothing(billing, config)
     assert ray.get(ingress.drain.remote()) == 0
     restarted = actor.get(config)
     assert ray.get(restarted.status.remote())["restarted"]
-    rows = ray.get(restarted.call.remote("spend_rows", period_of(time.time()), "killme"))
+    rows = wait(admin_client(restarted).spend_rows(period_of(time.time()), "killme"))
     sent = 3000 + len(second["windows"])
     assert sum(r.requests for r in rows) == sent and sum(r.completion_tokens for r in rows) == 7 * sent
     assert _spent(restarted, "killme") == sent * cost(Decimal("0.05"), Decimal("0.20"), 20, 7)
@@ -157,7 +158,7 @@ def test_two_replicas_cannot_overspend_the_budget(billing, config):
     assert ray.get([r.drain.remote() for r in replicas]) == [0, 0]
     deadline = time.monotonic() + 30
     admitted = sum(len(r["windows"]) for r in results)
-    while sum(rr.requests for rr in ray.get(billing.call.remote("spend_rows", period_of(time.time()), "tiny-tenant"))) < admitted:
+    while sum(rr.requests for rr in wait(admin_client(billing).spend_rows(period_of(time.time()), "tiny-tenant"))) < admitted:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     spent = _spent(billing, "tiny-tenant")

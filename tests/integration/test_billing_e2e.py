@@ -17,13 +17,15 @@ from decimal import Decimal
 import httpx
 import openai
 import pytest
-import ray
 
+from billing.actor import admin_client
+from billing.admin import wait
 from billing.invoice import read_invoice_csv
 from billing.pricing import to_cents
 from billing.quota import period_of
 from cluster import local
-from tests.integration.conftest import create_key, free_port
+from common.runtime import free_port
+from tests.integration.conftest import create_key
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +79,7 @@ def _wait_for(predicate, timeout_s: float = 30, interval_s: float = 0.1):
 
 
 def _rows(billing_actor, ids: list[str]):
-    return {e.request_id: e for e in ray.get(billing_actor.call.remote("events", ids))}
+    return {e.request_id: e for e in wait(admin_client(billing_actor).events(ids))}
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def test_revoked_key_is_refused_within_a_second_on_every_replica(base_url, billi
     client = _client(base_url, key)
     _wait_for(lambda: httpx.get(base_url + "/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200, 5)
     _chat(client, max_tokens=1)
-    ray.get(billing_actor.call.remote("revoke_key", record.key_id, "tests"))
+    wait(admin_client(billing_actor).revoke_key(record.key_id, "tests"))
     t0 = time.monotonic()
     time.sleep(1.0)
     # Many calls, so that both ingress replicas answer at least a few of them.
@@ -149,7 +151,7 @@ def test_invoice_csv_matches_hand_computed_totals(base_url, billing_actor, maas_
     key, _ = create_key(billing_actor, "invoiced", plan="enterprise")
     client = _client(base_url, key)
     sent = [_chat(client, max_tokens=n).usage for n in (3, 5, 9)]
-    _wait_for(lambda: sum(r.requests for r in ray.get(billing_actor.call.remote("spend_rows", period_of(time.time()), "invoiced"))) == 3)
+    _wait_for(lambda: sum(r.requests for r in wait(admin_client(billing_actor).spend_rows(period_of(time.time()), "invoiced"))) == 3)
     month = period_of(time.time())
     result = CliRunner().invoke(main, ["invoice", "--month", month, "--tenant", "invoiced", "--out", str(tmp_path)], env={"MAAS_LEDGER_URL": os.environ["MAAS_LEDGER_URL"]})
     assert result.exit_code == 0, result.output
@@ -174,7 +176,7 @@ def test_a_tenant_reads_only_its_own_usage(base_url, billing_actor, admin_key):
     key_a, _ = create_key(billing_actor, "tenant-a", plan="enterprise")
     key_b, _ = create_key(billing_actor, "tenant-b", plan="enterprise")
     _chat(_client(base_url, key_b), max_tokens=2)
-    _wait_for(lambda: ray.get(billing_actor.call.remote("spend_rows", None, "tenant-b")))
+    _wait_for(lambda: wait(admin_client(billing_actor).spend_rows(None, "tenant-b")))
     auth_a = {"Authorization": f"Bearer {key_a}"}
     resp = httpx.get(base_url + "/usage", params={"tenant": "tenant-b"}, headers=auth_a)
     assert resp.status_code == 403 and resp.json()["error"]["code"] == "permission_denied"
@@ -211,7 +213,7 @@ def test_budget_cannot_be_overspent(base_url, billing_actor):
     assert quota and all(r.json()["error"]["code"] == "insufficient_quota" for r in quota)
     ok = [r.json()["usage"] for r in responses if r.status_code == 200]
     assert ok
-    spent = _wait_for(lambda: (rows := ray.get(billing_actor.call.remote("spend_rows", None, "thrifty"))) and sum(r.requests for r in rows) == len(ok) and sum(r.amount for r in rows))
+    spent = _wait_for(lambda: (rows := wait(admin_client(billing_actor).spend_rows(None, "thrifty"))) and sum(r.requests for r in rows) == len(ok) and sum(r.amount for r in rows))
     worst = max((P_PRICE * u["prompt_tokens"] + C_PRICE * 1) / 1_000_000 for u in ok)
     assert spent <= Decimal("0.30")  # never more than the budget (at most one reservation over, by design none)
     assert spent >= Decimal("0.30") - 3 * worst - Decimal("0.30") * Decimal("0.04")  # and most of it was usable
@@ -247,12 +249,12 @@ def test_billing_metrics_reach_rays_metrics_endpoint(base_url, client):
 def test_restarting_the_serve_app_keeps_all_usage(base_url, billing_actor, maas_config, api_key):
     from ray import serve
 
-    before = ray.get(billing_actor.call.remote("totals", period_of(time.time())))
+    before = wait(admin_client(billing_actor).totals(period_of(time.time())))
     serve.delete(maas_config.app_name)
     local.deploy(maas_config)
-    after = ray.get(billing_actor.call.remote("totals", period_of(time.time())))
+    after = wait(admin_client(billing_actor).totals(period_of(time.time())))
     assert after == before
     _chat(_client(base_url, api_key), max_tokens=2)
-    tests_total = lambda: next((t for t in ray.get(billing_actor.call.remote("totals", period_of(time.time()))) if t.tenant == "tests"), None)  # noqa: E731
+    tests_total = lambda: next((t for t in wait(admin_client(billing_actor).totals(period_of(time.time()))) if t.tenant == "tests"), None)  # noqa: E731
     was = next((t.requests for t in before if t.tenant == "tests"), 0)
     _wait_for(lambda: (t := tests_total()) and t.requests == was + 1)

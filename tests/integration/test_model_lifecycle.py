@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from billing.actor import admin_client
+from billing.admin import wait
+from common.runtime import REPO_ROOT
 from tests.integration.test_training import linked_store
 from training.config import load_train_config
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 MODEL = "SmolLM2-135M-Instruct"
 
 
@@ -75,7 +76,7 @@ def v2(base_url, maas_config, tmp_path_factory) -> str:
     from training.finetune import run
 
     cfg = load_train_config(
-        REPO / "training/configs/pirate.yaml",
+        REPO_ROOT / "training/configs/pirate.yaml",
         {
             "optim": {"max_steps": 3, "warmup_steps": 1},
             "data": {"max_seq_len": 96},
@@ -90,7 +91,6 @@ def v2(base_url, maas_config, tmp_path_factory) -> str:
 
 
 def test_canary_promote_rollback_under_load(base_url, maas_config, client, v2, billing_actor):
-    import ray
 
     from cluster.versions import do_canary, do_promote, do_rollback, traffic_file
 
@@ -134,11 +134,11 @@ def test_canary_promote_rollback_under_load(base_url, maas_config, client, v2, b
     # The ledger attributes tokens to the version that served them; the audit log has every switch.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        rows = ray.get(billing_actor.call.remote("spend_rows", None, "tests"))
+        rows = wait(admin_client(billing_actor).spend_rows(None, "tests"))
         by_version = {r.version: r.completion_tokens for r in rows if r.model == MODEL}
         if by_version.get("v2", 0) >= 300:
             break
         time.sleep(0.5)
     assert by_version.get("v1", 0) > 0 and by_version.get("v2", 0) >= 300, by_version
-    actions = [a["action"] for a in ray.get(billing_actor.call.remote("audit_log", 50)) if a["action"].startswith("model.")]
+    actions = [a["action"] for a in wait(admin_client(billing_actor).audit_log(50)) if a["action"].startswith("model.")]
     assert {"model.canary", "model.promote", "model.rollback"} <= set(actions)

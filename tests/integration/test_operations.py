@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port
+from common.runtime import REPO_ROOT, free_port
 
-REPO = Path(__file__).resolve().parents[2]
+
 MAAS = str(Path(sys.executable).with_name("maas"))
 STAGES = ("ingress", "tokenizer", "generator", "postprocessor", "billing")
 
@@ -46,7 +46,7 @@ def env(tmp_path_factory):
 
 
 def maas(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([MAAS, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([MAAS, *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_no_key_secret_in_any_log_line(up, env):
 
 
 def test_deploy_updates_the_running_cluster(up, env):
-    result = subprocess.run([MAAS, "deploy"], env={**env, "MAAS_PORT": str(up["ports"]["api"])}, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([MAAS, "deploy"], env={**env, "MAAS_PORT": str(up["ports"]["api"])}, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Serving at {up['url']}" in result.stdout and "done in" in result.stderr
     assert _client(up).models.list().data[0].id == "SmolLM2-135M-Instruct"  # still answering with the same keys

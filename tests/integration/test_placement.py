@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import pytest
 
+from billing.actor import admin_client
+from billing.admin import wait
 from cluster import local
-from cluster.config import deep_merge, load_config
-from cluster.model_store import ensure_default_model, open_store
-from tests.integration.conftest import free_port
+from common.config import deep_merge, load_config
+from common.model_store import ensure_default_model, open_store
+from common.runtime import free_port
 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 CPU = {"resources": {"cpu_node": 0.01}}
@@ -96,9 +98,8 @@ def test_a_request_crosses_both_nodes(base_url, api_key_two_nodes):
 
 @pytest.fixture(scope="module")
 def api_key_two_nodes(base_url, config):
-    import ray
 
     from billing import actor
 
-    key, _ = ray.get(actor.get(config.billing).call.remote("create_key", "placement", "enterprise", "tenant", None, "tests", "tests"))
+    key, _ = wait(admin_client(actor.get(config.billing)).create_key("placement", "enterprise", "tenant", None, "tests", "tests"))
     return key

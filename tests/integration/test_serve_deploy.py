@@ -12,10 +12,9 @@ import yaml
 
 from cluster import local
 from cluster.serve_config import serve_config_for
-from tests.integration.conftest import free_port
+from common.runtime import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_serve_deploy_of_the_generated_config_serves_the_model(maas_config, tmp_path):
@@ -32,7 +31,7 @@ def test_serve_deploy_of_the_generated_config_serves_the_model(maas_config, tmp_
         path = tmp_path / "serve.yaml"
         path.write_text(yaml.safe_dump(config))
         serve_cli = Path(sys.executable).with_name("serve")
-        subprocess.run([str(serve_cli), "deploy", str(path), "--address", f"http://127.0.0.1:{dashboard_port}"], cwd=REPO, check=True, timeout=120)
+        subprocess.run([str(serve_cli), "deploy", str(path), "--address", f"http://127.0.0.1:{dashboard_port}"], cwd=REPO_ROOT, check=True, timeout=120)
         base = f"http://127.0.0.1:{maas_config.http.port}"
         local.wait_healthy(base, timeout_s=600)
         from billing import actor

@@ -7,7 +7,6 @@ publishes never reach other modules.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,14 +18,13 @@ from pathlib import Path
 import pytest
 
 from cluster import local
-from cluster.config import load_config
-from cluster.model_store import ensure_default_model, open_store
-from tests.integration.conftest import free_port
+from common.config import load_config
+from common.model_store import ensure_default_model, open_store
+from common.runtime import REPO_ROOT, free_port
 from training.config import load_train_config
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "training" / "configs" / "tiny.yaml"
+TINY = REPO_ROOT / "training" / "configs" / "tiny.yaml"
 
 
 def linked_store(tmp_path_factory) -> Path:
@@ -73,7 +71,7 @@ def test_ray_job_submit_trains_and_registers_a_version(cluster):
     proc = subprocess.run(
         [str(ray_cli), "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".", "--",
          "python", "-m", "training.finetune", "--config", "training/configs/tiny.yaml", "--set", "optim.max_steps=10"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-4000:]
@@ -81,7 +79,7 @@ def test_ray_job_submit_trains_and_registers_a_version(cluster):
     mv = open_store(cluster["store"]).resolve("tiny-pirate", "v1")
     lineage = mv.metadata["lineage"]
     assert lineage["base"] == {"name": "SmolLM2-135M-Instruct", "version": "v1"}
-    assert lineage["dataset"]["sha256"] == __import__("hashlib").sha256((REPO / "training/datasets/pirate_sft.jsonl").read_bytes()).hexdigest()
+    assert lineage["dataset"]["sha256"] == __import__("hashlib").sha256((REPO_ROOT / "training/datasets/pirate_sft.jsonl").read_bytes()).hexdigest()
     assert lineage["run"]["submission_id"].startswith("raysubmit_") and lineage["run"]["ray_job_id"] and lineage["config"]["optim"]["max_steps"] == 10
     assert mv.metadata["eval"]["eval_loss"] < mv.metadata["eval"]["eval_loss_before"]
     from transformers import AutoModelForCausalLM

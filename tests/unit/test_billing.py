@@ -7,7 +7,6 @@ from decimal import Decimal
 
 import pytest
 
-from billing.catalog import BillingConfig, LeaseConfig, Plan, Price, PriceBook
 from billing.client import BillingClient, EngineCountReporter
 from billing.invoice import build_invoices, read_invoice_csv, write_invoice
 from billing.keys import check_key, hash_key, key_id_of, new_key
@@ -16,7 +15,8 @@ from billing.pricing import cost, quote, to_cents
 from billing.quota import Ask, TenantLease, decide_grant, period_of, reserve, settle, shortfall, window_of
 from billing.records import EngineCount, SyncRequest, UsageEvent
 from billing.service import BillingCore
-from deployments.core.errors import AuthenticationError, InsufficientQuotaError, InvalidRequestError, PermissionDeniedError, RateLimitError
+from common.config import BillingConfig, LeaseConfig, Plan, Price, PriceBook
+from common.errors import AuthenticationError, InsufficientQuotaError, InvalidRequestError, PermissionDeniedError, RateLimitError
 
 NOV = 1795000000.0  # 2026-11-19 UTC
 PRICE = Price(prompt_per_1m=Decimal("0.50"), completion_per_1m=Decimal("1.50"))

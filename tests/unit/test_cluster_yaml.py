@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from common.runtime import REPO_ROOT
+
 
 
 def test_cluster_yaml_passes_rays_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    raw = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
     config = prepare_config(raw)
     validate_config(config)
     assert config["head_node_type"] == "head"
@@ -22,7 +22,7 @@ def test_cluster_yaml_passes_rays_validation():
 
 
 def test_cluster_yaml_installs_the_gpu_extra_and_deploys_the_serve_config():
-    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    raw = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
     assert any("[gpu]" in cmd for cmd in raw["setup_commands"])
     head = " ".join(raw["head_start_ray_commands"])
     assert "serve-config" in head and "serve deploy" in head and "cluster/configs/gpu.yaml" in head
@@ -34,15 +34,15 @@ def test_cluster_yaml_installs_the_gpu_extra_and_deploys_the_serve_config():
 # ---- the KubeRay RayService manifest -------------------------------------------------------------
 
 def _generated():
-    from cluster.config import load_config
+    from common.config import load_config
     from cluster.kuberay import load_launcher, rayservice_for, render
 
-    path = REPO / "cluster/configs/gpu.yaml"
-    return render(rayservice_for(load_config(path), path, load_launcher(REPO / "cluster.yaml"), ["v1"]))
+    path = REPO_ROOT / "cluster/configs/gpu.yaml"
+    return render(rayservice_for(load_config(path), path, load_launcher(REPO_ROOT / "cluster.yaml"), ["v1"]))
 
 
 def test_shipped_rayservice_is_what_the_generator_writes():
-    assert (REPO / "cluster/rayservice.yaml").read_text() == _generated(), "regenerate: maas --config cluster/configs/gpu.yaml kuberay --versions v1 > cluster/rayservice.yaml"
+    assert (REPO_ROOT / "cluster/rayservice.yaml").read_text() == _generated(), "regenerate: maas --config cluster/configs/gpu.yaml kuberay --versions v1 > cluster/rayservice.yaml"
 
 
 def test_rayservice_serve_config_passes_serves_schema_and_its_imports_resolve():
@@ -50,7 +50,7 @@ def test_rayservice_serve_config_passes_serves_schema_and_its_imports_resolve():
 
     from ray.serve.schema import ServeDeploySchema
 
-    manifest = yaml.safe_load((REPO / "cluster/rayservice.yaml").read_text())
+    manifest = yaml.safe_load((REPO_ROOT / "cluster/rayservice.yaml").read_text())
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
     schema = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     names = [app.name for app in schema.applications]
@@ -58,14 +58,14 @@ def test_rayservice_serve_config_passes_serves_schema_and_its_imports_resolve():
     for app in schema.applications:
         module, attr = app.import_path.split(":")
         assert callable(getattr(importlib.import_module(module), attr))
-        assert (REPO / app.args["config"]).exists()
+        assert (REPO_ROOT / app.args["config"]).exists()
 
 
 def test_rayservice_groups_mirror_the_launcher_node_types():
     import re
 
-    manifest = yaml.safe_load((REPO / "cluster/rayservice.yaml").read_text())
-    launcher = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    manifest = yaml.safe_load((REPO_ROOT / "cluster/rayservice.yaml").read_text())
+    launcher = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
     cluster = manifest["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
@@ -88,11 +88,11 @@ def test_rayservice_groups_mirror_the_launcher_node_types():
 
 def test_gpu_config_keeps_cpu_stages_off_gpu_nodes():
     """Generators need a GPU (only gpu_worker has one); the other stages need `cpu_node` (head and cpu_worker only)."""
-    from cluster.config import load_config
-    from cluster.serve_config import deployment_options
+    from common.config import load_config
+    from deployments.app import deployment_options
 
-    config = load_config(REPO / "cluster/configs/gpu.yaml")
-    launcher = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config = load_config(REPO_ROOT / "cluster/configs/gpu.yaml")
+    launcher = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
     provides = {name: set((t.get("resources") or {})) for name, t in launcher["available_node_types"].items()}
     assert deployment_options(config.deployments.generator, gpus=1.0)["ray_actor_options"]["num_gpus"] == 1.0
     for stage in ("ingress", "tokenizer", "postprocessor"):

@@ -1,6 +1,6 @@
 """Stream coalescing: every token at once below the budget, ceil(streaming/budget) tokens per message above it."""
 
-from deployments.core.engine import Coalescer
+from deployments.core.generator import Coalescer
 
 
 def test_below_budget_every_token_is_due_at_once():

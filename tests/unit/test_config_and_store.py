@@ -9,13 +9,14 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from cluster.config import MaasConfig, load_config
-from cluster.model_store import METADATA_FILE, LocalModelStore, open_store
-from cluster.serve_config import deployment_options, serve_config_for
-from deployments.core.engine import engine_args, engine_env_vars
-from deployments.core.errors import ModelNotFoundError
+from cluster.serve_config import serve_config_for
+from common.config import MaasConfig, load_config
+from common.errors import ModelNotFoundError
+from common.model_store import METADATA_FILE, LocalModelStore, open_store
+from common.runtime import REPO_ROOT
+from deployments.app import deployment_options
+from deployments.core.generator import engine_args, engine_env_vars
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _walk(model: type[BaseModel]):
@@ -33,7 +34,7 @@ def test_every_config_field_is_described():
 
 @pytest.mark.parametrize("name", ["default.yaml", "gpu.yaml"])
 def test_shipped_configs_load(name):
-    config = load_config(REPO / "cluster" / "configs" / name)
+    config = load_config(REPO_ROOT / "cluster" / "configs" / name)
     assert config.model.name == "SmolLM2-135M-Instruct"
     # Billing is on, the served model has a price, and the default plan exists.
     assert config.billing.enabled and config.billing.price_book.price_for(config.model.name).completion_per_1m > 0
@@ -55,8 +56,8 @@ def test_env_overrides(monkeypatch, tmp_path):
 
 
 def test_generator_gets_a_gpu_only_on_gpu_configs():
-    cpu = load_config(REPO / "cluster/configs/default.yaml")
-    gpu = load_config(REPO / "cluster/configs/gpu.yaml")
+    cpu = load_config(REPO_ROOT / "cluster/configs/default.yaml")
+    gpu = load_config(REPO_ROOT / "cluster/configs/gpu.yaml")
     assert deployment_options(cpu.deployments.generator)["ray_actor_options"]["num_gpus"] == 0
     assert deployment_options(gpu.deployments.generator, gpus=1.0)["ray_actor_options"]["num_gpus"] == 1.0
     opts = deployment_options(cpu.deployments.tokenizer)
@@ -65,13 +66,13 @@ def test_generator_gets_a_gpu_only_on_gpu_configs():
 
 
 def test_default_graph_fits_two_cpus():
-    stages = load_config(REPO / "cluster/configs/default.yaml").deployments
+    stages = load_config(REPO_ROOT / "cluster/configs/default.yaml").deployments
     total = sum(s.num_cpus * s.autoscaling.min_replicas for s in (stages.ingress, stages.tokenizer, stages.generator, stages.postprocessor))
     assert total <= 1.0  # leaves room for Serve's controller and proxy on 2 cores
 
 
 def test_engine_env_and_args_on_cpu():
-    config = load_config(REPO / "cluster/configs/default.yaml").engine
+    config = load_config(REPO_ROOT / "cluster/configs/default.yaml").engine
     env = engine_env_vars(config, num_cpus_on_node=2)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and env["OMP_NUM_THREADS"] == "2" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     args = engine_args("/m", config)
@@ -79,8 +80,8 @@ def test_engine_env_and_args_on_cpu():
 
 
 def test_shipped_serve_config_matches_generated():
-    shipped = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
-    assert shipped == serve_config_for(load_config(REPO / "cluster/configs/default.yaml"), versions=["v1"])
+    shipped = yaml.safe_load((REPO_ROOT / "cluster" / "serve_config.yaml").read_text())
+    assert shipped == serve_config_for(load_config(REPO_ROOT / "cluster/configs/default.yaml"), versions=["v1"])
 
 
 def _hf_folder(path: Path, payload: bytes = b"weights") -> Path:

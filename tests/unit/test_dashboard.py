@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from common.runtime import REPO_ROOT
+
 SOURCES = ["deployments/observability.py", "billing/metrics.py", "training/loop.py"]
 
 
 def _defined_metric_names() -> set[str]:
-    text = "\n".join((REPO / p).read_text() for p in SOURCES)
+    text = "\n".join((REPO_ROOT / p).read_text() for p in SOURCES)
     names = set(re.findall(r'\(\s*f?"(maas_[a-z_]+)"', text))
     names |= {f"maas_train_{n}" for n in ("loss", "tokens_per_second", "step")}  # built in a loop in training/loop.py
     return names
 
 
 def test_dashboard_queries_use_exported_metric_names():
-    dash = json.loads((REPO / "cluster/grafana/ray-maas-dashboard.json").read_text())
+    dash = json.loads((REPO_ROOT / "cluster/grafana/ray-maas-dashboard.json").read_text())
     assert dash["uid"] == "ray-maas" and dash["panels"]
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
     defined = _defined_metric_names()

@@ -6,22 +6,22 @@ Every admitted request is settled exactly once, including a stream the client ab
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from decimal import Decimal
 
 import httpx
-import pytest
 import uvicorn
 
-from billing.catalog import Plan
+from billing.admin import BillingAdmin
 from billing.client import BillingClient
 from billing.ledger import Ledger
 from billing.service import BillingCore
+from common.config import Plan
+from common.runtime import free_port
 from deployments.openai.accounts import AccountsService
 from deployments.openai.routes import build_app
-from deployments.openai.service import OpenAIService
+from deployments.openai.service import Backend, OpenAIService, StaticPicker
 from tests.fakes import FakePostprocessorClient, FakeTokenizerClient, ScriptedEngine
 from tests.unit.test_billing import PRICE, InProcess, config
 
@@ -33,20 +33,15 @@ class Server:
         self.core = BillingCore(config(free=Plan(), tiny=Plan(monthly_budget=Decimal("0.00001"))), Ledger(f"sqlite:///{tmp_path}/l.db"))
         self.key, _ = self.core.create_key("acme")
         self.engine = engine
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.ready = threading.Event()
 
     async def _app(self):
         self.billing = BillingClient(self.core.config, InProcess(self.core), "h1")
         await self.billing.start()
 
-        async def call(method, *args):
-            return getattr(self.core, method)(*args)
-
-        service = OpenAIService("m", FakeTokenizerClient(), FakePostprocessorClient(self.engine), billing=self.billing, price=PRICE, model_version="v1")
-        return build_app(service, AccountsService(call, "USD", time.time))
+        service = OpenAIService("m", FakeTokenizerClient(), StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), PRICE)), billing=self.billing)
+        return build_app(service, AccountsService(BillingAdmin.in_process(self.core), "USD", time.time))
 
     def run(self):
         loop = asyncio.new_event_loop()

@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from billing.keys import new_key
-from cluster import logs
+from common import logs
 from deployments.openai.routes import build_app
-from deployments.openai.service import OpenAIService, RequestRecord
+from deployments.openai.service import Backend, OpenAIService, RequestRecord, StaticPicker
 from tests.fakes import FakePostprocessorClient, FakeTokenizerClient, ScriptedEngine
 
 MODEL = "test-model"
@@ -66,8 +66,27 @@ def test_json_lines_carry_the_request_id_and_fields(tmp_path, restore_loggers):
     assert sum(1 for h in logging.getLogger("billing").handlers if getattr(h, "_maas", False)) == 1
 
 
+
+
+def test_an_exception_is_one_readable_traceback_string(tmp_path, restore_loggers):
+    path = logs.configure("unit", tmp_path, "INFO")
+    log = logging.getLogger("billing.test")
+    try:
+        try:
+            raise KeyError("inner")
+        except KeyError as inner:
+            raise RuntimeError("outer with sk-maas-abcdefgh-SECRETSECRET") from inner
+    except RuntimeError as exc:
+        log.error("as instance", exc_info=exc)
+        log.exception("inside except")
+    for h in logging.getLogger("billing").handlers:
+        h.flush()
+    for line in [json.loads(x) for x in path.read_text().splitlines()][-2:]:
+        text = line["exc"]
+        assert isinstance(text, str) and text.startswith("Traceback (most recent call last):")
+        assert "KeyError: 'inner'" in text and "direct cause" in text and text.endswith("RuntimeError: outer with sk-maas-abcdefgh-***")
 def _client(recorder: Recorder, engine: ScriptedEngine | None = None) -> TestClient:
-    service = OpenAIService(MODEL, FakeTokenizerClient(max_model_len=128), FakePostprocessorClient(engine or ScriptedEngine()), model_version="v3", observer=recorder)
+    service = OpenAIService(MODEL, FakeTokenizerClient(max_model_len=128), StaticPicker(Backend("v3", FakePostprocessorClient(engine or ScriptedEngine()))), observer=recorder)
     return TestClient(build_app(service), raise_server_exceptions=False)
 
 
@@ -103,7 +122,7 @@ def test_a_client_leaving_right_after_the_last_piece_ends_the_request_ok():
     from deployments.openai.protocol import ChatCompletionRequest
 
     rec = Recorder()
-    service = OpenAIService(MODEL, FakeTokenizerClient(max_model_len=128), FakePostprocessorClient(ScriptedEngine()), model_version="v3", observer=rec)
+    service = OpenAIService(MODEL, FakeTokenizerClient(max_model_len=128), StaticPicker(Backend("v3", FakePostprocessorClient(ScriptedEngine()))), observer=rec)
 
     async def run():
         body = ChatCompletionRequest.model_validate({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 50})

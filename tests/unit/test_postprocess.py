@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from deployments.core.postprocess import IncrementalDetokenizer, Postprocessor, RequestDecoder, StopMatcher
+from deployments.core.postprocessor import IncrementalDetokenizer, RequestDecoder, ResponseWriter, StopMatcher
 from deployments.core.types import GenerationRequest
 from tests.fakes import ByteTokenizer, ScriptedEngine
 
@@ -89,7 +89,7 @@ async def _collect(agen):
 async def test_stream_shapes_usage_and_done():
     engine = ScriptedEngine("Hi there", per_message=3)
     req = _request(stream=True, include_usage=True)
-    pieces = await _collect(Postprocessor(TOK.decode).stream(req, engine.generate(req)))
+    pieces = await _collect(ResponseWriter(TOK.decode).stream(req, engine.generate(req)))
     text = "".join(p for p, _ in pieces)
     events = [line[len("data: "):] for line in text.split("\n\n") if line]
     assert events[-1] == "[DONE]"
@@ -107,7 +107,7 @@ async def test_stream_stops_reading_the_engine_after_a_stop_string():
     engine = ScriptedEngine("one two three four five six", per_message=2)
     req = _request(kind="completion", stream=True, stop=["three"])
     stream = engine.generate(req)
-    pieces = await _collect(Postprocessor(TOK.decode).stream(req, stream))
+    pieces = await _collect(ResponseWriter(TOK.decode).stream(req, stream))
     await stream.aclose()
     chunks = [json.loads(line[6:]) for line in "".join(p for p, _ in pieces).split("\n\n") if line and line != "data: [DONE]"]
     assert "".join(c["choices"][0]["text"] for c in chunks) == "one two "
@@ -118,7 +118,7 @@ async def test_stream_stops_reading_the_engine_after_a_stop_string():
 async def test_complete_builds_whole_response():
     engine = ScriptedEngine("abcdef", per_message=4)
     req = _request(kind="completion", max_tokens=5, n=2)
-    body = await Postprocessor(TOK.decode).complete(req, engine.generate(req))
+    body = await ResponseWriter(TOK.decode).complete(req, engine.generate(req))
     assert body["object"] == "text_completion"
     assert [c["text"] for c in body["choices"]] == ["abcde", "abcde"]
     assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
@@ -126,8 +126,8 @@ async def test_complete_builds_whole_response():
 
 
 def test_real_tokenizer_roundtrip_if_model_present():
-    from cluster.config import load_config
-    from cluster.model_store import open_store
+    from common.config import load_config
+    from common.model_store import open_store
 
     config = load_config()
     try:

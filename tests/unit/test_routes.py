@@ -8,14 +8,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deployments.openai.routes import build_app
-from deployments.openai.service import OpenAIService
+from deployments.openai.service import Backend, OpenAIService, StaticPicker
 from tests.fakes import FakePostprocessorClient, FakeTokenizerClient, ScriptedEngine
 
 MODEL = "test-model"
 
 
 def make_client(engine: ScriptedEngine | None = None, ready: bool = True) -> TestClient:
-    service = OpenAIService(MODEL, FakeTokenizerClient(max_model_len=128), FakePostprocessorClient(engine or ScriptedEngine()), is_ready=lambda: ready)
+    service = OpenAIService(MODEL, FakeTokenizerClient(max_model_len=128), StaticPicker(Backend("", FakePostprocessorClient(engine or ScriptedEngine()))), is_ready=lambda: ready)
     return TestClient(build_app(service), raise_server_exceptions=False)
 
 

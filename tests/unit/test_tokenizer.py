@@ -2,7 +2,7 @@
 
 import pytest
 
-from deployments.core.errors import ContextLengthExceededError, InvalidRequestError
+from common.errors import ContextLengthExceededError, InvalidRequestError
 from deployments.core.tokenizer import PromptTokenizer, fit_context
 from tests.fakes import EOS, ByteTokenizer
 

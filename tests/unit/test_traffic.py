@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
-from cluster.model_store import LocalModelStore
-from cluster.traffic import SmoothWeightedPicker, TrafficError, TrafficFile, TrafficFollower, TrafficPlan, canary, promote, rollback
 from cluster.versions import check_versions, plan_from_config
+from common.config import load_config
+from common.model_store import LocalModelStore
+from deployments.core.traffic import SmoothWeightedPicker, TrafficError, TrafficFile, TrafficFollower, TrafficPlan, canary, promote, rollback
 
 M = "m"
 
@@ -85,7 +85,7 @@ def test_a_failed_change_leaves_the_plan_untouched(tmp_path):
 
 
 def test_follower_without_a_plan_answers_503(tmp_path):
-    from deployments.core.errors import EngineNotReadyError
+    from common.errors import EngineNotReadyError
 
     follower = TrafficFollower(TrafficFile(tmp_path, "app", M), lambda v: v)
     with pytest.raises(EngineNotReadyError):

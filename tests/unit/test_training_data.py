@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from cluster.model_store import LocalModelStore
+from common.model_store import LocalModelStore
+from common.runtime import REPO_ROOT
 from training.config import load_train_config
 from training.data import IGNORE_INDEX, DatasetError, collate, encode_chat, is_eval, lr_at, read_chats, validate_chat
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "training" / "datasets" / "pirate_sft.jsonl"
+SAMPLE = REPO_ROOT / "training" / "datasets" / "pirate_sft.jsonl"
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from cluster.config import load_config
-    from cluster.model_store import open_store
+    from common.config import load_config
+    from common.model_store import open_store
     from deployments.core.tokenizer import load_hf_tokenizer
 
     config = load_config()
@@ -101,11 +100,11 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
 
 
 def test_shipped_training_configs_load():
-    for path in sorted((REPO / "training" / "configs").glob("*.yaml")):
+    for path in sorted((REPO_ROOT / "training" / "configs").glob("*.yaml")):
         cfg = load_train_config(path)
         assert cfg.data_path().is_file(), path
     with pytest.raises(Exception, match="warmup"):
-        load_train_config(REPO / "training/configs/tiny.yaml", {"optim": {"max_steps": 2, "warmup_steps": 5}})
+        load_train_config(REPO_ROOT / "training/configs/tiny.yaml", {"optim": {"max_steps": 2, "warmup_steps": 5}})
 
 
 def _hf(tmp_path: Path, n_files: int = 3) -> Path:
@@ -143,7 +142,7 @@ def _publish_with(store, src, ignore_hook):
     from unittest import mock
 
     real = shutil.copytree
-    with mock.patch("cluster.model_store.shutil.copytree", lambda s, d, ignore=None: real(s, d, ignore=ignore_hook)):
+    with mock.patch("common.model_store.shutil.copytree", lambda s, d, ignore=None: real(s, d, ignore=ignore_hook)):
         return store.publish("m", src, {})
 
 
@@ -153,7 +152,7 @@ def test_a_writer_killed_mid_publish_never_shows_a_partial_version(tmp_path):
     (src / "big.safetensors").write_bytes(b"\0" * (200 << 20))
     code = f"""
 import os, shutil
-from cluster.model_store import LocalModelStore
+from common.model_store import LocalModelStore
 real = shutil.copy2
 def copy2(s, d, **kw):
     if s.endswith("big.safetensors"):
@@ -163,7 +162,7 @@ real_tree = shutil.copytree
 shutil.copytree = lambda s, d, ignore=None: real_tree(s, d, ignore=ignore, copy_function=copy2)
 LocalModelStore({str(store.root)!r}).publish("m", {str(src)!r}, {{}})
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, timeout=120)
     assert proc.returncode == -9
     assert store.versions("m") == [] and store.models() == []
     leftovers = list((store.root / "m").glob(".staging-*"))

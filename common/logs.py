@@ -1,7 +1,7 @@
 """Structured JSON logs for every ray-maas process, carrying the request id, with key material scrubbed.
 
 Each Serve replica and the billing actor call `configure(stage, logs_dir)` at start-up: records of
-the project's loggers (`deployments`, `billing`, `cluster`, `training`) become one JSON object per
+the project's loggers (`common`, `deployments`, `billing`, `cluster`, `training`) become one JSON object per
 line in `<logs_dir>/maas/<stage>-<pid>.jsonl` (Ray's session log folder, so they sit beside Serve's
 own logs and show in the dashboard's log viewer), and on stderr when `MAAS_LOG_STDERR` is set.
 
@@ -25,11 +25,12 @@ import os
 import re
 import sys
 import time
+import traceback
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-PROJECT_LOGGERS = ("deployments", "billing", "cluster", "training")
+PROJECT_LOGGERS = ("common", "deployments", "billing", "cluster", "training")
 
 # `extra=` fields that become top-level JSON fields.
 FIELDS = (
@@ -85,8 +86,16 @@ class JsonFormatter(logging.Formatter):
             if value is not None:
                 out[name] = value
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = traceback_text(record.exc_info)
         return redact(json.dumps(out, default=str, separators=(",", ":")))
+
+
+def traceback_text(exc_info: Any) -> str:
+    """One readable traceback string (chained causes included) from an exception or an `exc_info` tuple."""
+    exc = exc_info if isinstance(exc_info, BaseException) else exc_info[1] if isinstance(exc_info, tuple) else None
+    if exc is None:
+        return ""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n")
 
 
 def log_path(logs_dir: str | Path, stage: str) -> Path:
@@ -124,7 +133,7 @@ def configure(stage: str, logs_dir: str | Path | None, level: str = "INFO", to_s
 
 def setup_logging(stage: str) -> Path | None:
     """`configure` for a Ray worker (Serve replica, actor): JSON lines into this Ray session's log folder."""
-    from cluster import envs
+    from common import envs
 
     logs_dir = None
     try:

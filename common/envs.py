@@ -1,6 +1,6 @@
 """Every environment variable ray-maas reads, typed, in one place (all start with ``MAAS_``).
 
-Read them as attributes of this module (``from cluster import envs; envs.MAAS_PORT``);
+Read them as attributes of this module (``from common import envs; envs.MAAS_PORT``);
 each access reads the environment afresh, so tests and child processes see changes.
 """
 
@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+from common.runtime import REPO_ROOT
 
 
 def _path(name: str, default: Path) -> Callable[[], Path]:
@@ -23,7 +23,7 @@ def _optional_path(name: str) -> Callable[[], Path | None]:
 
 environment_variables: dict[str, Callable[[], Any]] = {
     # YAML config file; the shipped default when unset.
-    "MAAS_CONFIG": _path("MAAS_CONFIG", _REPO_ROOT / "cluster" / "configs" / "default.yaml"),
+    "MAAS_CONFIG": _path("MAAS_CONFIG", REPO_ROOT / "cluster" / "configs" / "default.yaml"),
     # Root of the model store; overrides `model_store.root` in the config when set.
     "MAAS_MODEL_STORE": _optional_path("MAAS_MODEL_STORE"),
     # HTTP host/port the API listens on; override the config's `http` section when set.

@@ -6,7 +6,8 @@ in the model store (`<store>/.traffic/<app>/<model>.json`), replaced atomically
 under a lock; ingress replicas re-read it when it changes, so a switch takes
 effect within a poll interval without redeploying anything.  `pick_versions`
 spreads requests by smooth weighted round-robin, so a 10% canary gets exactly
-one request in ten from each replica.
+one request in ten from each replica.  Each version runs as its own Serve application,
+named by `version_app_name`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from deployments.core.errors import InvalidRequestError
+from common.errors import EngineNotReadyError, InvalidRequestError
+
+
+def version_app_name(app_name: str, model: str, version: str) -> str:
+    """The Serve application that serves one store version of a model (postprocessor → generator)."""
+    return f"{app_name}--{model}--{version}"
 
 
 class TrafficError(InvalidRequestError):
@@ -202,7 +208,5 @@ class TrafficFollower:
 
     def pick(self):  # -> the backend object make_backend built
         if self._picker is None:
-            from deployments.core.errors import EngineNotReadyError
-
             raise EngineNotReadyError()
         return self._backends[self._picker.pick()]

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from deployments.core.errors import ModelNotFoundError
+from common.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 

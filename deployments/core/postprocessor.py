@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Sequence
 
 from deployments.core import shapes
-from deployments.core.types import GenerationRequest, TokenDelta, Usage
+from deployments.core.types import ChoiceEvent, GenerationRequest, TokenDelta, Usage
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -93,16 +93,6 @@ class ChoiceState:
     started: bool = False
 
 
-@dataclass(frozen=True)
-class ChoiceEvent:
-    """New text for one choice, and its finish reason if it just finished."""
-
-    index: int
-    text: str
-    finish_reason: str | None
-    first: bool
-
-
 class RequestDecoder:
     """Per-request state of the postprocessor: one detokenizer and stop matcher per choice."""
 
@@ -147,8 +137,8 @@ class RequestDecoder:
         return ChoiceEvent(choice.index, text, finish_reason, first)
 
 
-class Postprocessor:
-    """Drives a RequestDecoder over a generator's token stream, producing OpenAI responses."""
+class ResponseWriter:
+    """The postprocessor's logic: drives a RequestDecoder over a generator's token stream, writing OpenAI responses."""
 
     def __init__(self, decode: Decode):
         self._decode = decode
@@ -179,4 +169,4 @@ class Postprocessor:
             if decoder.done:
                 break
         decoder.finish_unfinished()
-        return shapes.full_response(req, decoder.choices, decoder.usage)
+        return shapes.full_response(req, [ChoiceEvent(c.index, "".join(c.text), c.finish_reason, False) for c in decoder.choices], decoder.usage)

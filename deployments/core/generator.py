@@ -21,8 +21,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from cluster.config import EngineConfig
-from deployments.core.errors import EngineNotReadyError, InvalidRequestError, ServiceUnavailableError
+from common.config import EngineConfig
+from common.errors import EngineNotReadyError, InvalidRequestError, ServiceUnavailableError
 from deployments.core.types import GenerationRequest, TokenDelta
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,5 @@
+"""`python -m cluster.cli`: the same as the `maas` command."""
+
+from cluster.cli import main
+
+main()

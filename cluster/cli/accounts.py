@@ -1,0 +1,123 @@
+"""`maas keys ... | usage | audit | invoice`: tenants' keys, usage, the audit log and invoices, through the billing actor."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from billing.quota import period_of
+from cluster.cli.common import billing_admin, run
+
+
+def _when(ts: float | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime(fmt) if ts else "-"
+
+
+def _duration_s(text: str | None) -> float | None:
+    if not text:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, KeyError) as exc:
+        raise click.BadParameter(f"{text!r}: use e.g. 30s, 15m, 12h or 90d") from exc
+
+
+def _month(value: str | None) -> str:
+    if value is None:
+        return period_of(time.time())
+    if not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", value):
+        raise click.BadParameter(f"{value!r}: use YYYY-MM")
+    return value
+
+
+@click.group()
+def keys() -> None:
+    """API keys: create (shown once), list, revoke."""
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="Tenant the key bills to (created if new).")
+@click.option("--plan", default=None, help="Set the tenant's plan (default: kept, or billing.default_plan for a new tenant).")
+@click.option("--admin", is_flag=True, help="An operator key for /admin/* instead of a tenant key.")
+@click.option("--expires-in", default=None, help="Lifetime, e.g. 30d or 12h (default: never expires).")
+@click.option("--name", default="", help="A note to recognise the key by.")
+@click.pass_context
+def keys_create(ctx: click.Context, tenant: str, plan: str | None, admin: bool, expires_in: str | None, name: str) -> None:
+    _, billing = billing_admin(ctx)
+    key, record = run(billing.create_key(tenant, plan, "admin" if admin else "tenant", _duration_s(expires_in), name, "cli"))
+    click.echo(f"Created {record.role} key {record.key_id}… for tenant {record.tenant}. It is shown only now:\n\n  {key}\n")
+
+
+@keys.command("list")
+@click.option("--tenant", default=None)
+@click.pass_context
+def keys_list(ctx: click.Context, tenant: str | None) -> None:
+    _, billing = billing_admin(ctx)
+    click.echo(f"{'KEY ID':<20} {'TENANT':<16} {'ROLE':<7} {'CREATED':<17} {'EXPIRES':<17} {'REVOKED':<17} NAME")
+    for k in run(billing.list_keys(tenant)):
+        click.echo(f"{k.key_id:<20} {k.tenant:<16} {k.role:<7} {_when(k.created_at):<17} {_when(k.expires_at):<17} {_when(k.revoked_at):<17} {k.name}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.pass_context
+def keys_revoke(ctx: click.Context, key_id: str) -> None:
+    _, billing = billing_admin(ctx)
+    record = run(billing.revoke_key(key_id.rstrip("…"), "cli"))
+    click.echo(f"Revoked {record.key_id} (tenant {record.tenant}); every ingress replica refuses it within a second.")
+
+
+@click.command()
+@click.option("--tenant", default=None, help="One tenant (default: all).")
+@click.option("--month", default=None, help="YYYY-MM (default: this month, UTC).")
+@click.pass_context
+def usage(ctx: click.Context, tenant: str | None, month: str | None) -> None:
+    """Usage by tenant, day, model and version, from the ledger."""
+    from billing.reports import usage_report
+
+    config, billing = billing_admin(ctx)
+    period = _month(month)
+    report = usage_report(run(billing.spend_rows(period, tenant, by_day=True)), period, config.billing.price_book.currency, tenant)
+    click.echo(f"{'TENANT':<16} {'DAY':<10} {'MODEL':<24} {'VER':<5} {'REQS':>7} {'PROMPT':>10} {'COMPLETION':>10} {'COST':>14}")
+    for r in report["data"]:
+        click.echo(f"{r['tenant']:<16} {r['day']:<10} {r['model']:<24} {r['version']:<5} {r['requests']:>7} {r['prompt_tokens']:>10} {r['completion_tokens']:>10} {r['cost']:>14}")
+    t = report["total"]
+    click.echo(f"{'TOTAL':<58} {t['requests']:>7} {t['prompt_tokens']:>10} {t['completion_tokens']:>10} {t['cost']:>14} {report['currency']}")
+
+
+@click.command()
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.pass_context
+def audit(ctx: click.Context, limit: int) -> None:
+    """Who did what to keys, plans and prices, newest first (from the ledger database)."""
+    _, billing = billing_admin(ctx)
+    for a in run(billing.audit_log(limit)):
+        click.echo(f"{_when(a['ts'], '%Y-%m-%d %H:%M:%S')}  {a['who']:<20} {a['action']:<18} {a['target']:<24} {a['detail'][:120]}")
+
+
+@click.command()
+@click.option("--month", required=True, help="YYYY-MM (UTC calendar month).")
+@click.option("--tenant", default=None, help="One tenant (default: every tenant with usage).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), default="csv")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("invoices"), help="Folder for the files.")
+@click.pass_context
+def invoice(ctx: click.Context, month: str, tenant: str | None, fmt: str, out_dir: Path) -> None:
+    """Monthly invoices (one file per tenant), built with pandas from the ledger, exact to the cent."""
+    from billing.invoice import build_invoices, write_invoice
+
+    config, billing = billing_admin(ctx)
+    period = _month(month)
+    invoices = build_invoices(run(billing.spend_rows(period, tenant)), period, config.billing.price_book.currency, tenant)
+    if not invoices:
+        click.echo(f"No usage in {period}.")
+    for inv in invoices:
+        path = write_invoice(inv, out_dir / f"invoice-{inv.tenant}-{period}.{fmt}", fmt)
+        click.echo(f"{inv.tenant}: {len(inv.lines)} lines, total {inv.total} {inv.currency} -> {path}")
+
+
+COMMANDS = [keys, usage, audit, invoice]

@@ -1,0 +1,161 @@
+"""`maas models ...` and `maas train`: the model store, live versions (canary, promote, rollback) and fine-tuning."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+
+import click
+
+from cluster.cli.common import config_of, connect, progress, traffic_line
+from common.model_store import ensure_default_model, open_store
+
+
+@click.group()
+def models() -> None:
+    """The model store and the versions being served."""
+
+
+@models.command("import-default")
+@click.pass_context
+def import_default(ctx: click.Context) -> None:
+    """Convert the packaged SmolLM2 GGUF into the store (once)."""
+    config = config_of(ctx)
+    mv = ensure_default_model(open_store(config.store_root()), config.model.name)
+    click.echo(f"{mv.name}/{mv.version} at {mv.path}")
+
+
+@models.command("list")
+@click.option("--name", default=None, help="One model (default: all).")
+@click.pass_context
+def list_models(ctx: click.Context, name: str | None) -> None:
+    """Models and versions in the store, with lineage and eval metrics."""
+    store = open_store(config_of(ctx).store_root())
+    click.echo(f"{'MODEL':<28} {'VER':<5} {'CREATED':<20} {'SOURCE':<10} {'BASE':<8} {'EVAL LOSS':<17} RUN")
+    for model in [name] if name else store.models():
+        for mv in store.versions(model):
+            meta = mv.metadata
+            base = meta.get("lineage", {}).get("base", {})
+            ev = meta.get("eval", {})
+            loss = f"{ev['eval_loss_before']:.3f}->{ev['eval_loss']:.3f}" if "eval_loss" in ev and "eval_loss_before" in ev else "-"
+            click.echo(
+                f"{model:<28} {mv.version:<5} {meta.get('created_at', '')[:19]:<20} {meta.get('source', {}).get('kind', '-'):<10} "
+                f"{base.get('version', '-'):<8} {loss:<17} {meta.get('lineage', {}).get('run', {}).get('name') or '-'}"
+            )
+
+
+@models.command("show")
+@click.argument("name")
+@click.argument("version", default="latest")
+@click.pass_context
+def show_model(ctx: click.Context, name: str, version: str) -> None:
+    """One version's metadata: lineage (base, dataset hash, run, config) and eval metrics."""
+    try:
+        mv = open_store(config_of(ctx).store_root()).resolve(name, version)
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({"path": str(mv.path), **mv.metadata}, indent=2, default=str))
+
+
+@models.command("traffic")
+@click.pass_context
+def traffic(ctx: click.Context) -> None:
+    """The live traffic plan of the served model: versions and their share of requests."""
+    from cluster.versions import traffic_file
+
+    plan = traffic_file(config_of(ctx)).load()
+    click.echo(traffic_line(plan) if plan else "No traffic plan yet: the model has not been deployed.")
+
+
+@models.command("canary")
+@click.argument("model")
+@click.argument("version")
+@click.option("--weight", type=click.IntRange(1, 100), default=10, show_default=True, help="Percent of requests sent to VERSION.")
+@click.pass_context
+def models_canary(ctx: click.Context, model: str, version: str, weight: int) -> None:
+    """Deploy VERSION of MODEL beside the stable one and send it --weight percent of requests."""
+    from cluster.versions import do_canary
+
+    with progress(f"Deploying {model} {version} and shifting {weight}% of traffic"):
+        _change(ctx, model, do_canary, version, weight)
+
+
+@models.command("promote")
+@click.argument("model")
+@click.argument("version", required=False)
+@click.pass_context
+def models_promote(ctx: click.Context, model: str, version: str | None) -> None:
+    """Make VERSION (default: the canary) take all traffic; the old stable stays up for a rollback."""
+    from cluster.versions import do_promote
+
+    with progress(f"Promoting {model} {version or '(canary)'}"):
+        _change(ctx, model, do_promote, version)
+
+
+@models.command("rollback")
+@click.argument("model")
+@click.pass_context
+def models_rollback(ctx: click.Context, model: str) -> None:
+    """Stop the canary, or return to the version before the last promote."""
+    from cluster.versions import do_rollback
+
+    with progress(f"Rolling back {model}"):
+        _change(ctx, model, do_rollback)
+
+
+def _change(ctx: click.Context, model: str, op, *args) -> None:
+    from common.errors import as_maas_error
+
+    config = config_of(ctx)
+    if model != config.model.name:
+        raise click.ClickException(f"This configuration serves {config.model.name}, not {model} (pass --config).")
+    connect(config)
+    try:
+        plan = op(config, *args, who=f"cli:{getpass.getuser()}")
+    except Exception as exc:
+        err = as_maas_error(exc)
+        raise click.ClickException(err.message if err else str(exc)) from exc
+    click.echo(traffic_line(plan))
+
+
+@click.command()
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--address", default=None, help="Ray dashboard URL of a running cluster (e.g. http://127.0.0.1:8265): submit as a Ray job. Default: run here.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a training config field, e.g. --set optim.max_steps=10.")
+@click.option("--no-wait", is_flag=True, help="With --address: print the job id and return.")
+def train(config_file: str, address: str | None, sets: tuple[str, ...], no_wait: bool) -> None:
+    """Fine-tune with Ray Train (a shortcut for `ray job submit ... -- python -m training.finetune`)."""
+    import shlex
+
+    entry = ["python", "-m", "training.finetune", "--config", config_file, *[a for kv in sets for a in ("--set", kv)]]
+    if address is None:
+        from training.finetune import main as finetune
+
+        raise SystemExit(finetune(entry[3:]))
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from common.runtime import REPO_ROOT, RUNTIME_EXCLUDES
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(
+        entrypoint=" ".join(shlex.quote(a) for a in entry),
+        runtime_env={"working_dir": str(REPO_ROOT), "excludes": RUNTIME_EXCLUDES, "env_vars": {k: v for k, v in os.environ.items() if k.startswith("MAAS_")}},
+    )
+    click.echo(f"Submitted {job_id}: follow it with `ray job logs -f {job_id} --address {address}` or in the dashboard.")
+    if no_wait:
+        return
+    import asyncio
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            click.echo(lines, nl=False)
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    click.echo(f"Job {job_id}: {status}")
+    if status != JobStatus.SUCCEEDED:
+        raise SystemExit(1)
+
+
+COMMANDS = [models, train]

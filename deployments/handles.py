@@ -1,0 +1,57 @@
+"""Adapters between Serve deployment handles and the plain async interfaces the stages' logic expects.
+
+The logic (`deployments.openai.service`, `deployments.core.*`) talks to other stages through small
+protocols; these classes implement them over Serve handles, so the logic never imports Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from ray.serve.handle import DeploymentHandle
+
+from deployments.core.types import GenerationRequest, TokenizedPrompt
+
+
+async def cancelling_stream(response_gen: Any) -> AsyncIterator[Any]:
+    """Iterate a Serve streaming response; cancel the remote call if we stop early or are cancelled.
+
+    Cancelling the handle call cancels the callee's generator, which (for the
+    generator stage) aborts the vLLM request and frees its batch slot.
+    """
+    finished = False
+    try:
+        async for item in response_gen:
+            yield item
+        finished = True
+    finally:
+        if not finished:
+            response_gen.cancel()
+
+
+class TokenizerHandleClient:
+    """`deployments.openai.service.TokenizerClient` over the tokenizer deployment."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self._h = handle
+
+    async def prepare_chat(self, messages: list[dict[str, str]], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt:
+        return await self._h.prepare_chat.remote(messages, max_tokens, request_id)
+
+    async def prepare_completion(self, prompt: str | list[int], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt:
+        return await self._h.prepare_completion.remote(prompt, max_tokens, request_id)
+
+
+class PostprocessorHandleClient:
+    """`deployments.openai.service.PostprocessorClient` over one version's postprocessor deployment."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self._h = handle
+        self._stream_h = handle.options(stream=True)
+
+    def stream(self, req: GenerationRequest) -> AsyncIterator[tuple[str, dict | None]]:
+        return cancelling_stream(self._stream_h.stream.remote(req))
+
+    async def complete(self, req: GenerationRequest) -> dict:
+        return await self._h.complete.remote(req)
+
