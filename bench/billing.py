@@ -114,6 +114,7 @@ def bench_admission_inprocess(n: int, tmp: Path) -> dict:
         ledger_url=f"sqlite:///{tmp}/adm.db",
         actor_name="bench-admission",
         plans={"pro": Plan(monthly_budget=Decimal("1000000"), rpm=10_000_000, tpm=10_000_000_000)},
+        default_plan="pro",
     )
     handle = actor.get_or_create(config)
     samples = asyncio.run(_admission_loop(n, config, handle))

@@ -28,7 +28,8 @@ class BillingActor(BillingCore):
 
     def __init__(self, config: BillingConfig):
         setup_logging("billing")
-        super().__init__(config, Ledger(config.resolved_ledger_url()), RayBillingMetrics())
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        super().__init__(config, Ledger(config.resolved_ledger_url()), RayBillingMetrics(), restarted=restarted)
 
     def status(self) -> dict:
         return {**super().status(), "restarted": ray.get_runtime_context().was_current_actor_reconstructed}

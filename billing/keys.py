@@ -8,15 +8,25 @@ plain SHA-256 safe to store (no slow KDF is needed for keys nobody chose).
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import string
 import time
 
 from billing.records import KeyRecord
-from common.errors import AuthenticationError
+from common.errors import AuthenticationError, InvalidRequestError
 
 PREFIX = "sk-maas-"
 _ID_ALPHABET = string.ascii_lowercase + string.digits
+# A tenant name: it names invoice files and appears in URLs and logs, so no path separators or spaces.
+TENANT_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
+
+
+def check_tenant(tenant: str) -> str:
+    """`tenant` when it is a valid tenant name, else a 400 naming the rule."""
+    if not isinstance(tenant, str) or not re.fullmatch(TENANT_PATTERN, tenant) or tenant in (".", ".."):
+        raise InvalidRequestError("A tenant name is 1-128 characters of letters, digits and _ . @ - (and not `.` or `..`).", param="tenant")
+    return tenant
 
 
 def hash_key(key: str) -> str:

@@ -11,6 +11,7 @@ keeps its token counts and the unit prices (as exact decimal text) that applied.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from sqlalchemy import Column, Float, Index, Integer, MetaData, String, Table, create_engine, event, func, select, update
+from sqlalchemy import Column, Float, Index, Integer, MetaData, String, Table, Text, create_engine, event, func, inspect, select, text, update
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DataError, IntegrityError, StatementError
 
 from billing.pricing import cost
 from billing.quota import day_of, period_of
@@ -28,6 +30,8 @@ from billing.records import EngineCount, KeyRecord, UsageEvent
 logger = logging.getLogger(__name__)
 
 metadata = MetaData()
+
+STATUS_LEN = 64  # `ok`, `aborted`, or an error code (`context_length_exceeded`, `service_unavailable`, ...)
 
 usage = Table(
     "usage",
@@ -41,7 +45,7 @@ usage = Table(
     Column("model", String(256), nullable=False),
     Column("version", String(64), nullable=False),
     Column("kind", String(16), nullable=False),
-    Column("status", String(16), nullable=False),
+    Column("status", String(STATUS_LEN), nullable=False),
     Column("prompt_tokens", Integer, nullable=False),
     Column("completion_tokens", Integer, nullable=True),
     Column("prompt_price", String(32), nullable=False),
@@ -91,6 +95,25 @@ audit = Table(
     Column("action", String(64), nullable=False),
     Column("target", String(256), nullable=False),
     Column("detail", String(2048), nullable=False, default=""),
+)
+
+# Events a batch could not store (a value the database refuses): kept for an operator, never blocking the batch.
+rejected_events = Table(
+    "rejected_events",
+    metadata,
+    Column("request_id", String(256), primary_key=True),
+    Column("ts", Float, nullable=False),
+    Column("reason", String(2048), nullable=False),
+    Column("event", Text, nullable=False),
+)
+
+# Small durable settings, e.g. the billing config last adopted (restored when the actor restarts).
+settings = Table(
+    "settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
 )
 
 _CHUNK = 500  # ids per IN (...) lookup
@@ -151,6 +174,11 @@ def open_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def _refused(exc: StatementError) -> bool:
+    """Whether the database refused the rows themselves (a bad value), rather than failing to run (connection, lock)."""
+    return isinstance(exc, (DataError, IntegrityError)) or isinstance(exc.orig, (TypeError, ValueError))
+
+
 class Ledger:
     """All reads and writes of the billing database."""
 
@@ -158,6 +186,7 @@ class Ledger:
         self.url = url
         self.engine = open_engine(url)
         metadata.create_all(self.engine)
+        self._widen_status()
         self._mark = {"qmark": "?", "numeric": ":{}", "named": ":p{}"}.get(self.engine.dialect.paramstyle, "%s")
         columns = [*UsageEvent._fields, "period", "day"]
         self._insert_usage = f"INSERT INTO usage ({', '.join(columns)}) VALUES ({self._marks(len(columns))})"
@@ -168,18 +197,59 @@ class Ledger:
     def close(self) -> None:
         self.engine.dispose()
 
+    def _widen_status(self) -> None:
+        """Ledgers made before `usage.status` was VARCHAR(64) (16 overflowed on PostgreSQL): widen in place. SQLite ignores lengths."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        column = next(c for c in inspect(self.engine).get_columns("usage") if c["name"] == "status")
+        if getattr(column["type"], "length", None) and column["type"].length < STATUS_LEN:
+            with self.engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE usage ALTER COLUMN status TYPE VARCHAR({STATUS_LEN})"))
+            logger.info("ledger: widened usage.status to VARCHAR(%d)", STATUS_LEN)
+
     # ---- usage -----------------------------------------------------------------------------
 
     def record(self, events: Sequence[UsageEvent]) -> tuple[list[UsageEvent], list[tuple[UsageEvent, int]]]:
         """Insert the events whose request id is new; return them, and which aborted ones the engine count completed.
 
-        One transaction per call: either the whole batch is durable or none of it.
+        One transaction per batch: either the whole batch is durable or none of it.  An event the database
+        refuses (a value out of a column's range, a missing field) does not block the others: the batch is
+        split until that event stands alone, and it is set aside in `rejected_events` for an operator.
+        Connection and lock errors still fail the call (the sender keeps the batch and retries).
         """
         batch: dict[str, UsageEvent] = {}
         for e in events:
             batch.setdefault(e.request_id, e)
         if not batch:
             return [], []
+        return self._record_split(list(batch.values()))
+
+    def _record_split(self, events: list[UsageEvent]) -> tuple[list[UsageEvent], list[tuple[UsageEvent, int]]]:
+        try:
+            return self._record_batch(events)
+        except StatementError as exc:
+            if not _refused(exc):
+                raise  # an operational failure (connection, lock): not the events' fault
+            if len(events) == 1:
+                self._set_aside(events[0], exc)
+                return [], []
+            half = len(events) // 2
+            a, b = self._record_split(events[:half]), self._record_split(events[half:])
+            return a[0] + b[0], a[1] + b[1]
+
+    def _set_aside(self, e: UsageEvent, exc: Exception) -> None:
+        logger.error("ledger: usage event %s refused by the database, set aside in rejected_events: %s", str(e.request_id)[:64], exc)
+        with self.engine.begin() as conn:
+            if conn.execute(select(rejected_events.c.request_id).where(rejected_events.c.request_id == str(e.request_id)[:256])).first() is None:
+                conn.execute(rejected_events.insert().values(request_id=str(e.request_id)[:256], ts=time.time(), reason=str(exc)[:2048], event=json.dumps(e._asdict(), default=str)))
+
+    def rejected(self) -> list[dict]:
+        """Events set aside because the database refused them."""
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(rejected_events).order_by(rejected_events.c.ts)).mappings()]
+
+    def _record_batch(self, events: list[UsageEvent]) -> tuple[list[UsageEvent], list[tuple[UsageEvent, int]]]:
+        batch = {e.request_id: e for e in events}
         with self.engine.begin() as conn:
             seen = set(self._existing(conn, "usage", list(batch)))
             fresh = [e for rid, e in batch.items() if rid not in seen]
@@ -283,13 +353,25 @@ class Ledger:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.coalesce(func.max(api_keys.c.seq), 0))).scalar_one()) + 1
 
-    def save_key(self, key: KeyRecord) -> None:
+    def insert_key(self, key: KeyRecord) -> bool:
+        """Store a new key; False (nothing written) when its id or hash is taken already. Keys are never overwritten."""
         values = {f: getattr(key, f) for f in ("key_id", "key_hash", "tenant", "role", "name", "created_at", "expires_at", "revoked_at", "seq")}
-        with self.engine.begin() as conn:
-            if conn.execute(select(api_keys.c.key_id).where(api_keys.c.key_id == key.key_id)).first():
-                conn.execute(update(api_keys).where(api_keys.c.key_id == key.key_id).values(**values))
-            else:
+        try:
+            with self.engine.begin() as conn:
                 conn.execute(api_keys.insert().values(**values))
+        except IntegrityError:
+            return False
+        return True
+
+    def revoke_key(self, key_id: str, revoked_at: float, seq: int) -> KeyRecord | None:
+        """Mark a key revoked (the first revocation time stays); None when there is no such key."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(api_keys).where(api_keys.c.key_id == key_id)).mappings().first()
+            if row is None:
+                return None
+            values = {"revoked_at": row["revoked_at"] or revoked_at, "seq": seq}
+            conn.execute(update(api_keys).where(api_keys.c.key_id == key_id).values(**values))
+        return KeyRecord(**{**{k: row[k] for k in KeyRecord.__dataclass_fields__}, **values})
 
     def keys(self, since_seq: int = 0) -> list[KeyRecord]:
         with self.engine.connect() as conn:
@@ -297,6 +379,15 @@ class Ledger:
             return [KeyRecord(**r._asdict()) for r in rows]
 
     # ---- audit ------------------------------------------------------------------------------
+
+    def save_setting(self, name: str, value: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(settings.delete().where(settings.c.name == name))
+            conn.execute(settings.insert().values(name=name, value=value, updated_at=time.time()))
+
+    def setting(self, name: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(settings.c.value).where(settings.c.name == name)).scalar()
 
     def audit(self, who: str, action: str, target: str, detail: str = "") -> None:
         with self.engine.begin() as conn:

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Callable, Protocol
 
-from billing.keys import new_key
+from billing.keys import check_tenant, new_key
 from billing.ledger import Ledger, SpendRow
 from billing.pricing import cost
 from billing.quota import ZERO, Ask, Grant, decide_grant, period_of, window_of
 from billing.records import EngineCount, KeyRecord, SyncReply, SyncRequest, UsageEvent
 from billing.reports import tally
 from common.config import BillingConfig, Plan
-from common.errors import InvalidRequestError, NotFoundError
+from common.errors import InternalError, InvalidRequestError, NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,21 @@ class Totals:
     amount: Decimal
 
 
+CONFIG_SETTING = "billing_config"
+KEY_ATTEMPTS = 5  # fresh keys tried when a new key's id collides with a stored one
+
+
 class BillingCore:
-    def __init__(self, config: BillingConfig, ledger: Ledger, metrics: BillingMetrics | None = None, clock: Callable[[], float] = time.time):
-        self.config = config
+    def __init__(self, config: BillingConfig, ledger: Ledger, metrics: BillingMetrics | None = None, clock: Callable[[], float] = time.time, restarted: bool = False):
+        """`restarted`: this is a restart of the same actor, so the config it was last given (stored in the ledger)
+        wins over `config`, which Ray replays from the first creation."""
         self.ledger = ledger
+        stored = ledger.setting(CONFIG_SETTING) if restarted else None
+        self.config = BillingConfig.model_validate_json(stored) if stored else config
+        if stored:
+            logger.info("billing config restored from the ledger after a restart")
+        else:
+            ledger.save_setting(CONFIG_SETTING, config.model_dump_json())
         self._metrics = metrics or _NoMetrics()
         self._clock = clock
         self._spent: dict[tuple[str, str], Decimal] = defaultdict(lambda: ZERO)
@@ -88,6 +99,7 @@ class BillingCore:
         changed = config.model_dump(mode="json") != self.config.model_dump(mode="json")
         if changed:
             self.ledger.audit(who, "billing.configure", "price_book,plans", config.model_dump_json(include={"price_book", "plans"}))
+            self.ledger.save_setting(CONFIG_SETTING, config.model_dump_json())
         self.config = config
         return changed
 
@@ -100,8 +112,13 @@ class BillingCore:
         return self._spent[(tenant, period)] + pending + claims
 
     def plan_of(self, tenant: str) -> Plan:
+        """The tenant's plan; a plan the config no longer has falls back to the default plan, never to no limits."""
         name = self._plans.get(tenant, self.config.default_plan)
-        return self.config.plans.get(name) or Plan()
+        plan = self.config.plans.get(name)
+        if plan is None:
+            logger.warning("tenant %s has plan %r, which the config does not define: applying the default plan %r", tenant, name, self.config.default_plan)
+            plan = self.config.plans[self.config.default_plan]
+        return plan
 
     # ---- the replicas' channel ---------------------------------------------------------------
 
@@ -200,6 +217,7 @@ class BillingCore:
     # ---- administration ----------------------------------------------------------------------
 
     def create_key(self, tenant: str, plan: str | None = None, role: str = "tenant", expires_in_s: float | None = None, name: str = "", who: str = "cli") -> tuple[str, KeyRecord]:
+        check_tenant(tenant)
         if role not in ("tenant", "admin"):
             raise InvalidRequestError(f"Unknown role `{role}`: use tenant or admin.", param="role")
         if role == "tenant":
@@ -207,19 +225,22 @@ class BillingCore:
                 raise InvalidRequestError(f"Unknown plan `{plan}`. Plans: {', '.join(sorted(self.config.plans))}.", param="plan")
             if plan is not None or tenant not in self._plans:
                 self.set_plan(tenant, plan or self.config.default_plan, who)
-        self._keys_seq += 1
-        key, record = new_key(tenant, role, self._keys_seq, expires_in_s=expires_in_s, name=name, now=self._clock())
-        self.ledger.save_key(record)
+        for _ in range(KEY_ATTEMPTS):  # a stored key is never overwritten: on an id collision, draw another key
+            self._keys_seq += 1
+            key, record = new_key(tenant, role, self._keys_seq, expires_in_s=expires_in_s, name=name, now=self._clock())
+            if self.ledger.insert_key(record):
+                break
+            logger.warning("new key id %s collides with a stored key; drawing another", record.key_id)
+        else:
+            raise InternalError("Could not draw an unused key id; try again.")
         self.ledger.audit(who, "key.create", record.key_id, f"tenant={tenant} role={role} expires_at={record.expires_at}")
         return key, record
 
     def revoke_key(self, key_id: str, who: str = "cli") -> KeyRecord:
-        match = [k for k in self.ledger.keys() if k.key_id == key_id]
-        if not match:
+        record = self.ledger.revoke_key(key_id, self._clock(), self._keys_seq + 1)
+        if record is None:
             raise NotFoundError(f"No API key `{key_id}`.", param="key_id")
         self._keys_seq += 1
-        record = KeyRecord(**{**match[0].__dict__, "revoked_at": match[0].revoked_at or self._clock(), "seq": self._keys_seq})
-        self.ledger.save_key(record)
         self.ledger.audit(who, "key.revoke", key_id, f"tenant={record.tenant}")
         return record
 
@@ -227,6 +248,7 @@ class BillingCore:
         return [k for k in self.ledger.keys() if tenant is None or k.tenant == tenant]
 
     def set_plan(self, tenant: str, plan: str, who: str = "cli") -> None:
+        check_tenant(tenant)
         if plan not in self.config.plans:
             raise InvalidRequestError(f"Unknown plan `{plan}`. Plans: {', '.join(sorted(self.config.plans))}.", param="plan")
         before = self._plans.get(tenant)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common import envs
 from common.errors import InvalidRequestError
@@ -90,6 +90,12 @@ class BillingConfig(Frozen):
     price_book: PriceBook = Field(default_factory=PriceBook, description="Prices per model (and version).")
     plans: dict[str, Plan] = Field(default_factory=lambda: {"free": Plan()}, description="Plans by name: budget and rate limits.")
     lease: LeaseConfig = Field(default_factory=LeaseConfig, description="How replicas lease quota from the billing actor.")
+
+    @model_validator(mode="after")
+    def _default_plan_exists(self) -> "BillingConfig":
+        if self.default_plan not in self.plans:
+            raise ValueError(f"billing.default_plan {self.default_plan!r} is not one of billing.plans ({', '.join(sorted(self.plans))})")
+        return self
 
     def resolved_ledger_url(self) -> str:
         if envs.MAAS_LEDGER_URL:

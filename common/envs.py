@@ -44,6 +44,18 @@ environment_variables: dict[str, Callable[[], Any]] = {
 }
 
 
+# The only MAAS_* variables a Ray job (fine-tuning) receives from the submitting shell: what the job needs to
+# find the store and write its checkpoints and logs. Never the ledger URL (it may hold a password) or an API key:
+# a job's runtime environment is visible in the dashboard.
+JOB_ENV_VARS = ("MAAS_CONFIG", "MAAS_MODEL_STORE", "MAAS_TRAIN_STORAGE", "MAAS_LOG_LEVEL", "MAAS_LOG_STDERR")
+
+
+def job_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The allow-listed variables (JOB_ENV_VARS) that are set, for a job's runtime environment."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in JOB_ENV_VARS if environ.get(k)}
+
+
 def __getattr__(name: str) -> Any:
     if name in environment_variables:
         return environment_variables[name]()

@@ -122,7 +122,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as d:
             model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
             ckpt_state = json.loads((Path(d) / STATE_FILE).read_text())
-            optim_state = torch.load(Path(d) / OPTIMIZER_FILE, weights_only=False) if (Path(d) / OPTIMIZER_FILE).exists() else None
+            optim_state = torch.load(Path(d) / OPTIMIZER_FILE, weights_only=True) if (Path(d) / OPTIMIZER_FILE).exists() else None
         start_step = ckpt_state["step"]
         if rank == 0:
             logger.info("resuming from the checkpoint at step %d", start_step)

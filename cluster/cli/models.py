@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
 
 import click
 
@@ -135,12 +134,13 @@ def train(config_file: str, address: str | None, sets: tuple[str, ...], no_wait:
         raise SystemExit(finetune(entry[3:]))
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from common import envs
     from common.runtime import REPO_ROOT, RUNTIME_EXCLUDES
 
     client = JobSubmissionClient(address)
     job_id = client.submit_job(
         entrypoint=" ".join(shlex.quote(a) for a in entry),
-        runtime_env={"working_dir": str(REPO_ROOT), "excludes": RUNTIME_EXCLUDES, "env_vars": {k: v for k, v in os.environ.items() if k.startswith("MAAS_")}},
+        runtime_env={"working_dir": str(REPO_ROOT), "excludes": RUNTIME_EXCLUDES, "env_vars": envs.job_env()},
     )
     click.echo(f"Submitted {job_id}: follow it with `ray job logs -f {job_id} --address {address}` or in the dashboard.")
     if no_wait:

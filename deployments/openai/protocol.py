@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from billing.keys import TENANT_PATTERN
+
 MAX_STOP_SEQUENCES = 4
 MAX_N = 16
 
@@ -139,7 +141,7 @@ class CreateKeyRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tenant: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@-]+$")
+    tenant: str = Field(..., min_length=1, max_length=128, pattern=TENANT_PATTERN)
     plan: str | None = Field(None, description="Plan of the tenant (kept if omitted, the default plan for a new tenant).")
     role: Literal["tenant", "admin"] = "tenant"
     expires_in_s: float | None = Field(None, gt=0)

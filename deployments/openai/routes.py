@@ -53,23 +53,27 @@ async def _sse_body(stream: SSEStream) -> AsyncIterator[str]:
             logger.error("Error in the middle of a stream", exc_info=exc)
             err = InternalError("The server had an error while streaming the response.")
         yield shapes.sse_error(err.to_envelope())
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]  # a client that left: settle and cancel now, not at GC
 
 
 class _ClosingStreamingResponse(StreamingResponse):
-    """Closes its body iterator however the response ends.
+    """An SSE response that closes its stream however the response ends, started or not.
 
-    Starlette leaves the iterator to the garbage collector when the client goes away
-    (the send fails or the task is cancelled); closing it here settles the request's
-    usage and cancels the stages behind it at once, not whenever a GC runs.
+    Starlette leaves the body iterator to the garbage collector when the client goes away
+    (the send fails or the task is cancelled), and an async generator that never started
+    runs no `finally`; closing the stream itself here settles the request's usage and
+    cancels the stages behind it at once.
     """
+
+    def __init__(self, stream: SSEStream, **kwargs: Any):
+        super().__init__(_sse_body(stream), media_type="text/event-stream", **kwargs)
+        self._stream = stream
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self._stream.aclose()  # type: ignore[attr-defined]
 
 
 async def _respond(call: Awaitable[dict | SSEStream]) -> Any:
@@ -80,7 +84,7 @@ async def _respond(call: Awaitable[dict | SSEStream]) -> Any:
         return error_response(exc)
     if isinstance(result, dict):
         return JSONResponse(result)
-    return _ClosingStreamingResponse(_sse_body(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _ClosingStreamingResponse(result, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _json(call: Awaitable[Any]) -> JSONResponse:

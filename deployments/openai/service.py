@@ -230,7 +230,7 @@ class OpenAIService:
             await stream.aclose()  # type: ignore[attr-defined]
             raise
         meter.first_piece()
-        return _metered(first, stream, meter)
+        return MeteredStream(first, stream, meter)
 
     async def _admit(self, req: GenerationRequest, principal: Any, backend: Backend) -> Any:
         """The billing ticket (None when billing is off), or a 429 / quota error."""
@@ -290,24 +290,56 @@ class _Meter:
         self._end(0 if err is not None and err.status_code < 500 else None, (err.code or err.error_type) if err is not None else "internal_error")
 
 
-async def _metered(first: tuple[str, dict | None], rest: SSEStream, meter: _Meter) -> SSEStream:
-    usage = first[1]
-    try:
-        yield first
-        async for item in rest:
-            usage = item[1] or usage
-            yield item
-    except BaseException as exc:
-        # Once the final piece (the only one with usage) is out, the response is complete: a client that
-        # closes the connection right after `[DONE]` cancels only the stream's teardown, not the request.
-        if usage is None:
-            meter.failed(exc)
-        raise
-    finally:
-        if usage is not None:
-            meter.done(usage["completion_tokens"])
+class MeteredStream:
+    """One admitted request's SSE pieces, settled exactly once however the stream ends.
+
+    It ends finished (the last piece carries usage), failed (the upstream raised), or closed: by a client
+    that left mid-stream, or before the first piece was ever read (an async generator's `finally` would
+    never run then, leaving the reservation held and the request unbilled). `aclose()` settles and cancels
+    the stages behind at once; garbage collection settles a stream nobody closed.  Once the final piece
+    (the only one with usage) is out, the response is complete: a client that closes the connection right
+    after `[DONE]` ends only the stream's teardown, not the request.
+    """
+
+    def __init__(self, first: tuple[str, dict | None], rest: SSEStream, meter: _Meter):
+        self._first: tuple[str, dict | None] | None = first
+        self._rest = rest
+        self._meter = meter
+        self._usage: dict | None = first[1]
+        self._ended = False
+
+    def __aiter__(self) -> "MeteredStream":
+        return self
+
+    async def __anext__(self) -> tuple[str, dict | None]:
+        if self._first is not None:
+            item, self._first = self._first, None
+            return item
+        try:
+            item = await self._rest.__anext__()
+        except StopAsyncIteration:
+            self._end(None)
+            raise
+        except BaseException as exc:
+            self._end(exc)
+            raise
+        self._usage = item[1] or self._usage
+        return item
+
+    def _end(self, exc: BaseException | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._usage is not None:
+            self._meter.done(self._usage["completion_tokens"])
+        elif exc is not None:
+            self._meter.failed(exc)
         else:
-            meter.aborted()
-        # Close the upstream stream now (not at garbage collection) so a client that
-        # went away cancels the postprocessor and generator at once.
-        await rest.aclose()  # type: ignore[attr-defined]
+            self._meter.aborted()  # closed early: the generator reports what the engine produced
+
+    async def aclose(self) -> None:
+        self._end(None)
+        await self._rest.aclose()  # type: ignore[attr-defined]  # cancel the postprocessor and generator now
+
+    def __del__(self) -> None:
+        self._end(None)

@@ -37,6 +37,7 @@ def config(ledger_url) -> BillingConfig:
             "rpm20": Plan(rpm=20),
             "tiny": Plan(monthly_budget=Decimal("0.001")),
         },
+        default_plan="unlimited",
         lease=LeaseConfig(restart_grace_s=0.3),
     )
 

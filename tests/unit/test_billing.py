@@ -26,6 +26,7 @@ def config(**plans: Plan) -> BillingConfig:
     return BillingConfig(
         price_book=PriceBook(models={"m": {"prompt_per_1m": "0.50", "completion_per_1m": "1.50", "versions": {"v2": {"prompt_per_1m": "1", "completion_per_1m": "2"}}}}),
         plans=plans or {"free": Plan(monthly_budget=Decimal("1"), rpm=10, tpm=10_000)},
+        default_plan="free" if not plans or "free" in plans else next(iter(plans)),
         lease=LeaseConfig(restart_grace_s=0),
     )
 

@@ -1,0 +1,105 @@
+"""Closed by default (issue 16), the parts that need no Ray: keys, tenants, plans, the ledger, jobs, streams."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+import pytest
+
+from billing.client import BillingClient
+from billing.ledger import Ledger
+from billing.records import UsageEvent
+from billing.service import BillingCore
+from common import envs
+from common.config import BillingConfig, Plan
+from common.errors import InvalidRequestError
+from deployments.openai.protocol import ChatCompletionRequest
+from deployments.openai.service import Backend, OpenAIService, StaticPicker
+from tests.fakes import FakePostprocessorClient, FakeTokenizerClient, ScriptedEngine
+from tests.unit.test_billing import PRICE, InProcess, config
+
+
+def _event(rid: str, tenant: str | None = "acme", status: str = "ok") -> UsageEvent:
+    return UsageEvent(rid, time.time(), tenant, "sk-maas-aaaaaaaa", "m", "v1", "chat", status, 10, 5, "0.5", "1.5", "0.01", "h1")  # type: ignore[arg-type]
+
+
+def test_one_bad_event_is_set_aside_and_the_rest_of_its_batch_is_stored(tmp_path):
+    ledger = Ledger(f"sqlite:///{tmp_path}/l.db")
+    batch = [_event("r1"), _event("r2", tenant=None), _event("r3"), _event("r4", status="service_unavailable")]
+    fresh, _ = ledger.record(batch)
+    assert sorted(e.request_id for e in fresh) == ["r1", "r3", "r4"]
+    assert [r["request_id"] for r in ledger.rejected()] == ["r2"] and "NOT NULL" in ledger.rejected()[0]["reason"]
+    assert ledger.record(batch) == ([], [])  # resent: the stored ones count once, the bad one stays aside once
+    assert len(ledger.rejected()) == 1 and ledger.count() == 3
+
+
+def test_keys_are_never_overwritten_and_a_collision_draws_another(tmp_path):
+    class CollidingOnce(Ledger):
+        tries = 0
+
+        def insert_key(self, key):
+            self.tries += 1
+            return False if self.tries == 1 else super().insert_key(key)
+
+    ledger = CollidingOnce(f"sqlite:///{tmp_path}/l.db")
+    core = BillingCore(config(), ledger)
+    _, record = core.create_key("acme")
+    assert ledger.tries == 2 and [k.key_id for k in core.list_keys()] == [record.key_id]
+    assert not ledger.insert_key(record)  # the same id again: refused, the stored key stays
+    first = core.revoke_key(record.key_id).revoked_at
+    time.sleep(0.01)
+    assert core.revoke_key(record.key_id).revoked_at == first
+
+
+@pytest.mark.parametrize("tenant", ["a/b", "../etc", "", "x" * 129, "sp ace", ".", ".."])
+def test_tenant_names_are_validated_in_the_billing_core(tmp_path, tenant):
+    core = BillingCore(config(), Ledger(f"sqlite:///{tmp_path}/l.db"))
+    with pytest.raises(InvalidRequestError) as err:
+        core.create_key(tenant)
+    assert err.value.param == "tenant"
+    with pytest.raises(InvalidRequestError):
+        core.set_plan(tenant, "free")
+
+
+def test_a_plan_the_config_no_longer_has_gets_the_default_plan_never_unlimited(tmp_path):
+    ledger = Ledger(f"sqlite:///{tmp_path}/l.db")
+    BillingCore(config(free=Plan(rpm=10), gold=Plan()), ledger).create_key("acme", plan="gold")
+    core = BillingCore(config(free=Plan(rpm=10)), ledger)  # gold was removed from the config
+    assert core.plan_of("acme") == Plan(rpm=10)
+    with pytest.raises(ValueError, match="default_plan"):
+        BillingConfig.model_validate({"plans": {"gold": {}}, "default_plan": "free"})
+
+
+def test_a_restarted_actor_keeps_the_config_it_was_last_given(tmp_path):
+    ledger = Ledger(f"sqlite:///{tmp_path}/l.db")
+    first = config(free=Plan(rpm=10))
+    core = BillingCore(first, ledger)
+    later = config(free=Plan(rpm=99))
+    assert core.configure(later, "deploy")
+    assert BillingCore(first, ledger, restarted=True).config == later  # Ray replays the first config; the ledger's wins
+    assert BillingCore(first, ledger).config == first  # a new actor takes the config it is created with
+
+
+def test_a_job_receives_only_allow_listed_variables():
+    env = {"MAAS_MODEL_STORE": "/s", "MAAS_TRAIN_STORAGE": "/t", "MAAS_LEDGER_URL": "postgresql://u:pw@h/db", "MAAS_API_KEY": "sk-maas-x", "PATH": "/bin"}
+    assert envs.job_env(env) == {"MAAS_MODEL_STORE": "/s", "MAAS_TRAIN_STORAGE": "/t"}
+
+
+async def test_a_stream_closed_before_its_first_piece_is_read_is_settled(tmp_path):
+    core = BillingCore(config(free=Plan(monthly_budget=Decimal("1"), rpm=100, tpm=100_000)), Ledger(f"sqlite:///{tmp_path}/l.db"))
+    key, _ = core.create_key("acme")
+    billing = BillingClient(core.config, InProcess(core), "h1")
+    await billing.start()
+    engine = ScriptedEngine(delay_s=0.05)
+    service = OpenAIService("m", FakeTokenizerClient(), StaticPicker(Backend("v1", FakePostprocessorClient(engine), PRICE)), billing=billing)
+    principal = await service.authenticate(f"Bearer {key}")
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+    stream = await service.chat(body, principal)
+    lease = billing._leases["acme"]
+    assert lease.in_flight > 0
+    await stream.aclose()  # the client left before the response's first body chunk went out
+    assert lease.in_flight == 0 and billing.queued == 1
+    await billing.close(timeout_s=1)
+    (event,) = core.events(tenant="acme")
+    assert event.status == "aborted" and event.completion_tokens is None  # the engine's own count follows
