@@ -16,13 +16,13 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
 
 from billing.keys import check_key
 from billing.pricing import Quote, cost, quote
-from billing.quota import ZERO, Ask, Reservation, TenantLease, period_of, refill, reserve, settle, shortfall, window_of
+from billing.quota import ZERO, Ask, Reservation, TenantLease, fits, period_of, refill, release, reserve, settle, shortfall, shrink, window_of
 from billing.records import Claim, EngineCount, KeyRecord, SyncReply, SyncRequest, UsageEvent
 from common.config import BillingConfig, Price
 from common.errors import AuthenticationError, InsufficientQuotaError, PermissionDeniedError, RateLimitError, ServiceUnavailableError
@@ -180,17 +180,35 @@ class BillingClient:
         return key
 
     async def admit(self, key: KeyRecord, request_id: str, model: str, version: str, kind: str, price: Price, prompt_tokens: int, max_tokens: int, n: int = 1) -> Ticket:
-        """Reserve the request's worst case from the tenant's lease, asking the actor only when it runs dry."""
-        q = quote(price, prompt_tokens, max_tokens, n)
-        tenant = key.tenant
+        """Reserve the request's worst case and its request slot from the tenant's lease, asking the actor only when it runs dry.
+
+        The ingress admits on an upper estimate before tokenizing (so a tenant over its limits gets nothing
+        tokenized) and then `resize`s to the true worst case."""
+        return Ticket(request_id, key, model, version, kind, await self._reserve(key.tenant, quote(price, prompt_tokens, max_tokens, n), slot=True))
+
+    async def resize(self, ticket: Ticket, prompt_tokens: int, max_tokens: int, n: int = 1) -> Ticket:
+        """The ticket for the request's true worst case once it is known; the rest of the estimate returns to the lease."""
+        r = ticket.reservation
+        q = Quote(r.quote.prompt_price, r.quote.completion_price, prompt_tokens, max_tokens * n)
+        lease = self._leases[r.tenant]
+        if fits(r, q):
+            return replace(ticket, reservation=shrink(lease, r, q))
+        release(lease, r)  # larger than the estimate (a tokenizer with more tokens than bytes): reserve it anew, same slot
+        return replace(ticket, reservation=await self._reserve(r.tenant, q, slot=False))
+
+    def release(self, ticket: Ticket) -> None:
+        """A request refused before it ran (bad input, context too long): nothing to bill; its request slot stays used."""
+        release(self._leases[ticket.reservation.tenant], ticket.reservation)
+
+    async def _reserve(self, tenant: str, q: Quote, slot: bool) -> Reservation:
         self._hints[tenant] = q
         for attempt in range(4):
             now = self._clock()
             lease = self._leases[tenant]
             lease.roll(period_of(now), window_of(now))
-            if shortfall(lease, tenant, q) is None:
-                return Ticket(request_id, key, model, version, kind, reserve(lease, tenant, q))
-            reply = await self._sync(need=(tenant, q))
+            if shortfall(lease, tenant, q, slot) is None:
+                return reserve(lease, tenant, q, slot)
+            reply = await self._sync(need=(tenant, q, slot))
             if reply is None:
                 raise ServiceUnavailableError("The billing service is unavailable; retry shortly.", headers={"Retry-After": "1"})
             grant = next((g for g in reply.grants if g.tenant == tenant), None)
@@ -226,13 +244,13 @@ class BillingClient:
 
     # ---- the channel to the actor ------------------------------------------------------------
 
-    async def _sync(self, need: tuple[str, Quote] | None = None) -> SyncReply | None:
+    async def _sync(self, need: tuple[str, Quote, bool] | None = None) -> SyncReply | None:
         """One message to the actor: the oldest batch of events, the leases held, asks, and key changes back."""
         _, reply = await self._outbox.send_batch(need)
         self._on_outbox(len(self._outbox))
         return reply
 
-    async def _send(self, events: list[UsageEvent], need: tuple[str, Quote] | None) -> SyncReply:
+    async def _send(self, events: list[UsageEvent], need: tuple[str, Quote, bool] | None) -> SyncReply:
         now = self._clock()
         asks = self._asks(now, need)
         claims = self._claims(unsent=self._outbox.pending(skip=len(events)))
@@ -246,13 +264,13 @@ class BillingClient:
         self._synced_event.set()
         return reply
 
-    def _asks(self, now: float, need: tuple[str, Quote] | None) -> list[Ask]:
+    def _asks(self, now: float, need: tuple[str, Quote, bool] | None) -> list[Ask]:
         period, window = period_of(now), window_of(now)
         asks: dict[str, Ask] = {}
         for tenant, lease in self._leases.items():
             lease.roll(period, window)
             if need is not None and tenant == need[0]:
-                ask = shortfall(lease, tenant, need[1])
+                ask = shortfall(lease, tenant, need[1], need[2])
             elif tenant in self._hints and now - lease.last_used < self.config.lease.idle_release_s:
                 ask = refill(lease, tenant, self._hints[tenant], self.config.lease.refill_below)
             else:
@@ -264,7 +282,7 @@ class BillingClient:
         if need is not None and need[0] not in self._leases:
             lease = self._leases[need[0]]
             lease.roll(period, window)
-            ask = shortfall(lease, need[0], need[1])
+            ask = shortfall(lease, need[0], need[1], need[2])
             if ask is not None:
                 asks[need[0]] = ask
         return list(asks.values())

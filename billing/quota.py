@@ -153,10 +153,10 @@ class TenantLease:
             self.tokens = None if grant.tokens is None else (self.tokens or 0) + grant.tokens
 
 
-def shortfall(lease: TenantLease, tenant: str, q: Quote) -> Ask | None:
-    """What the lease lacks to admit a request quoted `q` (None: admit now)."""
+def shortfall(lease: TenantLease, tenant: str, q: Quote, slot: bool = True) -> Ask | None:
+    """What the lease lacks to admit a request quoted `q` (None: admit now); `slot=False`: its request slot is taken already."""
     budget = ZERO if lease.budget is None else max(ZERO, q.worst_cost - lease.budget)
-    requests = 0 if lease.requests is None else max(0, 1 - lease.requests)
+    requests = 0 if lease.requests is None or not slot else max(0, 1 - lease.requests)
     tokens = 0 if lease.tokens is None else max(0, q.worst_tokens - lease.tokens)
     if budget == 0 and requests == 0 and tokens == 0:
         return None
@@ -184,18 +184,45 @@ class Reservation:
     reserved: Decimal
 
 
-def reserve(lease: TenantLease, tenant: str, q: Quote) -> Reservation:
-    """Take the request's worst case from the lease (call only when `shortfall` is None)."""
+def reserve(lease: TenantLease, tenant: str, q: Quote, slot: bool = True) -> Reservation:
+    """Take the request's worst case from the lease (call only when `shortfall` is None); `slot=False` takes no request slot."""
     worst = q.worst_cost
     if lease.budget is not None:
         lease.budget -= worst
     lease.in_flight += worst
-    if lease.requests is not None:
+    if lease.requests is not None and slot:
         lease.requests -= 1
     if lease.tokens is not None:
         lease.tokens -= q.worst_tokens
     lease.last_used = time.time()
     return Reservation(tenant, lease.period, lease.window, q, worst)
+
+
+def fits(r: Reservation, q: Quote) -> bool:
+    """Whether a reservation already covers the worst case `q` (so `shrink` can replace it)."""
+    return q.worst_cost <= r.reserved and q.worst_tokens <= r.quote.worst_tokens
+
+
+def shrink(lease: TenantLease, r: Reservation, q: Quote) -> Reservation:
+    """Replace a reservation made on an estimate by the smaller worst case `q` (known after tokenizing); the
+    difference returns to the lease at once. Call only when `fits(r, q)`."""
+    freed = r.reserved - q.worst_cost
+    lease.in_flight -= freed
+    if lease.budget is not None and lease.period == r.period:
+        lease.budget += freed
+    if lease.tokens is not None and lease.window == r.window:
+        lease.tokens += r.quote.worst_tokens - q.worst_tokens
+    return Reservation(r.tenant, r.period, r.window, q, q.worst_cost)
+
+
+def release(lease: TenantLease, r: Reservation) -> None:
+    """Give a reservation back whole, e.g. for a request refused before it ran; its request slot stays used
+    (a refused request was still a request)."""
+    lease.in_flight -= r.reserved
+    if lease.budget is not None and lease.period == r.period:
+        lease.budget += r.reserved
+    if lease.tokens is not None and lease.window == r.window:
+        lease.tokens += r.quote.worst_tokens
 
 
 def settle(lease: TenantLease, r: Reservation, completion_tokens: int | None) -> Decimal | None:

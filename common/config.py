@@ -9,6 +9,7 @@ several machines.  `Strict` is the base of every config model of the project (tr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -181,6 +182,31 @@ class DeploymentsConfig(Strict):
     postprocessor: DeploymentConfig = Field(default_factory=DeploymentConfig, description="Incremental detokenization, stop strings, response shapes.")
 
 
+class LimitsConfig(Strict):
+    max_body_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description="Largest request body the ingress reads, in bytes: a larger one gets 413 before any of it is parsed or sent "
+        "to another stage. Default: 64 bytes per token of the context window, at least 256 KiB and at most 2 MiB (half the "
+        "4 MiB gRPC message limit between stages, so no input can make an inter-stage message too large).",
+    )
+    max_prompt_chars: int | None = Field(None, ge=1, description="Most characters (or token ids) in one prompt, all chat messages together. Default: 32 per token of the context window.")
+    max_messages: int = Field(256, ge=1, description="Most messages in one chat request.")
+    max_stop_sequences: int = Field(4, ge=0, description="Most stop strings in one request (OpenAI allows 4).")
+    max_stop_chars: int = Field(256, ge=1, description="Longest stop string, in characters.")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """LimitsConfig with its defaults resolved against the context window: what the ingress enforces."""
+
+    max_body_bytes: int
+    max_prompt_chars: int
+    max_messages: int
+    max_stop_sequences: int
+    max_stop_chars: int
+
+
 class HttpConfig(Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds. Overridden by MAAS_HOST.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy. Overridden by MAAS_PORT.")
@@ -195,6 +221,14 @@ class MaasConfig(Strict):
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig, description="Resources and scaling per stage.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="Where the API listens.")
     billing: BillingConfig = Field(default_factory=BillingConfig, description="API keys, prices, plans, quotas and the usage ledger.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Bounds on what one request may send, checked at the ingress before any other stage is called.")
+
+    def request_limits(self) -> RequestLimits:
+        """The limits with defaults derived from the context window (`engine.max_model_len`)."""
+        window = self.engine.max_model_len
+        lim = self.limits
+        body = lim.max_body_bytes or min(2 * 2**20, max(256 * 2**10, 64 * window))
+        return RequestLimits(body, lim.max_prompt_chars or 32 * window, lim.max_messages, lim.max_stop_sequences, lim.max_stop_chars)
 
     def store_root(self) -> Path:
         """The model store root, with MAAS_MODEL_STORE applied and relative paths anchored at the repo root."""

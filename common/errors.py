@@ -56,6 +56,14 @@ class NotFoundError(MaasError):
     default_code = "not_found"
 
 
+class PayloadTooLargeError(MaasError):
+    """413: a request body over the ingress's limit, refused before it is read whole."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
 class ServiceUnavailableError(MaasError):
     status_code = 503
     error_type = "service_unavailable"

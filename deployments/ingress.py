@@ -60,6 +60,8 @@ class Ingress:
             billing=self._billing,
             on_reject=on_reject or (lambda tenant, reason: None),
             observer=RayRequestMetrics(),
+            limits=cfg.request_limits(),
+            context_window=cfg.engine.max_model_len,
         )
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._follow_traffic())]
@@ -101,7 +103,7 @@ class Ingress:
         return self._traffic.plan.to_json() if self._traffic.plan else None
 
     def __serve_build_asgi_app__(self):
-        return build_app(self._service, self._accounts)
+        return build_app(self._service, self._accounts, self._config.request_limits().max_body_bytes)
 
     async def __del__(self) -> None:
         for task in self._tasks:

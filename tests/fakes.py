@@ -63,13 +63,18 @@ class ScriptedEngine:
 
 
 class FakeTokenizerClient:
+    """The tokenizer stage in-process; `calls` counts the prompts it was asked to prepare."""
+
     def __init__(self, max_model_len: int = 256):
         self.logic = PromptTokenizer(ByteTokenizer(), max_model_len)
+        self.calls = 0
 
     async def prepare_chat(self, messages: list[dict[str, str]], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt:
+        self.calls += 1
         return self.logic.prepare_chat(messages, max_tokens)
 
     async def prepare_completion(self, prompt: str | list[int], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt:
+        self.calls += 1
         return self.logic.prepare_completion(prompt, max_tokens)
 
 

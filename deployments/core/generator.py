@@ -69,6 +69,18 @@ def engine_args(model_path: str, config: EngineConfig) -> dict[str, Any]:
     return args
 
 
+def client_error(exc: BaseException) -> InvalidRequestError | None:
+    """The 400 for an engine error the request caused: vLLM's `VLLMClientError` family (its validation errors are
+    not ValueErrors since 0.2x) or a ValueError; None for anything else (the server's fault)."""
+    if isinstance(exc, InvalidRequestError):
+        return exc
+    if isinstance(exc, ValueError) or any(cls.__name__ == "VLLMClientError" for cls in type(exc).__mro__):
+        err = InvalidRequestError(str(exc), param=getattr(exc, "parameter", None))
+        err.__cause__ = exc
+        return err
+    return None
+
+
 class Coalescer:
     """Per-request token buffer that decides when a stream message is due (see the module docstring)."""
 
@@ -186,8 +198,8 @@ class VLLMGenerator:
 
         try:
             params = self._sampling_params(req)
-        except ValueError as exc:  # vLLM's own validation of sampling values
-            raise InvalidRequestError(str(exc)) from exc
+        except Exception as exc:
+            raise client_error(exc) or exc
         self._started += 1
         self._streaming += 1
         pending = req.n
@@ -196,7 +208,7 @@ class VLLMGenerator:
         stats = None
         buffer = Coalescer(self._config.stream_messages_per_step, lambda: self._streaming)
         try:
-            async for out in self._engine.generate(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id):
+            async for out in self._stream(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id):
                 stats = out.metrics or stats
                 for o in out.outputs:
                     produced += len(o.token_ids)
@@ -226,6 +238,14 @@ class VLLMGenerator:
             self._streaming -= 1
             if not finished and pending > 0 and self._on_unfinished is not None:
                 self._on_unfinished(req.request_id, produced)
+
+    async def _stream(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
+        """The engine's outputs; its validation errors (raised when it takes the request) become 400s."""
+        try:
+            async for out in self._engine.generate(prompt, params, request_id):
+                yield out
+        except Exception as exc:
+            raise client_error(exc) or exc
 
     def stats(self) -> EngineStats:
         return EngineStats(

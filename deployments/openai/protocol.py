@@ -1,19 +1,34 @@
 """Pydantic models of the OpenAI requests ray-maas accepts, with their validation rules.
 
 Only request bodies are modelled: responses are built as plain dicts by the
-postprocessor (`deployments.core.shapes`), which is the hot path.
+postprocessor (`deployments.core.shapes`), which is the hot path.  Values are
+bounded as vLLM's own server bounds them (e.g. `seed` to int64), and text must be
+valid Unicode (a lone surrogate cannot be tokenized).  Limits that depend on the
+deployment (prompt size, message and stop-string counts) are the service's
+(`common.config.RequestLimits`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from billing.keys import TENANT_PATTERN
 
-MAX_STOP_SEQUENCES = 4
 MAX_N = 16
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # vLLM's bounds for `seed`
+
+
+def _utf8(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode (a lone surrogate at position {exc.start})") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 
 
 class StreamOptions(BaseModel):
@@ -22,15 +37,15 @@ class StreamOptions(BaseModel):
 
 class TextContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    content: Text | list[TextContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -45,26 +60,24 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(..., min_length=1)
+    model: Text = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: Text | list[Text] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-sequence token (benchmarks).")
 
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
@@ -105,7 +118,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] = Field(...)
+    prompt: Text | list[Text] | list[int] = Field(...)
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for text completions
     echo: bool = False
     logprobs: int | None = None

@@ -2,10 +2,16 @@
 
 `build_app(service)` is a plain FastAPI factory: the Serve ingress calls it at
 replica start-up, and unit tests call it with a service over in-process fakes.
+
+Closed by default: `Gate`, in front of every route, checks the key of `/v1/*` and
+`/admin/*` requests before a byte of the body is read, and reads the body itself
+up to the size limit (413 past it), so a caller without a key cannot make the
+ingress read or parse anything.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, AsyncIterator, Awaitable
 
@@ -14,7 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.errors import EngineNotReadyError, InternalError, InvalidRequestError, MaasError, NotFoundError, as_maas_error
+from common.config import MaasConfig
+from common.errors import EngineNotReadyError, InternalError, InvalidRequestError, MaasError, NotFoundError, PayloadTooLargeError, as_maas_error
 from deployments.core import shapes
 from deployments.openai.accounts import AccountsService
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateKeyRequest
@@ -30,6 +37,73 @@ def error_response(exc: BaseException) -> JSONResponse:
         logger.error("Unhandled error while serving a request", exc_info=exc)
         err = InternalError("The server had an error while processing your request.")
     return JSONResponse(err.to_envelope(), status_code=err.status_code, headers=err.headers)
+
+
+# Codes for the errors Starlette/FastAPI raise themselves (never the bare status number as a code).
+_HTTP_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+
+
+class Gate:
+    """ASGI middleware: the key before the body, and the body's size before it is parsed.
+
+    For `/v1/*` (any valid key) and `/admin/*` (an admin key) the Authorization header is checked first;
+    the caller's key record is left in `scope["state"]["principal"]` for the routes. Then the body is
+    read here, refused with 413 as soon as it passes `max_body_bytes` (by its Content-Length, or by
+    counting a body sent without one), and replayed to the app whole.
+    """
+
+    def __init__(self, app: Any, service: OpenAIService, max_body_bytes: int):
+        self.app = app
+        self._service = service
+        self._max = max_body_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        try:
+            if path.startswith(("/v1/", "/admin/")) or path in ("/v1", "/admin"):
+                authorization = _header(scope, b"authorization")
+                check = self._service.require_admin if path.startswith("/admin") else self._service.authenticate
+                scope.setdefault("state", {})["principal"] = await check(authorization)
+            body = await self._read_body(scope, receive)
+        except Exception as exc:
+            return await error_response(exc)(scope, receive, send)
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: a disconnect, when the client leaves
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, scope: Any, receive: Any) -> bytes:
+        too_large = PayloadTooLargeError(f"The request body is larger than this server's limit of {self._max} bytes.")
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > self._max:
+            raise too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise asyncio.CancelledError()  # the client left before sending its body
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max:
+                raise too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _header(scope: Any, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
 
 
 def _validation_error(exc: RequestValidationError) -> MaasError:
@@ -94,15 +168,15 @@ async def _json(call: Awaitable[Any]) -> JSONResponse:
         return error_response(exc)
 
 
-def build_app(service: OpenAIService, accounts: AccountsService | None = None) -> FastAPI:
+def build_app(service: OpenAIService, accounts: AccountsService | None = None, max_body_bytes: int | None = None) -> FastAPI:
     app = FastAPI(title="ray-maas", summary="OpenAI-compatible API served by ray-maas")
+    app.add_middleware(Gate, service=service, max_body_bytes=max_body_bytes or MaasConfig().request_limits().max_body_bytes)
 
     async def principal(request: Request) -> Any:
-        """The caller's key (401 without a valid one); None when billing is off."""
-        return await service.authenticate(request.headers.get("authorization"))
+        """The caller's key, checked by the Gate before the body was read; None when billing is off."""
+        return request.scope.get("state", {}).get("principal")
 
-    async def admin(request: Request) -> Any:
-        return await service.require_admin(request.headers.get("authorization"))
+    admin = principal  # the Gate required an admin key for /admin/*
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -112,7 +186,7 @@ def build_app(service: OpenAIService, accounts: AccountsService | None = None) -
     async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return error_response(NotFoundError("Unknown route. The API lives under /v1 (see /docs)."))
-        err = MaasError(str(exc.detail), code=str(exc.status_code))
+        err = MaasError(str(exc.detail), code=_HTTP_CODES.get(exc.status_code))
         err.status_code, err.error_type = exc.status_code, "invalid_request_error"
         return error_response(err)
 

@@ -17,7 +17,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, NamedTuple, Protocol
 
-from common.errors import EngineNotReadyError, MaasError, ModelNotFoundError, NotFoundError, as_maas_error
+from common.config import MaasConfig, RequestLimits
+from common.errors import EngineNotReadyError, InvalidRequestError, MaasError, ModelNotFoundError, NotFoundError, as_maas_error
 from deployments.core.types import GenerationRequest, TokenizedPrompt
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -100,6 +101,10 @@ class BillingGate(Protocol):
 
     async def admit(self, key: Any, request_id: str, model: str, version: str, kind: str, price: Any, prompt_tokens: int, max_tokens: int, n: int = 1) -> Any: ...
 
+    async def resize(self, ticket: Any, prompt_tokens: int, max_tokens: int, n: int = 1) -> Any: ...
+
+    def release(self, ticket: Any) -> None: ...
+
     def settle(self, ticket: Any, prompt_tokens: int, completion_tokens: int | None, status: str) -> None: ...
 
 
@@ -116,8 +121,14 @@ class OpenAIService:
         billing: BillingGate | None = None,
         on_reject: Callable[[str, str], None] = lambda tenant, reason: None,
         observer: RequestObserver | None = None,
+        limits: RequestLimits | None = None,
+        context_window: int | None = None,
     ):
+        """`limits` bound what one request may send (checked before any other stage is called); `context_window`
+        (the engine's max_model_len) caps the estimate a request is admitted on before it is tokenized."""
         self.model_name = model_name
+        self._limits = limits or MaasConfig().request_limits()
+        self._window = context_window
         self._tokenizer = tokenizer
         self._backends = backends
         self._is_ready = is_ready
@@ -156,17 +167,36 @@ class OpenAIService:
         return await self._handle("completion", body, principal, lambda rid: self._tokenizer.prepare_completion(body.prompt, body.token_limit, request_id=rid))  # type: ignore[arg-type]
 
     async def _handle(self, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, prepare: Callable[[str], Any]) -> dict | SSEStream:
+        """Check, pick the version, admit on an estimate, tokenize, admit the true worst case, run.
+
+        The request slot and an upper estimate of its tokens are taken before tokenizing, so a tenant over
+        its rate or budget gets nothing tokenized; the version is chosen before tokenizing too (versions of a
+        model share its tokenizer) and the whole request, stream included, stays on it.
+        """
         t0 = time.monotonic()
         request_id = self._new_request_id()
+        version = ""
         try:
             self._check_model(body.model)
-            prompt = await prepare(request_id)
-            req = self._request(request_id, kind, body, prompt)
+            check_limits(body, self._limits)
+            backend = self._backends.pick()
+            version = backend.version
+            ticket = await self._admit(request_id, kind, body, principal, backend)
         except BaseException as exc:
-            # Refused before reaching a model version (bad input, unknown model, context too long).
-            _Meter(None, None, 0, self._observer, self._record_base(request_id, kind, body, principal, "", 0), t0).failed(exc)
+            _Meter(None, None, 0, self._observer, self._record_base(request_id, kind, body, principal, version, 0), t0).failed(exc)
             raise
-        return await self._run(req, principal, t0)
+        try:
+            prompt = await prepare(request_id)
+            req = dataclasses.replace(self._request(request_id, kind, body, prompt), model_version=version)
+            if ticket is not None:
+                ticket = await self.billing.resize(ticket, len(req.prompt_token_ids), req.max_tokens, req.n)  # type: ignore[union-attr]
+        except BaseException as exc:
+            # Refused before it ran (bad input, context too long): nothing to bill.
+            if ticket is not None:
+                self.billing.release(ticket)  # type: ignore[union-attr]
+            _Meter(None, None, 0, self._observer, self._record_base(request_id, kind, body, principal, version, 0), t0).failed(exc)
+            raise
+        return await self._run(req, principal, backend, ticket, t0)
 
     def _record_base(self, request_id: str, kind: str, body: Any, principal: Any, version: str, prompt_tokens: int) -> dict:
         tenant = getattr(principal, "tenant", "") or ""
@@ -199,17 +229,8 @@ class OpenAIService:
             include_usage=body.include_usage,
         )
 
-    async def _run(self, req: GenerationRequest, principal: Any, t0: float) -> dict | SSEStream:
-        # The version is chosen once, after tokenizing (versions of a model share its tokenizer), and the
-        # whole request, stream included, stays on it; billing attributes the tokens to it.
-        backend = self._backends.pick()
-        req = dataclasses.replace(req, model_version=backend.version)
+    async def _run(self, req: GenerationRequest, principal: Any, backend: Backend, ticket: Any, t0: float) -> dict | SSEStream:
         base = self._record_base(req.request_id, req.kind, req, principal, backend.version, len(req.prompt_token_ids))
-        try:
-            ticket = await self._admit(req, principal, backend)
-        except BaseException as exc:
-            _Meter(None, None, 0, self._observer, base, t0).failed(exc)
-            raise
         meter = _Meter(self.billing if ticket is not None else None, ticket, len(req.prompt_token_ids), self._observer, base, t0)
         post = backend.postprocessor
         if not req.stream:
@@ -232,17 +253,54 @@ class OpenAIService:
         meter.first_piece()
         return MeteredStream(first, stream, meter)
 
-    async def _admit(self, req: GenerationRequest, principal: Any, backend: Backend) -> Any:
-        """The billing ticket (None when billing is off), or a 429 / quota error."""
+    async def _admit(self, request_id: str, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, backend: Backend) -> Any:
+        """The billing ticket for an upper estimate of the request (None when billing is off), or a 429 / quota error."""
         if self.billing is None or principal is None:
             return None
+        prompt, completion = estimate_tokens(body, self._window)
         try:
-            return await self.billing.admit(
-                principal, req.request_id, self.model_name, backend.version, req.kind, backend.price, len(req.prompt_token_ids), req.max_tokens, req.n
-            )
+            return await self.billing.admit(principal, request_id, self.model_name, backend.version, kind, backend.price, prompt, completion, body.n)
         except MaasError as exc:
             self._on_reject(principal.tenant, exc.error_type if exc.status_code == 429 else (exc.code or "error"))
             raise
+
+
+# Tokens a chat template adds, as an upper bound: per message, and once (a default system prompt, the assistant's turn).
+TEMPLATE_TOKENS_PER_MESSAGE = 16
+TEMPLATE_TOKENS = 64
+
+
+def estimate_tokens(body: ChatCompletionRequest | CompletionRequest, window: int | None) -> tuple[int, int]:
+    """An upper estimate of (prompt tokens, completion tokens per choice) before tokenizing.
+
+    A token covers at least one UTF-8 byte (byte-level tokenizers), so bytes plus the template's tokens bound
+    the prompt; neither part can exceed the context window (the tokenizer refuses what does not fit).
+    """
+    if isinstance(body, ChatCompletionRequest):
+        prompt = sum(len(m.text().encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in body.messages) + TEMPLATE_TOKENS
+    else:
+        prompt = len(body.prompt) if isinstance(body.prompt, list) else len(body.prompt.encode()) + TEMPLATE_TOKENS
+    completion = body.token_limit if body.token_limit is not None else (window or 0)
+    if window is not None:
+        prompt, completion = min(prompt, window), min(completion, window)
+    return max(prompt, 1), max(completion, 1)
+
+
+def check_limits(body: ChatCompletionRequest | CompletionRequest, limits: RequestLimits) -> None:
+    """The deployment's bounds on one request (a 400 naming the parameter), before any other stage is called."""
+    if isinstance(body, ChatCompletionRequest):
+        if len(body.messages) > limits.max_messages:
+            raise InvalidRequestError(f"At most {limits.max_messages} messages are allowed; got {len(body.messages)}.", param="messages")
+        size, param = sum(len(m.text()) for m in body.messages), "messages"
+    else:
+        size, param = len(body.prompt), "prompt"
+    if size > limits.max_prompt_chars:
+        raise InvalidRequestError(f"The prompt is {size} characters; at most {limits.max_prompt_chars} are allowed.", param=param)
+    stops = body.stop_list
+    if len(stops) > limits.max_stop_sequences:
+        raise InvalidRequestError(f"At most {limits.max_stop_sequences} stop sequences are allowed; got {len(stops)}.", param="stop")
+    if any(len(s) > limits.max_stop_chars for s in stops):
+        raise InvalidRequestError(f"A stop sequence may be at most {limits.max_stop_chars} characters.", param="stop")
 
 
 class _Meter:

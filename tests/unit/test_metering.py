@@ -17,7 +17,7 @@ from billing.admin import BillingAdmin
 from billing.client import BillingClient
 from billing.ledger import Ledger
 from billing.service import BillingCore
-from common.config import Plan
+from common.config import Plan, RequestLimits
 from common.runtime import free_port
 from deployments.openai.accounts import AccountsService
 from deployments.openai.routes import build_app
@@ -29,10 +29,12 @@ from tests.unit.test_billing import PRICE, InProcess, config
 class Server:
     """uvicorn in a thread, serving the ingress app with billing wired in-process."""
 
-    def __init__(self, tmp_path, engine: ScriptedEngine):
-        self.core = BillingCore(config(free=Plan(), tiny=Plan(monthly_budget=Decimal("0.00001"))), Ledger(f"sqlite:///{tmp_path}/l.db"))
+    def __init__(self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None):
+        self.core = BillingCore(config(free=Plan(), tiny=Plan(monthly_budget=Decimal("0.00001")), one_rpm=Plan(rpm=1)), Ledger(f"sqlite:///{tmp_path}/l.db"))
         self.key, _ = self.core.create_key("acme")
         self.engine = engine
+        self.tokenizer = FakeTokenizerClient()
+        self.limits = limits
         self.port = free_port()
         self.ready = threading.Event()
 
@@ -40,8 +42,8 @@ class Server:
         self.billing = BillingClient(self.core.config, InProcess(self.core), "h1")
         await self.billing.start()
 
-        service = OpenAIService("m", FakeTokenizerClient(), StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), PRICE)), billing=self.billing)
-        return build_app(service, AccountsService(BillingAdmin.in_process(self.core), "USD", time.time))
+        service = OpenAIService("m", self.tokenizer, StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), PRICE)), billing=self.billing, limits=self.limits, context_window=256)
+        return build_app(service, AccountsService(BillingAdmin.in_process(self.core), "USD", time.time), self.limits.max_body_bytes if self.limits else None)
 
     def run(self):
         loop = asyncio.new_event_loop()

@@ -30,3 +30,21 @@ def test_prepare_chat_and_completion():
         tok.prepare_completion([999], 5)
     with pytest.raises(ContextLengthExceededError):
         tok.prepare_completion("x" * 70, None)
+
+
+def test_engine_validation_errors_become_400s_and_server_faults_do_not():
+    from common.errors import InvalidRequestError
+    from deployments.core.generator import client_error
+
+    class VLLMClientError(Exception):  # stands for vllm.exceptions.VLLMClientError (matched by name, no vLLM import)
+        pass
+
+    class VLLMValidationError(VLLMClientError):
+        def __init__(self, message: str, parameter: str | None = None):
+            super().__init__(message)
+            self.parameter = parameter
+
+    err = client_error(VLLMValidationError("seed out of range", parameter="seed"))
+    assert isinstance(err, InvalidRequestError) and err.status_code == 400 and err.param == "seed"
+    assert client_error(ValueError("top_k must be -1 or at least 1")).status_code == 400
+    assert client_error(RuntimeError("engine dead")) is None
