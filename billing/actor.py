@@ -15,16 +15,22 @@ from typing import Any
 import ray
 
 from billing.admin import BillingAdmin
-from billing.ledger import Ledger
+from billing.ledger import Ledger, SpendRow
 from billing.metrics import RayBillingMetrics
-from billing.records import SyncReply, SyncRequest
-from billing.service import BillingCore
+from billing.records import SyncReply, SyncRequest, UsageEvent
+from billing.service import BillingCore, Totals
 from common.config import BillingConfig
 from common.logs import setup_logging
 
 
+# Reports read the ledger on threads of their own, beside the default group that runs the replicas' syncs and
+# every write one at a time: a flood of usage reports cannot stall admission (a sync waits for nothing of theirs).
+REPORTS = "reports"
+REPORT_THREADS = 2
+
+
 class BillingActor(BillingCore):
-    """Every public method of `BillingCore` is a method of the actor."""
+    """Every public method of `BillingCore` is a method of the actor; the read-only reports run in `REPORTS`."""
 
     def __init__(self, config: BillingConfig):
         setup_logging("billing")
@@ -33,6 +39,22 @@ class BillingActor(BillingCore):
 
     def status(self) -> dict:
         return {**super().status(), "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
+
+    @ray.method(concurrency_group=REPORTS)
+    def spend_rows(self, period: str | None = None, tenant: str | None = None, by_day: bool = False) -> list[SpendRow]:
+        return super().spend_rows(period, tenant, by_day)
+
+    @ray.method(concurrency_group=REPORTS)
+    def totals(self, period: str) -> list[Totals]:
+        return super().totals(period)
+
+    @ray.method(concurrency_group=REPORTS)
+    def events(self, request_ids: list[str] | None = None, tenant: str | None = None) -> list[UsageEvent]:
+        return super().events(request_ids, tenant)
+
+    @ray.method(concurrency_group=REPORTS)
+    def audit_log(self, limit: int = 100) -> list[dict]:
+        return super().audit_log(limit)
 
 
 def get_or_create(config: BillingConfig) -> Any:
@@ -48,6 +70,7 @@ def get_or_create(config: BillingConfig) -> Any:
             max_task_retries=0,  # callers resend themselves; the ledger is idempotent
             num_cpus=0,
             resources={"node:__internal_head__": 0.001},
+            concurrency_groups={REPORTS: REPORT_THREADS},
         )
         .remote(config)
     )

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
 
-from billing.keys import check_key
+from billing.keys import bearer_token, check_key
 from billing.pricing import Quote, cost, quote
 from billing.quota import ZERO, Ask, Reservation, TenantLease, fits, period_of, refill, release, reserve, settle, shortfall, shrink, window_of
 from billing.records import Claim, EngineCount, KeyRecord, SyncReply, SyncRequest, UsageEvent
@@ -130,17 +130,20 @@ class BillingClient:
         self._hints: dict[str, Quote] = {}
         self._outbox: Outbox[UsageEvent] = Outbox(self._send, config.max_batch, "usage events")
         self._loop_task: asyncio.Task | None = None
-        self.synced = False
+        self.synced = False  # at least one sync succeeded
         self._synced_event = asyncio.Event()
+        self._created_at = clock()
+        self._last_sync: float | None = None
+        # Fail closed: past this long without a sync the key table may miss revocations and the actor drops this
+        # replica's leases (after `holder_ttl_s`), so keys and leases are no longer trusted.
+        self.stale_after_s = config.lease.holder_ttl_s
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, timeout_s: float = 60.0) -> None:
-        """First sync (loads every key), then the background loop."""
-        deadline = self._clock() + timeout_s
+    async def start(self) -> None:
+        """First sync (loads every key), then the background loop. Retries until the actor answers, however long:
+        meanwhile requests get 503 (never 401), and `health()` reports it so Serve replaces a replica stuck so."""
         while await self._sync() is None:
-            if self._clock() > deadline:
-                raise ServiceUnavailableError("The billing service is unreachable.")
             await asyncio.sleep(0.5)
         self._loop_task = asyncio.get_running_loop().create_task(run_periodically(self.config.flush_interval_s, self._sync))
 
@@ -157,10 +160,33 @@ class BillingClient:
     def queued(self) -> int:
         return len(self._outbox)
 
+    @property
+    def fresh(self) -> bool:
+        """Synced within `stale_after_s`: its keys and leases can be trusted."""
+        return self._last_sync is not None and self._clock() - self._last_sync <= self.stale_after_s
+
+    def health(self) -> str | None:
+        """Why this replica should be replaced (no sync for twice the staleness bound), or None."""
+        since = self._last_sync if self._last_sync is not None else self._created_at
+        silent = self._clock() - since
+        if silent > 2 * self.stale_after_s:
+            return f"no billing sync for {silent:.0f}s ({'never synced' if self._last_sync is None else 'since the last one'})"
+        return None
+
+    def _require_fresh(self) -> None:
+        if not self.fresh:
+            what = "is starting" if self._last_sync is None else "has not been reachable for a while"
+            raise ServiceUnavailableError(f"Billing {what}; keys and quotas cannot be checked. Retry shortly.", headers={"Retry-After": "2"})
+
     # ---- the request path --------------------------------------------------------------------
 
     async def authenticate(self, authorization: str | None) -> KeyRecord:
-        """The caller's key. A key this replica does not know yet (created a moment ago) waits for the next sync, once."""
+        """The caller's key. A key this replica does not know yet (created a moment ago) waits for the next sync, once.
+
+        No header, or a malformed one, is a 401 whatever billing's state; any other key is a 503 while the key
+        table is not fresh (fail closed: a stale table may still hold a revoked key)."""
+        bearer_token(authorization)
+        self._require_fresh()
         try:
             return check_key(self._keys, authorization, self._clock())
         except AuthenticationError as exc:
@@ -201,6 +227,7 @@ class BillingClient:
         release(self._leases[ticket.reservation.tenant], ticket.reservation)
 
     async def _reserve(self, tenant: str, q: Quote, slot: bool) -> Reservation:
+        self._require_fresh()  # the actor may have dropped this replica's leases
         self._hints[tenant] = q
         for attempt in range(4):
             now = self._clock()
@@ -261,6 +288,7 @@ class BillingClient:
             self._keys[key.key_hash] = key
         self._keys_seq = max(self._keys_seq, reply.keys_seq)
         self.synced = True
+        self._last_sync = self._clock()
         self._synced_event.set()
         return reply
 

@@ -50,7 +50,7 @@ class Ingress:
             self._billing = BillingClient(billing, actor.ActorTransport(handle), holder, on_outbox=self._metrics.outbox_size)
             on_reject = self._metrics.rejected
             self._accounts = AccountsService(actor.admin_client(handle), billing.price_book.currency, time.time)
-            asyncio.get_running_loop().create_task(self._billing.start(timeout_s=600))
+            asyncio.get_running_loop().create_task(self._billing.start())
         self._traffic = TrafficFollower(TrafficFile(cfg.store_root(), cfg.app_name, cfg.model.name), self._backend)
         self._service = OpenAIService(
             cfg.model.name,
@@ -97,6 +97,12 @@ class Ingress:
             except Exception as exc:  # not deployed yet, or restarting
                 logger.debug("generator of %s not ready: %s", version, exc)
             await asyncio.sleep(1.0)
+
+    async def check_health(self) -> None:
+        """Serve replaces a replica that has not reached the billing actor for too long (it answers 503 meanwhile)."""
+        reason = self._billing.health() if self._billing is not None else None
+        if reason is not None:
+            raise RuntimeError(reason)
 
     async def traffic(self) -> dict | None:
         """The plan this replica follows (for operators and the CLI)."""

@@ -12,7 +12,7 @@ from billing.admin import BillingAdmin
 from billing.invoice import build_invoices, invoice_csv
 from billing.quota import period_of
 from billing.reports import usage_report
-from common.errors import PermissionDeniedError
+from common.errors import PermissionDeniedError, RateLimitError
 
 
 def key_view(record: Any) -> dict:
@@ -28,11 +28,28 @@ def key_view(record: Any) -> dict:
     }
 
 
+class ReportLimiter:
+    """A token bucket per tenant for `/v1/usage`: reports are read on their own threads, and also bounded per tenant."""
+
+    def __init__(self, per_s: float, burst: int, clock: Callable[[], float]):
+        self._per_s, self._burst, self._clock = per_s, burst, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, at)
+
+    def take(self, tenant: str) -> None:
+        now = self._clock()
+        tokens, at = self._buckets.get(tenant, (float(self._burst), now))
+        tokens = min(float(self._burst), tokens + (now - at) * self._per_s)
+        if tokens < 1:
+            raise RateLimitError("Too many usage reports; retry shortly.", retry_after_s=(1 - tokens) / self._per_s)
+        self._buckets[tenant] = (tokens - 1, now)
+
+
 class AccountsService:
-    def __init__(self, admin: BillingAdmin, currency: str, clock: Callable[[], float]):
+    def __init__(self, admin: BillingAdmin, currency: str, clock: Callable[[], float], reports_per_s: float = 1.0, reports_burst: int = 5):
         self._admin = admin
         self._currency = currency
         self._clock = clock
+        self._limiter = ReportLimiter(reports_per_s, reports_burst, clock)
 
     def _period(self, period: str | None) -> str:
         return period or period_of(self._clock())
@@ -41,6 +58,7 @@ class AccountsService:
         """A tenant's own usage; asking for anyone else's is refused."""
         if tenant is not None and tenant != principal.tenant and principal.role != "admin":
             raise PermissionDeniedError("A key can read only its own tenant's usage.", param="tenant")
+        self._limiter.take(principal.tenant)
         return await self.usage(self._period(period), tenant or principal.tenant)
 
     async def usage(self, period: str | None, tenant: str | None) -> dict:

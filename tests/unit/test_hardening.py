@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from decimal import Decimal
 
@@ -13,11 +14,11 @@ from billing.records import UsageEvent
 from billing.service import BillingCore
 from common import envs
 from common.config import BillingConfig, Plan
-from common.errors import InvalidRequestError
+from common.errors import AuthenticationError, InvalidRequestError, ServiceUnavailableError
 from deployments.openai.protocol import ChatCompletionRequest
 from deployments.openai.service import Backend, OpenAIService, StaticPicker
 from tests.fakes import FakePostprocessorClient, FakeTokenizerClient, ScriptedEngine
-from tests.unit.test_billing import PRICE, InProcess, config
+from tests.unit.test_billing import NOV, PRICE, InProcess, config
 
 
 def _event(rid: str, tenant: str | None = "acme", status: str = "ok") -> UsageEvent:
@@ -103,3 +104,51 @@ async def test_a_stream_closed_before_its_first_piece_is_read_is_settled(tmp_pat
     await billing.close(timeout_s=1)
     (event,) = core.events(tenant="acme")
     assert event.status == "aborted" and event.completion_tokens is None  # the engine's own count follows
+
+
+async def test_a_replica_that_cannot_sync_answers_503_never_401_and_reports_unhealthy(tmp_path):
+    now = [NOV]
+    core = BillingCore(config(), Ledger(f"sqlite:///{tmp_path}/l.db"), clock=lambda: now[0])
+    key, _ = core.create_key("acme")
+    transport = InProcess(core)
+    transport.down = True  # the billing actor is not up yet
+    client = BillingClient(core.config, transport, "h1", clock=lambda: now[0])
+    starting = asyncio.get_running_loop().create_task(client.start())
+    await asyncio.sleep(0.05)
+    with pytest.raises(ServiceUnavailableError):
+        await client.authenticate(f"Bearer {key}")  # a valid key: billing cannot tell yet, so 503, not 401
+    with pytest.raises(AuthenticationError):
+        await client.authenticate(None)  # no key at all is a 401 whatever billing's state
+    assert client.health() is None
+    now[0] += 2 * client.stale_after_s + 1
+    assert "never synced" in client.health()  # Serve's health check replaces a replica stuck like this
+    transport.down = False
+    await asyncio.wait_for(starting, 5)  # it kept retrying
+    assert (await client.authenticate(f"Bearer {key}")).tenant == "acme" and client.health() is None
+    transport.down = True
+    now[0] += client.stale_after_s + 1  # the actor may have dropped this replica's leases and missed a revocation
+    with pytest.raises(ServiceUnavailableError):
+        await client.authenticate(f"Bearer {key}")
+    with pytest.raises(ServiceUnavailableError):
+        await client.admit(core.list_keys()[0], "r1", "m", "v1", "chat", PRICE, 10, 10)
+    await client.close(timeout_s=0)
+
+
+async def test_usage_reports_are_rate_limited_per_tenant(tmp_path):
+    from billing.admin import BillingAdmin
+    from common.errors import RateLimitError
+    from deployments.openai.accounts import AccountsService
+
+    now = [NOV]
+    core = BillingCore(config(), Ledger(f"sqlite:///{tmp_path}/l.db"))
+    _, acme = core.create_key("acme")
+    _, other = core.create_key("other")
+    accounts = AccountsService(BillingAdmin.in_process(core), "USD", lambda: now[0], reports_per_s=1.0, reports_burst=3)
+    for _ in range(3):
+        await accounts.tenant_usage(acme, None, None)
+    with pytest.raises(RateLimitError) as err:
+        await accounts.tenant_usage(acme, None, None)
+    assert err.value.status_code == 429 and err.value.headers["Retry-After"] == "1"
+    await accounts.tenant_usage(other, None, None)  # another tenant's bucket is its own
+    now[0] += 1.0
+    await accounts.tenant_usage(acme, None, None)
