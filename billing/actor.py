@@ -60,7 +60,7 @@ class BillingActor(BillingCore):
 def get_or_create(config: BillingConfig) -> Any:
     """The billing actor's handle, creating it (detached, restartable, on the head node) if it does not exist."""
     return (
-        ray.remote(BillingActor)
+        ray.remote(concurrency_groups={REPORTS: REPORT_THREADS})(BillingActor)
         .options(
             name=config.actor_name,
             namespace=config.namespace,
@@ -70,7 +70,6 @@ def get_or_create(config: BillingConfig) -> Any:
             max_task_retries=0,  # callers resend themselves; the ledger is idempotent
             num_cpus=0,
             resources={"node:__internal_head__": 0.001},
-            concurrency_groups={REPORTS: REPORT_THREADS},
         )
         .remote(config)
     )

@@ -36,6 +36,7 @@ INSTANCE_SHAPES: dict[str, tuple[int, int, int]] = {
     "p4d.24xlarge": (96, 1152, 8),
 }
 MODEL_STORE_MOUNT = "/mnt/maas-models"
+RAY_AUTH_SECRET = "maas-ray-auth"  # kubectl create secret generic maas-ray-auth --from-literal=token=$(openssl rand -hex 32)
 IMAGE = "ghcr.io/ray-maas/ray-maas:latest"  # built from cluster/Dockerfile (the project with the `gpu` extra)
 
 
@@ -93,6 +94,9 @@ def rayservice_for(config: MaasConfig, config_path: Path | None, launcher: dict[
         {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
         {"name": "RAY_worker_niceness", "value": "0"},
         {"name": "MAAS_LEDGER_URL", "valueFrom": {"secretKeyRef": {"name": "maas-ledger", "key": "url", "optional": True}}},
+        # Ray's token auth on every Ray port, Serve's inter-replica servers included (docs/operations.md, Security).
+        {"name": "RAY_AUTH_MODE", "value": "token"},
+        {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": RAY_AUTH_SECRET, "key": "token"}}},
     ]
     types = launcher["available_node_types"]
     head_type = types[launcher["head_node_type"]]

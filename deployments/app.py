@@ -18,6 +18,7 @@ from common.config import DeploymentConfig, MaasConfig
 from common.model_store import ModelVersion, open_store
 from deployments.generator import Generator
 from deployments.ingress import Ingress
+from deployments.network import setup_hook_env
 from deployments.postprocessor import Postprocessor
 from deployments.tokenizer import Tokenizer
 
@@ -29,8 +30,8 @@ def deployment_options(stage: DeploymentConfig, *, gpus: float = 0.0) -> dict[st
         actor["resources"] = dict(stage.resources)
     if stage.memory_gib:
         actor["memory"] = int(stage.memory_gib * 2**30)
-    if stage.env_vars:
-        actor["runtime_env"] = {"env_vars": dict(stage.env_vars)}
+    # Every replica binds its inter-replica server to its node's IP, not every interface (deployments.network).
+    actor["runtime_env"] = {"env_vars": {**setup_hook_env(), **stage.env_vars}}
     auto = stage.autoscaling
     return {
         "max_ongoing_requests": stage.max_ongoing_requests,

@@ -131,3 +131,47 @@ def test_client_disconnect_aborts_the_engine_request(client, generator_handle):
             break
         assert time.monotonic() < deadline, stats
         time.sleep(0.2)
+
+
+def _cluster_processes() -> list:
+    """This test module's Ray cluster: the processes its driver started (GCS, raylet, ...), everything they
+    started (workers, replicas, the Serve proxy and controller), and the driver itself."""
+    import os
+
+    import psutil
+    import ray
+
+    node = ray._private.worker._global_node
+    roots = [info.process.pid for infos in node.all_processes.values() for info in infos if info.process is not None]
+    procs = {os.getpid(): psutil.Process()}
+    for pid in roots:
+        try:
+            root = psutil.Process(pid)
+            procs[pid] = root
+            procs.update({c.pid: c for c in root.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            continue
+    return list(procs.values())
+
+
+def test_nothing_of_the_cluster_listens_beyond_loopback(client):
+    import ipaddress
+
+    import psutil
+
+    chat(client, max_tokens=2)  # every stage has served a request, so every server is up
+    listening = []
+    for proc in _cluster_processes():
+        try:
+            name = " ".join(proc.cmdline())[:60]
+            listening += [(c.laddr.ip, c.laddr.port, name) for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    replicas = [s for s in listening if "ServeReplica" in s[2]]
+    assert len({s[2] for s in replicas}) >= 4, listening  # ingress, tokenizer, postprocessor, generator each listen
+    def loopback(ip: str) -> bool:
+        addr = ipaddress.ip_address(ip)
+        return (addr.ipv4_mapped or addr).is_loopback if addr.version == 6 else addr.is_loopback  # ::ffff:127.0.0.1 is loopback
+
+    exposed = [s for s in listening if not loopback(s[0])]
+    assert not exposed, f"listening beyond loopback: {exposed}"

@@ -152,3 +152,16 @@ async def test_usage_reports_are_rate_limited_per_tenant(tmp_path):
     await accounts.tenant_usage(other, None, None)  # another tenant's bucket is its own
     now[0] += 1.0
     await accounts.tenant_usage(acme, None, None)
+
+
+def test_replica_servers_bind_the_node_ip_not_every_interface():
+    from deployments.app import deployment_options
+    from deployments.network import SETUP_HOOK, node_address, setup_hook_env
+    from common.config import DeploymentConfig
+
+    assert node_address("[::]:0", "127.0.0.1") == "127.0.0.1:0"
+    assert node_address("0.0.0.0:9000", "10.1.2.3") == "10.1.2.3:9000"
+    assert node_address("[::]:0", "fd00::5") == "[fd00::5]:0"
+    assert node_address("127.0.0.2:5", "127.0.0.1") == "127.0.0.2:5"  # a concrete address is kept
+    env = deployment_options(DeploymentConfig(env_vars={"A": "1"}))["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env == {**setup_hook_env(), "A": "1"} and SETUP_HOOK in env.values()
