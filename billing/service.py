@@ -285,5 +285,6 @@ class BillingCore:
             "holders": sorted(self._last_seen),
             "keys_seq": self._keys_seq,
             "tenants": len(self._plans),
+            "plans": sorted(self.config.plans),
             "ledger": self.ledger.engine.url.render_as_string(hide_password=True),
         }

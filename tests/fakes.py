@@ -42,8 +42,10 @@ class ScriptedEngine:
         self.fail_after = fail_after
         self.delay_s = delay_s
         self.closed_early = 0
+        self.requests: list[GenerationRequest] = []  # what the engine was asked for, in order
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenDelta]]:
+        self.requests.append(req)
         ids = self.reply_ids[: req.max_tokens]
         sent = 0
         try:

@@ -183,6 +183,7 @@ class VLLMGenerator:
             # The model's end-of-turn ids stop generation unless the client asked to ignore EOS (as vLLM's server does).
             stop_token_ids=[] if req.ignore_eos else list(req.stop_token_ids),
             ignore_eos=req.ignore_eos,
+            **{k: v for k, v in (("top_k", req.top_k), ("min_p", req.min_p), ("repetition_penalty", req.repetition_penalty), ("logit_bias", req.logit_bias)) if v is not None},
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
         )

@@ -46,6 +46,10 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
     stream: bool = False
     include_usage: bool = False
     model_version: str = ""  # the store version serving it; responses name it in `system_fingerprint`

@@ -18,6 +18,7 @@ from billing.keys import TENANT_PATTERN
 
 MAX_N = 16
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # vLLM's bounds for `seed`
+INT32_MAX = 2**31 - 1
 
 
 def _utf8(value: str) -> str:
@@ -56,9 +57,13 @@ class ChatMessage(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    """Sampling parameters shared by chat and text completions."""
+    """Sampling parameters shared by chat and text completions.
 
-    model_config = ConfigDict(extra="ignore")
+    Nothing is silently dropped: a parameter this API does not implement is a 400 naming it (a client must
+    not believe, say, JSON mode was applied when it was not). A parameter sent as `null` counts as not sent.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     model: Text = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -73,6 +78,34 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: Text | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-sequence token (benchmarks).")
+    # vLLM's sampling extras, passed to the engine (bounded as vLLM bounds them).
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX, description="Sample from the k most likely tokens; 0 or -1 for all.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens less likely than min_p times the most likely one.")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="Above 1 discourages tokens already in the prompt or output.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias added to its logit, -100 to 100.")
+    response_format: dict[str, Any] | None = Field(None, description="Only {\"type\": \"text\"} (the default) is implemented so far.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_not_sent(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids as strings; got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are between -100 and 100; got {bias} for token {token}")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError(f"response_format {value.get('type')!r} is not supported yet; only 'text' is")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -95,6 +128,10 @@ class _SamplingFields(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def token_bias(self) -> dict[int, float] | None:
+        return {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None
 
 
 class ChatCompletionRequest(_SamplingFields):

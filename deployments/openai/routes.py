@@ -111,6 +111,10 @@ def _validation_error(exc: RequestValidationError) -> MaasError:
     errors = exc.errors()
     if errors and errors[0].get("type") == "json_invalid":
         return InvalidRequestError("The request body is not valid JSON.")
+    extra = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
+    if extra is not None:
+        name = ".".join(str(p) for p in extra.get("loc", ()) if p != "body")
+        return InvalidRequestError(f"Unsupported parameter: `{name}` is not implemented by this API.", param=name, code="unsupported_parameter")
     located = [([str(p) for p in e.get("loc", ()) if p != "body"], e.get("msg", "invalid value")) for e in errors]
     message = "; ".join(f"{'.'.join(loc) or 'body'}: {msg}" for loc, msg in located[:5])
     param = located[0][0][0] if located and located[0][0] else None

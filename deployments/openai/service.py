@@ -225,6 +225,10 @@ class OpenAIService:
             stop=body.stop_list,
             stop_token_ids=prompt.stop_token_ids,
             ignore_eos=body.ignore_eos,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            logit_bias=body.token_bias,
             stream=body.stream,
             include_usage=body.include_usage,
         )

@@ -115,6 +115,28 @@ def test_duplicate_events_are_counted_once(billing, config):
     assert _spent(billing, "dup") == 100 * cost(Decimal("0.05"), Decimal("0.20"), 100, 10)
 
 
+def test_a_restarted_actor_keeps_the_config_it_was_last_given(billing, config):
+    # A redeploy changed the plans; Ray restarts an actor with its first constructor arguments, the older config.
+    later = config.model_copy(update={"plans": {**config.plans, "added-later": Plan(rpm=5)}})
+    assert ray.get(billing.configure.remote(later, "tests"))
+    ray.kill(billing, no_restart=False)
+    restarted = actor.get(config)
+    status = _wait_status(restarted)
+    assert status["restarted"] and "added-later" in status["plans"]
+    assert ray.get(restarted.configure.remote(config, "tests"))  # put the module's config back for the next tests
+
+
+def _wait_status(handle, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(handle.status.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_killing_the_actor_mid_stream_loses_and_doubles_nothing(billing, config):
     key = _key(billing, "killme", "unlimited")
     ingress = FakeIngress.remote(config.model_dump(mode="json"), "kill-h1")

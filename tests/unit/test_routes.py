@@ -117,3 +117,33 @@ def test_engine_failure_mid_stream_is_reported_in_band():
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["type"] == "internal_error"
     assert "exploded" not in resp.text
+
+
+@pytest.mark.parametrize(
+    "extra, param, code",
+    [
+        ({"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
+        ({"parallel_tool_calls": True}, "parallel_tool_calls", "unsupported_parameter"),
+        ({"response_format": {"type": "json_object"}}, "response_format", None),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format", None),
+        ({"top_k": 1.5}, "top_k", None),
+        ({"min_p": 2}, "min_p", None),
+        ({"repetition_penalty": 0}, "repetition_penalty", None),
+        ({"logit_bias": {"hello": 1}}, "logit_bias", None),
+        ({"logit_bias": {"5": 101}}, "logit_bias", None),
+    ],
+)
+def test_nothing_is_silently_dropped(extra, param, code):
+    assert_envelope(make_client().post("/v1/chat/completions", json=chat_body(**extra)), 400, param, code)
+
+
+def test_nulls_count_as_not_sent_and_vllm_sampling_extras_reach_the_engine():
+    engine = ScriptedEngine()
+    client = make_client(engine)
+    nulls = {"tools": None, "logprobs": None, "response_format": None, "stop": None, "seed": None, "tool_choice": None}
+    assert client.post("/v1/chat/completions", json=chat_body(**nulls)).status_code == 200
+    extras = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "logit_bias": {"7": -100}, "response_format": {"type": "text"}}
+    assert client.post("/v1/chat/completions", json=chat_body(**extras)).status_code == 200
+    req = engine.requests[-1]
+    assert (req.top_k, req.min_p, req.repetition_penalty, req.logit_bias) == (5, 0.1, 1.2, {7: -100.0})
+    assert (engine.requests[0].top_k, engine.requests[0].logit_bias) == (None, None)  # not sent: the engine's defaults
