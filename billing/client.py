@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
 
 from billing.keys import bearer_token, check_key
 from billing.pricing import Quote, cost, quote
-from billing.quota import ZERO, Ask, Reservation, TenantLease, fits, period_of, refill, release, reserve, settle, shortfall, shrink, window_of
+from billing.quota import ZERO, Ask, Reservation, TenantLease, period_of, refill, release, reserve, settle, shortfall, window_of
 from billing.records import Claim, EngineCount, KeyRecord, SyncReply, SyncRequest, UsageEvent
 from common.config import BillingConfig, Price
 from common.errors import AuthenticationError, InsufficientQuotaError, PermissionDeniedError, RateLimitError, ServiceUnavailableError
@@ -208,19 +208,18 @@ class BillingClient:
     async def admit(self, key: KeyRecord, request_id: str, model: str, version: str, kind: str, price: Price, prompt_tokens: int, max_tokens: int, n: int = 1) -> Ticket:
         """Reserve the request's worst case and its request slot from the tenant's lease, asking the actor only when it runs dry.
 
-        The ingress admits on an upper estimate before tokenizing (so a tenant over its limits gets nothing
-        tokenized) and then `resize`s to the true worst case."""
+        The ingress admits a one-token placeholder before tokenizing (the request slot, so a tenant at its
+        limits gets nothing tokenized) and `resize`s to the true worst case once the prompt is tokenized."""
         return Ticket(request_id, key, model, version, kind, await self._reserve(key.tenant, quote(price, prompt_tokens, max_tokens, n), slot=True))
 
     async def resize(self, ticket: Ticket, prompt_tokens: int, max_tokens: int, n: int = 1) -> Ticket:
-        """The ticket for the request's true worst case once it is known; the rest of the estimate returns to the lease."""
+        """The ticket for the request's true worst case (no second request slot), then the old reservation is given
+        back. If the new one cannot be had (a 429), the old ticket still holds its reservation: `release` it."""
         r = ticket.reservation
         q = Quote(r.quote.prompt_price, r.quote.completion_price, prompt_tokens, max_tokens * n)
-        lease = self._leases[r.tenant]
-        if fits(r, q):
-            return replace(ticket, reservation=shrink(lease, r, q))
-        release(lease, r)  # larger than the estimate (a tokenizer with more tokens than bytes): reserve it anew, same slot
-        return replace(ticket, reservation=await self._reserve(r.tenant, q, slot=False))
+        new = await self._reserve(r.tenant, q, slot=False)
+        release(self._leases[r.tenant], r)
+        return replace(ticket, reservation=new)
 
     def release(self, ticket: Ticket) -> None:
         """A request refused before it ran (bad input, context too long): nothing to bill; its request slot stays used."""

@@ -198,23 +198,6 @@ def reserve(lease: TenantLease, tenant: str, q: Quote, slot: bool = True) -> Res
     return Reservation(tenant, lease.period, lease.window, q, worst)
 
 
-def fits(r: Reservation, q: Quote) -> bool:
-    """Whether a reservation already covers the worst case `q` (so `shrink` can replace it)."""
-    return q.worst_cost <= r.reserved and q.worst_tokens <= r.quote.worst_tokens
-
-
-def shrink(lease: TenantLease, r: Reservation, q: Quote) -> Reservation:
-    """Replace a reservation made on an estimate by the smaller worst case `q` (known after tokenizing); the
-    difference returns to the lease at once. Call only when `fits(r, q)`."""
-    freed = r.reserved - q.worst_cost
-    lease.in_flight -= freed
-    if lease.budget is not None and lease.period == r.period:
-        lease.budget += freed
-    if lease.tokens is not None and lease.window == r.window:
-        lease.tokens += r.quote.worst_tokens - q.worst_tokens
-    return Reservation(r.tenant, r.period, r.window, q, q.worst_cost)
-
-
 def release(lease: TenantLease, r: Reservation) -> None:
     """Give a reservation back whole, e.g. for a request refused before it ran; its request slot stays used
     (a refused request was still a request)."""

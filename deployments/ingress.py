@@ -61,7 +61,6 @@ class Ingress:
             on_reject=on_reject or (lambda tenant, reason: None),
             observer=RayRequestMetrics(),
             limits=cfg.request_limits(),
-            context_window=cfg.engine.max_model_len,
         )
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._follow_traffic())]

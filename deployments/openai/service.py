@@ -122,13 +122,10 @@ class OpenAIService:
         on_reject: Callable[[str, str], None] = lambda tenant, reason: None,
         observer: RequestObserver | None = None,
         limits: RequestLimits | None = None,
-        context_window: int | None = None,
     ):
-        """`limits` bound what one request may send (checked before any other stage is called); `context_window`
-        (the engine's max_model_len) caps the estimate a request is admitted on before it is tokenized."""
+        """`limits` bound what one request may send, checked before any other stage is called."""
         self.model_name = model_name
         self._limits = limits or MaasConfig().request_limits()
-        self._window = context_window
         self._tokenizer = tokenizer
         self._backends = backends
         self._is_ready = is_ready
@@ -167,11 +164,11 @@ class OpenAIService:
         return await self._handle("completion", body, principal, lambda rid: self._tokenizer.prepare_completion(body.prompt, body.token_limit, request_id=rid))  # type: ignore[arg-type]
 
     async def _handle(self, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, prepare: Callable[[str], Any]) -> dict | SSEStream:
-        """Check, pick the version, admit on an estimate, tokenize, admit the true worst case, run.
+        """Check, pick the version, take the request slot, tokenize, reserve the true worst case, run.
 
-        The request slot and an upper estimate of its tokens are taken before tokenizing, so a tenant over
-        its rate or budget gets nothing tokenized; the version is chosen before tokenizing too (versions of a
-        model share its tokenizer) and the whole request, stream included, stays on it.
+        The request slot (and a one-token placeholder) is taken before tokenizing, so a tenant at its rate
+        or budget gets nothing tokenized; the version is chosen before tokenizing too (versions of a model
+        share its tokenizer) and the whole request, stream included, stays on it.
         """
         t0 = time.monotonic()
         request_id = self._new_request_id()
@@ -258,36 +255,14 @@ class OpenAIService:
         return MeteredStream(first, stream, meter)
 
     async def _admit(self, request_id: str, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, backend: Backend) -> Any:
-        """The billing ticket for an upper estimate of the request (None when billing is off), or a 429 / quota error."""
+        """The request slot and a one-token placeholder (None when billing is off), or a 429 / quota error."""
         if self.billing is None or principal is None:
             return None
-        prompt, completion = estimate_tokens(body, self._window)
         try:
-            return await self.billing.admit(principal, request_id, self.model_name, backend.version, kind, backend.price, prompt, completion, body.n)
+            return await self.billing.admit(principal, request_id, self.model_name, backend.version, kind, backend.price, 1, 0, 1)
         except MaasError as exc:
             self._on_reject(principal.tenant, exc.error_type if exc.status_code == 429 else (exc.code or "error"))
             raise
-
-
-# Tokens a chat template adds, as an upper bound: per message, and once (a default system prompt, the assistant's turn).
-TEMPLATE_TOKENS_PER_MESSAGE = 16
-TEMPLATE_TOKENS = 64
-
-
-def estimate_tokens(body: ChatCompletionRequest | CompletionRequest, window: int | None) -> tuple[int, int]:
-    """An upper estimate of (prompt tokens, completion tokens per choice) before tokenizing.
-
-    A token covers at least one UTF-8 byte (byte-level tokenizers), so bytes plus the template's tokens bound
-    the prompt; neither part can exceed the context window (the tokenizer refuses what does not fit).
-    """
-    if isinstance(body, ChatCompletionRequest):
-        prompt = sum(len(m.text().encode()) + TEMPLATE_TOKENS_PER_MESSAGE for m in body.messages) + TEMPLATE_TOKENS
-    else:
-        prompt = len(body.prompt) if isinstance(body.prompt, list) else len(body.prompt.encode()) + TEMPLATE_TOKENS
-    completion = body.token_limit if body.token_limit is not None else (window or 0)
-    if window is not None:
-        prompt, completion = min(prompt, window), min(completion, window)
-    return max(prompt, 1), max(completion, 1)
 
 
 def check_limits(body: ChatCompletionRequest | CompletionRequest, limits: RequestLimits) -> None:
@@ -404,4 +379,7 @@ class MeteredStream:
         await self._rest.aclose()  # type: ignore[attr-defined]  # cancel the postprocessor and generator now
 
     def __del__(self) -> None:
-        self._end(None)
+        try:
+            self._end(None)
+        except Exception:  # interpreter shutdown: logging or billing may be gone already
+            pass

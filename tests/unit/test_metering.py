@@ -42,7 +42,7 @@ class Server:
         self.billing = BillingClient(self.core.config, InProcess(self.core), "h1")
         await self.billing.start()
 
-        service = OpenAIService("m", self.tokenizer, StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), PRICE)), billing=self.billing, limits=self.limits, context_window=256)
+        service = OpenAIService("m", self.tokenizer, StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), PRICE)), billing=self.billing, limits=self.limits)
         return build_app(service, AccountsService(BillingAdmin.in_process(self.core), "USD", time.time), self.limits.max_body_bytes if self.limits else None)
 
     def run(self):

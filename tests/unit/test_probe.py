@@ -97,7 +97,7 @@ def test_a_tenant_over_its_rate_gets_nothing_tokenized(srv):
     assert srv.tokenizer.calls == calls  # refused before the tokenizer was asked
 
 
-def test_a_prompt_refused_by_the_tokenizer_gives_its_estimate_back_and_bills_nothing(srv):
+def test_a_prompt_refused_by_the_tokenizer_gives_its_placeholder_back_and_bills_nothing(srv):
     key, _ = srv.core.create_key("refused")
     body = {**CHAT, "messages": [{"role": "user", "content": "x" * 190}], "max_tokens": 200}  # > the 256-token window
     _envelope(_post(srv, "/v1/chat/completions", json.dumps(body), key=key), 400, "context_length_exceeded")
@@ -107,3 +107,12 @@ def test_a_prompt_refused_by_the_tokenizer_gives_its_estimate_back_and_bills_not
     while not (events := srv.core.events(tenant="refused")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [(e.status, e.prompt_tokens > 0) for e in events] == [("ok", True)]  # the refused request left no row
+
+
+def test_a_worst_case_refused_after_tokenizing_gives_the_placeholder_back(srv):
+    key, _ = srv.core.create_key("nearly-broke", plan="tiny")  # room for the one-token placeholder, not for this request
+    calls = srv.tokenizer.calls
+    _envelope(_post(srv, "/v1/chat/completions", json.dumps({**CHAT, "max_tokens": 100}), key=key), 429, "insufficient_quota")
+    assert srv.tokenizer.calls == calls + 1
+    lease = srv.billing._leases["nearly-broke"]
+    assert lease.in_flight == 0 and srv.core.events(tenant="nearly-broke") == []
