@@ -141,13 +141,6 @@ class EngineConfig(Strict):
     cpu_threads_bind: str = Field("all", description="CPU only: cores the engine's OpenMP threads bind to (VLLM_CPU_OMP_THREADS_BIND); `all` binds every core of the node, e.g. `0-1`.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: fraction of GPU memory vLLM may use.")
     seed: int = Field(0, description="Engine seed (per-request `seed` still applies).")
-    stream_messages_per_step: int = Field(
-        4,
-        ge=1,
-        description="Stream coalescing budget: while more requests stream than this, each request's messages carry "
-        "ceil(streaming/budget) tokens, so a saturated replica sends about this many messages per engine step. "
-        "The first token, the last, and every token at lower load go out at once; there is no timer.",
-    )
     log_stats: bool = Field(
         True,
         description="Engine statistics: vLLM's `vllm:*` metrics on Ray's metrics endpoint, its periodic throughput log line, "

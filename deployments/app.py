@@ -20,6 +20,7 @@ from deployments.generator import Generator
 from deployments.ingress import Ingress
 from deployments.network import setup_hook_env
 from deployments.postprocessor import Postprocessor
+from deployments.routing import PINNED_ROUTER
 from deployments.tokenizer import Tokenizer
 
 
@@ -61,10 +62,12 @@ def build_version_app(config: MaasConfig, version: str) -> Application:
     if config.billing.enabled:
         config.billing.price_book.price_for(config.model.name, model.version)  # fail at deploy time, not per request
     drain = {"graceful_shutdown_timeout_s": config.model.drain_timeout_s}
-    generator = Generator.options(**deployment_options(stages.generator, gpus=1.0 if config.engine.accelerator == "gpu" else 0.0), **drain).bind(
+    # Both stream back through carriers that must reach one replica (deployments.core.relay).
+    relay = {"request_router_config": {"request_router_class": PINNED_ROUTER}}
+    generator = Generator.options(**deployment_options(stages.generator, gpus=1.0 if config.engine.accelerator == "gpu" else 0.0), **drain, **relay).bind(
         path, config.engine.model_dump(), billing, config.model.name, model.version
     )
-    return Postprocessor.options(**deployment_options(stages.postprocessor), **drain).bind(generator, path)
+    return Postprocessor.options(**deployment_options(stages.postprocessor), **drain, **relay).bind(generator, path)
 
 
 def build_app(config: MaasConfig, stable_version: str | None = None) -> Application:

@@ -1,5 +1,8 @@
 """Serve deployment of the generator stage over `deployments.core.generator.VLLMGenerator`: one vLLM engine per replica.
 
+Serve routes each request here; its token deltas go back on one carrier per postprocessor
+replica, batched per engine step (`deployments.core.relay`).
+
 The engine is built in the replica's constructor, so Serve routes to a replica
 only once its engine is loaded; a failed engine fails the health check and Serve
 replaces the replica.
@@ -16,7 +19,8 @@ from ray import serve
 
 from common.config import BillingConfig, EngineConfig
 from deployments.core.generator import VLLMGenerator, engine_env_vars
-from deployments.core.types import GenerationRequest, TokenDelta
+from deployments.core.relay import Batch, End, Hello, Sender
+from deployments.core.types import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +54,23 @@ class Generator:
             stat_loggers=[RayPrometheusStatLogger],
         )
         self._logic.start()
+        self._sender = Sender(serve.get_replica_context().replica_id.unique_id)
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenDelta]]:
-        async for deltas in self._logic.generate(req):
-            yield deltas
+    async def generate(self, req: GenerationRequest, consumer: str) -> AsyncIterator[Hello | End]:
+        """The request's control stream; its token deltas go to `consumer`'s carrier, one message per engine step."""
+        async for message in self._sender.serve(consumer, req.request_id, self._logic.generate(req)):
+            yield message
+
+    async def carry(self, consumer: str, epoch: int, replica: str = "") -> AsyncIterator[Batch]:
+        """The carrier to one postprocessor replica (`replica` is this one's id; Serve's router uses it)."""
+        async for batch in self._sender.carry(consumer, epoch):
+            yield batch
 
     async def ready(self) -> bool:
         return self._logic.ready
 
     async def stats(self) -> dict:
-        return dataclasses.asdict(self._logic.stats())
+        return {**dataclasses.asdict(self._logic.stats()), "relay": self._sender.stats()}
 
     async def check_health(self) -> None:
         if not self._logic.ready:

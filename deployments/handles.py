@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments.core.relay import Receiver
 from deployments.core.types import GenerationRequest, TokenizedPrompt
 
 
@@ -42,15 +43,36 @@ class TokenizerHandleClient:
         return await self._h.prepare_completion.remote(prompt, max_tokens, request_id)
 
 
+class RelayClient:
+    """The receiving end of a batched return path (`deployments.core.relay`) over a Serve handle.
+
+    The upstream deployment has a streaming `method(req, consumer)` (the request's control stream)
+    and `carry(consumer, epoch, replica=...)`, and routes with `deployments.routing.PinnedRouter`;
+    `consumer` is this replica's id. Serve routes each request; its items come back on the carrier.
+    """
+
+    def __init__(self, handle: DeploymentHandle, method: str, consumer: str):
+        self._h = handle.options(stream=True)
+        self._method = getattr(self._h, method)
+        self._consumer = consumer
+        self._receiver = Receiver(lambda replica, epoch: cancelling_stream(self._h.carry.remote(consumer, epoch, replica=replica)))
+
+    def stream(self, req: GenerationRequest) -> AsyncIterator[Any]:
+        return self._receiver.receive(req.request_id, cancelling_stream(self._method.remote(req, self._consumer)))
+
+    async def close(self) -> None:
+        await self._receiver.close()
+
+
 class PostprocessorHandleClient:
     """`deployments.openai.service.PostprocessorClient` over one version's postprocessor deployment."""
 
-    def __init__(self, handle: DeploymentHandle):
+    def __init__(self, handle: DeploymentHandle, consumer: str):
         self._h = handle
-        self._stream_h = handle.options(stream=True)
+        self._relay = RelayClient(handle, "stream", consumer)
 
     def stream(self, req: GenerationRequest) -> AsyncIterator[tuple[str, dict | None]]:
-        return cancelling_stream(self._stream_h.stream.remote(req))
+        return self._relay.stream(req)
 
     async def complete(self, req: GenerationRequest) -> dict:
         return await self._h.complete.remote(req)

@@ -70,7 +70,8 @@ class Ingress:
         price = self._config.billing.price_book.price_for(self._config.model.name, version) if self._config.billing.enabled else None
         asyncio.get_running_loop().create_task(self._wait_for_engine(version, serve.get_deployment_handle("Generator", app_name=app)))
         logger.info("traffic: version %s served by application %s", version, app)
-        return Backend(version, PostprocessorHandleClient(serve.get_deployment_handle("Postprocessor", app_name=app)), price)
+        consumer = serve.get_replica_context().replica_id.unique_id
+        return Backend(version, PostprocessorHandleClient(serve.get_deployment_handle("Postprocessor", app_name=app), consumer), price)
 
     async def _follow_traffic(self) -> None:
         while True:

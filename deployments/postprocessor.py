@@ -1,6 +1,8 @@
 """Serve deployment of the postprocessor stage over `deployments.core.postprocessor.ResponseWriter`.
 
-It pulls the generator's token stream and turns it into OpenAI responses (detokenization, stop strings, shapes).
+It reads the generator's token deltas (batched per engine step, `deployments.core.relay`) and
+turns them into OpenAI responses (detokenization, stop strings, shapes); streamed responses go
+back to the ingress batched the same way.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from ray.serve.handle import DeploymentHandle
 
 from common.logs import setup_logging
 from deployments.core.postprocessor import ResponseWriter
+from deployments.core.relay import Batch, End, Hello, Sender
 from deployments.core.tokenizer import load_hf_tokenizer
 from deployments.core.types import GenerationRequest
-from deployments.handles import cancelling_stream
+from deployments.handles import RelayClient
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +29,22 @@ class Postprocessor:
         setup_logging("postprocessor")
         backend = load_hf_tokenizer(model_path).backend_tokenizer  # the Rust tokenizer: decode is on the hot path
         self._logic = ResponseWriter(lambda ids: backend.decode(ids, skip_special_tokens=True))
-        self._generator = generator.options(stream=True)
+        me = serve.get_replica_context().replica_id.unique_id
+        self._generator = RelayClient(generator, "generate", me)
+        self._sender = Sender(me)
 
-    def _tokens(self, req: GenerationRequest) -> AsyncIterator:
-        return cancelling_stream(self._generator.generate.remote(req))
+    async def stream(self, req: GenerationRequest, consumer: str) -> AsyncIterator[Hello | End]:
+        """The request's control stream; its SSE pieces `(text, usage or None)` go to `consumer`'s carrier."""
+        async for message in self._sender.serve(consumer, req.request_id, self._pieces(req)):
+            yield message
 
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[tuple[str, dict | None]]:
-        tokens = self._tokens(req)
+    async def carry(self, consumer: str, epoch: int, replica: str = "") -> AsyncIterator[Batch]:
+        """The carrier to one ingress replica (`replica` is this one's id; Serve's router uses it)."""
+        async for batch in self._sender.carry(consumer, epoch):
+            yield batch
+
+    async def _pieces(self, req: GenerationRequest) -> AsyncIterator[tuple[str, dict | None]]:
+        tokens = self._generator.stream(req)
         usage = None
         try:
             async for item in self._logic.stream(req, tokens):
@@ -43,7 +55,7 @@ class Postprocessor:
             await tokens.aclose()  # type: ignore[attr-defined]
 
     async def complete(self, req: GenerationRequest) -> dict:
-        tokens = self._tokens(req)
+        tokens = self._generator.stream(req)
         usage = None
         try:
             result = await self._logic.complete(req, tokens)
@@ -52,6 +64,13 @@ class Postprocessor:
         finally:
             _log_end(req, usage)
             await tokens.aclose()  # type: ignore[attr-defined]
+
+    async def stats(self) -> dict:
+        """What this replica's carriers to the ingress sent (`deployments.core.relay.Sender.stats`)."""
+        return {"relay": self._sender.stats()}
+
+    async def __del__(self) -> None:
+        await self._generator.close()
 
 
 def _log_end(req: GenerationRequest, usage: dict | None) -> None:

@@ -1,14 +1,9 @@
 """The generator's logic: a vLLM async engine fed token ids, streaming token ids back.
 
 The engine runs with `skip_tokenizer_init=True`: tokenizing and detokenizing are
-other stages' work.
-
-Streaming costs CPU per message at every hop, and on a small machine that CPU is
-taken from the engine.  `Coalescer` bounds the messages a saturated replica sends:
-the first token goes out at once; after that, while more requests are streaming
-than the budget, each message waits until it carries ceil(streaming / budget)
-tokens.  Below the budget every token is sent as soon as the engine produces it,
-and the last one always is: coalescing follows load, never a timer.
+other stages' work.  Every engine output is passed on as it comes; batching the
+messages between stages is the relay's work (`deployments.core.relay`), per engine
+step, so no token waits for a later step.
 """
 
 from __future__ import annotations
@@ -19,7 +14,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable
 
 from common.config import EngineConfig
 from common.errors import EngineNotReadyError, InvalidRequestError, ServiceUnavailableError
@@ -81,34 +76,6 @@ def client_error(exc: BaseException) -> InvalidRequestError | None:
     return None
 
 
-class Coalescer:
-    """Per-request token buffer that decides when a stream message is due (see the module docstring)."""
-
-    def __init__(self, budget: int, streaming: Callable[[], int]):
-        self._budget = budget
-        self._streaming = streaming
-        self._ids: dict[int, list[int]] = {}
-        self._finish: dict[int, str | None] = {}
-        self._sent_any = False
-
-    def add(self, index: int, token_ids: Sequence[int], finish_reason: str | None) -> None:
-        self._ids.setdefault(index, []).extend(token_ids)
-        self._finish[index] = finish_reason
-
-    def due(self) -> bool:
-        if not self._ids:
-            return False
-        if not self._sent_any or any(reason is not None for reason in self._finish.values()):
-            return True
-        held = sum(len(ids) for ids in self._ids.values())
-        return held >= -(-self._streaming() // self._budget)
-
-    def take(self) -> list[TokenDelta]:
-        deltas = [(i, ids, self._finish[i]) for i, ids in self._ids.items()]
-        self._ids, self._finish, self._sent_any = {}, {}, True
-        return deltas
-
-
 @dataclass
 class EngineStats:
     ready: bool
@@ -150,7 +117,6 @@ class VLLMGenerator:
         self._aborted: deque[str] = deque(maxlen=256)
         self._aborted_tokens: dict[str, int] = {}
         self._aborted_total = 0
-        self._streaming = 0  # requests whose stream is open on this replica
 
     def start(self) -> None:
         """Build the engine (blocking, tens of seconds on CPU). Call once, at replica start-up."""
@@ -202,21 +168,19 @@ class VLLMGenerator:
         except Exception as exc:
             raise client_error(exc) or exc
         self._started += 1
-        self._streaming += 1
         pending = req.n
         produced = 0  # the engine's own count of completion tokens, all choices
         finished = False
         stats = None
-        buffer = Coalescer(self._config.stream_messages_per_step, lambda: self._streaming)
         try:
             async for out in self._stream(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id):
                 stats = out.metrics or stats
+                deltas: list[TokenDelta] = []
                 for o in out.outputs:
                     produced += len(o.token_ids)
-                    buffer.add(o.index, o.token_ids, o.finish_reason)
-                if buffer.due():
-                    deltas = buffer.take()
-                    pending -= sum(1 for d in deltas if d[2] is not None)
+                    pending -= o.finish_reason is not None
+                    deltas.append((o.index, list(o.token_ids), o.finish_reason))
+                if deltas:
                     yield deltas
             self._finished += 1
             finished = True
@@ -236,7 +200,6 @@ class VLLMGenerator:
                 logger.info("engine request aborted by its consumer", extra={"request_id": req.request_id, "completion_tokens": produced, "version": req.model_version})
             raise
         finally:
-            self._streaming -= 1
             if not finished and pending > 0 and self._on_unfinished is not None:
                 self._on_unfinished(req.request_id, produced)
 

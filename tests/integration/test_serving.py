@@ -133,6 +133,38 @@ def test_client_disconnect_aborts_the_engine_request(client, generator_handle):
         time.sleep(0.2)
 
 
+def test_concurrent_streams_travel_batched_per_engine_step(client, generator_handle, maas_config):
+    """Between stages, one carrier message per engine step carries the tokens of every request that advanced in it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from cluster.versions import traffic_file
+    from deployments.core.traffic import version_app_name
+
+    app = version_app_name(maas_config.app_name, maas_config.model.name, traffic_file(maas_config).load().stable)
+    postprocessor = serve.get_deployment_handle("Postprocessor", app_name=app)
+    postprocessor._init(_run_router_in_separate_loop=True)
+
+    def relays():
+        return generator_handle.stats.remote().result()["relay"], postprocessor.stats.remote().result()["relay"]
+
+    before = relays()
+    streams = 8
+    with ThreadPoolExecutor(streams) as pool:
+        results = list(pool.map(lambda _: collect(chat(client, max_tokens=32, extra_body={"ignore_eos": True}, stream=True, stream_options={"include_usage": True})), range(streams)))
+    assert all(usage.completion_tokens == 32 for _, usage, _, _ in results)
+    after = relays()
+    for hop, (b, a) in zip(("generator → postprocessor", "postprocessor → ingress"), zip(before, after)):
+        items = a["items_sent"] - b["items_sent"]
+        batches = a["batches_sent"] - b["batches_sent"]
+        ended = a["items_in_ends"] - b["items_in_ends"]
+        assert a["requests"] - b["requests"] == streams, hop
+        assert items + ended >= streams * 30, (hop, a, b)  # every step's items, carried or with End
+        assert items >= streams * 16, (hop, a, b)  # most of them carried
+        assert batches * 3 <= items, (hop, a, b)  # several requests per message: messages do not grow with the streams
+
+
 def _cluster_processes() -> list:
     """This test module's Ray cluster: the processes its driver started (GCS, raylet, ...), everything they
     started (workers, replicas, the Serve proxy and controller), and the driver itself."""

@@ -1,0 +1,295 @@
+"""Batched return path between two stages: per engine step, one message per downstream replica.
+
+Serve routes every request on its own (health, autoscaling, cancellation and drains stay
+Serve's), but a per-request stream costs one message per request per step, so messages grow
+with concurrency.  Here a request's own stream carries only control: `Hello` when the
+downstream replica (the *consumer*) has no carrier on this replica yet, and `End` last.
+Its items (token deltas, SSE chunks) go into the consumer's `Outbox`, and one long-lived
+*carrier* stream per (upstream replica, consumer) takes everything waiting each time it
+runs: the items of every request that advanced in one engine step travel as one message.
+
+No timers: the carrier wakes when the first item of a step arrives and runs after the
+other requests woken by the same step (asyncio's ready queue is FIFO), so a step's items
+leave together and nothing waits for a later step.  A carrier ends when its consumer has
+no open request here, so a replica being drained is not held open by it; the next request
+says `Hello` again and the consumer opens a new carrier (`epoch` tells a fresh carrier
+from a stale one).
+
+A request never waits for a carrier: what the carrier has not taken when the request ends
+leaves in its `End` (so a replica whose every slot is taken cannot deadlock waiting for a
+carrier Serve cannot route to it; until the carrier comes, items wait for it or the end).
+
+Ordering: carried batches are numbered per upstream replica; `End` names the last batch
+that carried an item of the request, and the consumer hands over End's own items and ends
+the request only once that batch is in (a request's control stream and the carrier are
+different streams).  An error raised upstream after some items arrives after them, the
+same way.
+
+`Sender` is the upstream half, `Receiver` the downstream half; both are plain asyncio and
+the Serve wrappers (`deployments.generator`, `deployments.postprocessor`,
+`deployments.handles`) connect them over Serve streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[int, dict[str, list[Any]]]  # (sequence number, {request id: items in order})
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The consumer has no carrier on `replica`: open one with this `epoch`."""
+
+    replica: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class End:
+    """The request ended: its items up to batch `seq` of `replica` were carried (0: none), `items` are the rest.
+    With `failed`, the request's error is the next thing its control stream raises."""
+
+    replica: str
+    seq: int
+    items: list[Any] = field(default_factory=list)
+    failed: bool = False
+
+
+class _Outbox:
+    """What one consumer has waiting on this replica, and its carrier's state."""
+
+    def __init__(self, epoch: int) -> None:
+        self.pending: dict[str, list[Any]] = {}
+        self.open: set[str] = set()  # requests of this consumer running here
+        self.last: dict[str, int] = {}  # request id -> the batch that carried its latest item
+        self.wake = asyncio.Event()
+        self.carried = False
+        self.epoch = epoch  # the carrier this outbox waits for; a new one each time a carrier ends
+
+
+class Sender:
+    """The upstream half: runs each request's items into its consumer's outbox and serves the carriers."""
+
+    def __init__(self, replica: str):
+        self.replica = replica
+        self._boxes: dict[str, _Outbox] = {}
+        self._seq = 0  # batch numbers, monotonic over every consumer and carrier of this replica
+        self._epochs = itertools.count(1)  # carrier epochs, monotonic too: a consumer never mistakes an old carrier for a new one
+        self.requests = 0
+        self.batches_sent = 0  # carrier messages
+        self.items_sent = 0  # items they carried
+        self.items_in_ends = 0  # items that left with their request's End instead
+
+    def stats(self) -> dict[str, int]:
+        return {"requests": self.requests, "batches_sent": self.batches_sent, "items_sent": self.items_sent, "items_in_ends": self.items_in_ends}
+
+    async def serve(self, consumer: str, request_id: str, items: AsyncIterator[Any]) -> AsyncIterator[Hello | End]:
+        """One request's control stream: `Hello` first when `consumer` has no carrier here, `End` last.
+
+        Its items go to the carrier. Closing or cancelling this stream closes `items` (for the
+        generator, that aborts the engine request) and drops what was not carried yet.
+        """
+        box = self._boxes.get(consumer) or self._boxes.setdefault(consumer, _Outbox(next(self._epochs)))
+        box.open.add(request_id)
+        self.requests += 1
+        try:
+            if not box.carried:
+                yield Hello(self.replica, box.epoch)
+            error: BaseException | None = None
+            try:
+                async for item in items:
+                    box.pending.setdefault(request_id, []).append(item)
+                    box.wake.set()
+            except Exception as exc:  # in-band: delivered after the items before it
+                error = exc
+            # What the carrier has not taken yet leaves with End: a request never waits for a carrier,
+            # so a replica full of requests cannot wait on a carrier that Serve cannot route to it.
+            rest = box.pending.pop(request_id, [])
+            self.items_in_ends += len(rest)
+            yield End(self.replica, box.last.get(request_id, 0), rest, error is not None)
+            if error is not None:
+                raise error
+        finally:
+            close = getattr(items, "aclose", None)
+            if close is not None:
+                await close()  # now, not when collected: for the generator, the engine request is aborted here
+            box.open.discard(request_id)
+            box.pending.pop(request_id, None)
+            box.last.pop(request_id, None)
+            box.wake.set()  # an idle carrier ends
+            if not box.open and not box.carried and not box.pending:
+                self._boxes.pop(consumer, None)
+
+    async def carry(self, consumer: str, epoch: int) -> AsyncIterator[Batch]:
+        """The carrier for `consumer`: every batch waiting each time it wakes, until the consumer has no open request here.
+
+        A carrier for an old epoch, or a second one for the current epoch, ends at once.
+        """
+        box = self._boxes.get(consumer)
+        if box is None or box.carried or epoch != box.epoch:
+            return
+        box.carried = True
+        try:
+            while True:
+                if box.pending:
+                    self._seq += 1
+                    batch, box.pending = box.pending, {}
+                    for request_id, items in batch.items():
+                        box.last[request_id] = self._seq
+                        self.items_sent += len(items)
+                    self.batches_sent += 1
+                    yield self._seq, batch
+                elif not box.open:
+                    return
+                else:
+                    box.wake.clear()
+                    await box.wake.wait()
+        finally:
+            box.carried = False
+            box.epoch = next(self._epochs)
+            if not box.open and not box.pending:
+                self._boxes.pop(consumer, None)
+
+
+_END = object()
+
+
+@dataclass
+class _Carrier:
+    epoch: int
+    task: asyncio.Task | None = None
+    received: int = 0  # highest batch number handed over from this replica
+    ends: dict[str, tuple[int, tuple[Any, ...]]] = field(default_factory=dict)  # request id -> (batch to wait for, what to deliver then)
+
+
+class Receiver:
+    """The downstream half: one carrier per upstream replica, each request's items handed to it in order.
+
+    `open_carrier(replica, epoch)` opens the carrier stream to that one replica (Serve routes it there).
+    """
+
+    def __init__(self, open_carrier: Callable[[str, int], AsyncIterator[Batch]]):
+        self._open_carrier = open_carrier
+        self._carriers: dict[str, _Carrier] = {}
+        self._inboxes: dict[str, asyncio.Queue] = {}
+
+    async def receive(self, request_id: str, control: AsyncIterator[Hello | End]) -> AsyncIterator[Any]:
+        """The request's items in order; `control` is its own stream from the upstream stage.
+
+        Closing this iterator closes `control` (which cancels the request upstream). An error raised by
+        `control` (the upstream replica died, or the request failed there) is raised here, after any
+        items that came before it.
+        """
+        inbox: asyncio.Queue = asyncio.Queue()
+        self._inboxes[request_id] = inbox
+        pump = asyncio.get_running_loop().create_task(self._follow(request_id, control, inbox))
+        try:
+            while True:
+                item = await inbox.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                for one in item:
+                    yield one
+        finally:
+            self._inboxes.pop(request_id, None)
+            for carrier in self._carriers.values():
+                carrier.ends.pop(request_id, None)
+            if not pump.done():
+                pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
+
+    async def _follow(self, request_id: str, control: AsyncIterator[Hello | End], inbox: asyncio.Queue) -> None:
+        end: End | None = None
+        try:
+            async for message in control:
+                if isinstance(message, Hello):
+                    self._hello(message)
+                else:
+                    end = message
+                    if not message.failed:
+                        self._end_after(message, request_id, _END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            if end is not None and end.failed:
+                self._end_after(end, request_id, exc)  # the request's own error, after its items
+            else:
+                inbox.put_nowait(exc)  # the upstream replica or the call failed: at once
+            return
+        if end is None:
+            inbox.put_nowait(RuntimeError("The upstream stage ended a request without saying so."))
+        elif end.failed:
+            self._end_after(end, request_id, RuntimeError("The upstream stage failed a request without an error."))
+
+    def _hello(self, hello: Hello) -> None:
+        carrier = self._carriers.get(hello.replica)
+        if carrier is not None and carrier.epoch >= hello.epoch and carrier.task is not None and not carrier.task.done():
+            return
+        if carrier is None:
+            carrier = self._carriers[hello.replica] = _Carrier(hello.epoch)
+        carrier.epoch = hello.epoch
+        carrier.task = asyncio.get_running_loop().create_task(self._carry(hello.replica, hello.epoch, carrier))
+
+    def _end_after(self, end: End, request_id: str, last: Any) -> None:
+        """Deliver the End's own items and then `last` (the end marker or the request's error) once batch `end.seq` is in."""
+        carrier = self._carriers.get(end.replica)
+        inbox = self._inboxes.get(request_id)
+        if inbox is None:
+            return
+        what = (end.items, last) if end.items else (last,)
+        if end.seq == 0 or (carrier is not None and carrier.received >= end.seq):
+            for one in what:
+                inbox.put_nowait(one)
+        elif carrier is None:
+            inbox.put_nowait(RuntimeError(f"No carrier from replica {end.replica} for a request it ended."))
+        else:
+            carrier.ends[request_id] = (end.seq, what)
+
+    async def _carry(self, replica: str, epoch: int, carrier: _Carrier) -> None:
+        error: BaseException | None = None
+        try:
+            async for seq, batch in self._open_carrier(replica, epoch):
+                for request_id, items in batch.items():
+                    inbox = self._inboxes.get(request_id)
+                    if inbox is not None:
+                        inbox.put_nowait(items)
+                carrier.received = max(carrier.received, seq)
+                if carrier.ends:
+                    for request_id, (wait_for, what) in list(carrier.ends.items()):
+                        if wait_for <= carrier.received:
+                            del carrier.ends[request_id]
+                            inbox = self._inboxes.get(request_id)
+                            if inbox is not None:
+                                for one in what:
+                                    inbox.put_nowait(one)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            error = exc
+            logger.warning("carrier from replica %s failed: %s", replica, exc)
+        finally:
+            if carrier.task is asyncio.current_task():
+                # Requests whose last batch can no longer come end with the carrier's error.
+                for request_id, _ in list(carrier.ends.items()):
+                    inbox = self._inboxes.get(request_id)
+                    if inbox is not None:
+                        inbox.put_nowait(error or RuntimeError(f"The carrier from replica {replica} ended before a request's last items."))
+                carrier.ends.clear()
+                if error is not None:
+                    self._carriers.pop(replica, None)
+
+    async def close(self) -> None:
+        """Stop every carrier (the replica is shutting down)."""
+        tasks = [c.task for c in self._carriers.values() if c.task is not None and not c.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

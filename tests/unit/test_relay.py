@@ -1,0 +1,203 @@
+"""The batched return path (deployments.core.relay), wired in one process: a Sender's streams read directly by a Receiver."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.core.relay import End, Hello, Receiver, Sender
+
+
+class SteppingEngine:
+    """Wakes every running request once per step, as vLLM's output handler does: one item per request per step."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.closed: list[str] = []
+
+    async def run(self, request_id: str, n: int, fail_after: int | None = None):
+        q = self.queues[request_id] = asyncio.Queue()
+        try:
+            for i in range(n):
+                step = await q.get()
+                if fail_after is not None and i == fail_after:
+                    raise ValueError("bad request")
+                yield (request_id, i, step)
+        finally:
+            self.queues.pop(request_id, None)
+            self.closed.append(request_id)
+
+    async def step(self, number: int) -> None:
+        for q in list(self.queues.values()):
+            q.put_nowait(number)
+        for _ in range(5):
+            await asyncio.sleep(0)  # let the woken requests and the carrier run
+
+
+def wire(sender: Sender, consumer: str = "pp-1") -> tuple[Receiver, list[tuple[str, int]]]:
+    opened: list[tuple[str, int]] = []
+
+    def open_carrier(replica: str, epoch: int):
+        assert replica == sender.replica
+        opened.append((replica, epoch))
+        return sender.carry(consumer, epoch)
+
+    return Receiver(open_carrier), opened
+
+
+async def collect(receiver: Receiver, sender: Sender, engine: SteppingEngine, rid: str, n: int, **kw) -> list:
+    return [item async for item in receiver.receive(rid, sender.serve("pp-1", rid, engine.run(rid, n, **kw)))]
+
+
+def test_the_items_of_one_step_travel_as_one_message_whatever_the_concurrency():
+    async def main():
+        engine, sender = SteppingEngine(), Sender("gen-1")
+        receiver, opened = wire(sender)
+        tasks = [asyncio.create_task(collect(receiver, sender, engine, f"r{i}", 10)) for i in range(32)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        for step in range(10):
+            await engine.step(step)
+        results = await asyncio.gather(*tasks)
+        for i, items in enumerate(results):
+            assert items == [(f"r{i}", k, k) for k in range(10)]  # every item, in order
+        assert sender.items_sent == 9 * 32  # the last step's items left with each request's End
+        assert sender.batches_sent == 9  # one message per step, not 32
+        assert len(opened) == 1  # one carrier for the pair
+
+    asyncio.run(main())
+
+
+def test_the_carrier_ends_when_idle_and_the_next_request_opens_a_new_one():
+    async def main():
+        engine, sender = SteppingEngine(), Sender("gen-1")
+        receiver, opened = wire(sender)
+        for round_ in range(3):
+            task = asyncio.create_task(collect(receiver, sender, engine, f"r{round_}", 2))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            await engine.step(0)
+            await engine.step(1)
+            assert await task == [(f"r{round_}", 0, 0), (f"r{round_}", 1, 1)]
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert sender._boxes == {}  # nothing held for an idle consumer: a drained replica is not kept open
+        assert len(opened) == 3 and len({epoch for _, epoch in opened}) == 3
+
+    asyncio.run(main())
+
+
+def test_closing_the_receiving_end_closes_the_request_upstream_and_no_other():
+    async def main():
+        engine, sender = SteppingEngine(), Sender("gen-1")
+        receiver, _ = wire(sender)
+        keep = asyncio.create_task(collect(receiver, sender, engine, "keep", 4))
+        stream = receiver.receive("gone", sender.serve("pp-1", "gone", engine.run("gone", 100)))
+        first = asyncio.create_task(stream.__anext__())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await engine.step(0)
+        assert await first == ("gone", 0, 0)
+        await stream.aclose()  # the client hung up
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert "gone" in engine.closed  # the engine request was aborted
+        for step in range(1, 4):
+            await engine.step(step)
+        assert await keep == [("keep", k, k) for k in range(4)]
+
+    asyncio.run(main())
+
+
+def test_an_error_upstream_arrives_after_the_items_before_it():
+    async def main():
+        engine, sender = SteppingEngine(), Sender("gen-1")
+        receiver, _ = wire(sender)
+        got: list = []
+
+        async def consume():
+            async for item in receiver.receive("r", sender.serve("pp-1", "r", engine.run("r", 5, fail_after=3))):
+                got.append(item)
+
+        task = asyncio.create_task(consume())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        for step in range(4):
+            await engine.step(step)
+        with pytest.raises(ValueError, match="bad request"):
+            await task
+        assert got == [("r", k, k) for k in range(3)]
+
+    asyncio.run(main())
+
+
+def test_a_dead_upstream_replica_fails_its_requests_at_once():
+    async def main():
+        receiver = Receiver(lambda replica, epoch: _never())
+
+        async def dying_control():
+            yield Hello("gen-9", 1)
+            raise ConnectionError("replica died")
+
+        with pytest.raises(ConnectionError):
+            async for _ in receiver.receive("r", dying_control()):
+                pass
+
+    async def _never():
+        await asyncio.Event().wait()
+        yield None
+
+    asyncio.run(main())
+
+
+def test_an_end_that_overtakes_its_last_batch_waits_for_it():
+    async def main():
+        release = asyncio.Event()
+
+        async def slow_carrier(replica, epoch):
+            await release.wait()
+            yield 7, {"r": ["a", "b"]}
+
+        async def control():
+            yield Hello("gen-1", 1)
+            yield End("gen-1", 7)
+
+        receiver = Receiver(slow_carrier)
+        task = asyncio.create_task(_all(receiver.receive("r", control())))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not task.done()  # End came first; the items are still on their way
+        release.set()
+        assert await task == ["a", "b"]
+
+    async def _all(it):
+        return [x async for x in it]
+
+    asyncio.run(main())
+
+
+def test_a_request_never_waits_for_its_carrier():
+    """A replica whose every slot is taken cannot get a carrier routed to it: its requests end with their items in End."""
+
+    async def main():
+        engine, sender = SteppingEngine(), Sender("gen-1")
+        opened: list[int] = []
+
+        async def unroutable(replica, epoch):
+            opened.append(epoch)
+            await asyncio.Event().wait()  # queued behind full slots, forever
+            yield None
+
+        receiver = Receiver(unroutable)
+        tasks = [asyncio.create_task(collect(receiver, sender, engine, f"r{i}", 3)) for i in range(4)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        for step in range(3):
+            await engine.step(step)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert results == [[(f"r{i}", k, k) for k in range(3)] for i in range(4)]
+        assert opened and sender.batches_sent == 0
+        await receiver.close()
+
+    asyncio.run(main())
