@@ -3,7 +3,8 @@
 Both servers are driven, one after the other on the same machine, by vLLM's own
 `vllm bench serve` (random dataset, fixed input/output lengths, --ignore-eos, a
 fresh --seed per run) at each concurrency, and the figures and ratios ours/raw
-are printed and saved under bench/out/.
+are printed and saved under bench/out/, with the front end's cost: CPU-seconds per 1,000
+output tokens of every process of the server but vLLM's engine core (from /proc).
 
     python -m bench.serving [--input-len 128 --output-len 64 --concurrency 1 16]
 """
@@ -37,6 +38,8 @@ METRICS = [
     ("p99_ttft_ms", "TTFT p99 ms"),
     ("median_itl_ms", "ITL p50 ms"),
     ("median_tpot_ms", "TPOT p50 ms"),
+    ("front_cpu_s_per_1k_tokens", "front-end CPU-s / 1k tokens"),
+    ("engine_cpu_s_per_1k_tokens", "engine CPU-s / 1k tokens"),
 ]
 
 
@@ -55,13 +58,47 @@ def _wait(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
     raise TimeoutError(url)
 
 
+ENGINE_TITLE = "VLLM::EngineCore"  # vLLM's engine-core process names itself so (setproctitle)
+
+
+def process_cpu(root: int) -> dict[str, float]:
+    """CPU-seconds (user + system) so far of `root` and every process under it, split into the engine core's
+    processes and everything else (the front end: API server, or every stage, Serve's and Ray's own processes)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    title: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            title[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        parent[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    split = {"engine": 0.0, "front": 0.0}
+    for pid in tree & cpu.keys():
+        split["engine" if title.get(pid, "").startswith(ENGINE_TITLE) else "front"] += cpu[pid]
+    return split
+
+
 @contextmanager
-def _server(cmd: list[str], env: dict[str, str], ready_url: str, log: Path) -> Iterator[None]:
+def _server(cmd: list[str], env: dict[str, str], ready_url: str, log: Path) -> Iterator[subprocess.Popen]:
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)
         try:
             _wait(ready_url, proc)
-            yield
+            yield proc
         finally:
             proc.send_signal(signal.SIGTERM)  # maas serve stops its own Ray cluster on SIGTERM
             try:
@@ -145,13 +182,19 @@ def main() -> None:
             cmd, env, ready = raw_vllm(model.path, config.model.name, port) if target == "raw" else ours(port)
             logger.info("round %d: starting %s: %s", round_no + 1, target, " ".join(cmd))
             t0 = time.monotonic()
-            with _server(cmd, env, ready, OUT / f"{stamp}-{target}-{round_no + 1}.log"):
+            with _server(cmd, env, ready, OUT / f"{stamp}-{target}-{round_no + 1}.log") as proc:
                 logger.info("%s ready in %.0fs", target, time.monotonic() - t0)
                 os.environ["OPENAI_API_KEY"] = bench_key(env) if target == "ours" else "none"  # vllm bench sends it as Bearer
                 for c in args.concurrency:
-                    results[target][c].append(
-                        run_vllm_bench(f"http://127.0.0.1:{port}", config.model.name, model.path, c, max(8, args.prompts_per_concurrency * c), args)
-                    )
+                    before = process_cpu(proc.pid)
+                    result = run_vllm_bench(f"http://127.0.0.1:{port}", config.model.name, model.path, c, max(8, args.prompts_per_concurrency * c), args)
+                    after = process_cpu(proc.pid)
+                    # Warm-up requests are not in total_output_tokens; their few tokens count against the front end.
+                    tokens = result.get("total_output_tokens") or 0
+                    if tokens:
+                        result["front_cpu_s_per_1k_tokens"] = (after["front"] - before["front"]) / tokens * 1000
+                        result["engine_cpu_s_per_1k_tokens"] = (after["engine"] - before["engine"]) / tokens * 1000
+                    results[target][c].append(result)
     report = format_report(results, args)
     print(report)
     (OUT / f"{stamp}-serving.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2, default=str))
@@ -163,13 +206,13 @@ def _mean(runs: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _cell(runs: list[dict], key: str) -> str:
+def _cell(runs: list[dict], key: str, digits: int = 1) -> str:
     mean = _mean(runs, key)
     if mean is None:
         return "-"
     values = [r[key] for r in runs if r.get(key) is not None]
-    spread = f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ""
-    return f"{mean:.1f}{spread}"
+    spread = f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else ""
+    return f"{mean:.{digits}f}{spread}"
 
 
 def format_report(results: dict[str, dict[int, list[dict]]], args: argparse.Namespace) -> str:
@@ -186,7 +229,7 @@ def format_report(results: dict[str, dict[int, list[dict]]], args: argparse.Name
             raw, our = _mean(raw_runs, key), _mean(our_runs, key)
             ratio = f"{our / raw:.2f}" if raw and our else "-"
             delta = f" ({our - raw:+.0f} ms)" if raw and our and key.endswith("_ms") else ""
-            lines.append(f"| {c} | {label} | {_cell(raw_runs, key)} | {_cell(our_runs, key)} | {ratio}{delta} |")
+            lines.append(f"| {c} | {label} | {_cell(raw_runs, key, 2 if 'cpu' in key else 1)} | {_cell(our_runs, key, 2 if 'cpu' in key else 1)} | {ratio}{delta} |")
         failed = {t: sum(r.get("failed", 0) or 0 for r in runs) for t, runs in (("raw", raw_runs), ("ours", our_runs))}
         if any(failed.values()):
             lines.append(f"| {c} | failed requests | {failed['raw']} | {failed['ours']} | |")
