@@ -1,12 +1,12 @@
-"""Serving benchmark: ray-maas's graph vs a plain vLLM OpenAI server, same model and engine arguments.
+"""Serving benchmark: ray-maas's graph vs a plain vLLM OpenAI server and Ray Serve LLM, same model and engine arguments.
 
-Both servers are driven, one after the other on the same machine, by vLLM's own
+The servers are driven, one after the other on the same machine, by vLLM's own
 `vllm bench serve` (random dataset, fixed input/output lengths, --ignore-eos, a
-fresh --seed per run) at each concurrency, and the figures and ratios ours/raw
+fresh --seed per run) at each concurrency, and the figures and ratios ours/raw and ours/Ray Serve LLM
 are printed and saved under bench/out/, with the front end's cost: CPU-seconds per 1,000
 output tokens of every process of the server but vLLM's engine core (from /proc).
 
-    python -m bench.serving [--input-len 128 --output-len 64 --concurrency 1 16]
+    python -m bench.serving [--input-len 128 --output-len 64 --concurrency 1 16 32 --targets raw ours servellm]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from deployments.core.generator import engine_env_vars
 
 logger = logging.getLogger("bench.serving")
 OUT = REPO_ROOT / "bench" / "out"
+TARGETS = {"raw": "raw vLLM", "ours": "ray-maas", "servellm": "Ray Serve LLM"}
 METRICS = [
     ("output_throughput", "output tok/s"),
     ("median_ttft_ms", "TTFT p50 ms"),
@@ -131,6 +132,10 @@ def ours(port: int) -> tuple[list[str], dict[str, str], str]:
     return cmd, {**os.environ, **LOCAL_ENV, "MAAS_LEDGER_URL": f"sqlite:///{ledger}"}, f"http://127.0.0.1:{port}/healthz"
 
 
+def serve_llm(port: int) -> tuple[list[str], dict[str, str], str]:
+    return [sys.executable, "-m", "bench.serve_llm", "--port", str(port)], {**os.environ, **LOCAL_ENV}, f"http://127.0.0.1:{port}/v1/models"
+
+
 def bench_key(env: dict[str, str]) -> str:
     """An unlimited tenant's key, made with the CLI against the running server's cluster, as an operator would."""
     out = subprocess.run(
@@ -165,7 +170,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompts-per-concurrency", type=int, default=4, help="num prompts = max(8, this x concurrency)")
-    parser.add_argument("--targets", nargs="+", default=["raw", "ours"], choices=["raw", "ours"])
+    parser.add_argument("--targets", nargs="+", default=["raw", "ours", "servellm"], choices=list(TARGETS))
     parser.add_argument("--rounds", type=int, default=2, help="alternate the targets this many times (raw, ours, raw, ours, ...)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -179,7 +184,7 @@ def main() -> None:
     for round_no in range(args.rounds):
         for target in args.targets:
             port = free_port()
-            cmd, env, ready = raw_vllm(model.path, config.model.name, port) if target == "raw" else ours(port)
+            cmd, env, ready = raw_vllm(model.path, config.model.name, port) if target == "raw" else ours(port) if target == "ours" else serve_llm(port)
             logger.info("round %d: starting %s: %s", round_no + 1, target, " ".join(cmd))
             t0 = time.monotonic()
             with _server(cmd, env, ready, OUT / f"{stamp}-{target}-{round_no + 1}.log") as proc:
@@ -215,24 +220,32 @@ def _cell(runs: list[dict], key: str, digits: int = 1) -> str:
     return f"{mean:.{digits}f}{spread}"
 
 
+def _ratio(ours: float | None, other: float | None, key: str) -> str:
+    if not ours or not other:
+        return "-"
+    delta = f" ({ours - other:+.0f} ms)" if key.endswith("_ms") else ""
+    return f"{ours / other:.2f}{delta}"
+
+
 def format_report(results: dict[str, dict[int, list[dict]]], args: argparse.Namespace) -> str:
+    targets = [t for t in TARGETS if t in results]
+    others = [t for t in ("raw", "servellm") if t in results and "ours" in results]
     lines = [
         f"input {args.input_len} tokens, output {args.output_len} tokens (--ignore-eos), random dataset, vllm bench serve;",
         f"mean of {args.rounds} alternating rounds (min-max in brackets)",
         "",
-        "| concurrency | metric | raw vLLM | ray-maas | ours/raw |",
-        "| --- | --- | --- | --- | --- |",
+        "| concurrency | metric | " + " | ".join(TARGETS[t] for t in targets) + "".join(f" | ours/{t}" for t in others) + " |",
+        "| --- | --- |" + " --- |" * (len(targets) + len(others)),
     ]
     for c in args.concurrency:
-        raw_runs, our_runs = results.get("raw", {}).get(c, []), results.get("ours", {}).get(c, [])
+        runs = {t: results[t].get(c, []) for t in targets}
         for key, label in METRICS:
-            raw, our = _mean(raw_runs, key), _mean(our_runs, key)
-            ratio = f"{our / raw:.2f}" if raw and our else "-"
-            delta = f" ({our - raw:+.0f} ms)" if raw and our and key.endswith("_ms") else ""
-            lines.append(f"| {c} | {label} | {_cell(raw_runs, key, 2 if 'cpu' in key else 1)} | {_cell(our_runs, key, 2 if 'cpu' in key else 1)} | {ratio}{delta} |")
-        failed = {t: sum(r.get("failed", 0) or 0 for r in runs) for t, runs in (("raw", raw_runs), ("ours", our_runs))}
+            digits = 2 if "cpu" in key else 1
+            cells = [_cell(runs[t], key, digits) for t in targets] + [_ratio(_mean(runs["ours"], key), _mean(runs[t], key), key) for t in others]
+            lines.append(f"| {c} | {label} | " + " | ".join(cells) + " |")
+        failed = {t: sum(r.get("failed", 0) or 0 for r in runs[t]) for t in targets}
         if any(failed.values()):
-            lines.append(f"| {c} | failed requests | {failed['raw']} | {failed['ours']} | |")
+            lines.append(f"| {c} | failed requests | " + " | ".join(str(failed[t]) for t in targets) + " |" + " |" * len(others))
     return "\n".join(lines) + "\n"
 
 

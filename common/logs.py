@@ -7,7 +7,8 @@ own logs and show in the dashboard's log viewer), and on stderr when `MAAS_LOG_S
 
 Every line has `ts`, `level`, `stage`, `logger`, `msg`, and `request_id` when one is known: passed
 as `extra={"request_id": ...}`, or set for a whole task with `request_scope(request_id)`.  Other
-`extra` fields listed in `FIELDS` (tenant, model, version, tokens, timings) are kept as JSON values.
+`extra` fields listed in `FIELDS` (tenant, model, version, tokens, timings) are kept as JSON values;
+`trace` is a request's wall-clock marks in one stage (epoch seconds; `bench/trace.py` lines them up).
 
 API keys never reach a log line: `redact` replaces the secret part of anything that looks like a
 ray-maas key or a bearer token before the line is written, whichever logger produced it.
@@ -35,7 +36,7 @@ PROJECT_LOGGERS = ("common", "deployments", "billing", "cluster", "training")
 # `extra=` fields that become top-level JSON fields.
 FIELDS = (
     "request_id", "tenant", "model", "version", "kind", "stream", "status", "prompt_tokens", "completion_tokens",
-    "finish_reason", "ttft_s", "duration_s", "queue_s", "events", "request_ids", "action", "who", "target",
+    "finish_reason", "ttft_s", "duration_s", "queue_s", "events", "request_ids", "action", "who", "target", "trace",
 )
 
 _request_id: ContextVar[str | None] = ContextVar("maas_request_id", default=None)

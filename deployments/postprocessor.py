@@ -8,6 +8,7 @@ back to the ingress batched the same way.
 from __future__ import annotations
 
 import logging
+import time
 from typing import AsyncIterator
 
 from ray import serve
@@ -44,15 +45,18 @@ class Postprocessor:
             yield batch
 
     async def _pieces(self, req: GenerationRequest) -> AsyncIterator[tuple[str, dict | None]]:
-        tokens = self._generator.stream(req)
+        trace = {"postprocessor_called": time.time()}
+        tokens = _first_marked(self._generator.stream(req), trace, "postprocessor_first_tokens")
         usage = None
         try:
             async for item in self._logic.stream(req, tokens):
                 usage = item[1] or usage
+                if "postprocessor_first_piece" not in trace:
+                    trace["postprocessor_first_piece"] = time.time()
                 yield item
         finally:
-            _log_end(req, usage)
-            await tokens.aclose()  # type: ignore[attr-defined]
+            _log_end(req, usage, trace)
+            await tokens.aclose()
 
     async def complete(self, req: GenerationRequest) -> dict:
         tokens = self._generator.stream(req)
@@ -73,8 +77,19 @@ class Postprocessor:
         await self._generator.close()
 
 
-def _log_end(req: GenerationRequest, usage: dict | None) -> None:
+async def _first_marked(items: AsyncIterator, trace: dict, mark: str) -> AsyncIterator:
+    """`items`, noting in `trace` when the first one arrived; closing it closes `items`."""
+    try:
+        async for item in items:
+            if mark not in trace:
+                trace[mark] = time.time()
+            yield item
+    finally:
+        await items.aclose()  # type: ignore[attr-defined]
+
+
+def _log_end(req: GenerationRequest, usage: dict | None, trace: dict | None = None) -> None:
     logger.info(
         "response %s", "finished" if usage else "ended early",
-        extra={"request_id": req.request_id, "version": req.model_version, "stream": req.stream, "completion_tokens": usage["completion_tokens"] if usage else None},
+        extra={"request_id": req.request_id, "version": req.model_version, "stream": req.stream, "completion_tokens": usage["completion_tokens"] if usage else None, "trace": trace},
     )

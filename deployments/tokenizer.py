@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from ray import serve
 
@@ -27,10 +28,12 @@ class Tokenizer:
 
     @staticmethod
     def _logged(request_id: str, kind: str, prepare) -> TokenizedPrompt:
+        start = time.time()
         try:
             prompt = prepare()
         except Exception as exc:
             logger.info("prompt refused: %s", exc, extra={"request_id": request_id, "kind": kind})
             raise
-        logger.info("prompt tokenized", extra={"request_id": request_id, "kind": kind, "prompt_tokens": prompt.num_prompt_tokens})
+        trace = {"tokenizer_start": start, "tokenizer_end": time.time()}
+        logger.info("prompt tokenized", extra={"request_id": request_id, "kind": kind, "prompt_tokens": prompt.num_prompt_tokens, "trace": trace})
         return prompt

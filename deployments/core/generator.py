@@ -163,6 +163,7 @@ class VLLMGenerator:
             raise EngineNotReadyError() if self._engine is None else ServiceUnavailableError("The engine has failed; the replica will be replaced.")
         from vllm.inputs import TokensPrompt
 
+        trace = {"generator_called": time.time()}
         try:
             params = self._sampling_params(req)
         except Exception as exc:
@@ -181,13 +182,15 @@ class VLLMGenerator:
                     pending -= o.finish_reason is not None
                     deltas.append((o.index, list(o.token_ids), o.finish_reason))
                 if deltas:
+                    if "generator_first_output" not in trace:
+                        trace["generator_first_output"] = time.time()
                     yield deltas
             self._finished += 1
             finished = True
             queue_s = _queue_wait(stats)
             if queue_s is not None and self._on_queue_wait is not None:
                 self._on_queue_wait(queue_s)
-            logger.info("engine request finished", extra={"request_id": req.request_id, "completion_tokens": produced, "queue_s": queue_s, "version": req.model_version})
+            logger.info("engine request finished", extra={"request_id": req.request_id, "completion_tokens": produced, "queue_s": queue_s, "version": req.model_version, "trace": trace})
         except (asyncio.CancelledError, GeneratorExit):
             # vLLM's generate() aborts the engine request on cancellation; record it for observers.
             if pending > 0:

@@ -171,6 +171,7 @@ class OpenAIService:
         share its tokenizer) and the whole request, stream included, stays on it.
         """
         t0 = time.monotonic()
+        trace = {"ingress_in": time.time()}  # wall-clock marks for the request's log line (bench/trace.py)
         request_id = self._new_request_id()
         version = ""
         try:
@@ -179,11 +180,13 @@ class OpenAIService:
             backend = self._backends.pick()
             version = backend.version
             ticket = await self._admit(request_id, kind, body, principal, backend)
+            trace["ingress_admitted"] = time.time()
         except BaseException as exc:
             _Meter(None, None, 0, self._observer, self._record_base(request_id, kind, body, principal, version, 0), t0).failed(exc)
             raise
         try:
             prompt = await prepare(request_id)
+            trace["ingress_tokenized"] = time.time()
             req = dataclasses.replace(self._request(request_id, kind, body, prompt), model_version=version)
             if ticket is not None:
                 ticket = await self.billing.resize(ticket, len(req.prompt_token_ids), req.max_tokens, req.n)  # type: ignore[union-attr]
@@ -193,7 +196,7 @@ class OpenAIService:
                 self.billing.release(ticket)  # type: ignore[union-attr]
             _Meter(None, None, 0, self._observer, self._record_base(request_id, kind, body, principal, version, 0), t0).failed(exc)
             raise
-        return await self._run(req, principal, backend, ticket, t0)
+        return await self._run(req, principal, backend, ticket, t0, trace)
 
     def _record_base(self, request_id: str, kind: str, body: Any, principal: Any, version: str, prompt_tokens: int) -> dict:
         tenant = getattr(principal, "tenant", "") or ""
@@ -230,10 +233,11 @@ class OpenAIService:
             include_usage=body.include_usage,
         )
 
-    async def _run(self, req: GenerationRequest, principal: Any, backend: Backend, ticket: Any, t0: float) -> dict | SSEStream:
+    async def _run(self, req: GenerationRequest, principal: Any, backend: Backend, ticket: Any, t0: float, trace: dict | None = None) -> dict | SSEStream:
         base = self._record_base(req.request_id, req.kind, req, principal, backend.version, len(req.prompt_token_ids))
-        meter = _Meter(self.billing if ticket is not None else None, ticket, len(req.prompt_token_ids), self._observer, base, t0)
+        meter = _Meter(self.billing if ticket is not None else None, ticket, len(req.prompt_token_ids), self._observer, base, t0, trace)
         post = backend.postprocessor
+        meter.mark("ingress_sent")
         if not req.stream:
             try:
                 result = await post.complete(req)
@@ -285,15 +289,21 @@ def check_limits(body: ChatCompletionRequest | CompletionRequest, limits: Reques
 class _Meter:
     """Ends one request exactly once: settles its billing ticket, reports its record, writes its log line."""
 
-    def __init__(self, billing: BillingGate | None, ticket: Any, prompt_tokens: int, observer: RequestObserver | None, base: dict, t0: float):
+    def __init__(self, billing: BillingGate | None, ticket: Any, prompt_tokens: int, observer: RequestObserver | None, base: dict, t0: float, trace: dict | None = None):
         self._billing, self._ticket, self._prompt = billing, ticket, prompt_tokens
         self._observer, self._base, self._t0 = observer, base, t0
+        self._trace = trace
         self._first: float | None = None
         self._ended = False
+
+    def mark(self, name: str) -> None:
+        if self._trace is not None:
+            self._trace[name] = time.time()
 
     def first_piece(self) -> None:
         if self._first is None:
             self._first = time.monotonic()
+            self.mark("ingress_first_piece")
 
     def _end(self, completion_tokens: int | None, status: str) -> None:
         if self._billing is not None and self._ticket is not None:
@@ -308,7 +318,7 @@ class _Meter:
         record = RequestRecord(**self._base, status=status, completion_tokens=completion_tokens, ttft_s=ttft, itl_s=itl, duration_s=now - self._t0)
         logger.info(
             "request %s", status,
-            extra={k: getattr(record, k) for k in ("request_id", "tenant", "model", "version", "kind", "stream", "status", "prompt_tokens", "completion_tokens", "ttft_s", "duration_s")},
+            extra={**{k: getattr(record, k) for k in ("request_id", "tenant", "model", "version", "kind", "stream", "status", "prompt_tokens", "completion_tokens", "ttft_s", "duration_s")}, "trace": self._trace},
         )
         if self._observer is not None:
             self._observer.finished(record)
