@@ -59,12 +59,13 @@ def _wait(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
     raise TimeoutError(url)
 
 
-ENGINE_TITLE = "VLLM::EngineCore"  # vLLM's engine-core process names itself so (setproctitle)
+ENGINE_TITLE = "VLLM::EngineCore"  # vLLM's engine-core process names itself so (setproctitle); its children are the engine's too
 
 
 def process_cpu(root: int) -> dict[str, float]:
     """CPU-seconds (user + system) so far of `root` and every process under it, split into the engine core's
-    processes and everything else (the front end: API server, or every stage, Serve's and Ray's own processes)."""
+    processes (it and its workers) and everything else (the front end: the API server, or every stage, Serve's
+    and Ray's own processes)."""
     tick = os.sysconf("SC_CLK_TCK")
     parent: dict[int, int] = {}
     cpu: dict[int, float] = {}
@@ -87,9 +88,17 @@ def process_cpu(root: int) -> dict[str, float]:
             if ppid == pid and child not in tree:
                 tree.add(child)
                 frontier.append(child)
+    engine = {pid for pid in tree if title.get(pid, "").startswith(ENGINE_TITLE)}
+    frontier = list(engine)
+    while frontier:  # the engine core's own workers (the CPU backend runs the model in a child process)
+        pid = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == pid and child not in engine:
+                engine.add(child)
+                frontier.append(child)
     split = {"engine": 0.0, "front": 0.0}
     for pid in tree & cpu.keys():
-        split["engine" if title.get(pid, "").startswith(ENGINE_TITLE) else "front"] += cpu[pid]
+        split["engine" if pid in engine else "front"] += cpu[pid]
     return split
 
 
