@@ -103,7 +103,7 @@ def process_cpu(root: int) -> dict[str, float]:
 
 
 @contextmanager
-def _server(cmd: list[str], env: dict[str, str], ready_url: str, log: Path) -> Iterator[subprocess.Popen]:
+def server(cmd: list[str], env: dict[str, str], ready_url: str, log: Path) -> Iterator[subprocess.Popen]:
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)
         try:
@@ -196,7 +196,7 @@ def main() -> None:
             cmd, env, ready = raw_vllm(model.path, config.model.name, port) if target == "raw" else ours(port) if target == "ours" else serve_llm(port)
             logger.info("round %d: starting %s: %s", round_no + 1, target, " ".join(cmd))
             t0 = time.monotonic()
-            with _server(cmd, env, ready, OUT / f"{stamp}-{target}-{round_no + 1}.log") as proc:
+            with server(cmd, env, ready, OUT / f"{stamp}-{target}-{round_no + 1}.log") as proc:
                 logger.info("%s ready in %.0fs", target, time.monotonic() - t0)
                 os.environ["OPENAI_API_KEY"] = bench_key(env) if target == "ours" else "none"  # vllm bench sends it as Bearer
                 for c in args.concurrency:

@@ -19,7 +19,7 @@ import random
 import time
 from pathlib import Path
 
-from bench.serving import OUT, _server, bench_key, ours, raw_vllm
+from bench.serving import OUT, bench_key, ours, raw_vllm, server
 from common.config import load_config
 from common.model_store import ensure_default_model, open_store
 from common.runtime import LOCAL_ENV, free_port
@@ -37,8 +37,7 @@ HOPS = [
     ("ingress → postprocessor call", "ingress_sent", "postprocessor_called"),
     ("postprocessor → generator call", "postprocessor_called", "generator_called"),
     ("engine: queue, prefill, first token", "generator_called", "generator_first_output"),
-    ("generator → postprocessor (first tokens)", "generator_first_output", "postprocessor_first_tokens"),
-    ("detokenize, shape", "postprocessor_first_tokens", "postprocessor_first_piece"),
+    ("generator → postprocessor, detokenize, shape", "generator_first_output", "postprocessor_first_piece"),
     ("postprocessor → ingress (first piece)", "postprocessor_first_piece", "ingress_first_piece"),
     ("ingress → client (first chunk)", "ingress_first_piece", "client_first"),
     ("TTFT seen by the client", "client_send", "client_first"),
@@ -111,11 +110,11 @@ def main() -> None:
     if args.raw:
         port = free_port()
         cmd, env, ready = raw_vllm(model.path, config.model.name, port)
-        with _server(cmd, env, ready, OUT / f"{stamp}-trace-raw.log"):
+        with server(cmd, env, ready, OUT / f"{stamp}-trace-raw.log"):
             raw_marks = drive(f"http://127.0.0.1:{port}", "none", config.model.name, prompts, args.output_len)[2:]
     port = free_port()
     cmd, env, ready = ours(port)
-    with _server(cmd, env, ready, OUT / f"{stamp}-trace-ours.log"):
+    with server(cmd, env, ready, OUT / f"{stamp}-trace-ours.log"):
         key = bench_key(env)
         client_marks = drive(f"http://127.0.0.1:{port}", key, config.model.name, prompts, args.output_len)[2:]  # two warm-ups
         time.sleep(2.0)  # the stages' log lines are written at each request's end

@@ -46,7 +46,7 @@ class Postprocessor:
 
     async def _pieces(self, req: GenerationRequest) -> AsyncIterator[tuple[str, dict | None]]:
         trace = {"postprocessor_called": time.time()}
-        tokens = _first_marked(self._generator.stream(req), trace, "postprocessor_first_tokens")
+        tokens = self._generator.stream(req)
         usage = None
         try:
             async for item in self._logic.stream(req, tokens):
@@ -56,7 +56,7 @@ class Postprocessor:
                 yield item
         finally:
             _log_end(req, usage, trace)
-            await tokens.aclose()
+            await tokens.aclose()  # type: ignore[attr-defined]
 
     async def complete(self, req: GenerationRequest) -> dict:
         tokens = self._generator.stream(req)
@@ -75,17 +75,6 @@ class Postprocessor:
 
     async def __del__(self) -> None:
         await self._generator.close()
-
-
-async def _first_marked(items: AsyncIterator, trace: dict, mark: str) -> AsyncIterator:
-    """`items`, noting in `trace` when the first one arrived; closing it closes `items`."""
-    try:
-        async for item in items:
-            if mark not in trace:
-                trace[mark] = time.time()
-            yield item
-    finally:
-        await items.aclose()  # type: ignore[attr-defined]
 
 
 def _log_end(req: GenerationRequest, usage: dict | None, trace: dict | None = None) -> None:

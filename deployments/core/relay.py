@@ -96,7 +96,9 @@ class Sender:
         Its items go to the carrier. Closing or cancelling this stream closes `items` (for the
         generator, that aborts the engine request) and drops what was not carried yet.
         """
-        box = self._boxes.get(consumer) or self._boxes.setdefault(consumer, _Outbox(next(self._epochs)))
+        box = self._boxes.get(consumer)
+        if box is None:
+            box = self._boxes[consumer] = _Outbox(next(self._epochs))
         box.open.add(request_id)
         self.requests += 1
         try:
@@ -242,35 +244,35 @@ class Receiver:
     def _end_after(self, end: End, request_id: str, last: Any) -> None:
         """Deliver the End's own items and then `last` (the end marker or the request's error) once batch `end.seq` is in."""
         carrier = self._carriers.get(end.replica)
-        inbox = self._inboxes.get(request_id)
-        if inbox is None:
+        if request_id not in self._inboxes:
             return
         what = (end.items, last) if end.items else (last,)
         if end.seq == 0 or (carrier is not None and carrier.received >= end.seq):
-            for one in what:
-                inbox.put_nowait(one)
+            self._deliver(request_id, what)
         elif carrier is None:
-            inbox.put_nowait(RuntimeError(f"No carrier from replica {end.replica} for a request it ended."))
+            self._deliver(request_id, (RuntimeError(f"No carrier from replica {end.replica} for a request it ended."),))
         else:
             carrier.ends[request_id] = (end.seq, what)
+
+    def _deliver(self, request_id: str, what: tuple[Any, ...]) -> None:
+        """Hand items (a list), the end marker or an error to a request still being received."""
+        inbox = self._inboxes.get(request_id)
+        if inbox is not None:
+            for one in what:
+                inbox.put_nowait(one)
 
     async def _carry(self, replica: str, epoch: int, carrier: _Carrier) -> None:
         error: BaseException | None = None
         try:
             async for seq, batch in self._open_carrier(replica, epoch):
                 for request_id, items in batch.items():
-                    inbox = self._inboxes.get(request_id)
-                    if inbox is not None:
-                        inbox.put_nowait(items)
+                    self._deliver(request_id, (items,))
                 carrier.received = max(carrier.received, seq)
                 if carrier.ends:
                     for request_id, (wait_for, what) in list(carrier.ends.items()):
                         if wait_for <= carrier.received:
                             del carrier.ends[request_id]
-                            inbox = self._inboxes.get(request_id)
-                            if inbox is not None:
-                                for one in what:
-                                    inbox.put_nowait(one)
+                            self._deliver(request_id, what)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -279,10 +281,8 @@ class Receiver:
         finally:
             if carrier.task is asyncio.current_task():
                 # Requests whose last batch can no longer come end with the carrier's error.
-                for request_id, _ in list(carrier.ends.items()):
-                    inbox = self._inboxes.get(request_id)
-                    if inbox is not None:
-                        inbox.put_nowait(error or RuntimeError(f"The carrier from replica {replica} ended before a request's last items."))
+                for request_id in carrier.ends:
+                    self._deliver(request_id, (error or RuntimeError(f"The carrier from replica {replica} ended before a request's last items."),))
                 carrier.ends.clear()
                 if error is not None:
                     self._carriers.pop(replica, None)

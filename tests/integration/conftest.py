@@ -80,16 +80,26 @@ def hf_tokenizer(maas_config: MaasConfig):
     return load_hf_tokenizer(open_store(maas_config.store_root()).resolve(maas_config.model.name).path)
 
 
-@pytest.fixture(scope="module")
-def generator_handle(base_url, maas_config):
+def _stable_version_handle(maas_config: MaasConfig, deployment: str):
+    """A handle to one deployment of the stable version's application, usable from this synchronous test driver."""
     from ray import serve
 
     from cluster.versions import traffic_file
     from deployments.core.traffic import version_app_name
 
     stable = traffic_file(maas_config).load().stable
-    handle = serve.get_deployment_handle("Generator", app_name=version_app_name(maas_config.app_name, maas_config.model.name, stable))
+    handle = serve.get_deployment_handle(deployment, app_name=version_app_name(maas_config.app_name, maas_config.model.name, stable))
     # Serve's throughput mode routes on the caller's event loop; this synchronous test driver has none,
     # so this one handle keeps its router on Serve's own loop thread.
     handle._init(_run_router_in_separate_loop=True)
     return handle
+
+
+@pytest.fixture(scope="module")
+def generator_handle(base_url, maas_config):
+    return _stable_version_handle(maas_config, "Generator")
+
+
+@pytest.fixture(scope="module")
+def postprocessor_handle(base_url, maas_config):
+    return _stable_version_handle(maas_config, "Postprocessor")

@@ -133,21 +133,12 @@ def test_client_disconnect_aborts_the_engine_request(client, generator_handle):
         time.sleep(0.2)
 
 
-def test_concurrent_streams_travel_batched_per_engine_step(client, generator_handle, maas_config):
+def test_concurrent_streams_travel_batched_per_engine_step(client, generator_handle, postprocessor_handle):
     """Between stages, one carrier message per engine step carries the tokens of every request that advanced in it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ray import serve
-
-    from cluster.versions import traffic_file
-    from deployments.core.traffic import version_app_name
-
-    app = version_app_name(maas_config.app_name, maas_config.model.name, traffic_file(maas_config).load().stable)
-    postprocessor = serve.get_deployment_handle("Postprocessor", app_name=app)
-    postprocessor._init(_run_router_in_separate_loop=True)
-
     def relays():
-        return generator_handle.stats.remote().result()["relay"], postprocessor.stats.remote().result()["relay"]
+        return generator_handle.stats.remote().result()["relay"], postprocessor_handle.stats.remote().result()["relay"]
 
     before = relays()
     streams = 8
