@@ -165,8 +165,8 @@ _END = object()
 
 @dataclass
 class _Carrier:
-    epoch: int
-    task: asyncio.Task | None = None
+    epoch: int  # the newest epoch opened; a Hello for it or an older one opens nothing
+    tasks: set[asyncio.Task] = field(default_factory=set)  # carriers still streaming (an older one may still bring its last batches)
     received: int = 0  # highest batch number handed over from this replica
     ends: dict[str, tuple[int, tuple[Any, ...]]] = field(default_factory=dict)  # request id -> (batch to wait for, what to deliver then)
 
@@ -234,12 +234,13 @@ class Receiver:
 
     def _hello(self, hello: Hello) -> None:
         carrier = self._carriers.get(hello.replica)
-        if carrier is not None and carrier.epoch >= hello.epoch and carrier.task is not None and not carrier.task.done():
-            return
         if carrier is None:
             carrier = self._carriers[hello.replica] = _Carrier(hello.epoch)
+        elif hello.epoch <= carrier.epoch:
+            return  # opened already, or stale (a late Hello: the upstream has moved past that epoch)
         carrier.epoch = hello.epoch
-        carrier.task = asyncio.get_running_loop().create_task(self._carry(hello.replica, hello.epoch, carrier))
+        task = asyncio.get_running_loop().create_task(self._carry(hello.replica, hello.epoch, carrier))
+        carrier.tasks.add(task)
 
     def _end_after(self, end: End, request_id: str, last: Any) -> None:
         """Deliver the End's own items and then `last` (the end marker or the request's error) once batch `end.seq` is in."""
@@ -279,17 +280,20 @@ class Receiver:
             error = exc
             logger.warning("carrier from replica %s failed: %s", replica, exc)
         finally:
-            if carrier.task is asyncio.current_task():
-                # Requests whose last batch can no longer come end with the carrier's error.
+            carrier.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            if error is not None or not carrier.tasks:
+                # No carrier from that replica is left to bring these requests' last batches: they end with the error.
                 for request_id in carrier.ends:
                     self._deliver(request_id, (error or RuntimeError(f"The carrier from replica {replica} ended before a request's last items."),))
                 carrier.ends.clear()
-                if error is not None:
-                    self._carriers.pop(replica, None)
+            if error is not None and self._carriers.get(replica) is carrier:
+                self._carriers.pop(replica, None)
+                for task in carrier.tasks:  # the replica is gone or failing: the next Hello starts afresh
+                    task.cancel()
 
     async def close(self) -> None:
         """Stop every carrier (the replica is shutting down)."""
-        tasks = [c.task for c in self._carriers.values() if c.task is not None and not c.task.done()]
+        tasks = [t for c in self._carriers.values() for t in c.tasks if not t.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -201,3 +201,47 @@ def test_a_request_never_waits_for_its_carrier():
         await receiver.close()
 
     asyncio.run(main())
+
+
+def test_a_newer_carrier_that_ends_at_once_does_not_fail_what_an_older_one_still_carries():
+    """Seen at 1024 streams: the old carrier ended upstream but its last batch was still on the way when a new
+    request's Hello opened a newer carrier, which the upstream had already moved past (it ended at once)."""
+
+    async def main():
+        release = asyncio.Event()
+        opened: list[int] = []
+
+        async def open_carrier(replica: str, epoch: int):
+            opened.append(epoch)
+            if epoch == 1:
+                await release.wait()  # the old carrier's last batch is slow
+                yield 1, {"r": ["last item"]}
+            else:
+                await asyncio.sleep(0.02)  # epoch 2: the upstream had already moved on; it ends (here, after r's End is in)
+
+        async def control_r():
+            yield Hello("gen-1", 1)
+            await asyncio.sleep(0.01)
+            yield End("gen-1", 1)  # its last item went in batch 1
+
+        async def control_s():
+            yield Hello("gen-1", 2)
+            await asyncio.sleep(0.04)
+            yield Hello("gen-1", 1)  # a stale Hello, late: opens nothing
+            yield End("gen-1", 0, ["s item"])
+
+        receiver = Receiver(open_carrier)
+        got_r = asyncio.create_task(_items(receiver.receive("r", control_r())))
+        await asyncio.sleep(0.005)
+        got_s = asyncio.create_task(_items(receiver.receive("s", control_s())))
+        await asyncio.sleep(0.08)
+        release.set()
+        return await got_r, await got_s, opened
+
+    r, s, opened = asyncio.run(main())
+    assert r == ["last item"] and s == ["s item"]
+    assert opened == [1, 2]
+
+
+async def _items(stream) -> list:
+    return [item async for item in stream]
