@@ -147,6 +147,13 @@ class EngineConfig(Strict):
         "and each request's queue wait (`maas_queue_wait_seconds`). Off saves a little work per engine step.",
     )
     extra_args: dict[str, Any] = Field(default_factory=dict, description="Further vllm AsyncEngineArgs fields passed through as-is.")
+    simulate_steps_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="Capacity tests only: replace vLLM with a simulated engine (`deployments.core.paced`) that gives every running "
+        "request one token per step at this many steps a second, `max_num_seqs` at once; no weights are loaded, the tokenizer "
+        "and detokenizer stay real. null (the default) runs the real engine.",
+    )
 
 
 class AutoscalingConfig(Strict):

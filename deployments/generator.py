@@ -33,8 +33,6 @@ class Generator:
 
         setup_logging("generator")
         config = EngineConfig.model_validate(engine_config)
-        # Fixed before vLLM is imported; the engine's worker process inherits it.
-        os.environ.update(engine_env_vars(config, len(os.sched_getaffinity(0))))
         self._counts = None
         billing_config = BillingConfig.model_validate(billing or {"enabled": False})
         if billing_config.enabled:
@@ -44,15 +42,23 @@ class Generator:
 
             handle = actor.get_or_create(billing_config)
             self._counts = EngineCountReporter(lambda batch: handle.engine_counts.remote(batch), billing_config.flush_interval_s)
-        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger  # vLLM's engine metrics, exported through Ray
+        on_unfinished = self._counts.report if self._counts is not None else None
+        if config.simulate_steps_per_s:  # capacity tests: the graph at an accelerator's pace, no model
+            from deployments.core.paced import PacedEngine
 
-        self._logic = VLLMGenerator(
-            model_path,
-            config,
-            on_unfinished=self._counts.report if self._counts is not None else None,
-            on_queue_wait=RayQueueMetrics(model_name or os.path.basename(model_path), version).observe,
-            stat_loggers=[RayPrometheusStatLogger],
-        )
+            self._logic = PacedEngine(config.simulate_steps_per_s, config.max_num_seqs, on_unfinished=on_unfinished)
+        else:
+            # Fixed before vLLM is imported; the engine's worker process inherits it.
+            os.environ.update(engine_env_vars(config, len(os.sched_getaffinity(0))))
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger  # vLLM's engine metrics, exported through Ray
+
+            self._logic = VLLMGenerator(
+                model_path,
+                config,
+                on_unfinished=on_unfinished,
+                on_queue_wait=RayQueueMetrics(model_name or os.path.basename(model_path), version).observe,
+                stat_loggers=[RayPrometheusStatLogger],
+            )
         self._logic.start()
         self._sender = Sender(serve.get_replica_context().replica_id.unique_id)
 
