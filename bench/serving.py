@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import yaml
+
 from common.config import load_config
 from common.model_store import ensure_default_model, open_store
 from common.runtime import LOCAL_ENV, REPO_ROOT, free_port
@@ -118,8 +120,20 @@ def server(cmd: list[str], env: dict[str, str], ready_url: str, log: Path) -> It
                 proc.wait()
 
 
-def raw_vllm(model_path: Path, model_name: str, port: int) -> tuple[list[str], dict[str, str], str]:
-    config = load_config()
+def bench_config(args: argparse.Namespace) -> Path:
+    """The config both sides run: the shipped default, with `--cpu-preload` applied when given."""
+    default = REPO_ROOT / "cluster/configs/default.yaml"
+    if not getattr(args, "cpu_preload", None):
+        return default
+    from common.config import read_yaml
+
+    path = OUT / f"serving-cpu-preload-{args.cpu_preload}.yaml"
+    path.write_text(yaml.safe_dump(read_yaml(default, {"engine": {"cpu_preload": args.cpu_preload}})))
+    return path
+
+
+def raw_vllm(model_path: Path, model_name: str, port: int, config_path: Path | None = None) -> tuple[list[str], dict[str, str], str]:
+    config = load_config(config_path)
     eng = config.engine
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -135,8 +149,8 @@ def raw_vllm(model_path: Path, model_name: str, port: int) -> tuple[list[str], d
     return cmd, env, f"http://127.0.0.1:{port}/v1/models"
 
 
-def ours(port: int) -> tuple[list[str], dict[str, str], str]:
-    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port)]
+def ours(port: int, config_path: Path | None = None) -> tuple[list[str], dict[str, str], str]:
+    cmd = [sys.executable, "-m", "cluster.cli", *(["--config", str(config_path)] if config_path else []), "serve", "--port", str(port)]
     ledger = OUT / "bench-ledger.db"  # billing on, as users run it, without touching the user's own ledger
     return cmd, {**os.environ, **LOCAL_ENV, "MAAS_LEDGER_URL": f"sqlite:///{ledger}"}, f"http://127.0.0.1:{port}/healthz"
 
@@ -181,6 +195,7 @@ def main() -> None:
     parser.add_argument("--prompts-per-concurrency", type=int, default=4, help="num prompts = max(8, this x concurrency)")
     parser.add_argument("--targets", nargs="+", default=["raw", "ours", "servellm"], choices=list(TARGETS))
     parser.add_argument("--rounds", type=int, default=2, help="alternate the targets this many times (raw, ours, raw, ours, ...)")
+    parser.add_argument("--cpu-preload", choices=["auto", "off"], default=None, help="engine.cpu_preload for raw vLLM and ray-maas alike (default: the config's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.update(LOCAL_ENV)
@@ -193,7 +208,8 @@ def main() -> None:
     for round_no in range(args.rounds):
         for target in args.targets:
             port = free_port()
-            cmd, env, ready = raw_vllm(model.path, config.model.name, port) if target == "raw" else ours(port) if target == "ours" else serve_llm(port)
+            cfg = bench_config(args)
+            cmd, env, ready = raw_vllm(model.path, config.model.name, port, cfg) if target == "raw" else ours(port, cfg) if target == "ours" else serve_llm(port)
             logger.info("round %d: starting %s: %s", round_no + 1, target, " ".join(cmd))
             t0 = time.monotonic()
             with server(cmd, env, ready, OUT / f"{stamp}-{target}-{round_no + 1}.log") as proc:
@@ -241,7 +257,7 @@ def format_report(results: dict[str, dict[int, list[dict]]], args: argparse.Name
     others = [t for t in ("raw", "servellm") if t in results and "ours" in results]
     lines = [
         f"input {args.input_len} tokens, output {args.output_len} tokens (--ignore-eos), random dataset, vllm bench serve;",
-        f"mean of {args.rounds} alternating rounds (min-max in brackets)",
+        f"mean of {args.rounds} alternating rounds (min-max in brackets); engine.cpu_preload: {getattr(args, 'cpu_preload', None) or 'as configured'}",
         "",
         "| concurrency | metric | " + " | ".join(TARGETS[t] for t in targets) + "".join(f" | ours/{t}" for t in others) + " |",
         "| --- | --- |" + " --- |" * (len(targets) + len(others)),

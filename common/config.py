@@ -139,6 +139,12 @@ class EngineConfig(Strict):
     enforce_eager: bool = Field(True, description="Disable graph capture / torch.compile (needed on CPU; faster start on GPU).")
     kv_cache_space_gib: int = Field(1, ge=1, description="CPU only: KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).")
     cpu_threads_bind: str = Field("all", description="CPU only: cores the engine's OpenMP threads bind to (VLLM_CPU_OMP_THREADS_BIND); `all` binds every core of the node, e.g. `0-1`.")
+    cpu_preload: Literal["auto", "off"] = Field(
+        "off",
+        description="CPU only: vLLM's documented CPU tuning, preloading tcmalloc and Intel OpenMP into the engine. `auto` preloads "
+        "each one found (tcmalloc: the system's libtcmalloc_minimal, Debian's `libtcmalloc-minimal4`; Intel OpenMP: libiomp5 "
+        "from the Python environment's `intel-openmp`, x86 only); `off` keeps vLLM's own choice (PyTorch's GNU OpenMP).",
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: fraction of GPU memory vLLM may use.")
     seed: int = Field(0, description="Engine seed (per-request `seed` still applies).")
     log_stats: bool = Field(

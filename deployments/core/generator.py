@@ -9,8 +9,11 @@ step, so no token waits for a later step.
 from __future__ import annotations
 
 import asyncio
+import glob
 import logging
 import os
+import platform
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -35,7 +38,28 @@ def engine_env_vars(config: EngineConfig, num_cpus_on_node: int | None = None) -
             # Ray sets OMP_NUM_THREADS to the actor's (fractional) CPU count; the engine binds its own threads.
             OMP_NUM_THREADS=str(_count_cores(bind)),
         )
+        preload = cpu_preload_libs() if config.cpu_preload == "auto" else []
+        if preload:
+            env["LD_PRELOAD"] = ":".join([*preload, *filter(None, os.environ.get("LD_PRELOAD", "").split(":"))])
     return env
+
+
+TCMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def cpu_preload_libs(lib_dirs: tuple[str, ...] = TCMALLOC_DIRS, prefix: str = sys.prefix, machine: str = platform.machine()) -> list[str]:
+    """tcmalloc and Intel OpenMP shared libraries to preload into a CPU engine, those that exist (vLLM's CPU install guide)."""
+    found: list[str] = []
+    for directory in (*lib_dirs, os.path.join(prefix, "lib")):
+        candidates = sorted(glob.glob(os.path.join(directory, "libtcmalloc_minimal.so.*")) + glob.glob(os.path.join(directory, "libtcmalloc.so.*")))
+        candidates = [c for c in candidates if "debug" not in c]
+        if candidates:
+            found.append(candidates[0])
+            break
+    iomp = os.path.join(prefix, "lib", "libiomp5.so")
+    if machine in ("x86_64", "AMD64") and os.path.exists(iomp):
+        found.append(iomp)
+    return found
 
 
 def _count_cores(bind: str) -> int:

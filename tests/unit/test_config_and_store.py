@@ -15,7 +15,7 @@ from common.errors import ModelNotFoundError
 from common.model_store import METADATA_FILE, LocalModelStore, open_store
 from common.runtime import REPO_ROOT
 from deployments.app import deployment_options
-from deployments.core.generator import engine_args, engine_env_vars
+from deployments.core.generator import cpu_preload_libs, engine_args, engine_env_vars
 
 
 
@@ -77,6 +77,20 @@ def test_engine_env_and_args_on_cpu():
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and env["OMP_NUM_THREADS"] == "2" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     args = engine_args("/m", config)
     assert args["skip_tokenizer_init"] and args["dtype"] == "float32" and "gpu_memory_utilization" not in args
+
+
+def test_cpu_preload_finds_tcmalloc_and_intel_openmp_where_they_are(tmp_path):
+    system, env = tmp_path / "usr-lib", tmp_path / "venv"
+    system.mkdir()
+    (env / "lib").mkdir(parents=True)
+    assert cpu_preload_libs((str(system),), str(env), "x86_64") == []  # nothing installed: nothing preloaded
+    for name in ("libtcmalloc_minimal_debug.so.4", "libtcmalloc_minimal.so.4"):
+        (system / name).write_bytes(b"")
+    (env / "lib" / "libiomp5.so").write_bytes(b"")
+    assert cpu_preload_libs((str(system),), str(env), "x86_64") == [str(system / "libtcmalloc_minimal.so.4"), str(env / "lib" / "libiomp5.so")]
+    assert cpu_preload_libs((str(system),), str(env), "aarch64") == [str(system / "libtcmalloc_minimal.so.4")]  # Intel OpenMP is x86 only
+    config = load_config(REPO_ROOT / "cluster/configs/default.yaml").engine.model_copy(update={"cpu_preload": "off"})
+    assert "LD_PRELOAD" not in engine_env_vars(config, num_cpus_on_node=2)
 
 
 def test_shipped_serve_config_matches_generated():
