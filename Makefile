@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install model serve up down status test unit bench bench-training clean
+.PHONY: install model serve up down status test unit bench bench-capacity bench-training clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,9 @@ unit: install
 
 bench: model
 	$(PY) -m bench.serving
+
+bench-capacity: model
+	$(PY) -m bench.capacity --autoscale
 
 bench-training: model
 	$(PY) -m bench.training
