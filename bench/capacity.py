@@ -212,7 +212,7 @@ def ours_config(args: argparse.Namespace, replicas: int | None, autoscale: bool 
     return path
 
 
-def start_target(target: str, args: argparse.Namespace, stamp: str, model_path: Path) -> tuple[Any, str, dict[str, str], Path]:
+def start_target(target: str, args: argparse.Namespace, stamp: str) -> tuple[Any, str, dict[str, str], Path]:
     port = free_port()
     log = OUT / f"{stamp}-capacity-{target}.log"
     if target == "baseline":
@@ -253,9 +253,9 @@ def direct_ingress_ports(timeout_s: float = 2.0) -> list[int]:
     return found
 
 
-def measure(target: str, args: argparse.Namespace, stamp: str, model_path: Path, model: str) -> dict[str, dict[int, dict]]:
+def measure(target: str, args: argparse.Namespace, stamp: str, model: str) -> dict[str, dict[int, dict]]:
     """{path: {streams: figures}}: the baseline's one process, or the graph through Serve's HTTP proxy and direct to its ingress replicas."""
-    ctx, base, env, _ = start_target(target, args, stamp, model_path)
+    ctx, base, env, _ = start_target(target, args, stamp)
     results: dict[str, dict[int, dict]] = {}
     with ctx as proc:
         key = bench_key(env) if env else "none"
@@ -292,10 +292,10 @@ def serve_replicas(dashboard: str) -> dict[str, int]:
     return counts
 
 
-def autoscale(args: argparse.Namespace, stamp: str, model_path: Path, model: str) -> list[dict]:
+def autoscale(args: argparse.Namespace, stamp: str, model: str) -> list[dict]:
     """A load that rises and falls; Serve's replica counts each second beside the client's view."""
     phases = [(s, d) for s, d in zip(args.autoscale_streams, args.autoscale_phase_s)]
-    ctx, base, env, log = start_target("autoscale", args, stamp, model_path)
+    ctx, base, env, log = start_target("autoscale", args, stamp)
     timeline: list[dict] = []
     with ctx:
         match = re.search(r"Ray dashboard: (http://\S+)", log.read_text())
@@ -414,11 +414,11 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report = ""
     if not args.autoscale_only:
-        results = {path: figures for target in args.targets for path, figures in measure(target, args, stamp, model.path, config.model.name).items()}
+        results = {path: figures for target in args.targets for path, figures in measure(target, args, stamp, config.model.name).items()}
         report = format_report(results, args)
         (OUT / f"{stamp}-capacity.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     if args.autoscale or args.autoscale_only:
-        timeline = autoscale(args, stamp, model.path, config.model.name)
+        timeline = autoscale(args, stamp, config.model.name)
         report += "\nAutoscaling (Serve's running replicas per deployment, a row each time something changed):\n\n" + format_timeline(timeline)
         (OUT / f"{stamp}-capacity-autoscale.json").write_text(json.dumps(timeline, indent=2))
     print(report)
