@@ -41,13 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from fastapi import Request  # at module level: the route's annotation must resolve (postponed annotations)
 
-from bench.serving import OUT, bench_key, process_cpu, server
+from bench.serving import OUT, bench_key, config_with, ours, process_cpu, server
 from common.config import load_config
 from common.model_store import ensure_default_model, open_store
-from common.runtime import LOCAL_ENV, REPO_ROOT, free_port
+from common.runtime import LOCAL_ENV, free_port
 
 logger = logging.getLogger("bench.capacity")
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle on a stormy night."
@@ -207,9 +206,7 @@ def ours_config(args: argparse.Namespace, replicas: int | None, autoscale: bool 
         stages = {"ingress": {**stage, "autoscaling": fixed}, "tokenizer": stage, "postprocessor": {**stage, "autoscaling": fixed}}
     stages["generator"] = {"max_ongoing_requests": 4 * max(args.streams)}
     overrides = {"engine": {"simulate_steps_per_s": args.steps_per_s, "max_num_seqs": args.max_num_seqs}, "deployments": stages}
-    path = OUT / f"capacity-{'autoscale' if autoscale else replicas}.yaml"
-    path.write_text(yaml.safe_dump(overrides))
-    return path
+    return config_with(f"capacity-{'autoscale' if autoscale else replicas}", overrides)
 
 
 def start_target(target: str, args: argparse.Namespace, stamp: str) -> tuple[Any, str, dict[str, str], Path]:
@@ -218,14 +215,8 @@ def start_target(target: str, args: argparse.Namespace, stamp: str) -> tuple[Any
     if target == "baseline":
         cmd = [sys.executable, "-m", "bench.capacity", "--serve-baseline", "--port", str(port), "--steps-per-s", str(args.steps_per_s), "--max-num-seqs", str(args.max_num_seqs)]
         return server(cmd, {**os.environ, **LOCAL_ENV}, f"http://127.0.0.1:{port}/healthz", log), f"http://127.0.0.1:{port}", {}, log
-    cfg = ours_config(args, None if target == "autoscale" else int(target[-1]), autoscale=target == "autoscale")
-    env = {**os.environ, **LOCAL_ENV, "MAAS_LEDGER_URL": f"sqlite:///{OUT / 'bench-ledger.db'}"}
-    from common.config import read_yaml, deep_merge
-
-    merged = OUT / f"{cfg.stem}-full.yaml"
-    merged.write_text(yaml.safe_dump(deep_merge(read_yaml(REPO_ROOT / "cluster/configs/default.yaml"), read_yaml(cfg))))
-    cmd = [sys.executable, "-m", "cluster.cli", "--config", str(merged), "serve", "--port", str(port)]
-    return server(cmd, env, f"http://127.0.0.1:{port}/healthz", log), f"http://127.0.0.1:{port}", env, log
+    cmd, env, ready = ours(port, ours_config(args, None if target == "autoscale" else int(target[-1]), autoscale=target == "autoscale"))
+    return server(cmd, env, ready, log), f"http://127.0.0.1:{port}", env, log
 
 
 def direct_ingress_ports(timeout_s: float = 2.0) -> list[int]:

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import yaml
 
-from common.config import load_config
+from common.config import load_config, read_yaml
 from common.model_store import ensure_default_model, open_store
 from common.runtime import LOCAL_ENV, REPO_ROOT, free_port
 from deployments.core.generator import engine_env_vars
@@ -120,16 +120,21 @@ def server(cmd: list[str], env: dict[str, str], ready_url: str, log: Path) -> It
                 proc.wait()
 
 
+DEFAULT_CONFIG = REPO_ROOT / "cluster/configs/default.yaml"
+
+
+def config_with(name: str, overrides: dict) -> Path:
+    """The shipped default config with `overrides` deep-merged, written under bench/out for a server to read."""
+    path = OUT / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(read_yaml(DEFAULT_CONFIG, overrides)))
+    return path
+
+
 def bench_config(args: argparse.Namespace) -> Path:
     """The config both sides run: the shipped default, with `--cpu-preload` applied when given."""
-    default = REPO_ROOT / "cluster/configs/default.yaml"
-    if not getattr(args, "cpu_preload", None):
-        return default
-    from common.config import read_yaml
-
-    path = OUT / f"serving-cpu-preload-{args.cpu_preload}.yaml"
-    path.write_text(yaml.safe_dump(read_yaml(default, {"engine": {"cpu_preload": args.cpu_preload}})))
-    return path
+    if not args.cpu_preload:
+        return DEFAULT_CONFIG
+    return config_with(f"serving-cpu-preload-{args.cpu_preload}", {"engine": {"cpu_preload": args.cpu_preload}})
 
 
 def raw_vllm(model_path: Path, model_name: str, port: int, config_path: Path | None = None) -> tuple[list[str], dict[str, str], str]:
@@ -162,7 +167,7 @@ def serve_llm(port: int) -> tuple[list[str], dict[str, str], str]:
 def bench_key(env: dict[str, str]) -> str:
     """An unlimited tenant's key, made with the CLI against the running server's cluster, as an operator would."""
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "--config", str(REPO_ROOT / "cluster/configs/default.yaml"), "keys", "create", "--tenant", "bench", "--plan", "enterprise"],
+        [sys.executable, "-m", "cluster.cli", "--config", str(DEFAULT_CONFIG), "keys", "create", "--tenant", "bench", "--plan", "enterprise"],
         env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=120,
     )  # fmt: skip
     return out.stdout.split("shown only now:", 1)[1].split()[0]  # the key itself, not its id earlier in the line
@@ -205,10 +210,10 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict[str, dict[int, list[dict]]] = {t: {c: [] for c in args.concurrency} for t in args.targets}
+    cfg = bench_config(args)
     for round_no in range(args.rounds):
         for target in args.targets:
             port = free_port()
-            cfg = bench_config(args)
             cmd, env, ready = raw_vllm(model.path, config.model.name, port, cfg) if target == "raw" else ours(port, cfg) if target == "ours" else serve_llm(port)
             logger.info("round %d: starting %s: %s", round_no + 1, target, " ".join(cmd))
             t0 = time.monotonic()
@@ -257,7 +262,7 @@ def format_report(results: dict[str, dict[int, list[dict]]], args: argparse.Name
     others = [t for t in ("raw", "servellm") if t in results and "ours" in results]
     lines = [
         f"input {args.input_len} tokens, output {args.output_len} tokens (--ignore-eos), random dataset, vllm bench serve;",
-        f"mean of {args.rounds} alternating rounds (min-max in brackets); engine.cpu_preload: {getattr(args, 'cpu_preload', None) or 'as configured'}",
+        f"mean of {args.rounds} alternating rounds (min-max in brackets); engine.cpu_preload: {args.cpu_preload or 'as configured'}",
         "",
         "| concurrency | metric | " + " | ".join(TARGETS[t] for t in targets) + "".join(f" | ours/{t}" for t in others) + " |",
         "| --- | --- |" + " --- |" * (len(targets) + len(others)),
