@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
 from billing.keys import bearer_token, check_key
 from billing.pricing import Quote, cost, quote
 from billing.quota import ZERO, Ask, Reservation, TenantLease, period_of, refill, release, reserve, settle, shortfall, window_of
-from billing.records import Claim, EngineCount, KeyRecord, SyncReply, SyncRequest, UsageEvent
+from billing.records import BillingContext, Claim, KeyRecord, SyncReply, SyncRequest, UsageEvent
 from common.config import BillingConfig, Price
 from common.errors import AuthenticationError, InsufficientQuotaError, PermissionDeniedError, RateLimitError, ServiceUnavailableError
 
@@ -108,6 +108,13 @@ class Ticket:
     version: str
     kind: str
     reservation: Reservation
+    holder: str = ""
+
+    def context(self) -> BillingContext:
+        """Who pays and at what prices: goes with the request to the generator, the second witness."""
+        r = self.reservation
+        q = r.quote
+        return BillingContext(r.tenant, self.key.key_id, self.model, self.version, self.kind, str(q.prompt_price), str(q.completion_price), str(r.reserved), self.holder)
 
 
 class BillingClient:
@@ -210,7 +217,7 @@ class BillingClient:
 
         The ingress admits a one-token placeholder before tokenizing (the request slot, so a tenant at its
         limits gets nothing tokenized) and `resize`s to the true worst case once the prompt is tokenized."""
-        return Ticket(request_id, key, model, version, kind, await self._reserve(key.tenant, quote(price, prompt_tokens, max_tokens, n), slot=True))
+        return Ticket(request_id, key, model, version, kind, await self._reserve(key.tenant, quote(price, prompt_tokens, max_tokens, n), slot=True), self.holder)
 
     async def resize(self, ticket: Ticket, prompt_tokens: int, max_tokens: int, n: int = 1) -> Ticket:
         """The ticket for the request's true worst case (no second request slot), then the old reservation is given
@@ -244,29 +251,14 @@ class BillingClient:
                 raise _denial(grant.denied, grant.message, grant.retry_after_s)
         raise ServiceUnavailableError("Could not reserve quota; retry shortly.", headers={"Retry-After": "1"})
 
-    def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int | None, status: str) -> None:
-        """End of a request: release the reservation and queue its usage event (completion None: the engine's count follows)."""
+    def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int | None, status: str, delivered_tokens: int = 0) -> None:
+        """End of a request: release the reservation and queue the ingress's report of it.
+
+        `completion_tokens` is the usage its response carried; None when it ended without one (the engine's
+        count follows), and then `delivered_tokens` is what reached the client, the floor billed meanwhile."""
         r = ticket.reservation
         settle(self._leases[r.tenant], r, completion_tokens)
-        q = r.quote
-        self._outbox.add(
-            UsageEvent(
-                ticket.request_id,
-                self._clock(),
-                r.tenant,
-                ticket.key.key_id,
-                ticket.model,
-                ticket.version,
-                ticket.kind,
-                status,
-                prompt_tokens,
-                completion_tokens,
-                str(q.prompt_price),
-                str(q.completion_price),
-                str(r.reserved),
-                self.holder,
-            )
-        )
+        self._outbox.add(ticket.context().event(ticket.request_id, self._clock(), status, prompt_tokens, completion_tokens, delivered_tokens))
 
     # ---- the channel to the actor ------------------------------------------------------------
 
@@ -331,16 +323,23 @@ def _denial(reason: str, message: str, retry_after_s: float) -> Exception:
     return RateLimitError(message, limit_type=reason, retry_after_s=retry_after_s)
 
 
-class EngineCountReporter:
-    """The generator's side: counts of requests that ended early, delivered until acknowledged."""
+class EngineWitness:
+    """The generator's side of billing: each request's engine count, with who pays for it, sent until acknowledged.
 
-    def __init__(self, send: Callable[[list[EngineCount]], Awaitable[Any]], flush_interval_s: float, max_batch: int = 5000):
-        self._outbox: Outbox[EngineCount] = Outbox(send, max_batch, "engine counts")
+    The second witness (`billing.witness`): the ledger gets every request's usage even when the ingress that
+    admitted it dies with its own report unsent.  Batched like the ingress's outbox: one message per flush."""
+
+    def __init__(self, send: Callable[[list[UsageEvent]], Awaitable[Any]], flush_interval_s: float, max_batch: int = 5000, clock: Callable[[], float] = time.time):
+        self._outbox: Outbox[UsageEvent] = Outbox(send, max_batch, "engine reports")
         self._interval = flush_interval_s
+        self._clock = clock
         self._task: asyncio.Task | None = None
 
-    def report(self, request_id: str, completion_tokens: int) -> None:
-        self._outbox.add(EngineCount(request_id, completion_tokens, time.time()))
+    def report(self, request_id: str, context: BillingContext | None, prompt_tokens: int, produced: int, finished: bool) -> None:
+        """A request left the engine (`finished`, or aborted) having produced `produced` tokens; unbilled requests (no context) are skipped."""
+        if context is None:
+            return
+        self._outbox.add(context.event(request_id, self._clock(), "ok" if finished else "aborted", prompt_tokens, produced))
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(run_periodically(self._interval, self._outbox.flush))
 

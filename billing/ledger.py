@@ -4,9 +4,12 @@ The embedded default is SQLite in WAL mode (one file, no server); a cluster that
 must survive the loss of its head node points `billing.ledger_url` at a server
 (e.g. PostgreSQL).  The billing actor is the only writer.
 
-Usage rows are keyed by request id: `record()` inserts only ids it has not seen,
-so a resent batch is counted once.  Amounts are never stored as floats: a row
-keeps its token counts and the unit prices (as exact decimal text) that applied.
+Usage rows are keyed by request id, one per request whichever of its two witnesses
+(the ingress, the engine) reports first; `record()` merges each report into its row by
+`billing.witness`'s rules, so a resent batch counts once.  Amounts are never stored as
+floats: a row keeps its token counts and the unit prices (as exact decimal text) that applied.
+
+The schema is managed by Alembic (`billing/migrations`): opening a ledger upgrades it in place.
 """
 
 from __future__ import annotations
@@ -19,13 +22,18 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from sqlalchemy import Column, Float, Index, Integer, MetaData, String, Table, Text, create_engine, event, func, inspect, select, text, update
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, bindparam, create_engine, event, func, inspect, select, update
+from sqlalchemy.sql.expression import false
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError, StatementError
 
 from billing.pricing import cost
 from billing.quota import day_of, period_of
-from billing.records import EngineCount, KeyRecord, UsageEvent
+from billing.records import KeyRecord, UsageEvent
+from billing.witness import INGRESS, UNMETERED, Merged, Witness, Witnessed, close, merge
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +60,14 @@ usage = Table(
     Column("completion_price", String(32), nullable=False),
     Column("reserved", String(40), nullable=False),
     Column("holder", String(128), nullable=False),
+    Column("delivered_tokens", Integer, nullable=True),  # the ingress's witness (None: not heard)
+    Column("engine_tokens", Integer, nullable=True),  # the engine's witness (None: not heard)
+    Column("known", Boolean, nullable=False, server_default=false()),  # the ingress knew the count (billing.witness)
     Index("ix_usage_tenant_period", "tenant", "period"),
     Index("ix_usage_period", "period"),
 )
 
+# Written until the engine's report carried the whole request (revision 0002); kept for what it holds.
 engine_counts = Table(
     "engine_counts",
     metadata,
@@ -174,6 +186,29 @@ def open_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+MIGRATIONS = Path(__file__).parent / "migrations"
+LEGACY_REVISION = "0001"  # the schema ledgers had before migrations
+
+
+def migrate(engine: Engine) -> str:
+    """Upgrade the ledger's schema to the newest revision in place (a new ledger is created); returns it.
+
+    A ledger made before migrations (tables, no `alembic_version`) is first stamped as revision 0001."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        before = MigrationContext.configure(conn).get_current_revision()
+        if before is None and inspect(conn).has_table("usage"):
+            command.stamp(cfg, LEGACY_REVISION)
+            before = LEGACY_REVISION
+        command.upgrade(cfg, "head")
+        after = MigrationContext.configure(conn).get_current_revision()
+    if after != before:
+        logger.info("ledger schema: %s -> %s", before or "(new)", after)
+    return after or ""
+
+
 def _refused(exc: StatementError) -> bool:
     """Whether the database refused the rows themselves (a bad value), rather than failing to run (connection, lock)."""
     return isinstance(exc, (DataError, IntegrityError)) or isinstance(exc.orig, (TypeError, ValueError))
@@ -185,11 +220,11 @@ class Ledger:
     def __init__(self, url: str):
         self.url = url
         self.engine = open_engine(url)
-        metadata.create_all(self.engine)
-        self._widen_status()
+        self.revision = migrate(self.engine)
         self._mark = {"qmark": "?", "numeric": ":{}", "named": ":p{}"}.get(self.engine.dialect.paramstyle, "%s")
-        columns = [*UsageEvent._fields, "period", "day"]
+        columns = [*UsageEvent._fields, "engine_tokens", "known", "period", "day"]
         self._insert_usage = f"INSERT INTO usage ({', '.join(columns)}) VALUES ({self._marks(len(columns))})"
+        self._select_rows = f"SELECT {', '.join(UsageEvent._fields)}, engine_tokens, known FROM usage WHERE request_id IN "
 
     def _marks(self, n: int) -> str:
         return ", ".join(self._mark.format(i + 1) for i in range(n))
@@ -197,45 +232,34 @@ class Ledger:
     def close(self) -> None:
         self.engine.dispose()
 
-    def _widen_status(self) -> None:
-        """Ledgers made before `usage.status` was VARCHAR(64) (16 overflowed on PostgreSQL): widen in place. SQLite ignores lengths."""
-        if self.engine.dialect.name != "postgresql":
-            return
-        column = next(c for c in inspect(self.engine).get_columns("usage") if c["name"] == "status")
-        if getattr(column["type"], "length", None) and column["type"].length < STATUS_LEN:
-            with self.engine.begin() as conn:
-                conn.execute(text(f"ALTER TABLE usage ALTER COLUMN status TYPE VARCHAR({STATUS_LEN})"))
-            logger.info("ledger: widened usage.status to VARCHAR(%d)", STATUS_LEN)
-
     # ---- usage -----------------------------------------------------------------------------
 
-    def record(self, events: Sequence[UsageEvent]) -> tuple[list[UsageEvent], list[tuple[UsageEvent, int]]]:
-        """Insert the events whose request id is new; return them, and which aborted ones the engine count completed.
+    def record(self, events: Sequence[UsageEvent], witness: Witness = INGRESS) -> list[Merged]:
+        """Merge one witness's reports into their rows; return what each report changed (nothing: left out).
 
-        One transaction per batch: either the whole batch is durable or none of it.  An event the database
+        One transaction per batch: either the whole batch is durable or none of it.  A report the database
         refuses (a value out of a column's range, a missing field) does not block the others: the batch is
-        split until that event stands alone, and it is set aside in `rejected_events` for an operator.
+        split until that report stands alone, and it is set aside in `rejected_events` for an operator.
         Connection and lock errors still fail the call (the sender keeps the batch and retries).
         """
         batch: dict[str, UsageEvent] = {}
         for e in events:
             batch.setdefault(e.request_id, e)
         if not batch:
-            return [], []
-        return self._record_split(list(batch.values()))
+            return []
+        return self._record_split(list(batch.values()), witness)
 
-    def _record_split(self, events: list[UsageEvent]) -> tuple[list[UsageEvent], list[tuple[UsageEvent, int]]]:
+    def _record_split(self, events: list[UsageEvent], witness: Witness) -> list[Merged]:
         try:
-            return self._record_batch(events)
+            return self._record_batch(events, witness)
         except StatementError as exc:
             if not _refused(exc):
                 raise  # an operational failure (connection, lock): not the events' fault
             if len(events) == 1:
                 self._set_aside(events[0], exc)
-                return [], []
+                return []
             half = len(events) // 2
-            a, b = self._record_split(events[:half]), self._record_split(events[half:])
-            return a[0] + b[0], a[1] + b[1]
+            return self._record_split(events[:half], witness) + self._record_split(events[half:], witness)
 
     def _set_aside(self, e: UsageEvent, exc: Exception) -> None:
         logger.error("ledger: usage event %s refused by the database, set aside in rejected_events: %s", str(e.request_id)[:64], exc)
@@ -248,62 +272,52 @@ class Ledger:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(select(rejected_events).order_by(rejected_events.c.ts)).mappings()]
 
-    def _record_batch(self, events: list[UsageEvent]) -> tuple[list[UsageEvent], list[tuple[UsageEvent, int]]]:
-        batch = {e.request_id: e for e in events}
+    def _record_batch(self, events: list[UsageEvent], witness: Witness) -> list[Merged]:
         with self.engine.begin() as conn:
-            seen = set(self._existing(conn, "usage", list(batch)))
-            fresh = [e for rid, e in batch.items() if rid not in seen]
-            unknown = [e.request_id for e in fresh if e.completion_tokens is None]
-            counts = dict(self._counts(conn, unknown)) if unknown else {}
-            completed: list[tuple[UsageEvent, int]] = []
-            rows = []
+            stored = {w.event.request_id: w for w in self._witnessed(conn, [e.request_id for e in events])}
+            merged = [m for m in (merge(stored.get(e.request_id), e, witness) for e in events) if m is not None]
             days = _Days()
-            for e in fresh:
-                if e.completion_tokens is None and e.request_id in counts:
-                    completed.append((e, counts[e.request_id]))
-                    e = e._replace(completion_tokens=counts[e.request_id])
-                rows.append((*e, *days(e.ts)))
+            rows = [(*m.row.event, m.row.engine_tokens, m.row.known, *days(m.row.event.ts)) for m in merged if m.new]
             if rows:
-                # The hot path: the driver's executemany, not per-row ORM/Core compilation (measured 27k -> see bench/RESULTS.md).
+                # The hot path: the driver's executemany, not per-row ORM/Core compilation (bench/RESULTS.md).
                 conn.exec_driver_sql(self._insert_usage, rows)
-        return fresh, completed
+            changed = [m.row for m in merged if not m.new]
+            if changed:
+                self._update(conn, changed)
+        return merged
 
-    def record_engine_counts(self, counts: Sequence[EngineCount]) -> list[tuple[UsageEvent, int]]:
-        """Store engine counts; fill in the aborted rows that were waiting for them. Returns (row, completion) filled."""
-        batch = {c.request_id: c for c in counts}
-        if not batch:
-            return []
-        filled: list[tuple[UsageEvent, int]] = []
-        with self.engine.begin() as conn:
-            seen = set(self._existing(conn, "engine_counts", list(batch)))
-            new = [c for rid, c in batch.items() if rid not in seen]
-            if new:
-                conn.execute(engine_counts.insert(), [c._asdict() for c in new])
-            waiting = {r.request_id: r for r in self._rows(conn, usage.c.request_id.in_([c.request_id for c in new]) & usage.c.completion_tokens.is_(None))} if new else {}
-            for c in new:
-                row = waiting.get(c.request_id)
-                if row is None:
-                    continue
-                conn.execute(update(usage).where(usage.c.request_id == c.request_id).values(completion_tokens=c.completion_tokens))
-                filled.append((row, c.completion_tokens))
-        return filled
+    @staticmethod
+    def _update(conn: Connection, rows: list[Witnessed]) -> None:
+        fields = ("status", "prompt_tokens", "completion_tokens", "delivered_tokens")
+        q = update(usage).where(usage.c.request_id == bindparam("rid")).values(**{f: bindparam(f"v_{f}") for f in (*fields, "engine_tokens", "known")})
+        conn.execute(q, [{"rid": w.event.request_id, **{f"v_{f}": getattr(w.event, f) for f in fields}, "v_engine_tokens": w.engine_tokens, "v_known": w.known} for w in rows])
 
-    def close_pending(self, older_than: float) -> list[UsageEvent]:
-        """Aborted rows that never got an engine count: close them with zero completion tokens (logged)."""
+    def close_pending(self, older_than: float) -> list[Witnessed]:
+        """Pending rows whose engine count never came: closed at the ingress's floor (logged); their holds end."""
         with self.engine.begin() as conn:
-            rows = list(self._rows(conn, usage.c.completion_tokens.is_(None) & (usage.c.ts < older_than)))
-            for r in rows:
-                conn.execute(update(usage).where(usage.c.request_id == r.request_id).values(completion_tokens=0, status=r.status + "_unmetered"))
-        for r in rows:
-            logger.warning("request %s: no engine count arrived; billed for its prompt only", r.request_id)
+            rows = [close(w) for w in self._pending_rows(conn) if w.event.ts < older_than]
+            if rows:
+                self._update(conn, rows)
+        for w in rows:
+            logger.warning("request %s: no engine count arrived; billed the %d tokens the client got", w.event.request_id, w.event.completion_tokens or 0)
         return rows
 
     def pending(self) -> list[PendingRow]:
         with self.engine.connect() as conn:
             return [
-                PendingRow(r.request_id, r.tenant, period_of(r.ts), r.ts, Decimal(r.reserved) - cost(Decimal(r.prompt_price), Decimal(r.completion_price), r.prompt_tokens, 0))
-                for r in self._rows(conn, usage.c.completion_tokens.is_(None))
+                PendingRow(e.request_id, e.tenant, period_of(e.ts), e.ts, Decimal(e.reserved) - cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, e.completion_tokens or 0))
+                for e in (w.event for w in self._pending_rows(conn))
             ]
+
+    def _pending_rows(self, conn: Connection) -> list[Witnessed]:
+        cond = usage.c.delivered_tokens.is_not(None) & usage.c.engine_tokens.is_(None) & ~usage.c.known & ~usage.c.status.endswith(UNMETERED, autoescape=True)
+        q = select(*[usage.c[f] for f in UsageEvent._fields], usage.c.engine_tokens, usage.c.known).where(cond)
+        return [Witnessed(UsageEvent(*r[:-2]), r[-2], bool(r[-1])) for r in conn.execute(q)]
+
+    def witnessed(self, request_ids: Iterable[str]) -> list[Witnessed]:
+        """Rows with what each witness said."""
+        with self.engine.connect() as conn:
+            return list(self._witnessed(conn, list(request_ids)))
 
     def spend(self, period: str | None = None, tenant: str | None = None, by_day: bool = False) -> list[SpendRow]:
         """Token sums grouped by tenant, period, model, version and unit prices (and day); exact amounts via `SpendRow.amount`."""
@@ -399,18 +413,12 @@ class Ledger:
 
     # ---- helpers ----------------------------------------------------------------------------
 
-    def _existing(self, conn: Connection, table: str, ids: list[str]) -> Iterator[str]:
-        """Which of `ids` the table already holds (primary-key lookups, in chunks)."""
+    def _witnessed(self, conn: Connection, ids: list[str]) -> Iterator[Witnessed]:
+        """The stored rows of `ids` (primary-key lookups, in chunks)."""
         for i in range(0, len(ids), _CHUNK):
             chunk = ids[i : i + _CHUNK]
-            sql = f"SELECT request_id FROM {table} WHERE request_id IN ({self._marks(len(chunk))})"
-            yield from (r[0] for r in conn.exec_driver_sql(sql, tuple(chunk)))
-
-    @staticmethod
-    def _counts(conn: Connection, ids: list[str]) -> Iterator[tuple[str, int]]:
-        for i in range(0, len(ids), _CHUNK):
-            q = select(engine_counts.c.request_id, engine_counts.c.completion_tokens).where(engine_counts.c.request_id.in_(ids[i : i + _CHUNK]))
-            yield from ((r[0], r[1]) for r in conn.execute(q))
+            for r in conn.exec_driver_sql(f"{self._select_rows}({self._marks(len(chunk))})", tuple(chunk)):
+                yield Witnessed(UsageEvent(*r[:-2]), r[-2], bool(r[-1]))
 
     @staticmethod
     def _rows(conn: Connection, cond) -> Iterator[UsageEvent]:

@@ -18,17 +18,18 @@ class RayBillingMetrics:
     def __init__(self) -> None:
         self.tokens = metrics.Counter("maas_billing_tokens", "Tokens metered into the ledger.", tag_keys=("tenant", "model", "version", "kind"))
         self.spend = metrics.Counter("maas_billing_spend", "Spend metered into the ledger, in the price book's currency.", tag_keys=("tenant", "model"))
-        self.events = metrics.Counter("maas_billing_events", "Usage events made durable (duplicates excluded).")
+        self.events = metrics.Counter("maas_billing_events", "Witness reports that changed the ledger (duplicates excluded).")
         self.lag = metrics.Gauge("maas_billing_ledger_lag_seconds", "Age of the oldest event in the last batch made durable.")
         self.rejections = metrics.Counter("maas_billing_rejections", "Lease asks the billing actor denied, by reason.", tag_keys=("tenant", "reason"))
 
     def on_usage(self, tenant: str, model: str, version: str, prompt_tokens: int, completion_tokens: int, amount: Decimal) -> None:
+        # A witness's correction can lower a row (rare: see billing.witness); counters only rise, the ledger is exact.
         tags = {"tenant": tenant, "model": model, "version": version}
-        if prompt_tokens:
+        if prompt_tokens > 0:
             self.tokens.inc(prompt_tokens, tags={**tags, "kind": "prompt"})
-        if completion_tokens:
+        if completion_tokens > 0:
             self.tokens.inc(completion_tokens, tags={**tags, "kind": "completion"})
-        if amount:
+        if amount > 0:
             self.spend.inc(float(amount), tags={"tenant": tenant, "model": model})
 
     def on_ingest(self, events: int, lag_s: float) -> None:

@@ -16,8 +16,10 @@ from billing.quota import Ask, Grant
 class UsageEvent(NamedTuple):
     """One request's usage, idempotent on `request_id`.
 
-    `completion_tokens` is None when the request ended without the ingress seeing
-    its usage (client gone, failure mid-way): the generator's own count fills it in.
+    Two witnesses send these (`billing.witness`): the ingress, and the generator that ran the request.
+    From the ingress, `completion_tokens` is the usage its response carried, or None when the request ended
+    without one (client gone, failure mid-way); `delivered_tokens` is then what reached the client. From the
+    generator, `completion_tokens` is what the engine produced.
     """
 
     request_id: str
@@ -34,14 +36,27 @@ class UsageEvent(NamedTuple):
     completion_price: str
     reserved: str  # the worst case reserved at admission (Decimal as text)
     holder: str  # the ingress replica that reserved it
+    delivered_tokens: int | None = None  # the ingress's witness: completion tokens that reached the client
 
 
-class EngineCount(NamedTuple):
-    """What the engine actually produced for a request that did not finish normally."""
+class BillingContext(NamedTuple):
+    """Who pays for a request and at what prices: sent with it to the generator, the second witness."""
 
-    request_id: str
-    completion_tokens: int
-    ts: float
+    tenant: str
+    key_id: str
+    model: str
+    version: str
+    kind: str
+    prompt_price: str
+    completion_price: str
+    reserved: str
+    holder: str
+
+    def event(self, request_id: str, ts: float, status: str, prompt_tokens: int, completion_tokens: int | None, delivered_tokens: int | None = None) -> UsageEvent:
+        return UsageEvent(
+            request_id, ts, self.tenant, self.key_id, self.model, self.version, self.kind, status, prompt_tokens, completion_tokens,
+            self.prompt_price, self.completion_price, self.reserved, self.holder, delivered_tokens,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from billing.keys import check_tenant, new_key
 from billing.ledger import Ledger, SpendRow
 from billing.pricing import cost
 from billing.quota import ZERO, Ask, Grant, decide_grant, period_of, window_of
-from billing.records import EngineCount, KeyRecord, SyncReply, SyncRequest, UsageEvent
+from billing.records import KeyRecord, SyncReply, SyncRequest, UsageEvent
 from billing.reports import tally
+from billing.witness import ENGINE, INGRESS, Witness
 from common.config import BillingConfig, Plan
 from common.errors import InternalError, InvalidRequestError, NotFoundError
 
@@ -145,45 +146,41 @@ class BillingCore:
         self._ingest(events, self._clock())
         return len(events)
 
-    def engine_counts(self, counts: list[EngineCount]) -> int:
-        for event, completion in self.ledger.record_engine_counts(counts):
-            self._resolve(event, completion)
-        return len(counts)
+    def engine_usage(self, events: list[UsageEvent]) -> int:
+        """The generators' witness: what the engine produced for each request (see `billing.witness`)."""
+        self._ingest(events, self._clock(), ENGINE)
+        return len(events)
 
-    def _ingest(self, events: list[UsageEvent], now: float) -> None:
+    def _ingest(self, events: list[UsageEvent], now: float, witness: Witness = INGRESS) -> None:
         if not events:
             return
-        fresh, completed = self.ledger.record(events)
-        done = {e.request_id: c for e, c in completed}
-        if fresh or completed:
-            logger.info("ledger batch", extra={"events": len(fresh), "request_ids": [e.request_id for e in fresh] + [e.request_id for e, _ in completed]})
+        merged = self.ledger.record(events, witness)
+        if merged:
+            logger.info("ledger batch", extra={"events": len(merged), "witness": witness, "request_ids": [m.row.event.request_id for m in merged]})
         # Sum tokens per (tenant, period, model, version, prices) first: exact, and one Decimal and metric update per group.
         groups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
         periods: dict[int, str] = {}
-        for e in fresh:
+        for m in merged:
+            e = m.row.event
             day = int(e.ts // 86400)
             period = periods.get(day) or periods.setdefault(day, period_of(e.ts))
-            completion = e.completion_tokens if e.completion_tokens is not None else done.get(e.request_id)
-            if completion is None:
-                held = Decimal(e.reserved) - cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, 0)
+            if m.row.pending:  # billed its floor so far; the rest of its reservation stays held
+                held = Decimal(e.reserved) - cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, e.completion_tokens or 0)
                 self._pending[e.request_id] = (e.tenant, period, held, e.ts)
-                completion = 0
+            else:
+                self._pending.pop(e.request_id, None)
             g = groups[(e.tenant, period, e.model, e.version, e.prompt_price, e.completion_price)]
-            g[0] += e.prompt_tokens
-            g[1] += completion
+            g[0] += m.prompt_delta
+            g[1] += m.completion_delta
         for (tenant, period, model, version, pp, cp), (prompt, completion) in groups.items():
-            self._add_spend(tenant, period, model, version, Decimal(pp), Decimal(cp), prompt, completion)
-        self._metrics.on_ingest(len(fresh), max(0.0, now - min(e.ts for e in events)))
+            if prompt or completion:
+                self._add_spend(tenant, period, model, version, Decimal(pp), Decimal(cp), prompt, completion)
+        self._metrics.on_ingest(len(merged), max(0.0, now - min(e.ts for e in events)))
 
     def _add_spend(self, tenant: str, period: str, model: str, version: str, pp: Decimal, cp: Decimal, prompt: int, completion: int) -> None:
         amount = cost(pp, cp, prompt, completion)
         self._spent[(tenant, period)] += amount
         self._metrics.on_usage(tenant, model, version, prompt, completion, amount)
-
-    def _resolve(self, e: UsageEvent, completion: int) -> None:
-        """An aborted request's engine count arrived: bill its completion and release its hold."""
-        self._pending.pop(e.request_id, None)
-        self._add_spend(e.tenant, period_of(e.ts), e.model, e.version, ZERO, Decimal(e.completion_price), 0, completion)
 
     def _grant(self, ask: Ask, now: float) -> Grant:
         if now - self._started < self.config.lease.restart_grace_s:
@@ -212,7 +209,7 @@ class BillingCore:
         stale = [rid for rid, (_, _, _, ts) in self._pending.items() if now - ts > self.config.pending_timeout_s]
         if stale:
             for row in self.ledger.close_pending(now - self.config.pending_timeout_s):
-                self._pending.pop(row.request_id, None)
+                self._pending.pop(row.event.request_id, None)
 
     # ---- administration ----------------------------------------------------------------------
 

@@ -33,20 +33,20 @@ class Generator:
 
         setup_logging("generator")
         config = EngineConfig.model_validate(engine_config)
-        self._counts = None
+        self._witness = None
         billing_config = BillingConfig.model_validate(billing or {"enabled": False})
         if billing_config.enabled:
-            # What the engine produced for requests that ended early (client gone, failure) is billed from here.
+            # Billing's second witness: every request's engine count, so no usage dies with the ingress that admitted it.
             from billing import actor
-            from billing.client import EngineCountReporter
+            from billing.client import EngineWitness
 
             handle = actor.get_or_create(billing_config)
-            self._counts = EngineCountReporter(lambda batch: handle.engine_counts.remote(batch), billing_config.flush_interval_s)
-        on_unfinished = self._counts.report if self._counts is not None else None
+            self._witness = EngineWitness(lambda batch: handle.engine_usage.remote(batch), billing_config.flush_interval_s)
+        on_end = self._report if self._witness is not None else None
         if config.simulate_steps_per_s:  # capacity tests: the graph at an accelerator's pace, no model
             from deployments.core.paced import PacedEngine
 
-            self._logic = PacedEngine(config.simulate_steps_per_s, config.max_num_seqs, on_unfinished=on_unfinished)
+            self._logic = PacedEngine(config.simulate_steps_per_s, config.max_num_seqs, on_end=on_end)
         else:
             # Fixed before vLLM is imported; the engine's worker process inherits it.
             os.environ.update(engine_env_vars(config, len(os.sched_getaffinity(0))))
@@ -55,12 +55,15 @@ class Generator:
             self._logic = VLLMGenerator(
                 model_path,
                 config,
-                on_unfinished=on_unfinished,
+                on_end=on_end,
                 on_queue_wait=RayQueueMetrics(model_name or os.path.basename(model_path), version).observe,
                 stat_loggers=[RayPrometheusStatLogger],
             )
         self._logic.start()
         self._sender = Sender(serve.get_replica_context().replica_id.unique_id)
+
+    def _report(self, req: GenerationRequest, produced: int, finished: bool) -> None:
+        self._witness.report(req.request_id, req.billing, len(req.prompt_token_ids), produced, finished)  # type: ignore[union-attr]
 
     async def generate(self, req: GenerationRequest, consumer: str) -> AsyncIterator[Hello | End]:
         """The request's control stream; its token deltas go to `consumer`'s carrier, one message per engine step."""

@@ -18,7 +18,7 @@ from common.logs import setup_logging
 from deployments.core.postprocessor import ResponseWriter
 from deployments.core.relay import Batch, End, Hello, Sender
 from deployments.core.tokenizer import load_hf_tokenizer
-from deployments.core.types import GenerationRequest
+from deployments.core.types import GenerationRequest, SSEPiece, piece_usage
 from deployments.handles import RelayClient
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Postprocessor:
         self._sender = Sender(me)
 
     async def stream(self, req: GenerationRequest, consumer: str) -> AsyncIterator[Hello | End]:
-        """The request's control stream; its SSE pieces `(text, usage or None)` go to `consumer`'s carrier."""
+        """The request's control stream; its SSE pieces (`deployments.core.types.SSEPiece`) go to `consumer`'s carrier."""
         async for message in self._sender.serve(consumer, req.request_id, self._pieces(req)):
             yield message
 
@@ -44,13 +44,13 @@ class Postprocessor:
         async for batch in self._sender.carry(consumer, epoch):
             yield batch
 
-    async def _pieces(self, req: GenerationRequest) -> AsyncIterator[tuple[str, dict | None]]:
+    async def _pieces(self, req: GenerationRequest) -> AsyncIterator[SSEPiece]:
         trace = {"postprocessor_called": time.time()}
         tokens = self._generator.stream(req)
         usage = None
         try:
             async for item in self._logic.stream(req, tokens):
-                usage = item[1] or usage
+                usage = piece_usage(item) or usage
                 if "postprocessor_first_piece" not in trace:
                     trace["postprocessor_first_piece"] = time.time()
                 yield item

@@ -8,3 +8,18 @@ the machine's external address.
 from common.runtime import use_local_env
 
 use_local_env()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session (Debian's package, loopback, a temporary directory)."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -125,12 +125,12 @@ class VLLMGenerator:
         self,
         model_path: str,
         config: EngineConfig,
-        on_unfinished: Callable[[str, int], None] | None = None,
+        on_end: Callable[[GenerationRequest, int, bool], None] | None = None,
         on_queue_wait: Callable[[float], None] | None = None,
         stat_loggers: list[Any] | None = None,
     ):
         self._model_path = model_path
-        self._on_unfinished = on_unfinished  # (request id, tokens the engine produced) for requests that ended early
+        self._on_end = on_end  # (request, tokens the engine produced, finished) as each request leaves the engine: billing's witness
         self._on_queue_wait = on_queue_wait  # seconds a request waited before its first scheduling (needs log_stats)
         self._stat_loggers = stat_loggers  # vLLM StatLoggerFactory list (the Serve wrapper's exports to Ray)
         self._config = config
@@ -227,8 +227,8 @@ class VLLMGenerator:
                 logger.info("engine request aborted by its consumer", extra={"request_id": req.request_id, "completion_tokens": produced, "version": req.model_version})
             raise
         finally:
-            if not finished and pending > 0 and self._on_unfinished is not None:
-                self._on_unfinished(req.request_id, produced)
+            if self._on_end is not None:
+                self._on_end(req, produced, finished)
 
     async def _stream(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
         """The engine's outputs; its validation errors (raised when it takes the request) become 400s."""

@@ -48,10 +48,10 @@ class _Running:
 class PacedEngine:
     """`steps_per_s` engine steps a second, one token per running choice each step, `max_num_seqs` requests at once."""
 
-    def __init__(self, steps_per_s: float, max_num_seqs: int, on_unfinished: Callable[[str, int], None] | None = None):
+    def __init__(self, steps_per_s: float, max_num_seqs: int, on_end: Callable[[GenerationRequest, int, bool], None] | None = None):
         self._interval = 1.0 / steps_per_s
         self._max_num_seqs = max_num_seqs
-        self._on_unfinished = on_unfinished
+        self._on_end = on_end
         self._waiting: deque[_Running] = deque()
         self._running: dict[str, _Running] = {}
         self._stepper: asyncio.Task | None = None
@@ -86,8 +86,8 @@ class PacedEngine:
             if not run.done:
                 self._aborted += 1
                 self._recent_aborted.append(req.request_id)
-                if self._on_unfinished is not None:
-                    self._on_unfinished(req.request_id, sum(run.produced))
+            if self._on_end is not None:
+                self._on_end(req, sum(run.produced), run.done)
             self._running.pop(req.request_id, None)
             if run in self._waiting:
                 self._waiting.remove(run)

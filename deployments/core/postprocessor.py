@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Sequence
 
 from deployments.core import shapes
-from deployments.core.types import ChoiceEvent, GenerationRequest, TokenDelta, Usage
+from deployments.core.types import ChoiceEvent, GenerationRequest, SSEPiece, TokenDelta, Usage
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -143,21 +143,21 @@ class ResponseWriter:
     def __init__(self, decode: Decode):
         self._decode = decode
 
-    async def stream(self, req: GenerationRequest, token_stream: AsyncIterator[list[TokenDelta]]) -> AsyncIterator[tuple[str, dict | None]]:
+    async def stream(self, req: GenerationRequest, token_stream: AsyncIterator[list[TokenDelta]]) -> AsyncIterator[SSEPiece]:
         """SSE text for each generator message (every choice's news in one piece), ending with usage and [DONE].
 
-        Yields (sse_text, None) while generating and (sse_text, usage) last. Stops reading
+        Yields (sse_text, completion tokens so far) while generating and (sse_text, usage) last. Stops reading
         `token_stream` as soon as every choice has finished (stop strings included).
         """
         decoder = RequestDecoder(req, self._decode)
         async for deltas in token_stream:
             events = decoder.feed(deltas)
             if events:
-                yield shapes.sse_chunks(req, events), None
+                yield shapes.sse_chunks(req, events), decoder.usage.completion_tokens
             if decoder.done:
                 break
         if not decoder.done:
-            yield shapes.sse_chunks(req, decoder.finish_unfinished()), None
+            yield shapes.sse_chunks(req, decoder.finish_unfinished()), decoder.usage.completion_tokens
         usage = decoder.usage
         yield shapes.sse_end(req, usage), usage.to_dict()
 

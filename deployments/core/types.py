@@ -9,9 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from billing.records import BillingContext
+
 # One generator stream message: for each choice that advanced, (choice index, new token ids, finish reason).
 # finish reason is None while generating, else "stop" | "length" | "abort".
 TokenDelta = tuple[int, list[int], "str | None"]
+
+# One piece of a streamed response: its SSE text, then the completion tokens sent so far (all choices) or,
+# on the last piece, the usage dict.  The ingress bills the count as a floor if the stream is cut.
+SSEPiece = tuple[str, "int | dict"]
+
+
+def piece_usage(piece: SSEPiece) -> dict | None:
+    """The usage a piece carries (only the last one does)."""
+    return piece[1] if isinstance(piece[1], dict) else None
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     model_version: str = ""  # the store version serving it; responses name it in `system_fingerprint`
+    billing: BillingContext | None = None  # who pays: the generator reports the engine's count with it
 
     @property
     def response_id(self) -> str:

@@ -19,10 +19,10 @@ from typing import Any, AsyncIterator, Callable, NamedTuple, Protocol
 
 from common.config import MaasConfig, RequestLimits
 from common.errors import EngineNotReadyError, InvalidRequestError, MaasError, ModelNotFoundError, NotFoundError, as_maas_error
-from deployments.core.types import GenerationRequest, TokenizedPrompt
+from deployments.core.types import GenerationRequest, SSEPiece, TokenizedPrompt, piece_usage
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 
-SSEStream = AsyncIterator[tuple[str, "dict | None"]]
+SSEStream = AsyncIterator[SSEPiece]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class BillingGate(Protocol):
 
     def release(self, ticket: Any) -> None: ...
 
-    def settle(self, ticket: Any, prompt_tokens: int, completion_tokens: int | None, status: str) -> None: ...
+    def settle(self, ticket: Any, prompt_tokens: int, completion_tokens: int | None, status: str, delivered_tokens: int = 0) -> None: ...
 
 
 class OpenAIService:
@@ -190,6 +190,7 @@ class OpenAIService:
             req = dataclasses.replace(self._request(request_id, kind, body, prompt), model_version=version)
             if ticket is not None:
                 ticket = await self.billing.resize(ticket, len(req.prompt_token_ids), req.max_tokens, req.n)  # type: ignore[union-attr]
+                req = dataclasses.replace(req, billing=ticket.context())  # the generator's witness reports with it
         except BaseException as exc:
             # Refused before it ran (bad input, context too long): nothing to bill.
             if ticket is not None:
@@ -305,9 +306,9 @@ class _Meter:
             self._first = time.monotonic()
             self.mark("ingress_first_piece")
 
-    def _end(self, completion_tokens: int | None, status: str) -> None:
+    def _end(self, completion_tokens: int | None, status: str, delivered: int = 0) -> None:
         if self._billing is not None and self._ticket is not None:
-            self._billing.settle(self._ticket, self._prompt, completion_tokens, status)
+            self._billing.settle(self._ticket, self._prompt, completion_tokens, status, delivered)
             self._ticket = None
         if self._ended:
             return
@@ -326,15 +327,15 @@ class _Meter:
     def done(self, completion_tokens: int) -> None:
         self._end(completion_tokens, "ok")
 
-    def aborted(self) -> None:
-        self._end(None, "aborted")  # the generator reports what the engine produced
+    def aborted(self, delivered: int = 0) -> None:
+        self._end(None, "aborted", delivered)  # the generator reports what the engine produced; `delivered` is the floor
 
-    def failed(self, exc: BaseException) -> None:
+    def failed(self, exc: BaseException, delivered: int = 0) -> None:
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-            return self.aborted()
+            return self.aborted(delivered)
         err = as_maas_error(exc)
         # A client error was raised before any token was generated; otherwise the engine's count follows.
-        self._end(0 if err is not None and err.status_code < 500 else None, (err.code or err.error_type) if err is not None else "internal_error")
+        self._end(0 if err is not None and err.status_code < 500 else None, (err.code or err.error_type) if err is not None else "internal_error", delivered)
 
 
 class MeteredStream:
@@ -348,19 +349,21 @@ class MeteredStream:
     after `[DONE]` ends only the stream's teardown, not the request.
     """
 
-    def __init__(self, first: tuple[str, dict | None], rest: SSEStream, meter: _Meter):
-        self._first: tuple[str, dict | None] | None = first
+    def __init__(self, first: SSEPiece, rest: SSEStream, meter: _Meter):
+        self._first: SSEPiece | None = first
         self._rest = rest
         self._meter = meter
-        self._usage: dict | None = first[1]
+        self._usage: dict | None = piece_usage(first)
+        self._delivered = 0  # completion tokens in the pieces handed on: the floor billed if the stream is cut
         self._ended = False
 
     def __aiter__(self) -> "MeteredStream":
         return self
 
-    async def __anext__(self) -> tuple[str, dict | None]:
+    async def __anext__(self) -> SSEPiece:
         if self._first is not None:
             item, self._first = self._first, None
+            self._delivered = item[1] if isinstance(item[1], int) else self._delivered
             return item
         try:
             item = await self._rest.__anext__()
@@ -370,7 +373,9 @@ class MeteredStream:
         except BaseException as exc:
             self._end(exc)
             raise
-        self._usage = item[1] or self._usage
+        if isinstance(item[1], int):
+            self._delivered = item[1]
+        self._usage = piece_usage(item) or self._usage
         return item
 
     def _end(self, exc: BaseException | None) -> None:
@@ -380,9 +385,9 @@ class MeteredStream:
         if self._usage is not None:
             self._meter.done(self._usage["completion_tokens"])
         elif exc is not None:
-            self._meter.failed(exc)
+            self._meter.failed(exc, self._delivered)
         else:
-            self._meter.aborted()  # closed early: the generator reports what the engine produced
+            self._meter.aborted(self._delivered)  # closed early: the generator reports what the engine produced
 
     async def aclose(self) -> None:
         self._end(None)

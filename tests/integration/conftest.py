@@ -15,12 +15,21 @@ from common.runtime import free_port
 
 
 @pytest.fixture(scope="module")
-def ledger_url(tmp_path_factory):
-    """A fresh ledger per module; the env var reaches the billing actor through the cluster's environment."""
-    url = f"sqlite:///{tmp_path_factory.mktemp('ledger')}/ledger.db"
+def ledger_url(request, tmp_path_factory):
+    """A fresh ledger per module; the env var reaches the billing actor through the cluster's environment.
+
+    SQLite unless the module asks for both: `pytestmark = LEDGERS` runs it once on SQLite, once on PostgreSQL."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        url = request.getfixturevalue("postgres").new_database()
+    else:
+        url = f"sqlite:///{tmp_path_factory.mktemp('ledger')}/ledger.db"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MAAS_LEDGER_URL", url)
         yield url
+
+
+# Runs a module's tests on both ledgers (its cluster started once per ledger).
+LEDGERS = pytest.mark.parametrize("ledger_url", ["sqlite", "postgresql"], indirect=True, scope="module")
 
 
 @pytest.fixture(scope="module")

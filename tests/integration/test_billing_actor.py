@@ -20,8 +20,9 @@ from billing.pricing import cost
 from billing.quota import period_of, window_of
 from cluster import local
 from common.config import BillingConfig, LeaseConfig, Plan, Price, PriceBook
+from tests.integration.conftest import LEDGERS
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, LEDGERS]
 
 PRICE = Price(prompt_per_1m=Decimal("0.05"), completion_per_1m=Decimal("0.20"))
 

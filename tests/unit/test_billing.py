@@ -7,13 +7,14 @@ from decimal import Decimal
 
 import pytest
 
-from billing.client import BillingClient, EngineCountReporter
+from billing.client import BillingClient, EngineWitness
 from billing.invoice import build_invoices, read_invoice_csv, write_invoice
 from billing.keys import check_key, hash_key, key_id_of, new_key
 from billing.ledger import Ledger
 from billing.pricing import cost, quote, to_cents
 from billing.quota import Ask, TenantLease, decide_grant, period_of, reserve, settle, shortfall, window_of
-from billing.records import EngineCount, SyncRequest, UsageEvent
+from billing.records import BillingContext, SyncRequest, UsageEvent
+from billing.witness import ENGINE
 from billing.service import BillingCore
 from common.config import BillingConfig, LeaseConfig, Plan, Price, PriceBook
 from common.errors import AuthenticationError, InsufficientQuotaError, InvalidRequestError, PermissionDeniedError, RateLimitError
@@ -39,8 +40,13 @@ class Clock:
         return self.t
 
 
-def event(rid: str, tenant: str = "acme", prompt: int = 10, completion: int | None = 5, ts: float = NOV, status: str = "ok") -> UsageEvent:
-    return UsageEvent(rid, ts, tenant, "sk-maas-x", "m", "v1", "chat", status, prompt, completion, "0.50", "1.50", "0.001", "h1")
+def event(rid: str, tenant: str = "acme", prompt: int = 10, completion: int | None = 5, ts: float = NOV, status: str = "ok", delivered: int | None = None) -> UsageEvent:
+    return UsageEvent(rid, ts, tenant, "sk-maas-x", "m", "v1", "chat", status, prompt, completion, "0.50", "1.50", "0.001", "h1", delivered)
+
+
+def engine(rid: str, produced: int, tenant: str = "acme", prompt: int = 10, finished: bool = False) -> UsageEvent:
+    """The generator's report of a request (its witness)."""
+    return BillingContext(tenant, "sk-maas-x", "m", "v1", "chat", "0.50", "1.50", "0.001", "h1").event(rid, NOV, "ok" if finished else "aborted", prompt, produced)
 
 
 # ---- pricing and plan limits ------------------------------------------------------------------
@@ -138,22 +144,25 @@ def ledger(tmp_path):
 
 
 def test_ledger_is_idempotent_on_request_id(ledger):
-    fresh, _ = ledger.record([event("a"), event("b"), event("a")])
-    assert [e.request_id for e in fresh] == ["a", "b"]
-    fresh, _ = ledger.record([event("a"), event("c")])
-    assert [e.request_id for e in fresh] == ["c"]
+    fresh = ledger.record([event("a"), event("b"), event("a")])
+    assert [m.row.event.request_id for m in fresh] == ["a", "b"]
+    fresh = ledger.record([event("a"), event("c")])
+    assert [m.row.event.request_id for m in fresh] == ["c"]
     assert ledger.count() == 3
     (row,) = ledger.spend("2026-11")
     assert (row.requests, row.prompt_tokens, row.completion_tokens) == (3, 30, 15)
 
 
 def test_engine_count_completes_an_aborted_row_in_either_order(ledger):
-    ledger.record([event("early", completion=None, status="aborted")])
-    assert [(e.request_id, c) for e, c in ledger.record_engine_counts([EngineCount("early", 7, NOV)])] == [("early", 7)]
-    assert ledger.record_engine_counts([EngineCount("late", 4, NOV)]) == []
-    _, completed = ledger.record([event("late", completion=None, status="aborted")])
-    assert [(e.request_id, c) for e, c in completed] == [("late", 4)]
-    assert {e.request_id: e.completion_tokens for e in ledger.events()} == {"early": 7, "late": 4}
+    ledger.record([event("early", completion=None, status="aborted", delivered=3)])
+    (m,) = ledger.record([engine("early", 7)], ENGINE)
+    assert (m.new, m.completion_delta, m.row.event.status) == (False, 4, "aborted")  # billed the floor 3, then the engine's 7
+    (m,) = ledger.record([engine("late", 4)], ENGINE)
+    assert m.new and m.completion_delta == 4 and not m.row.pending  # the engine spoke first: billed at once
+    (m,) = ledger.record([event("late", completion=None, status="aborted", delivered=2)])
+    assert (m.new, m.prompt_delta, m.completion_delta) == (False, 0, 0)
+    assert ledger.record([engine("late", 4)], ENGINE) == [] and ledger.record([event("late", completion=None, status="aborted")]) == []
+    assert {e.request_id: (e.completion_tokens, e.delivered_tokens) for e in ledger.events()} == {"early": (7, 3), "late": (4, 2)}
 
 
 def test_core_rebuilds_spend_from_the_ledger_after_a_restart(tmp_path):
@@ -165,7 +174,7 @@ def test_core_rebuilds_spend_from_the_ledger_after_a_restart(tmp_path):
     restarted = BillingCore(config(), Ledger(url), clock=Clock())
     assert restarted.spent("acme", "2026-11") == before
     assert restarted.committed("acme", "2026-11") == before + Decimal("0.001") - cost(Decimal("0.5"), 0, 10, 0)
-    restarted.engine_counts([EngineCount("b", 100, NOV)])
+    restarted.engine_usage([engine("b", 100)])
     assert restarted.spent("acme", "2026-11") == before + cost(0, Decimal("1.5"), 0, 100)
     assert restarted.committed("acme", "2026-11") == restarted.spent("acme", "2026-11")
 
@@ -287,7 +296,7 @@ async def test_revocation_reaches_the_client_on_its_next_sync(ledger):
     await client.close()
 
 
-async def test_engine_count_reporter_resends_until_acknowledged():
+async def test_engine_witness_resends_until_acknowledged():
     sent, fail = [], [True]
 
     async def send(batch):
@@ -295,11 +304,13 @@ async def test_engine_count_reporter_resends_until_acknowledged():
             raise ConnectionError("down")
         sent.extend(batch)
 
-    reporter = EngineCountReporter(send, flush_interval_s=60)
-    reporter.report("r1", 5)
+    reporter = EngineWitness(send, flush_interval_s=60, clock=Clock())
+    reporter.report("unbilled", None, 10, 5, True)  # billing off for it: nothing to report
+    reporter.report("r1", BillingContext("acme", "k", "m", "v1", "chat", "0.5", "1.5", "0.001", "h1"), 10, 5, False)
     assert not await reporter.flush() and len(reporter) == 1
     fail[0] = False
-    assert await reporter.flush() and [c.request_id for c in sent] == ["r1"] and len(reporter) == 0
+    assert await reporter.flush() and len(reporter) == 0
+    assert [(c.request_id, c.status, c.prompt_tokens, c.completion_tokens, c.tenant) for c in sent] == [("r1", "aborted", 10, 5, "acme")]
     reporter._task.cancel()
     await asyncio.sleep(0)
 

@@ -24,7 +24,7 @@ ALLOWED = {
     "cluster": {"common", "billing", "deployments", "training"},
 }
 RAY_FREE = ("deployments.core", "deployments.openai", "billing.admin", "billing.client", "billing.invoice", "billing.keys", "billing.ledger",
-            "billing.pricing", "billing.quota", "billing.records", "billing.reports", "billing.service", "common.config", "common.errors",
+            "billing.pricing", "billing.quota", "billing.records", "billing.reports", "billing.service", "billing.witness", "common.config", "common.errors",
             "common.model_store", "common.runtime", "common.envs")  # fmt: skip
 
 

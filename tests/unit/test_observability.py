@@ -128,7 +128,7 @@ def test_a_client_leaving_right_after_the_last_piece_ends_the_request_ok():
         body = ChatCompletionRequest.model_validate({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 50})
         stream = await service.chat(body)
         async for _text, usage in stream:
-            if usage is not None:
+            if isinstance(usage, dict):
                 break  # the final piece: stop here, as a server does when the client hangs up
         await stream.aclose()
         return usage

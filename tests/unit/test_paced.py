@@ -47,7 +47,7 @@ def test_requests_beyond_max_num_seqs_wait_their_turn():
 
 def test_a_consumer_that_leaves_early_is_reported_unfinished_with_what_was_produced():
     ended: list[tuple[str, int]] = []
-    engine = PacedEngine(steps_per_s=200, max_num_seqs=4, on_unfinished=lambda rid, n: ended.append((rid, n)))
+    engine = PacedEngine(steps_per_s=200, max_num_seqs=4, on_end=lambda req, n, finished: ended.append((req.request_id, n)) if not finished else None)
     engine.start()
 
     async def main():
