@@ -31,7 +31,7 @@ def config_overrides() -> dict:
 def test_no_usage_is_lost_double_counted_or_over_billed_whatever_dies(base_url, billing_actor):
     key, _ = create_key(billing_actor, "chaos", plan="enterprise")
     r, recovery = run(base_url, key, admin_client(billing_actor), "chaos", KINDS, clients=CLIENTS, settle_s=20, max_tokens=24, warm_s=4)
-    logger.info("chaos: %s; recovery %s", {k: v for k, v in r.__dict__.items() if k != "problems"}, recovery)
+    logger.info("chaos: %s; recovery %s; notes %s", {k: v for k, v in r.__dict__.items() if k != "problems"}, recovery, r.problems)
     assert r.ok > 0 and r.requests > r.ok, "traffic ran and the kills cut some of it"
     assert (r.lost, r.double, r.over_billed) == (0, 0, 0), r.problems
     assert r.bare <= CLIENTS, r.problems
