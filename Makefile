@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install model serve up down status test unit bench bench-capacity bench-training clean
+.PHONY: install model serve up down status test unit bench bench-capacity bench-chaos bench-soak bench-training clean
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,12 @@ bench: model
 
 bench-capacity: model
 	$(PY) -m bench.capacity --autoscale
+
+bench-chaos: model
+	$(PY) -m bench.chaos
+
+bench-soak: model
+	$(PY) -m bench.soak
 
 bench-training: model
 	$(PY) -m bench.training

@@ -112,7 +112,7 @@ def one_request(client: Any, stream: bool, max_tokens: int, prompt: str = "Say h
         body = exc.body if isinstance(exc.body, dict) else None
         s.outcome = "envelope" if body is not None and {"message", "type", "code"} <= set(body) else "bare"
         s.detail = str(exc)[:200]
-    except (openai.APIConnectionError, openai.APITimeoutError, Exception) as exc:  # noqa: BLE001: a cut stream or a refused connection
+    except (openai.APIConnectionError, openai.APITimeoutError, Exception) as exc:  # a cut stream or a refused connection (noqa: BLE001)
         s.outcome = "cut"
         s.detail = f"{type(exc).__name__}: {exc}"[:200]
     return s
