@@ -18,8 +18,9 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 logger = logging.getLogger("bench.chaos")
 
@@ -236,14 +237,33 @@ def format_table(results: list[tuple[str, Reconciled, dict[str, float]]]) -> str
     return "\n".join(lines)
 
 
-def main() -> None:
-    import json
-
+@contextmanager
+def graph(ledger_url: str, overrides: dict, tenant: str) -> Iterator[tuple[str, Any, str]]:
+    """A local cluster serving the default model over `ledger_url`: (base URL, billing admin, a key of `tenant`); stopped after."""
     from billing.actor import admin_client, get
+    from billing.admin import wait
     from cluster import local
     from common.config import deep_merge, load_config
     from common.model_store import ensure_default_model, open_store
-    from common.runtime import REPO_ROOT, free_port, use_local_env
+    from common.runtime import free_port
+
+    os.environ["MAAS_LEDGER_URL"] = ledger_url
+    config = load_config(overrides=deep_merge(overrides, {"http": {"host": "127.0.0.1", "port": free_port()}, "billing": {"ledger_url": ledger_url}}))
+    ensure_default_model(open_store(config.store_root()), config.model.name)
+    local.start_ray(num_cpus=os.cpu_count(), include_dashboard=False)
+    try:
+        base_url = local.deploy(config)
+        admin = admin_client(get(config.billing))
+        key, _ = wait(admin.create_key(tenant, "enterprise", "tenant", None, tenant, "bench"))
+        yield base_url, admin, key
+    finally:
+        local.stop()
+
+
+def main() -> None:
+    import json
+
+    from common.runtime import REPO_ROOT, use_local_env
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ledgers", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
@@ -264,21 +284,12 @@ def main() -> None:
             url = pg.new_database("chaos")
         else:
             url = f"sqlite:///{REPO_ROOT}/bench/out/chaos-{int(time.time())}.db"
-        os.environ["MAAS_LEDGER_URL"] = url
-        config = load_config(overrides=deep_merge(chaos_overrides(), {"http": {"host": "127.0.0.1", "port": free_port()}, "billing": {"ledger_url": url}}))
-        ensure_default_model(open_store(config.store_root()), config.model.name)
-        local.start_ray(num_cpus=os.cpu_count(), include_dashboard=False)
         try:
-            base_url = local.deploy(config)
-            admin = admin_client(get(config.billing))
-            from billing.admin import wait
-
-            key, _ = wait(admin.create_key("chaos", "enterprise", "tenant", None, "chaos", "bench"))
-            r, rec = run(base_url, key, admin, "chaos", args.kinds, args.clients, args.settle_s, args.max_tokens)
+            with graph(url, chaos_overrides(), "chaos") as (base_url, admin, key):
+                r, rec = run(base_url, key, admin, "chaos", args.kinds, args.clients, args.settle_s, args.max_tokens)
             results.append((ledger, r, rec))
             logger.info("%s: %s", ledger, json.dumps(r.__dict__, default=str)[:2000])
         finally:
-            local.stop()
             if pg is not None:
                 pg.stop()
     print(format_table(results))

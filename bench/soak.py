@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from collections import defaultdict
 
 import psutil
 
-from bench.chaos import Traffic, ledger_view, reconcile
+from bench.chaos import Traffic, graph, ledger_view, reconcile
 
 logger = logging.getLogger("bench.soak")
 
@@ -50,12 +49,7 @@ def format_rss(samples: list[tuple[float, dict[str, float]]]) -> str:
 
 
 def main() -> None:
-    from billing.actor import admin_client, get
-    from billing.admin import wait
-    from cluster import local
-    from common.config import deep_merge, load_config
-    from common.model_store import ensure_default_model, open_store
-    from common.runtime import REPO_ROOT, free_port, use_local_env
+    from common.runtime import REPO_ROOT, use_local_env
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=20)
@@ -65,14 +59,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     use_local_env()
     url = f"sqlite:///{REPO_ROOT}/bench/out/soak-{int(time.time())}.db"
-    os.environ["MAAS_LEDGER_URL"] = url
-    config = load_config(overrides=deep_merge({"billing": {"plans": {"enterprise": {}}}}, {"http": {"host": "127.0.0.1", "port": free_port()}, "billing": {"ledger_url": url}}))
-    ensure_default_model(open_store(config.store_root()), config.model.name)
-    local.start_ray(num_cpus=os.cpu_count(), include_dashboard=False)
-    try:
-        base_url = local.deploy(config)
-        admin = admin_client(get(config.billing))
-        key, _ = wait(admin.create_key("soak", "enterprise", "tenant", None, "soak", "bench"))
+    with graph(url, {"billing": {"plans": {"enterprise": {}}}}, "soak") as (base_url, admin, key):
         traffic = Traffic(base_url, key, clients=args.clients, max_tokens=args.max_tokens).start()
         t0 = time.monotonic()
         samples = [(0.0, rss_by_kind())]
@@ -86,8 +73,6 @@ def main() -> None:
         time.sleep(5)
         rows, total = ledger_view(admin, "soak")
         r = reconcile(seen, rows, total, args.max_tokens)
-    finally:
-        local.stop()
     print(format_rss(samples))
     print(f"\n{r.requests} requests in {args.minutes:.0f} min at c={args.clients}: {r.ok} ok, {r.cut} cut, {r.envelope} error envelopes, {r.bare} bare errors; "
           f"ledger: {len(rows)} rows, {r.lost} lost, {r.double} double-counted, {r.over_billed} over-billed")  # fmt: skip
