@@ -363,8 +363,7 @@ class MeteredStream:
     async def __anext__(self) -> SSEPiece:
         if self._first is not None:
             item, self._first = self._first, None
-            self._delivered = item[1] if isinstance(item[1], int) else self._delivered
-            return item
+            return self._handed_on(item)
         try:
             item = await self._rest.__anext__()
         except StopAsyncIteration:
@@ -373,6 +372,10 @@ class MeteredStream:
         except BaseException as exc:
             self._end(exc)
             raise
+        return self._handed_on(item)
+
+    def _handed_on(self, item: SSEPiece) -> SSEPiece:
+        """Note what a piece going to the client says: the tokens sent so far, or (the last one) the usage."""
         if isinstance(item[1], int):
             self._delivered = item[1]
         self._usage = piece_usage(item) or self._usage
