@@ -76,6 +76,9 @@ def main() -> None:
     print(format_rss(samples))
     print(f"\n{r.requests} requests in {args.minutes:.0f} min at c={args.clients}: {r.ok} ok, {r.cut} cut, {r.envelope} error envelopes, {r.bare} bare errors; "
           f"ledger: {len(rows)} rows, {r.lost} lost, {r.double} double-counted, {r.over_billed} over-billed")  # fmt: skip
+    for s in seen:
+        if s.outcome != "ok":
+            print(f"  {s.outcome} {s.request_id} stream={s.stream} chunks={s.chunks} {s.detail}")
 
 
 if __name__ == "__main__":

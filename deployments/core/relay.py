@@ -20,10 +20,12 @@ leaves in its `End` (so a replica whose every slot is taken cannot deadlock wait
 carrier Serve cannot route to it; until the carrier comes, items wait for it or the end).
 
 Ordering: carried batches are numbered per upstream replica; `End` names the last batch
-that carried an item of the request, and the consumer hands over End's own items and ends
-the request only once that batch is in (a request's control stream and the carrier are
-different streams).  An error raised upstream after some items arrives after them, the
-same way.
+that carried an item of the request and the carrier (epoch) that carried it, and the
+consumer hands over End's own items and ends the request only once that carrier has
+brought that batch (a request's control stream and the carrier are different streams).
+Only one carrier's stream is ordered, so what has arrived is counted per epoch: an old
+carrier's last batch may still be on its way when a newer carrier's first one is in.  An
+error raised upstream after some items arrives after them, the same way.
 
 `Sender` is the upstream half, `Receiver` the downstream half; both are plain asyncio and
 the Serve wrappers (`deployments.generator`, `deployments.postprocessor`,
@@ -53,13 +55,14 @@ class Hello:
 
 @dataclass(frozen=True)
 class End:
-    """The request ended: its items up to batch `seq` of `replica` were carried (0: none), `items` are the rest.
-    With `failed`, the request's error is the next thing its control stream raises."""
+    """The request ended: its items up to batch `seq` of `replica` were carried (0: none) by the carrier of
+    `epoch`, `items` are the rest. With `failed`, the request's error is the next thing its control stream raises."""
 
     replica: str
     seq: int
     items: list[Any] = field(default_factory=list)
     failed: bool = False
+    epoch: int = 0
 
 
 class _Outbox:
@@ -68,7 +71,7 @@ class _Outbox:
     def __init__(self, epoch: int) -> None:
         self.pending: dict[str, list[Any]] = {}
         self.open: set[str] = set()  # requests of this consumer running here
-        self.last: dict[str, int] = {}  # request id -> the batch that carried its latest item
+        self.last: dict[str, tuple[int, int]] = {}  # request id -> (epoch, batch) that carried its latest item
         self.wake = asyncio.Event()
         self.carried = False
         self.epoch = epoch  # the carrier this outbox waits for; a new one each time a carrier ends
@@ -115,7 +118,8 @@ class Sender:
             # so a replica full of requests cannot wait on a carrier that Serve cannot route to it.
             rest = box.pending.pop(request_id, [])
             self.items_in_ends += len(rest)
-            yield End(self.replica, box.last.get(request_id, 0), rest, error is not None)
+            epoch, seq = box.last.get(request_id, (0, 0))
+            yield End(self.replica, seq, rest, error is not None, epoch)
             if error is not None:
                 raise error
         finally:
@@ -144,7 +148,7 @@ class Sender:
                     self._seq += 1
                     batch, box.pending = box.pending, {}
                     for request_id, items in batch.items():
-                        box.last[request_id] = self._seq
+                        box.last[request_id] = (epoch, self._seq)
                         self.items_sent += len(items)
                     self.batches_sent += 1
                     yield self._seq, batch
@@ -166,9 +170,19 @@ _END = object()
 @dataclass
 class _Carrier:
     epoch: int  # the newest epoch opened; a Hello for it or an older one opens nothing
+    first: int  # the first epoch this record knows: an End naming an older one lost its carrier
     tasks: set[asyncio.Task] = field(default_factory=set)  # carriers still streaming (an older one may still bring its last batches)
-    received: int = 0  # highest batch number handed over from this replica
-    ends: dict[str, tuple[int, tuple[Any, ...]]] = field(default_factory=dict)  # request id -> (batch to wait for, what to deliver then)
+    received: dict[int, int] = field(default_factory=dict)  # epoch -> highest batch its carrier has handed over (each carrier is ordered)
+    ended: set[int] = field(default_factory=set)  # epochs whose carrier has ended (recent ones)
+    ends: dict[str, tuple[int, int, tuple[Any, ...]]] = field(default_factory=dict)  # request id -> (epoch, batch to wait for, what to deliver then)
+
+    def forget_old(self, keep: int = 64) -> None:
+        """Bound the per-epoch records: an End naming a forgotten epoch fails (its carrier ended long ago)."""
+        if len(self.ended) > keep:
+            for epoch in sorted(self.ended)[: len(self.ended) - keep]:
+                self.ended.discard(epoch)
+                self.received.pop(epoch, None)
+                self.first = max(self.first, epoch + 1)
 
 
 class Receiver:
@@ -235,7 +249,7 @@ class Receiver:
     def _hello(self, hello: Hello) -> None:
         carrier = self._carriers.get(hello.replica)
         if carrier is None:
-            carrier = self._carriers[hello.replica] = _Carrier(hello.epoch)
+            carrier = self._carriers[hello.replica] = _Carrier(hello.epoch, hello.epoch)
         elif hello.epoch <= carrier.epoch:
             return  # opened already, or stale (a late Hello: the upstream has moved past that epoch)
         carrier.epoch = hello.epoch
@@ -243,17 +257,18 @@ class Receiver:
         carrier.tasks.add(task)
 
     def _end_after(self, end: End, request_id: str, last: Any) -> None:
-        """Deliver the End's own items and then `last` (the end marker or the request's error) once batch `end.seq` is in."""
+        """Deliver the End's own items and then `last` (the end marker or the request's error) once batch `end.seq`
+        of carrier `end.epoch` is in."""
         carrier = self._carriers.get(end.replica)
         if request_id not in self._inboxes:
             return
         what = (end.items, last) if end.items else (last,)
-        if end.seq == 0 or (carrier is not None and carrier.received >= end.seq):
+        if end.seq == 0 or (carrier is not None and carrier.received.get(end.epoch, 0) >= end.seq):
             self._deliver(request_id, what)
-        elif carrier is None:
-            self._deliver(request_id, (RuntimeError(f"No carrier from replica {end.replica} for a request it ended."),))
+        elif carrier is None or end.epoch < carrier.first or end.epoch in carrier.ended:
+            self._deliver(request_id, (RuntimeError(f"No carrier from replica {end.replica} brought the last items of a request it ended."),))
         else:
-            carrier.ends[request_id] = (end.seq, what)
+            carrier.ends[request_id] = (end.epoch, end.seq, what)
 
     def _deliver(self, request_id: str, what: tuple[Any, ...]) -> None:
         """Hand items (a list), the end marker or an error to a request still being received."""
@@ -268,10 +283,10 @@ class Receiver:
             async for seq, batch in self._open_carrier(replica, epoch):
                 for request_id, items in batch.items():
                     self._deliver(request_id, (items,))
-                carrier.received = max(carrier.received, seq)
+                carrier.received[epoch] = seq
                 if carrier.ends:
-                    for request_id, (wait_for, what) in list(carrier.ends.items()):
-                        if wait_for <= carrier.received:
+                    for request_id, (at, wait_for, what) in list(carrier.ends.items()):
+                        if at == epoch and wait_for <= seq:
                             del carrier.ends[request_id]
                             self._deliver(request_id, what)
         except asyncio.CancelledError:
@@ -281,11 +296,13 @@ class Receiver:
             logger.warning("carrier from replica %s failed: %s", replica, exc)
         finally:
             carrier.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
-            if error is not None or not carrier.tasks:
-                # No carrier from that replica is left to bring these requests' last batches: they end with the error.
-                for request_id in carrier.ends:
+            carrier.ended.add(epoch)
+            # No other carrier brings this one's batches: what still waits for them ends with the error.
+            for request_id, (at, _, _) in list(carrier.ends.items()):
+                if at == epoch:
+                    del carrier.ends[request_id]
                     self._deliver(request_id, (error or RuntimeError(f"The carrier from replica {replica} ended before a request's last items."),))
-                carrier.ends.clear()
+            carrier.forget_old()
             if error is not None and self._carriers.get(replica) is carrier:
                 self._carriers.pop(replica, None)
                 for task in carrier.tasks:  # the replica is gone or failing: the next Hello starts afresh

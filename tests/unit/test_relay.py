@@ -161,7 +161,7 @@ def test_an_end_that_overtakes_its_last_batch_waits_for_it():
 
         async def control():
             yield Hello("gen-1", 1)
-            yield End("gen-1", 7)
+            yield End("gen-1", 7, epoch=1)
 
         receiver = Receiver(slow_carrier)
         task = asyncio.create_task(_all(receiver.receive("r", control())))
@@ -222,7 +222,7 @@ def test_a_newer_carrier_that_ends_at_once_does_not_fail_what_an_older_one_still
         async def control_r():
             yield Hello("gen-1", 1)
             await asyncio.sleep(0.01)
-            yield End("gen-1", 1)  # its last item went in batch 1
+            yield End("gen-1", 1, epoch=1)  # its last item went in batch 1
 
         async def control_s():
             yield Hello("gen-1", 2)
@@ -245,3 +245,43 @@ def test_a_newer_carrier_that_ends_at_once_does_not_fail_what_an_older_one_still
 
 async def _items(stream) -> list:
     return [item async for item in stream]
+
+
+def test_a_newer_carriers_batch_does_not_stand_for_an_older_carriers_late_one():
+    """Seen in the soak: two streams ended without their last piece. The old carrier's last batch (5) was still on
+    its way when the newer carrier's batch 6 arrived; counting "received up to 6" over both carriers let the End
+    waiting for batch 5 deliver the end marker first, and the late items were dropped."""
+
+    async def main():
+        release = asyncio.Event()
+
+        async def open_carrier(replica: str, epoch: int):
+            if epoch == 1:
+                await release.wait()  # the old carrier's last batch is slow
+                yield 5, {"r": ["r last"]}
+            else:
+                yield 6, {"s": ["s first"]}
+                await release.wait()
+
+        async def control_r():
+            yield Hello("gen-1", 1)
+            await asyncio.sleep(0.02)  # after batch 6 of the newer carrier is in
+            yield End("gen-1", 5, epoch=1)
+
+        async def control_s():
+            await asyncio.sleep(0.005)
+            yield Hello("gen-1", 2)
+            await asyncio.sleep(0.05)
+            yield End("gen-1", 6, ["s end"], epoch=2)
+
+        receiver = Receiver(open_carrier)
+        got_r = asyncio.create_task(_items(receiver.receive("r", control_r())))
+        got_s = asyncio.create_task(_items(receiver.receive("s", control_s())))
+        await asyncio.sleep(0.04)
+        assert not got_r.done()  # its End is in, but its last batch is not
+        release.set()
+        assert await asyncio.wait_for(got_r, 2) == ["r last"]
+        assert await asyncio.wait_for(got_s, 2) == ["s first", "s end"]
+        await receiver.close()
+
+    asyncio.run(main())
