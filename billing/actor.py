@@ -41,8 +41,8 @@ class BillingActor(BillingCore):
         return {**super().status(), "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
 
     @ray.method(concurrency_group=REPORTS)
-    def spend_rows(self, period: str | None = None, tenant: str | None = None, by_day: bool = False) -> list[SpendRow]:
-        return super().spend_rows(period, tenant, by_day)
+    def spend_rows(self, period: str | None = None, tenant: str | None = None, by_day: bool = False, by_user: bool = False) -> list[SpendRow]:
+        return super().spend_rows(period, tenant, by_day, by_user)
 
     @ray.method(concurrency_group=REPORTS)
     def totals(self, period: str) -> list[Totals]:

@@ -59,8 +59,8 @@ class BillingAdmin:
 
     # ---- reports -----------------------------------------------------------------------------
 
-    async def spend_rows(self, period: str | None = None, tenant: str | None = None, by_day: bool = False) -> list[SpendRow]:
-        return await self._invoke("spend_rows", period, tenant, by_day)
+    async def spend_rows(self, period: str | None = None, tenant: str | None = None, by_day: bool = False, by_user: bool = False) -> list[SpendRow]:
+        return await self._invoke("spend_rows", period, tenant, by_day, by_user)
 
     async def spent(self, tenant: str, period: str) -> Decimal:
         return await self._invoke("spent", tenant, period)

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
 
 from billing.keys import bearer_token, check_key
 from billing.pricing import Quote, cost, quote
-from billing.quota import ZERO, Ask, Reservation, TenantLease, period_of, refill, release, reserve, settle, shortfall, window_of
+from billing.quota import ZERO, Ask, RateState, Reservation, TenantLease, period_of, rate_state, refill, release, reserve, settle, shortfall, window_of
 from billing.records import BillingContext, Claim, KeyRecord, SyncReply, SyncRequest, UsageEvent
 from common.config import BillingConfig, Price
 from common.errors import AuthenticationError, InsufficientQuotaError, PermissionDeniedError, RateLimitError, ServiceUnavailableError
@@ -109,12 +109,13 @@ class Ticket:
     kind: str
     reservation: Reservation
     holder: str = ""
+    end_user: str = ""
 
     def context(self) -> BillingContext:
         """Who pays and at what prices: goes with the request to the generator, the second witness."""
         r = self.reservation
         q = r.quote
-        return BillingContext(r.tenant, self.key.key_id, self.model, self.version, self.kind, str(q.prompt_price), str(q.completion_price), str(r.reserved), self.holder)
+        return BillingContext(r.tenant, self.key.key_id, self.model, self.version, self.kind, str(q.prompt_price), str(q.completion_price), str(r.reserved), self.holder, self.end_user)
 
 
 class BillingClient:
@@ -212,12 +213,15 @@ class BillingClient:
             raise PermissionDeniedError("This route needs an admin key.")
         return key
 
-    async def admit(self, key: KeyRecord, request_id: str, model: str, version: str, kind: str, price: Price, prompt_tokens: int, max_tokens: int, n: int = 1) -> Ticket:
+    async def admit(
+        self, key: KeyRecord, request_id: str, model: str, version: str, kind: str, price: Price, prompt_tokens: int, max_tokens: int, n: int = 1, end_user: str = ""
+    ) -> Ticket:
         """Reserve the request's worst case and its request slot from the tenant's lease, asking the actor only when it runs dry.
 
         The ingress admits a one-token placeholder before tokenizing (the request slot, so a tenant at its
         limits gets nothing tokenized) and `resize`s to the true worst case once the prompt is tokenized."""
-        return Ticket(request_id, key, model, version, kind, await self._reserve(key.tenant, quote(price, prompt_tokens, max_tokens, n), slot=True), self.holder)
+        reservation = await self._reserve(key.tenant, quote(price, prompt_tokens, max_tokens, n), slot=True)
+        return Ticket(request_id, key, model, version, kind, reservation, self.holder, end_user)
 
     async def resize(self, ticket: Ticket, prompt_tokens: int, max_tokens: int, n: int = 1) -> Ticket:
         """The ticket for the request's true worst case (no second request slot), then the old reservation is given
@@ -250,6 +254,11 @@ class BillingClient:
             elif grant is not None and grant.denied:
                 raise _denial(grant.denied, grant.message, grant.retry_after_s)
         raise ServiceUnavailableError("Could not reserve quota; retry shortly.", headers={"Retry-After": "1"})
+
+    def rate_state(self, tenant: str) -> RateState | None:
+        """The tenant's rate limits and what remains this minute, as this replica sees them (None: nothing known yet)."""
+        lease = self._leases.get(tenant)
+        return rate_state(lease, self._clock()) if lease is not None else None
 
     def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int | None, status: str, delivered_tokens: int = 0) -> None:
         """End of a request: release the reservation and queue the ingress's report of it.

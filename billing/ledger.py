@@ -63,6 +63,7 @@ usage = Table(
     Column("delivered_tokens", Integer, nullable=True),  # the ingress's witness (None: not heard)
     Column("engine_tokens", Integer, nullable=True),  # the engine's witness (None: not heard)
     Column("known", Boolean, nullable=False, server_default=false()),  # the ingress knew the count (billing.witness)
+    Column("end_user", String(256), nullable=False, server_default=""),  # the request's `user` (the tenant's end user)
     Index("ix_usage_tenant_period", "tenant", "period"),
     Index("ix_usage_period", "period"),
 )
@@ -145,6 +146,7 @@ class SpendRow:
     prompt_tokens: int
     completion_tokens: int
     day: str = ""
+    end_user: str = ""
 
     @property
     def amount(self) -> Decimal:
@@ -319,11 +321,11 @@ class Ledger:
         with self.engine.connect() as conn:
             return list(self._witnessed(conn, list(request_ids)))
 
-    def spend(self, period: str | None = None, tenant: str | None = None, by_day: bool = False) -> list[SpendRow]:
-        """Token sums grouped by tenant, period, model, version and unit prices (and day); exact amounts via `SpendRow.amount`."""
+    def spend(self, period: str | None = None, tenant: str | None = None, by_day: bool = False, by_user: bool = False) -> list[SpendRow]:
+        """Token sums grouped by tenant, period, model, version and unit prices (and day, and end user); exact amounts via `SpendRow.amount`."""
         cols = [usage.c.tenant, usage.c.period, usage.c.model, usage.c.version, usage.c.prompt_price, usage.c.completion_price]
-        if by_day:
-            cols.append(usage.c.day)
+        extra = [c for c, wanted in ((usage.c.day, by_day), (usage.c.end_user, by_user)) if wanted]
+        cols += extra
         q = select(*cols, func.count(), func.sum(usage.c.prompt_tokens), func.coalesce(func.sum(usage.c.completion_tokens), 0)).group_by(*cols)
         if period is not None:
             q = q.where(usage.c.period == period)
@@ -333,7 +335,10 @@ class Ledger:
             out = []
             for r in conn.execute(q):
                 out.append(
-                    SpendRow(r[0], r[1], r[2], r[3], Decimal(r[4]), Decimal(r[5]), int(r[-3]), int(r[-2] or 0), int(r[-1] or 0), r[6] if by_day else "")
+                    SpendRow(
+                        r[0], r[1], r[2], r[3], Decimal(r[4]), Decimal(r[5]), int(r[-3]), int(r[-2] or 0), int(r[-1] or 0),
+                        r[6] if by_day else "", r[6 + by_day] if by_user else "",
+                    )  # fmt: skip
                 )
             return out
 

@@ -77,6 +77,12 @@ class Grant:
     denied: str | None = None  # "insufficient_quota" | "requests" | "tokens" | "unknown_tenant"
     retry_after_s: float = 0.0
     message: str = ""
+    # The plan's rate limits and what the actor has not leased of this window yet (after this grant): the
+    # replica's `x-ratelimit-*` headers are its own lease plus this (None: no limit).
+    rpm: int | None = None
+    tpm: int | None = None
+    requests_left: int | None = None
+    tokens_left: int | None = None
 
 
 def decide_grant(plan: Plan, lease: LeaseConfig, ask: Ask, committed: Decimal, window_used: tuple[int, int], now: float) -> Grant:
@@ -108,7 +114,9 @@ def decide_grant(plan: Plan, lease: LeaseConfig, ask: Ask, committed: Decimal, w
             message = f"Request too large for tokens per minute (TPM): limit {plan.tpm}, requested {ask.tokens}. Lower max_tokens or the prompt."
         else:
             message = f"Rate limit reached on tokens per minute (TPM): limit {plan.tpm}. Try again in {math.ceil(retry)}s."
-    return Grant(ask.tenant, ask.period, ask.window, budget, requests, tokens, denied, retry, message)
+    left_r = None if plan.rpm is None else max(0, plan.rpm - window_used[0] - (requests or 0))
+    left_t = None if plan.tpm is None else max(0, plan.tpm - window_used[1] - (tokens or 0))
+    return Grant(ask.tenant, ask.period, ask.window, budget, requests, tokens, denied, retry, message, plan.rpm, plan.tpm, left_r, left_t)
 
 
 def _rate(limit: int | None, need: int, used: int, fraction: float) -> int | None:
@@ -133,6 +141,11 @@ class TenantLease:
     requests: int | None = 0
     tokens: int | None = 0
     last_used: float = field(default_factory=time.time)
+    rpm: int | None = None  # the plan's limits, as the last grant said
+    tpm: int | None = None
+    pool_window: int = -1  # the window `pool_requests` / `pool_tokens` are of
+    pool_requests: int | None = None  # what the actor had not leased of that window yet
+    pool_tokens: int | None = None
 
     def roll(self, period: str, window: int) -> None:
         """A new month voids the budget lease; a new minute voids the rate leases."""
@@ -151,6 +164,61 @@ class TenantLease:
         if grant.window == self.window:
             self.requests = None if grant.requests is None else (self.requests or 0) + grant.requests
             self.tokens = None if grant.tokens is None else (self.tokens or 0) + grant.tokens
+            self.pool_window, self.pool_requests, self.pool_tokens = grant.window, grant.requests_left, grant.tokens_left
+        if grant.denied != "warming_up":
+            self.rpm, self.tpm = grant.rpm, grant.tpm
+
+
+@dataclass(frozen=True)
+class RateState:
+    """A tenant's rate limits as one replica sees them: OpenAI's `x-ratelimit-*` headers (None: no such limit).
+
+    Remaining is this replica's unused lease plus what the actor had not leased of the minute at its last
+    grant: other replicas' unused leases (at most `rate_fraction` of the limit each) count as used, and
+    what they spent since that grant is not seen. Reset is the end of the current minute window.
+    """
+
+    limit_requests: int | None
+    remaining_requests: int | None
+    limit_tokens: int | None
+    remaining_tokens: int | None
+    reset_s: float
+
+    def headers(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        reset = _duration(self.reset_s)
+        for dim, limit, left in (("requests", self.limit_requests, self.remaining_requests), ("tokens", self.limit_tokens, self.remaining_tokens)):
+            if limit is not None:
+                out[f"x-ratelimit-limit-{dim}"] = str(limit)
+                out[f"x-ratelimit-remaining-{dim}"] = str(left)
+                out[f"x-ratelimit-reset-{dim}"] = reset
+        return out
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: `20ms`, `7s`, `1m0s`."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    return f"{whole // 60}m{whole % 60}s" if whole >= 60 else f"{whole}s"
+
+
+def rate_state(lease: TenantLease, now: float) -> RateState:
+    """The rate limits and what remains of them this minute, from a replica's lease (see RateState)."""
+    window = window_of(now)
+    fresh = lease.pool_window == window
+
+    def remaining(limit: int | None, leased: int | None, pool: int | None) -> int | None:
+        if limit is None:
+            return None
+        mine = (leased or 0) if lease.window == window else 0
+        return max(0, min(limit, mine + ((pool or 0) if fresh else limit)))
+
+    return RateState(
+        lease.rpm, remaining(lease.rpm, lease.requests, lease.pool_requests),
+        lease.tpm, remaining(lease.tpm, lease.tokens, lease.pool_tokens),
+        seconds_left_in_window(now),
+    )  # fmt: skip
 
 
 def shortfall(lease: TenantLease, tenant: str, q: Quote, slot: bool = True) -> Ask | None:

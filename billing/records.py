@@ -37,6 +37,7 @@ class UsageEvent(NamedTuple):
     reserved: str  # the worst case reserved at admission (Decimal as text)
     holder: str  # the ingress replica that reserved it
     delivered_tokens: int | None = None  # the ingress's witness: completion tokens that reached the client
+    end_user: str = ""  # the request's `user`: the tenant's own end user, for its usage breakdown
 
 
 class BillingContext(NamedTuple):
@@ -51,11 +52,12 @@ class BillingContext(NamedTuple):
     completion_price: str
     reserved: str
     holder: str
+    end_user: str = ""
 
     def event(self, request_id: str, ts: float, status: str, prompt_tokens: int, completion_tokens: int | None, delivered_tokens: int | None = None) -> UsageEvent:
         return UsageEvent(
             request_id, ts, self.tenant, self.key_id, self.model, self.version, self.kind, status, prompt_tokens, completion_tokens,
-            self.prompt_price, self.completion_price, self.reserved, self.holder, delivered_tokens,
+            self.prompt_price, self.completion_price, self.reserved, self.holder, delivered_tokens, self.end_user,
         )  # fmt: skip
 
 

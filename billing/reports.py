@@ -37,15 +37,15 @@ def tally(rows: Sequence[SpendRow], key: Callable[[SpendRow], K]) -> dict[K, Tal
     return dict(sorted(acc.items()))
 
 
-def usage_report(rows: Sequence[SpendRow], period: str, currency: str, tenant: str | None = None) -> dict:
-    """Requests, tokens and exact cost by tenant, day, model and version (amounts as decimal strings)."""
+def usage_report(rows: Sequence[SpendRow], period: str, currency: str, tenant: str | None = None, by_user: bool = False) -> dict:
+    """Requests, tokens and exact cost by tenant, day, model and version, and by end user (`user`) when asked (amounts as decimal strings)."""
     kept = [r for r in rows if r.period == period and (tenant is None or r.tenant == tenant)]
     data = [
         {
-            "tenant": t, "day": d, "model": m, "version": v, "requests": a.requests, "prompt_tokens": a.prompt_tokens,
+            "tenant": t, "day": d, "model": m, "version": v, **({"user": u} if by_user else {}), "requests": a.requests, "prompt_tokens": a.prompt_tokens,
             "completion_tokens": a.completion_tokens, "total_tokens": a.prompt_tokens + a.completion_tokens, "cost": str(a.amount),
         }
-        for (t, d, m, v), a in tally(kept, lambda r: (r.tenant, r.day, r.model, r.version)).items()
+        for (t, d, m, v, u), a in tally(kept, lambda r: (r.tenant, r.day, r.model, r.version, r.end_user)).items()
     ]  # fmt: skip
     total = tally(kept, lambda r: 0).get(0, Tally())
     return {

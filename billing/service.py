@@ -259,8 +259,8 @@ class BillingCore:
 
     # ---- reports -----------------------------------------------------------------------------
 
-    def spend_rows(self, period: str | None = None, tenant: str | None = None, by_day: bool = False) -> list[SpendRow]:
-        return self.ledger.spend(period, tenant, by_day)
+    def spend_rows(self, period: str | None = None, tenant: str | None = None, by_day: bool = False, by_user: bool = False) -> list[SpendRow]:
+        return self.ledger.spend(period, tenant, by_day, by_user)
 
     def totals(self, period: str) -> list[Totals]:
         return [Totals(t, period, a.requests, a.prompt_tokens, a.completion_tokens, a.amount) for t, a in tally(self.ledger.spend(period), lambda r: r.tenant).items()]

@@ -53,7 +53,7 @@ def legacy_total() -> Decimal:
 def check_upgraded(url: str) -> Ledger:
     """Open (and so upgrade) the legacy ledger; every total is kept, the waiting row still waits."""
     ledger = Ledger(url)
-    assert ledger.revision == "0002"
+    assert ledger.revision == "0003"
     (row,) = ledger.spend("2026-11")
     assert (row.requests, row.prompt_tokens, row.completion_tokens) == (6, 280, 27) and row.amount == legacy_total()
     assert [p.request_id for p in ledger.pending()] == ["wait-1"]
@@ -61,4 +61,7 @@ def check_upgraded(url: str) -> Ledger:
     assert pending.held == Decimal("0.001") - cost(Decimal("0.50"), 0, 60, 0)
     by_id = {w.event.request_id: w for w in ledger.witnessed([r[0] for r in LEGACY_ROWS])}
     assert by_id["cut-1"].engine_tokens == 7 and by_id["ok-1"].known and by_id["ok-1"].event.delivered_tokens == 20
+    assert {w.event.end_user for w in by_id.values()} == {""}  # 0003: no user was kept before
+    (by_user,) = ledger.spend("2026-11", by_user=True)
+    assert by_user.end_user == "" and by_user.amount == legacy_total()
     return ledger

@@ -283,6 +283,26 @@ async def test_client_denials_become_openai_errors(ledger):
     await client.close()
 
 
+def test_rate_state_is_the_lease_plus_what_the_actor_has_not_leased():
+    from billing.quota import rate_state
+
+    lease = TenantLease()
+    now = NOV // 60 * 60 + 15  # 45 s left in the minute
+    assert rate_state(lease, now).headers() == {}  # nothing known yet: no limits claimed
+    lease.roll(period_of(now), window_of(now))
+    ask = Ask("acme", period_of(now), window_of(now), Decimal(0), 1, 100)
+    grant = decide_grant(Plan(rpm=10, tpm=1000), LeaseConfig(rate_fraction=0.2), ask, Decimal(0), (3, 50), now)
+    lease.apply(grant)
+    assert (grant.requests, grant.requests_left, grant.tokens, grant.tokens_left) == (2, 5, 200, 750)
+    reserve(lease, "acme", quote(PRICE, 10, 40), slot=True)
+    h = rate_state(lease, now).headers()
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"], h["x-ratelimit-reset-requests"]) == ("10", "6", "45s")
+    assert (h["x-ratelimit-limit-tokens"], h["x-ratelimit-remaining-tokens"]) == ("1000", str(750 + 200 - 50))
+    later = rate_state(lease, now + 60).headers()  # a new minute: the whole limit, until the next grant says otherwise
+    assert later["x-ratelimit-remaining-requests"] == "10" and later["x-ratelimit-reset-tokens"] == "45s"
+    assert rate_state(TenantLease(rpm=None, tpm=5), now).headers().keys() == {"x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"}
+
+
 async def test_revocation_reaches_the_client_on_its_next_sync(ledger):
     core = BillingCore(config(), ledger, clock=Clock())
     key, rec = core.create_key("acme")
