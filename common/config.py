@@ -147,6 +147,13 @@ class EngineConfig(Strict):
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU only: fraction of GPU memory vLLM may use.")
     seed: int = Field(0, description="Engine seed (per-request `seed` still applies).")
+    structured_outputs: bool = Field(
+        True,
+        description="Load the tokenizer into the engine too, so that `response_format` (JSON mode and JSON schema) is enforced by "
+        "vLLM's structured outputs (xgrammar). The engine still takes and returns token ids. Off: `response_format` other than "
+        "text is refused with a 400.",
+    )
+    max_logprobs: int = Field(20, ge=0, le=20, description="Most `top_logprobs` (chat) or `logprobs` (completions) a request may ask for.")
     log_stats: bool = Field(
         True,
         description="Engine statistics: vLLM's `vllm:*` metrics on Ray's metrics endpoint, its periodic throughput log line, "
@@ -211,6 +218,8 @@ class RequestLimits:
     max_messages: int
     max_stop_sequences: int
     max_stop_chars: int
+    max_logprobs: int = 20  # the engine's bound on top logprobs
+    structured_outputs: bool = True  # whether the engine enforces response_format
 
 
 class HttpConfig(Strict):
@@ -234,7 +243,9 @@ class MaasConfig(Strict):
         window = self.engine.max_model_len
         lim = self.limits
         body = lim.max_body_bytes or min(2 * 2**20, max(256 * 2**10, 64 * window))
-        return RequestLimits(body, lim.max_prompt_chars or 32 * window, lim.max_messages, lim.max_stop_sequences, lim.max_stop_chars)
+        return RequestLimits(
+            body, lim.max_prompt_chars or 32 * window, lim.max_messages, lim.max_stop_sequences, lim.max_stop_chars, self.engine.max_logprobs, self.engine.structured_outputs
+        )
 
     def store_root(self) -> Path:
         """The model store root, with MAAS_MODEL_STORE applied and relative paths anchored at the repo root."""

@@ -29,7 +29,7 @@ class Postprocessor:
     def __init__(self, generator: DeploymentHandle, model_path: str):
         setup_logging("postprocessor")
         backend = load_hf_tokenizer(model_path).backend_tokenizer  # the Rust tokenizer: decode is on the hot path
-        self._logic = ResponseWriter(lambda ids: backend.decode(ids, skip_special_tokens=True))
+        self._logic = ResponseWriter(lambda ids: backend.decode(ids, skip_special_tokens=True), lambda t: backend.decode([t], skip_special_tokens=False))
         me = serve.get_replica_context().replica_id.unique_id
         self._generator = RelayClient(generator, "generate", me)
         self._sender = Sender(me)

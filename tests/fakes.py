@@ -56,7 +56,11 @@ class ScriptedEngine:
                 sent += len(chunk)
                 last = start + self.per_message >= len(ids)
                 reason = ("length" if len(ids) == req.max_tokens else "stop") if last else None
-                yield [(i, list(chunk), reason) for i in range(req.n)]
+                if req.logprobs is None:
+                    yield [(i, list(chunk), reason) for i in range(req.n)]
+                else:  # made-up logprobs: the sampled token first, then its neighbours
+                    lps = [(-0.25 * (i + 1), ([(t, -0.25)] + [((t + k) % EOS, -1.0 - k) for k in range(1, req.logprobs)])[: req.logprobs]) for i, t in enumerate(chunk)]
+                    yield [(i, list(chunk), reason, lps) for i in range(req.n)]
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
         except (GeneratorExit, asyncio.CancelledError):

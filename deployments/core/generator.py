@@ -17,11 +17,11 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from common.config import EngineConfig
 from common.errors import EngineNotReadyError, InvalidRequestError, ServiceUnavailableError
-from deployments.core.types import GenerationRequest, TokenDelta
+from deployments.core.types import GenerationRequest, TokenDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,9 @@ def engine_args(model_path: str, config: EngineConfig) -> dict[str, Any]:
         "max_model_len": config.max_model_len,
         "max_num_seqs": config.max_num_seqs,
         "enforce_eager": config.enforce_eager,
-        "skip_tokenizer_init": True,
+        # Token ids in and out; the engine loads the tokenizer only to build structured-output grammars.
+        "skip_tokenizer_init": not config.structured_outputs,
+        "max_logprobs": config.max_logprobs,
         "seed": config.seed,
         "disable_log_stats": not config.log_stats,
     }
@@ -98,6 +100,36 @@ def client_error(exc: BaseException) -> InvalidRequestError | None:
         err.__cause__ = exc
         return err
     return None
+
+
+def structured_outputs(response_format: dict | None) -> Any:
+    """vLLM's StructuredOutputsParams for an OpenAI `response_format` (None for text)."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=response_format["json_schema"].get("schema") or {"type": "object"})  # type: ignore[index]
+
+
+_NO_LOGPROB = -9999.0  # what vLLM's server sends for -inf (JSON has no infinity)
+
+
+def _finite(lp: float) -> float:
+    return lp if lp > _NO_LOGPROB else _NO_LOGPROB
+
+
+def token_logprobs(token_ids: Sequence[int], positions: Any, top: int) -> list[TokenLogprob]:
+    """Per new token: its logprob and the `top` most likely tokens', from vLLM's per-position {token id: Logprob}."""
+    out: list[TokenLogprob] = []
+    for i, token in enumerate(token_ids):
+        at = (positions[i] if positions is not None and i < len(positions) else None) or {}
+        chosen = at.get(token)
+        ranked = sorted(((t, lp.logprob) for t, lp in at.items()), key=lambda p: -p[1])[:top]
+        out.append((_finite(chosen.logprob) if chosen is not None else _NO_LOGPROB, [(t, _finite(lp)) for t, lp in ranked]))
+    return out
 
 
 @dataclass
@@ -174,6 +206,8 @@ class VLLMGenerator:
             stop_token_ids=[] if req.ignore_eos else list(req.stop_token_ids),
             ignore_eos=req.ignore_eos,
             **{k: v for k, v in (("top_k", req.top_k), ("min_p", req.min_p), ("repetition_penalty", req.repetition_penalty), ("logit_bias", req.logit_bias)) if v is not None},
+            logprobs=req.logprobs,
+            structured_outputs=structured_outputs(req.response_format),
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
         )
@@ -204,7 +238,10 @@ class VLLMGenerator:
                 for o in out.outputs:
                     produced += len(o.token_ids)
                     pending -= o.finish_reason is not None
-                    deltas.append((o.index, list(o.token_ids), o.finish_reason))
+                    delta: TokenDelta = (o.index, list(o.token_ids), o.finish_reason)
+                    if req.logprobs is not None:
+                        delta += (token_logprobs(o.token_ids, o.logprobs, req.logprobs),)
+                    deltas.append(delta)
                 if deltas:
                     if "generator_first_output" not in trace:
                         trace["generator_first_output"] = time.time()

@@ -9,11 +9,12 @@ is trimmed exactly.  `RequestDecoder` combines them per choice.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Sequence
 
 from deployments.core import shapes
-from deployments.core.types import ChoiceEvent, GenerationRequest, SSEPiece, TokenDelta, Usage
+from deployments.core.types import ChoiceEvent, DecodedLogprob, GenerationRequest, SSEPiece, TokenDelta, TokenLogprob, Usage
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -91,14 +92,21 @@ class ChoiceState:
     completion_tokens: int = 0
     finish_reason: str | None = None
     started: bool = False
+    logprobs: list[DecodedLogprob] = field(default_factory=list)  # all of them, for a whole response
+    offset: int = 0  # characters of the choice's text the logprobs have covered (text_offset)
 
 
 class RequestDecoder:
     """Per-request state of the postprocessor: one detokenizer and stop matcher per choice."""
 
-    def __init__(self, req: GenerationRequest, decode: Decode):
+    def __init__(self, req: GenerationRequest, decode: Decode, token_text: Callable[[int], str] | None = None):
         self.req = req
         self.choices = [ChoiceState(i, IncrementalDetokenizer(decode, req.prompt_token_ids), StopMatcher(req.stop)) for i in range(req.n)]
+        self._token_text = token_text or (lambda t: decode([t]))
+        # `echo`: the prompt's text leads each choice (decoded as the model reads it).
+        self._echo = decode(req.prompt_token_ids) if req.echo and req.kind == "completion" else ""
+        for c in self.choices:
+            c.offset = len(self._echo)
 
     @property
     def done(self) -> bool:
@@ -110,38 +118,57 @@ class RequestDecoder:
 
     def feed(self, deltas: Sequence[TokenDelta]) -> list[ChoiceEvent]:
         events = []
-        for index, token_ids, finish_reason in deltas:
+        for delta in deltas:
+            index, token_ids, finish_reason = delta[0], delta[1], delta[2]
             choice = self.choices[index]
             if choice.finish_reason is not None:
                 continue  # already stopped by a stop string; the engine is still catching up
             choice.completion_tokens += len(token_ids)
+            logprobs = self._logprobs(choice, token_ids, delta[3]) if len(delta) > 3 else None
             text, hit = choice.stops.push(choice.detok.push(token_ids))
             if not hit and finish_reason is not None:
                 tail, hit = choice.stops.push(choice.detok.flush())
                 text += tail if hit else tail + choice.stops.flush()
             if hit:
                 finish_reason = "stop"
-            events.append(self._event(choice, text, finish_reason))
+            events.append(self._event(choice, text, finish_reason, logprobs))
         return events
+
+    def _logprobs(self, choice: ChoiceState, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob]) -> list[DecodedLogprob]:
+        out = []
+        for token, (logprob, top) in zip(token_ids, logprobs):
+            text = self._token_text(token)
+            out.append(DecodedLogprob(text, logprob, [(self._token_text(t), lp) for t, lp in top], choice.offset))
+            choice.offset += len(text)
+        choice.logprobs.extend(out)
+        return out
 
     def finish_unfinished(self, reason: str = "abort") -> list[ChoiceEvent]:
         """Close choices the engine stream ended without finishing (e.g. the engine went away)."""
         return [self._event(c, "", reason) for c in self.choices if c.finish_reason is None]
 
-    @staticmethod
-    def _event(choice: ChoiceState, text: str, finish_reason: str | None) -> ChoiceEvent:
+    def _event(self, choice: ChoiceState, text: str, finish_reason: str | None, logprobs: list[DecodedLogprob] | None = None) -> ChoiceEvent:
+        first, choice.started = not choice.started, True
+        if first and self._echo:
+            text = self._echo + text
         if text:
             choice.text.append(text)
         choice.finish_reason = finish_reason
-        first, choice.started = not choice.started, True
-        return ChoiceEvent(choice.index, text, finish_reason, first)
+        return ChoiceEvent(choice.index, text, finish_reason, first, logprobs)
+
+    def whole(self) -> list[ChoiceEvent]:
+        """Each choice's complete answer (after the stream ended)."""
+        wanted = self.req.logprobs is not None
+        return [ChoiceEvent(c.index, "".join(c.text), c.finish_reason, False, c.logprobs if wanted else None) for c in self.choices]
 
 
 class ResponseWriter:
     """The postprocessor's logic: drives a RequestDecoder over a generator's token stream, writing OpenAI responses."""
 
-    def __init__(self, decode: Decode):
+    def __init__(self, decode: Decode, token_text: Callable[[int], str] | None = None):
+        """`decode` makes the text; `token_text` one token's text for logprobs (special tokens shown), cached here."""
         self._decode = decode
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(token_text or (lambda t: decode([t])))
 
     async def stream(self, req: GenerationRequest, token_stream: AsyncIterator[list[TokenDelta]]) -> AsyncIterator[SSEPiece]:
         """SSE text for each generator message (every choice's news in one piece), ending with usage and [DONE].
@@ -149,7 +176,7 @@ class ResponseWriter:
         Yields (sse_text, completion tokens so far) while generating and (sse_text, usage) last. Stops reading
         `token_stream` as soon as every choice has finished (stop strings included).
         """
-        decoder = RequestDecoder(req, self._decode)
+        decoder = RequestDecoder(req, self._decode, self._token_text)
         async for deltas in token_stream:
             events = decoder.feed(deltas)
             if events:
@@ -163,10 +190,10 @@ class ResponseWriter:
 
     async def complete(self, req: GenerationRequest, token_stream: AsyncIterator[list[TokenDelta]]) -> dict:
         """The whole (non-streaming) response body."""
-        decoder = RequestDecoder(req, self._decode)
+        decoder = RequestDecoder(req, self._decode, self._token_text)
         async for deltas in token_stream:
             decoder.feed(deltas)
             if decoder.done:
                 break
         decoder.finish_unfinished()
-        return shapes.full_response(req, [ChoiceEvent(c.index, "".join(c.text), c.finish_reason, False) for c in decoder.choices], decoder.usage)
+        return shapes.full_response(req, decoder.whole(), decoder.usage)

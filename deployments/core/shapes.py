@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from deployments.core.types import ChoiceEvent, GenerationRequest, Usage
+from deployments.core.types import ChoiceEvent, DecodedLogprob, GenerationRequest, Usage
 
 DONE = "data: [DONE]\n\n"
 
@@ -33,13 +33,31 @@ def _chunk(req: GenerationRequest, choices: list[dict[str, Any]]) -> dict[str, A
     return chunk
 
 
+def _entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def logprobs(req: GenerationRequest, tokens: Sequence[DecodedLogprob] | None) -> dict[str, Any] | None:
+    """A choice's `logprobs` object: chat's `content` list, or text completions' four parallel lists."""
+    if tokens is None or req.logprobs is None:
+        return None
+    if req.kind == "chat":
+        return {"content": [{**_entry(t.token, t.logprob), "top_logprobs": [_entry(tok, lp) for tok, lp in t.top]} for t in tokens], "refusal": None}
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [dict(t.top) for t in tokens],
+        "text_offset": [t.offset for t in tokens],
+    }
+
+
 def _stream_choice(req: GenerationRequest, ev: ChoiceEvent) -> dict[str, Any]:
     if req.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant"} if ev.first else {}
         if ev.text or ev.first:
             delta["content"] = ev.text
-        return {"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": ev.finish_reason}
-    return {"index": ev.index, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
+        return {"index": ev.index + req.choice_offset, "delta": delta, "logprobs": logprobs(req, ev.logprobs), "finish_reason": ev.finish_reason}
+    return {"index": ev.index + req.choice_offset, "text": ev.text, "logprobs": logprobs(req, ev.logprobs), "finish_reason": ev.finish_reason}
 
 
 def sse_chunks(req: GenerationRequest, events: Sequence[ChoiceEvent]) -> str:
@@ -65,11 +83,11 @@ def full_response(req: GenerationRequest, choices: Sequence[ChoiceEvent], usage:
     """The whole (non-streamed) body; each choice's `text` is its complete answer."""
     if req.kind == "chat":
         body = [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None, "finish_reason": c.finish_reason}
+            {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs(req, c.logprobs), "finish_reason": c.finish_reason}
             for c in choices
         ]
         obj = "chat.completion"
     else:
-        body = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for c in choices]
+        body = [{"index": c.index + req.choice_offset, "text": c.text, "logprobs": logprobs(req, c.logprobs), "finish_reason": c.finish_reason} for c in choices]
         obj = "text_completion"
     return {"id": req.response_id, "object": obj, "created": req.created, "model": req.model, "system_fingerprint": fingerprint(req), "choices": body, "usage": usage.to_dict()}

@@ -11,9 +11,13 @@ from typing import Literal
 
 from billing.records import BillingContext
 
-# One generator stream message: for each choice that advanced, (choice index, new token ids, finish reason).
+# One generator stream message: for each choice that advanced, (choice index, new token ids, finish reason),
+# and, only when the request asked for logprobs, a fourth element: one `TokenLogprob` per new token.
 # finish reason is None while generating, else "stop" | "length" | "abort".
-TokenDelta = tuple[int, list[int], "str | None"]
+TokenDelta = tuple  # (int, list[int], str | None) or (int, list[int], str | None, list[TokenLogprob])
+
+# The sampled token's logprob, then the most likely tokens at that position as (token id, logprob), best first.
+TokenLogprob = tuple[float, list[tuple[int, float]]]
 
 # One piece of a streamed response: its SSE text, then the completion tokens sent so far (all choices) or,
 # on the last piece, the usage dict.  The ingress bills the count as a floor if the stream is cut.
@@ -63,12 +67,17 @@ class GenerationRequest:
     logit_bias: dict[int, float] | None = None
     stream: bool = False
     include_usage: bool = False
+    logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k most likely tokens' logprobs
+    echo: bool = False  # text completions: the prompt's text comes before the completion
+    response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
+    group: str = ""  # a list of prompts: the request id the response is named by (each prompt is a sub-request)
+    choice_offset: int = 0  # a list of prompts: this prompt's choices are numbered from here
     model_version: str = ""  # the store version serving it; responses name it in `system_fingerprint`
     billing: BillingContext | None = None  # who pays: the generator reports the engine's count with it
 
     @property
     def response_id(self) -> str:
-        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.request_id
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + (self.group or self.request_id)
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,17 @@ class ChoiceEvent:
     text: str
     finish_reason: str | None
     first: bool = False
+    logprobs: list["DecodedLogprob"] | None = None  # for the tokens behind `text`, when the request asked for them
+
+
+@dataclass(frozen=True)
+class DecodedLogprob:
+    """One completion token's logprob as a client sees it: its text, and the top alternatives' texts."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+    offset: int = 0  # where the token's text starts in the choice's text (text completions' `text_offset`)
 
 
 @dataclass(frozen=True)

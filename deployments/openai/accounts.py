@@ -54,17 +54,17 @@ class AccountsService:
     def _period(self, period: str | None) -> str:
         return period or period_of(self._clock())
 
-    async def tenant_usage(self, principal: Any, period: str | None, tenant: str | None) -> dict:
+    async def tenant_usage(self, principal: Any, period: str | None, tenant: str | None, by_user: bool = False) -> dict:
         """A tenant's own usage; asking for anyone else's is refused."""
         if tenant is not None and tenant != principal.tenant and principal.role != "admin":
             raise PermissionDeniedError("A key can read only its own tenant's usage.", param="tenant")
         self._limiter.take(principal.tenant)
-        return await self.usage(self._period(period), tenant or principal.tenant)
+        return await self.usage(self._period(period), tenant or principal.tenant, by_user)
 
-    async def usage(self, period: str | None, tenant: str | None) -> dict:
+    async def usage(self, period: str | None, tenant: str | None, by_user: bool = False) -> dict:
         period = self._period(period)
-        rows = await self._admin.spend_rows(period, tenant, by_day=True)
-        return usage_report(rows, period, self._currency, tenant)
+        rows = await self._admin.spend_rows(period, tenant, by_day=True, by_user=by_user)
+        return usage_report(rows, period, self._currency, tenant, by_user)
 
     async def invoice(self, period: str | None, tenant: str | None) -> str:
         period = self._period(period)

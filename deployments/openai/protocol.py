@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import jsonschema
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from billing.keys import TENANT_PATTERN
 
 MAX_N = 16
+MAX_PROMPTS = 32  # prompts in one /v1/completions request (each is its own sub-request)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # vLLM's bounds for `seed`
 INT32_MAX = 2**31 - 1
 
@@ -30,6 +32,14 @@ def _utf8(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_utf8)]
+
+
+def _check_schema(schema: dict[str, Any]) -> None:
+    """A JSON Schema the engine can compile: well-formed per its metaschema (a 400 otherwise, not an engine error)."""
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"json_schema.schema is not a valid JSON Schema: {exc.message}") from None
 
 
 class StreamOptions(BaseModel):
@@ -76,14 +86,16 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: Text | None = None
+    user: Text | None = Field(None, max_length=256, description="The tenant's own end user: kept on the ledger row (`/v1/usage?by_user=true`).")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-sequence token (benchmarks).")
     # vLLM's sampling extras, passed to the engine (bounded as vLLM bounds them).
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX, description="Sample from the k most likely tokens; 0 or -1 for all.")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens less likely than min_p times the most likely one.")
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="Above 1 discourages tokens already in the prompt or output.")
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias added to its logit, -100 to 100.")
-    response_format: dict[str, Any] | None = Field(None, description="Only {\"type\": \"text\"} (the default) is implemented so far.")
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text"} (the default), {"type": "json_object"}, or {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}: enforced by the engine.'
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -102,10 +114,21 @@ class _SamplingFields(BaseModel):
 
     @field_validator("response_format")
     @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError(f"response_format {value.get('type')!r} is not supported yet; only 'text' is")
-        return value
+    def _check_response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        kind = value.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"type must be 'text', 'json_object' or 'json_schema'; got {kind!r}")
+        if kind == "json_schema":
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+                raise ValueError("json_schema must be an object with a non-empty `name` and a `schema`")
+            schema = spec.get("schema", {"type": "object"})
+            if not isinstance(schema, dict):
+                raise ValueError("json_schema.schema must be a JSON Schema object")
+            _check_schema(schema)
+        return None if kind == "text" else value
 
     @field_validator("stop")
     @classmethod
@@ -137,17 +160,22 @@ class _SamplingFields(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool = Field(False, strict=True, description="Return the logprob of each completion token.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: also the this many most likely tokens at each position.")
     tools: list[Any] | None = None
 
     @model_validator(mode="after")
     def _unsupported(self) -> "ChatCompletionRequest":
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs are not supported yet")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
         if self.tools:
             raise ValueError("tools are not supported by this model")
         return self
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        """How many top logprobs to ask the engine for (None: none at all)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -155,31 +183,42 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Text | list[Text] | list[int] = Field(...)
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
+        ..., description=f"A text, a list of texts, token ids, or a list of token-id lists (at most {MAX_PROMPTS} prompts); each prompt's choices follow the previous one's."
+    )
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for text completions
-    echo: bool = False
-    logprobs: int | None = None
+    echo: bool = Field(False, description="The prompt's text comes before each completion.")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Return each completion token's logprob and this many most likely tokens'.")
     suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str] | list[int]) -> str | list[int]:
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("prompt must not be empty")
-            if all(isinstance(v, str) for v in value):
-                if len(value) != 1:
-                    raise ValueError("only one prompt per request is supported; send one request per prompt")
-                return value[0]
-        if isinstance(value, str) and not value:
-            raise ValueError("prompt must not be empty")
+    def _check_prompts(cls, value: str | list[str] | list[int] | list[list[int]]) -> str | list[str] | list[int] | list[list[int]]:
+        many = isinstance(value, list) and bool(value) and not isinstance(value[0], int)
+        prompts = value if many else [value]
+        if not prompts or len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"send between 1 and {MAX_PROMPTS} prompts; got {len(prompts)}")
+        if any(not p for p in prompts):
+            raise ValueError("a prompt must not be empty")
         return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per sub-request: a list of texts or token-id lists stays a list; a lone one becomes [it]."""
+        p = self.prompt
+        return list(p) if isinstance(p, list) and p and not isinstance(p[0], int) else [p]  # type: ignore[list-item]
 
     @model_validator(mode="after")
     def _unsupported(self) -> "CompletionRequest":
-        if self.echo or self.logprobs or self.suffix:
-            raise ValueError("echo, logprobs and suffix are not supported yet")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this model")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (the prompt's logprobs) is not supported; ask for one or the other")
         return self
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return self.logprobs
 
     @property
     def token_limit(self) -> int | None:

@@ -65,7 +65,9 @@ class Gate:
             if path.startswith(("/v1/", "/admin/")) or path in ("/v1", "/admin"):
                 authorization = _header(scope, b"authorization")
                 check = self._service.require_admin if path.startswith("/admin") else self._service.authenticate
-                scope.setdefault("state", {})["principal"] = await check(authorization)
+                principal = scope.setdefault("state", {})["principal"] = await check(authorization)
+                if path.startswith("/v1") and principal is not None:
+                    send = self._with_rate_headers(send, principal)
             body = await self._read_body(scope, receive)
         except Exception as exc:
             return await error_response(exc)(scope, receive, send)
@@ -79,6 +81,18 @@ class Gate:
             return await receive()  # after the body: a disconnect, when the client leaves
 
         await self.app(scope, replay, send)
+
+    def _with_rate_headers(self, send: Any, principal: Any) -> Any:
+        """`send` adding the tenant's `x-ratelimit-*` headers to the response, as they stand when it starts (after admission)."""
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self._service.rate_headers(principal).items()]
+                if extra:
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        return send_with_headers
 
     async def _read_body(self, scope: Any, receive: Any) -> bytes:
         too_large = PayloadTooLargeError(f"The request body is larger than this server's limit of {self._max} bytes.")
@@ -224,13 +238,17 @@ def build_app(service: OpenAIService, accounts: AccountsService | None = None, m
         return app
 
     @app.get("/v1/usage")
-    async def usage(who: Any = Depends(principal), period: str | None = Query(None, pattern=r"^\d{4}-\d{2}$"), tenant: str | None = None) -> JSONResponse:
-        """The caller's tenant's usage this month (or `period`), by day, model and version."""
-        return await _json(accounts.tenant_usage(who, period, tenant))
+    async def usage(
+        who: Any = Depends(principal), period: str | None = Query(None, pattern=r"^\d{4}-\d{2}$"), tenant: str | None = None, by_user: bool = False
+    ) -> JSONResponse:
+        """The caller's tenant's usage this month (or `period`), by day, model and version; `by_user` also by the requests' `user`."""
+        return await _json(accounts.tenant_usage(who, period, tenant, by_user))
 
     @app.get("/admin/usage")
-    async def admin_usage(who: Any = Depends(admin), period: str | None = Query(None, pattern=r"^\d{4}-\d{2}$"), tenant: str | None = None) -> JSONResponse:
-        return await _json(accounts.usage(period, tenant))
+    async def admin_usage(
+        who: Any = Depends(admin), period: str | None = Query(None, pattern=r"^\d{4}-\d{2}$"), tenant: str | None = None, by_user: bool = False
+    ) -> JSONResponse:
+        return await _json(accounts.usage(period, tenant, by_user))
 
     @app.get("/admin/invoice")
     async def admin_invoice(who: Any = Depends(admin), period: str | None = Query(None, pattern=r"^\d{4}-\d{2}$"), tenant: str | None = None) -> Any:

@@ -19,7 +19,8 @@ from typing import Any, AsyncIterator, Callable, NamedTuple, Protocol
 
 from common.config import MaasConfig, RequestLimits
 from common.errors import EngineNotReadyError, InvalidRequestError, MaasError, ModelNotFoundError, NotFoundError, as_maas_error
-from deployments.core.types import GenerationRequest, SSEPiece, TokenizedPrompt, piece_usage
+from deployments.core import shapes
+from deployments.core.types import GenerationRequest, SSEPiece, TokenizedPrompt, Usage, piece_usage
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 
 SSEStream = AsyncIterator[SSEPiece]
@@ -99,13 +100,17 @@ class BillingGate(Protocol):
 
     async def require_admin(self, authorization: str | None) -> Any: ...
 
-    async def admit(self, key: Any, request_id: str, model: str, version: str, kind: str, price: Any, prompt_tokens: int, max_tokens: int, n: int = 1) -> Any: ...
+    async def admit(
+        self, key: Any, request_id: str, model: str, version: str, kind: str, price: Any, prompt_tokens: int, max_tokens: int, n: int = 1, end_user: str = ""
+    ) -> Any: ...
 
     async def resize(self, ticket: Any, prompt_tokens: int, max_tokens: int, n: int = 1) -> Any: ...
 
     def release(self, ticket: Any) -> None: ...
 
     def settle(self, ticket: Any, prompt_tokens: int, completion_tokens: int | None, status: str, delivered_tokens: int = 0) -> None: ...
+
+    def rate_state(self, tenant: str) -> Any: ...
 
 
 class OpenAIService:
@@ -150,6 +155,13 @@ class OpenAIService:
             raise NotFoundError("Administration needs billing enabled.")
         return await self.billing.require_admin(authorization)
 
+    def rate_headers(self, principal: Any) -> dict[str, str]:
+        """OpenAI's `x-ratelimit-*` headers for the caller's tenant (`billing.quota.RateState`); none without limits."""
+        if self.billing is None or principal is None:
+            return {}
+        state = self.billing.rate_state(principal.tenant)
+        return state.headers() if state is not None else {}
+
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self._created, "owned_by": "ray-maas"}]}
 
@@ -161,10 +173,48 @@ class OpenAIService:
         return await self._handle("chat", body, principal, lambda rid: self._tokenizer.prepare_chat(messages, body.token_limit, request_id=rid))
 
     async def completion(self, body: CompletionRequest, principal: Any = None) -> dict | SSEStream:
-        return await self._handle("completion", body, principal, lambda rid: self._tokenizer.prepare_completion(body.prompt, body.token_limit, request_id=rid))  # type: ignore[arg-type]
+        prompts = body.prompts
+        if len(prompts) == 1:
+            return await self._handle("completion", body, principal, lambda rid: self._tokenizer.prepare_completion(prompts[0], body.token_limit, request_id=rid))
+        return await self._many(body, principal, prompts)
+
+    async def _many(self, body: CompletionRequest, principal: Any, prompts: list[str | list[int]]) -> dict | SSEStream:
+        """A list of prompts: one sub-request per prompt (`<id>-<i>`, each admitted, metered and billed as a request),
+        one response named by the group id with each prompt's choices after the previous one's. Every prompt is
+        admitted and tokenized before any runs; if one is refused, none runs and nothing is billed."""
+        group = self._new_request_id()
+
+        def prepare(i: int, prompt: str | list[int]) -> Any:
+            return self._prepare(
+                "completion", body, principal, lambda rid: self._tokenizer.prepare_completion(prompt, body.token_limit, request_id=rid), f"{group}-{i}", group, i * body.n
+            )
+
+        prepared = await asyncio.gather(*(prepare(i, p) for i, p in enumerate(prompts)), return_exceptions=True)
+        failed = next((p for p in prepared if isinstance(p, BaseException)), None)
+        if failed is not None:
+            for p in prepared:
+                if not isinstance(p, BaseException) and p.ticket is not None:
+                    self.billing.release(p.ticket)  # type: ignore[union-attr]
+            raise failed
+        results = await asyncio.gather(*(self._run(*p) for p in prepared), return_exceptions=True)  # type: ignore[misc]
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            for r in results:
+                if isinstance(r, MeteredStream):
+                    await r.aclose()
+            raise failed
+        if not body.stream:
+            return merge_responses(results)  # type: ignore[arg-type]
+        first: GenerationRequest = prepared[0].req  # type: ignore[union-attr]
+        return MergedStream(results, lambda usage: shapes.sse_end(first, usage))  # type: ignore[arg-type]
 
     async def _handle(self, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, prepare: Callable[[str], Any]) -> dict | SSEStream:
-        """Check, pick the version, take the request slot, tokenize, reserve the true worst case, run.
+        return await self._run(*await self._prepare(kind, body, principal, prepare, self._new_request_id()))
+
+    async def _prepare(
+        self, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, prepare: Callable[[str], Any], request_id: str, group: str = "", choice_offset: int = 0
+    ) -> "_Prepared":
+        """Check, pick the version, take the request slot, tokenize, reserve the true worst case.
 
         The request slot (and a one-token placeholder) is taken before tokenizing, so a tenant at its rate
         or budget gets nothing tokenized; the version is chosen before tokenizing too (versions of a model
@@ -172,7 +222,6 @@ class OpenAIService:
         """
         t0 = time.monotonic()
         trace = {"ingress_in": time.time()}  # wall-clock marks for the request's log line (bench/trace.py)
-        request_id = self._new_request_id()
         version = ""
         try:
             self._check_model(body.model)
@@ -187,7 +236,7 @@ class OpenAIService:
         try:
             prompt = await prepare(request_id)
             trace["ingress_tokenized"] = time.time()
-            req = dataclasses.replace(self._request(request_id, kind, body, prompt), model_version=version)
+            req = dataclasses.replace(self._request(request_id, kind, body, prompt), model_version=version, group=group, choice_offset=choice_offset)
             if ticket is not None:
                 ticket = await self.billing.resize(ticket, len(req.prompt_token_ids), req.max_tokens, req.n)  # type: ignore[union-attr]
                 req = dataclasses.replace(req, billing=ticket.context())  # the generator's witness reports with it
@@ -197,7 +246,7 @@ class OpenAIService:
                 self.billing.release(ticket)  # type: ignore[union-attr]
             _Meter(None, None, 0, self._observer, self._record_base(request_id, kind, body, principal, version, 0), t0).failed(exc)
             raise
-        return await self._run(req, principal, backend, ticket, t0, trace)
+        return _Prepared(req, principal, backend, ticket, t0, trace)
 
     def _record_base(self, request_id: str, kind: str, body: Any, principal: Any, version: str, prompt_tokens: int) -> dict:
         tenant = getattr(principal, "tenant", "") or ""
@@ -232,6 +281,9 @@ class OpenAIService:
             logit_bias=body.token_bias,
             stream=body.stream,
             include_usage=body.include_usage,
+            logprobs=body.engine_logprobs,
+            echo=getattr(body, "echo", False),
+            response_format=body.response_format,
         )
 
     async def _run(self, req: GenerationRequest, principal: Any, backend: Backend, ticket: Any, t0: float, trace: dict | None = None) -> dict | SSEStream:
@@ -264,10 +316,91 @@ class OpenAIService:
         if self.billing is None or principal is None:
             return None
         try:
-            return await self.billing.admit(principal, request_id, self.model_name, backend.version, kind, backend.price, 1, 0, 1)
+            return await self.billing.admit(principal, request_id, self.model_name, backend.version, kind, backend.price, 1, 0, 1, end_user=body.user or "")
         except MaasError as exc:
             self._on_reject(principal.tenant, exc.error_type if exc.status_code == 429 else (exc.code or "error"))
             raise
+
+
+class _Prepared(NamedTuple):
+    """A request admitted and tokenized, ready to run (`OpenAIService._run`'s arguments)."""
+
+    req: GenerationRequest
+    principal: Any
+    backend: Backend
+    ticket: Any
+    t0: float
+    trace: dict
+
+
+def merge_responses(bodies: list[dict]) -> dict:
+    """Whole responses of a list of prompts' sub-requests as one: their choices in order, their usage summed."""
+    merged = dict(bodies[0])
+    merged["choices"] = [c for b in bodies for c in b["choices"]]
+    merged["usage"] = {k: sum(b["usage"][k] for b in bodies) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return merged
+
+
+class MergedStream:
+    """The SSE pieces of a list of prompts' sub-streams as they come, with one usage chunk and [DONE] at the end.
+
+    Each sub-stream is a `MeteredStream` (settled on its own); their last pieces (usage and [DONE]) are held
+    back and summed. Pieces carry the completion tokens sent so far over every sub-stream. Closing this
+    closes every sub-stream; a sub-stream's error ends it (the others are closed).
+    """
+
+    def __init__(self, streams: list["MeteredStream"], end: Callable[[Usage], str]):
+        self._streams = streams
+        self._end = end
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] | None = None
+        self._live = len(streams)
+        self._sent = [0] * len(streams)
+        self._usage = Usage(0, 0)
+        self._done = False
+
+    def __aiter__(self) -> "MergedStream":
+        return self
+
+    async def __anext__(self) -> SSEPiece:
+        if self._done:
+            raise StopAsyncIteration
+        if self._tasks is None:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._pump(i, s)) for i, s in enumerate(self._streams)]
+        while True:
+            i, item = await self._queue.get()
+            if isinstance(item, BaseException):
+                await self.aclose()
+                raise item
+            if item is None:
+                self._live -= 1
+                if self._live == 0:
+                    self._done = True
+                    return self._end(self._usage), self._usage.to_dict()
+                continue
+            text, mark = item
+            if isinstance(mark, dict):  # a sub-stream's end: its usage counts, its [DONE] does not go out
+                self._usage = Usage(self._usage.prompt_tokens + mark["prompt_tokens"], self._usage.completion_tokens + mark["completion_tokens"])
+                continue
+            self._sent[i] = mark
+            return text, sum(self._sent)
+
+    async def _pump(self, i: int, stream: "MeteredStream") -> None:
+        try:
+            async for item in stream:
+                self._queue.put_nowait((i, item))
+            self._queue.put_nowait((i, None))
+        except Exception as exc:
+            self._queue.put_nowait((i, exc))
+
+    async def aclose(self) -> None:
+        self._done = True
+        for task in self._tasks or ():
+            task.cancel()
+        await asyncio.gather(*(self._tasks or ()), return_exceptions=True)
+        for stream in self._streams:
+            await stream.aclose()
 
 
 def check_limits(body: ChatCompletionRequest | CompletionRequest, limits: RequestLimits) -> None:
@@ -277,7 +410,7 @@ def check_limits(body: ChatCompletionRequest | CompletionRequest, limits: Reques
             raise InvalidRequestError(f"At most {limits.max_messages} messages are allowed; got {len(body.messages)}.", param="messages")
         size, param = sum(len(m.text()) for m in body.messages), "messages"
     else:
-        size, param = len(body.prompt), "prompt"
+        size, param = sum(len(p) for p in body.prompts), "prompt"
     if size > limits.max_prompt_chars:
         raise InvalidRequestError(f"The prompt is {size} characters; at most {limits.max_prompt_chars} are allowed.", param=param)
     stops = body.stop_list
@@ -285,6 +418,11 @@ def check_limits(body: ChatCompletionRequest | CompletionRequest, limits: Reques
         raise InvalidRequestError(f"At most {limits.max_stop_sequences} stop sequences are allowed; got {len(stops)}.", param="stop")
     if any(len(s) > limits.max_stop_chars for s in stops):
         raise InvalidRequestError(f"A stop sequence may be at most {limits.max_stop_chars} characters.", param="stop")
+    if (body.engine_logprobs or 0) > limits.max_logprobs:
+        param = "top_logprobs" if isinstance(body, ChatCompletionRequest) else "logprobs"
+        raise InvalidRequestError(f"At most {limits.max_logprobs} top logprobs are allowed; got {body.engine_logprobs}.", param=param)
+    if body.response_format is not None and not limits.structured_outputs:
+        raise InvalidRequestError("This deployment does not enforce response formats (engine.structured_outputs is off).", param="response_format")
 
 
 class _Meter:

@@ -44,6 +44,7 @@ def config_overrides() -> dict:
                 "free": {"monthly_budget": "100"},
                 "enterprise": {},
                 "rpm10": {"rpm": 10},
+                "metered": {"rpm": 50, "tpm": 20000},
                 "tiny": {"monthly_budget": "0.30"},
             },
         },
@@ -143,6 +144,22 @@ def test_usage_in_responses_equals_the_ledger(base_url, billing_actor):
     assert Decimal(report["total"]["cost"]) == sum((P_PRICE * p + C_PRICE * c) / 1_000_000 for p, c in usage.values())
 
 
+def test_user_and_a_list_of_prompts_reach_the_ledger(base_url, billing_actor):
+    key, _ = create_key(billing_actor, "users", plan="enterprise")
+    client = _client(base_url, key)
+    _chat(client, max_tokens=2, user="alice")
+    _chat(client, max_tokens=3, user="alice")
+    many = client.completions.create(model=MODEL, prompt=["One", "Two", "Three"], max_tokens=2, temperature=0, user="bob")
+    group = many.id.removeprefix("cmpl-")
+    rows = _wait_for(lambda: (r := _rows(billing_actor, [f"{group}-{i}" for i in range(3)])) and len(r) == 3 and r)
+    assert sum(r.completion_tokens for r in rows.values()) == many.usage.completion_tokens and {r.end_user for r in rows.values()} == {"bob"}
+    report = _wait_for(lambda: (u := httpx.get(base_url + "/usage", params={"by_user": "true"}, headers={"Authorization": f"Bearer {key}"}).json()) and u["total"]["requests"] == 5 and u)
+    by_user = {}
+    for row in report["data"]:
+        by_user[row["user"]] = by_user.get(row["user"], 0) + row["requests"]
+    assert by_user == {"alice": 2, "bob": 3}
+
+
 def test_invoice_csv_matches_hand_computed_totals(base_url, billing_actor, maas_config, tmp_path):
     from click.testing import CliRunner
 
@@ -205,6 +222,23 @@ def test_rpm_holds_across_two_ingress_replicas(base_url, billing_actor):
     assert len(ok) + len(limited) == 30
     assert 10 <= len(ok) <= 10 * minutes
     assert all(r.json()["error"]["type"] == "requests" and int(r.headers["retry-after"]) >= 1 for r in limited)
+
+
+def test_every_v1_response_carries_the_rate_limit_headers(base_url, billing_actor):
+    key, _ = create_key(billing_actor, "headers", plan="metered")
+    client = _client(base_url, key)
+    seen = []
+    for _ in range(3):
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        seen.append(raw.headers)
+    for h in seen:
+        assert h["x-ratelimit-limit-requests"] == "50" and h["x-ratelimit-limit-tokens"] == "20000"
+        assert 0 <= int(h["x-ratelimit-remaining-requests"]) < 50 and 0 < int(h["x-ratelimit-remaining-tokens"]) < 20000
+        assert h["x-ratelimit-reset-requests"].endswith("s")
+    # Approximate across the two ingress replicas (docs/billing.md), but a replica's own requests always show.
+    assert min(int(h["x-ratelimit-remaining-requests"]) for h in seen) <= 50 - 2
+    with client.chat.completions.with_streaming_response.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True) as raw:
+        assert raw.headers["x-ratelimit-limit-requests"] == "50"
 
 
 def test_budget_cannot_be_overspent(base_url, billing_actor):

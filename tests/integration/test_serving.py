@@ -91,6 +91,53 @@ def test_n_choices(client):
     assert resp.usage.completion_tokens == 16
 
 
+def test_logprobs_come_from_the_engine(client, hf_tokenizer):
+    resp = chat(client, max_tokens=8, logprobs=True, top_logprobs=3)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    assert "".join(t.token for t in content).startswith(resp.choices[0].message.content[:8])
+    for t in content:  # greedy: the sampled token is the most likely one, and its logprob is the top one's
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-4) and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+    streamed = [t.token for c in chat(client, max_tokens=8, logprobs=True, stream=True) for ch in c.choices if ch.logprobs for t in ch.logprobs.content]
+    assert streamed == [t.token for t in content]
+    text = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=5, temperature=0, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == text.usage.completion_tokens
+    assert lp.text_offset[0] == 0 and all(len(top) <= 2 for top in lp.top_logprobs)
+
+
+def test_response_format_json_schema_and_json_object(client):
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    ask = [{"role": "user", "content": "Invent a person. Reply in JSON with a name and an age."}]
+    resp = chat(client, messages=ask, max_tokens=60, response_format=fmt)
+    jsonschema.validate(json.loads(resp.choices[0].message.content), schema)
+    text, _, _, _ = collect(chat(client, messages=ask, max_tokens=60, response_format=fmt, stream=True))
+    jsonschema.validate(json.loads(text), schema)
+    obj = chat(client, messages=ask, max_tokens=60, response_format={"type": "json_object"})
+    assert obj.choices[0].finish_reason == "length" or isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_a_list_of_prompts_echo_and_user(client, hf_tokenizer):
+    resp = client.completions.create(model=MODEL, prompt=["The sky is", "Water is"], max_tokens=4, temperature=0, echo=True, n=2, user="alice")
+    assert [c.index for c in resp.choices] == [0, 1, 2, 3]
+    assert [c.text.split(" is")[0] for c in resp.choices] == ["The sky", "The sky", "Water", "Water"]
+    one = client.completions.create(model=MODEL, prompt="Water is", max_tokens=4, temperature=0)
+    assert resp.choices[2].text == "Water is" + one.choices[0].text
+    assert resp.usage.prompt_tokens == sum(len(hf_tokenizer.encode(p, add_special_tokens=False)) for p in ("The sky is", "Water is"))
+    assert resp.usage.completion_tokens == sum(4 if c.finish_reason == "length" else 0 for c in resp.choices) == 16
+
+
 @pytest.mark.parametrize(
     "kwargs,status,code",
     [

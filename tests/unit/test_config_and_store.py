@@ -76,7 +76,8 @@ def test_engine_env_and_args_on_cpu():
     env = engine_env_vars(config, num_cpus_on_node=2)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and env["OMP_NUM_THREADS"] == "2" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     args = engine_args("/m", config)
-    assert args["skip_tokenizer_init"] and args["dtype"] == "float32" and "gpu_memory_utilization" not in args
+    assert not args["skip_tokenizer_init"] and args["max_logprobs"] == 20 and args["dtype"] == "float32" and "gpu_memory_utilization" not in args
+    assert engine_args("/m", config.model_copy(update={"structured_outputs": False}))["skip_tokenizer_init"]  # no grammars: token ids only
 
 
 def test_cpu_preload_finds_tcmalloc_and_intel_openmp_where_they_are(tmp_path):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from fastapi.testclient import TestClient
 
+from common.config import MaasConfig, RequestLimits
+from deployments.openai.protocol import ChatCompletionRequest
 from deployments.openai.routes import build_app
 from deployments.openai.service import Backend, OpenAIService, StaticPicker
 from tests.fakes import FakePostprocessorClient, FakeTokenizerClient, ScriptedEngine
@@ -14,8 +17,9 @@ from tests.fakes import FakePostprocessorClient, FakeTokenizerClient, ScriptedEn
 MODEL = "test-model"
 
 
-def make_client(engine: ScriptedEngine | None = None, ready: bool = True) -> TestClient:
-    service = OpenAIService(MODEL, FakeTokenizerClient(max_model_len=128), StaticPicker(Backend("", FakePostprocessorClient(engine or ScriptedEngine()))), is_ready=lambda: ready)
+def make_client(engine: ScriptedEngine | None = None, ready: bool = True, limits: RequestLimits | None = None) -> TestClient:
+    backend = Backend("", FakePostprocessorClient(engine or ScriptedEngine()))
+    service = OpenAIService(MODEL, FakeTokenizerClient(max_model_len=128), StaticPicker(backend), is_ready=lambda: ready, limits=limits)
     return TestClient(build_app(service), raise_server_exceptions=False)
 
 
@@ -81,7 +85,7 @@ def test_bad_chat_requests(body, status, param, code):
 
 @pytest.mark.parametrize(
     "body,param",
-    [({"model": MODEL, "prompt": ["a", "b"]}, "prompt"), ({"model": MODEL, "prompt": ""}, "prompt"), ({"model": MODEL, "prompt": "x", "echo": True}, None)],
+    [({"model": MODEL, "prompt": [1.5]}, "prompt"), ({"model": MODEL, "prompt": ""}, "prompt"), ({"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, None)],
 )
 def test_bad_completion_requests(body, param):
     assert_envelope(make_client().post("/v1/completions", json=body), 400, param)
@@ -124,8 +128,11 @@ def test_engine_failure_mid_stream_is_reported_in_band():
     [
         ({"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
         ({"parallel_tool_calls": True}, "parallel_tool_calls", "unsupported_parameter"),
-        ({"response_format": {"type": "json_object"}}, "response_format", None),
+        ({"response_format": {"type": "xml"}}, "response_format", None),
         ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format", None),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}}, "response_format", None),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
+        ({"logprobs": "yes"}, "logprobs", None),
         ({"top_k": 1.5}, "top_k", None),
         ({"min_p": 2}, "min_p", None),
         ({"repetition_penalty": 0}, "repetition_penalty", None),
@@ -147,3 +154,78 @@ def test_nulls_count_as_not_sent_and_vllm_sampling_extras_reach_the_engine():
     req = engine.requests[-1]
     assert (req.top_k, req.min_p, req.repetition_penalty, req.logit_bias) == (5, 0.1, 1.2, {7: -100.0})
     assert (engine.requests[0].top_k, engine.requests[0].logit_bias) == (None, None)  # not sent: the engine's defaults
+
+
+def test_chat_logprobs_whole_and_streamed():
+    client = make_client(ScriptedEngine(reply="Hi there"))
+    body = client.post("/v1/chat/completions", json=chat_body(logprobs=True, top_logprobs=2)).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"] and "".join(t["token"] for t in content) == "Hi there"
+    assert content[0]["logprob"] == -0.25 and [t["token"] for t in content[0]["top_logprobs"]] == ["H", "I"]
+    assert content[0]["bytes"] == [72] and len(content[0]["top_logprobs"]) == 2
+    assert client.post("/v1/chat/completions", json=chat_body(logprobs=True)).json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []
+    assert client.post("/v1/chat/completions", json=chat_body()).json()["choices"][0]["logprobs"] is None
+    resp = client.post("/v1/chat/completions", json=chat_body(stream=True, logprobs=True, top_logprobs=1))
+    chunks = [json.loads(e[len("data: "):]) for e in resp.text.split("\n\n") if e and e != "data: [DONE]"]
+    streamed = [t["token"] for c in chunks for ch in c["choices"] if ch["logprobs"] for t in ch["logprobs"]["content"]]
+    assert "".join(streamed) == "Hi there"
+    with pytest.raises(ValueError):
+        ChatCompletionRequest.model_validate(chat_body(top_logprobs=2))  # top_logprobs needs logprobs
+
+
+def test_completion_logprobs_and_echo():
+    engine = ScriptedEngine(reply="abc")
+    client = make_client(engine)
+    body = client.post("/v1/completions", json={"model": MODEL, "prompt": "xy", "logprobs": 2}).json()
+    lp = body["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["a", "b", "c"] and lp["text_offset"] == [0, 1, 2] and lp["top_logprobs"][0] == {"a": -0.25, "b": -2.0}
+    echoed = client.post("/v1/completions", json={"model": MODEL, "prompt": "xy", "echo": True}).json()
+    assert echoed["choices"][0]["text"] == "xyabc" and echoed["usage"]["completion_tokens"] == 3
+    streamed = client.post("/v1/completions", json={"model": MODEL, "prompt": "xy", "echo": True, "stream": True}).text
+    texts = [json.loads(e[6:])["choices"][0]["text"] for e in streamed.split("\n\n") if e.startswith("data: {")]
+    assert "".join(texts) == "xyabc"
+
+
+def test_response_format_reaches_the_engine_and_can_be_switched_off():
+    engine = ScriptedEngine()
+    client = make_client(engine)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    assert client.post("/v1/chat/completions", json=chat_body(response_format=fmt)).status_code == 200
+    assert engine.requests[-1].response_format == fmt
+    assert client.post("/v1/chat/completions", json=chat_body(response_format={"type": "json_object"})).status_code == 200
+    assert engine.requests[-1].response_format == {"type": "json_object"}
+    off = make_client(limits=dataclasses.replace(MaasConfig().request_limits(), structured_outputs=False))
+    assert_envelope(off.post("/v1/chat/completions", json=chat_body(response_format={"type": "json_object"})), 400, "response_format")
+
+
+def test_a_list_of_prompts_is_one_response_with_each_prompts_choices_in_turn():
+    engine = ScriptedEngine(reply="ok")
+    client = make_client(engine)
+    body = client.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "bb", "ccc"], "n": 2, "echo": True}).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3, 4, 5]
+    assert [c["text"] for c in body["choices"]] == ["aok", "aok", "bbok", "bbok", "cccok", "cccok"]
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 12, "total_tokens": 18}
+    ids = sorted(r.request_id for r in engine.requests[-3:])
+    assert body["id"] == "cmpl-" + ids[0][:-2] and [i[-2:] for i in ids] == ["-0", "-1", "-2"]  # sub-requests <id>-<i>
+    tokens = client.post("/v1/completions", json={"model": MODEL, "prompt": [[97], [98, 98]], "max_tokens": 1}).json()
+    assert [c["index"] for c in tokens["choices"]] == [0, 1] and tokens["usage"]["prompt_tokens"] == 3
+    resp = client.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "bb"], "stream": True, "stream_options": {"include_usage": True}})
+    events = [e[len("data: "):] for e in resp.text.split("\n\n") if e]
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7} and not any(c.get("usage") for c in chunks[:-1])
+    texts = {i: "".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"][0]["index"] == i) for i in (0, 1)}
+    assert texts == {0: "ok", 1: "ok"} and {c["id"] for c in chunks} == {chunks[0]["id"]}
+
+
+@pytest.mark.parametrize("prompt", [[], ["a", ""], ["x"] * 33, [[]]])
+def test_bad_prompt_lists(prompt):
+    assert_envelope(make_client().post("/v1/completions", json={"model": MODEL, "prompt": prompt}), 400, "prompt")
+
+
+def test_one_refused_prompt_runs_none():
+    engine = ScriptedEngine()
+    resp = make_client(engine).post("/v1/completions", json={"model": MODEL, "prompt": ["short", "x" * 200], "max_tokens": 8})
+    assert_envelope(resp, 400, "max_tokens", "context_length_exceeded")
+    assert engine.requests == []
