@@ -35,6 +35,7 @@ the Serve wrappers (`deployments.generator`, `deployments.postprocessor`,
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -253,7 +254,9 @@ class Receiver:
         elif hello.epoch <= carrier.epoch:
             return  # opened already, or stale (a late Hello: the upstream has moved past that epoch)
         carrier.epoch = hello.epoch
-        task = asyncio.get_running_loop().create_task(self._carry(hello.replica, hello.epoch, carrier))
+        # A fresh context: the carrier serves every request of that replica, so it must not belong to the request
+        # whose Hello opened it (Serve cancels the calls a request made when that request is cancelled).
+        task = asyncio.get_running_loop().create_task(self._carry(hello.replica, hello.epoch, carrier), context=contextvars.Context())
         carrier.tasks.add(task)
 
     def _end_after(self, end: End, request_id: str, last: Any) -> None:

@@ -78,7 +78,10 @@ class Gate:
             if not sent:
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: a disconnect, when the client leaves
+            try:
+                return await receive()  # after the body: a disconnect, when the client leaves
+            except Exception:  # Serve's proxy cancelled the request's receive stream: the client is gone
+                return {"type": "http.disconnect"}
 
         await self.app(scope, replay, send)
 
@@ -263,7 +266,7 @@ def build_app(service: OpenAIService, accounts: AccountsService | None = None, m
 
     @app.post("/admin/keys")
     async def admin_create_key(body: CreateKeyRequest, who: Any = Depends(admin)) -> JSONResponse:
-        return await _json(accounts.create_key(who.key_id, body.tenant, body.plan, body.role, body.expires_in_s, body.name))
+        return await _json(accounts.create_key(who.key_id, body.tenant, body.plan, body.role, body.expires_in_s, body.name, body.policy()))
 
     @app.post("/admin/keys/{key_id}/revoke")
     async def admin_revoke_key(key_id: str, who: Any = Depends(admin)) -> JSONResponse:

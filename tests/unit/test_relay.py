@@ -285,3 +285,29 @@ def test_a_newer_carriers_batch_does_not_stand_for_an_older_carriers_late_one():
         await receiver.close()
 
     asyncio.run(main())
+
+
+def test_a_carrier_does_not_belong_to_the_request_that_opened_it():
+    """At the ingress, Serve cancels every call a request made when that request is cancelled: a carrier opened in
+    a request's context died with it, and the batch it was carrying for other requests was lost (seen in the soak)."""
+    import contextvars
+
+    request = contextvars.ContextVar("request", default=None)
+    seen = []
+
+    async def open_carrier(replica: str, epoch: int):
+        seen.append(request.get())
+        yield 1, {"r": ["item"]}
+
+    async def control():
+        yield Hello("gen-1", 1)
+        yield End("gen-1", 1, epoch=1)
+
+    async def main():
+        request.set("http-request-1")
+        receiver = Receiver(open_carrier)
+        assert [x async for x in receiver.receive("r", control())] == ["item"]
+        await receiver.close()
+
+    asyncio.run(main())
+    assert seen == [None]
