@@ -40,9 +40,11 @@ class BillingAdmin:
 
     # ---- keys and tenants --------------------------------------------------------------------
 
-    async def create_key(self, tenant: str, plan: str | None = None, role: str = "tenant", expires_in_s: float | None = None, name: str = "", who: str = "cli") -> tuple[str, KeyRecord]:
-        """A new key, shown only in this reply, and its stored record."""
-        return await self._invoke("create_key", tenant, plan, role, expires_in_s, name, who)
+    async def create_key(
+        self, tenant: str, plan: str | None = None, role: str = "tenant", expires_in_s: float | None = None, name: str = "", who: str = "cli", policy: dict | None = None
+    ) -> tuple[str, KeyRecord]:
+        """A new key, shown only in this reply, and its stored record; `policy`: models, monthly_budget, rpm, tpm, metadata."""
+        return await self._invoke("create_key", tenant, plan, role, expires_in_s, name, who, policy)
 
     async def revoke_key(self, key_id: str, who: str = "cli") -> KeyRecord:
         return await self._invoke("revoke_key", key_id, who)

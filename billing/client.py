@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
 from billing.keys import bearer_token, check_key
 from billing.pricing import Quote, cost, quote
 from billing.quota import ZERO, Ask, RateState, Reservation, TenantLease, period_of, rate_state, refill, release, reserve, settle, shortfall, window_of
-from billing.records import BillingContext, Claim, KeyRecord, SyncReply, SyncRequest, UsageEvent
+from billing.records import BillingContext, Claim, KeyRecord, SyncReply, SyncRequest, UsageEvent, key_subject, split_subject
 from common.config import BillingConfig, Price
 from common.errors import AuthenticationError, InsufficientQuotaError, PermissionDeniedError, RateLimitError, ServiceUnavailableError
 
@@ -110,6 +110,7 @@ class Ticket:
     reservation: Reservation
     holder: str = ""
     end_user: str = ""
+    key_reservation: Reservation | None = None  # a key with limits of its own: its hold on the key's lease too
 
     def context(self) -> BillingContext:
         """Who pays and at what prices: goes with the request to the generator, the second witness."""
@@ -220,21 +221,39 @@ class BillingClient:
 
         The ingress admits a one-token placeholder before tokenizing (the request slot, so a tenant at its
         limits gets nothing tokenized) and `resize`s to the true worst case once the prompt is tokenized."""
-        reservation = await self._reserve(key.tenant, quote(price, prompt_tokens, max_tokens, n), slot=True)
-        return Ticket(request_id, key, model, version, kind, reservation, self.holder, end_user)
+        q = quote(price, prompt_tokens, max_tokens, n)
+        reservation = await self._reserve(key.tenant, q, slot=True)
+        key_reservation = None
+        if key.limited:  # the key's own limits, inside the tenant's: both must admit it
+            try:
+                key_reservation = await self._reserve(key.subject, q, slot=True)
+            except BaseException:
+                release(self._leases[key.tenant], reservation)
+                raise
+        return Ticket(request_id, key, model, version, kind, reservation, self.holder, end_user, key_reservation)
 
     async def resize(self, ticket: Ticket, prompt_tokens: int, max_tokens: int, n: int = 1) -> Ticket:
         """The ticket for the request's true worst case (no second request slot), then the old reservation is given
         back. If the new one cannot be had (a 429), the old ticket still holds its reservation: `release` it."""
-        r = ticket.reservation
+        r, kr = ticket.reservation, ticket.key_reservation
         q = Quote(r.quote.prompt_price, r.quote.completion_price, prompt_tokens, max_tokens * n)
         new = await self._reserve(r.tenant, q, slot=False)
+        new_key = None
+        if kr is not None:
+            try:
+                new_key = await self._reserve(kr.tenant, q, slot=False)
+            except BaseException:
+                release(self._leases[r.tenant], new)
+                raise
+            release(self._leases[kr.tenant], kr)
         release(self._leases[r.tenant], r)
-        return replace(ticket, reservation=new)
+        return replace(ticket, reservation=new, key_reservation=new_key)
 
     def release(self, ticket: Ticket) -> None:
         """A request refused before it ran (bad input, context too long): nothing to bill; its request slot stays used."""
-        release(self._leases[ticket.reservation.tenant], ticket.reservation)
+        for r in (ticket.reservation, ticket.key_reservation):
+            if r is not None:
+                release(self._leases[r.tenant], r)
 
     async def _reserve(self, tenant: str, q: Quote, slot: bool) -> Reservation:
         self._require_fresh()  # the actor may have dropped this replica's leases
@@ -252,7 +271,8 @@ class BillingClient:
             if grant is not None and grant.denied == "warming_up":
                 await asyncio.sleep(grant.retry_after_s)
             elif grant is not None and grant.denied:
-                raise _denial(grant.denied, grant.message, grant.retry_after_s)
+                own = split_subject(tenant)[1] is not None
+                raise _denial(grant.denied, f"This API key's own limit: {grant.message}" if own else grant.message, grant.retry_after_s)
         raise ServiceUnavailableError("Could not reserve quota; retry shortly.", headers={"Retry-After": "1"})
 
     def rate_state(self, tenant: str) -> RateState | None:
@@ -267,6 +287,8 @@ class BillingClient:
         count follows), and then `delivered_tokens` is what reached the client, the floor billed meanwhile."""
         r = ticket.reservation
         settle(self._leases[r.tenant], r, completion_tokens)
+        if ticket.key_reservation is not None:
+            settle(self._leases[ticket.key_reservation.tenant], ticket.key_reservation, completion_tokens)
         self._outbox.add(ticket.context().event(ticket.request_id, self._clock(), status, prompt_tokens, completion_tokens, delivered_tokens))
 
     # ---- the channel to the actor ------------------------------------------------------------
@@ -321,6 +343,9 @@ class BillingClient:
         for e in unsent:
             amount = Decimal(e.reserved) if e.completion_tokens is None else cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, e.completion_tokens)
             extra[(e.tenant, period_of(e.ts))] += amount
+            subject = key_subject(e.tenant, e.key_id)
+            if subject in self._leases:  # a key with limits of its own: its lease claims it too
+                extra[(subject, period_of(e.ts))] += amount
         claims = [Claim(t, lease.period, lease.claim() + extra.pop((t, lease.period), ZERO)) for t, lease in self._leases.items()]
         claims += [Claim(t, p, a) for (t, p), a in extra.items()]
         return [c for c in claims if c.amount]

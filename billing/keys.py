@@ -12,6 +12,7 @@ import re
 import secrets
 import string
 import time
+from typing import Any
 
 from billing.records import KeyRecord
 from common.errors import AuthenticationError, InvalidRequestError
@@ -38,8 +39,8 @@ def key_id_of(key: str) -> str:
     return key[: len(PREFIX) + 8]
 
 
-def new_key(tenant: str, role: str, seq: int, *, expires_in_s: float | None = None, name: str = "", now: float | None = None) -> tuple[str, KeyRecord]:
-    """A fresh key (the only time it exists in clear) and the record to store."""
+def new_key(tenant: str, role: str, seq: int, *, expires_in_s: float | None = None, name: str = "", now: float | None = None, **policy: Any) -> tuple[str, KeyRecord]:
+    """A fresh key (the only time it exists in clear) and the record to store; `policy`: KeyRecord's models, limits and metadata."""
     now = time.time() if now is None else now
     key = PREFIX + "".join(secrets.choice(_ID_ALPHABET) for _ in range(8)) + "-" + secrets.token_urlsafe(32)
     record = KeyRecord(
@@ -51,6 +52,7 @@ def new_key(tenant: str, role: str, seq: int, *, expires_in_s: float | None = No
         expires_at=None if expires_in_s is None else now + expires_in_s,
         seq=seq,
         name=name,
+        **policy,
     )
     return key, record
 

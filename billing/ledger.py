@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from alembic import command
 from alembic.config import Config
@@ -97,7 +97,27 @@ api_keys = Table(
     Column("expires_at", Float, nullable=True),
     Column("revoked_at", Float, nullable=True),
     Column("seq", Integer, nullable=False, index=True),
+    Column("models", Text, nullable=False, server_default=""),  # allowed models, JSON list ("" or []: all)
+    Column("monthly_budget", String(40), nullable=True),  # the key's own limits (Decimal as text)
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", Integer, nullable=True),
+    Column("metadata", Text, nullable=False, server_default=""),  # free-form JSON object
 )
+
+
+def _key_row(key: KeyRecord) -> dict:
+    values = {f: getattr(key, f) for f in KeyRecord.__dataclass_fields__}
+    values["models"] = json.dumps(list(key.models)) if key.models else ""
+    values["monthly_budget"] = None if key.monthly_budget is None else str(key.monthly_budget)
+    return values
+
+
+def _key_record(row: Any) -> KeyRecord:
+    values = {k: row[k] for k in KeyRecord.__dataclass_fields__}
+    values["models"] = tuple(json.loads(values["models"])) if values["models"] else ()
+    values["monthly_budget"] = None if values["monthly_budget"] is None else Decimal(values["monthly_budget"])
+    values["metadata"] = values["metadata"] or ""
+    return KeyRecord(**values)
 
 audit = Table(
     "audit",
@@ -147,6 +167,7 @@ class SpendRow:
     completion_tokens: int
     day: str = ""
     end_user: str = ""
+    key_id: str = ""
 
     @property
     def amount(self) -> Decimal:
@@ -162,6 +183,7 @@ class PendingRow:
     period: str
     ts: float
     held: Decimal  # reserved − cost of the prompt
+    key_id: str = ""
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -307,7 +329,10 @@ class Ledger:
     def pending(self) -> list[PendingRow]:
         with self.engine.connect() as conn:
             return [
-                PendingRow(e.request_id, e.tenant, period_of(e.ts), e.ts, Decimal(e.reserved) - cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, e.completion_tokens or 0))
+                PendingRow(
+                    e.request_id, e.tenant, period_of(e.ts), e.ts,
+                    Decimal(e.reserved) - cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, e.completion_tokens or 0), e.key_id,
+                )  # fmt: skip
                 for e in (w.event for w in self._pending_rows(conn))
             ]
 
@@ -321,10 +346,10 @@ class Ledger:
         with self.engine.connect() as conn:
             return list(self._witnessed(conn, list(request_ids)))
 
-    def spend(self, period: str | None = None, tenant: str | None = None, by_day: bool = False, by_user: bool = False) -> list[SpendRow]:
-        """Token sums grouped by tenant, period, model, version and unit prices (and day, and end user); exact amounts via `SpendRow.amount`."""
+    def spend(self, period: str | None = None, tenant: str | None = None, by_day: bool = False, by_user: bool = False, by_key: bool = False) -> list[SpendRow]:
+        """Token sums grouped by tenant, period, model, version and unit prices (and day, end user, key); exact amounts via `SpendRow.amount`."""
         cols = [usage.c.tenant, usage.c.period, usage.c.model, usage.c.version, usage.c.prompt_price, usage.c.completion_price]
-        extra = [c for c, wanted in ((usage.c.day, by_day), (usage.c.end_user, by_user)) if wanted]
+        extra = [c for c, wanted in ((usage.c.day, by_day), (usage.c.end_user, by_user), (usage.c.key_id, by_key)) if wanted]
         cols += extra
         q = select(*cols, func.count(), func.sum(usage.c.prompt_tokens), func.coalesce(func.sum(usage.c.completion_tokens), 0)).group_by(*cols)
         if period is not None:
@@ -337,7 +362,7 @@ class Ledger:
                 out.append(
                     SpendRow(
                         r[0], r[1], r[2], r[3], Decimal(r[4]), Decimal(r[5]), int(r[-3]), int(r[-2] or 0), int(r[-1] or 0),
-                        r[6] if by_day else "", r[6 + by_day] if by_user else "",
+                        r[6] if by_day else "", r[6 + by_day] if by_user else "", r[6 + by_day + by_user] if by_key else "",
                     )  # fmt: skip
                 )
             return out
@@ -374,7 +399,7 @@ class Ledger:
 
     def insert_key(self, key: KeyRecord) -> bool:
         """Store a new key; False (nothing written) when its id or hash is taken already. Keys are never overwritten."""
-        values = {f: getattr(key, f) for f in ("key_id", "key_hash", "tenant", "role", "name", "created_at", "expires_at", "revoked_at", "seq")}
+        values = _key_row(key)
         try:
             with self.engine.begin() as conn:
                 conn.execute(api_keys.insert().values(**values))
@@ -390,12 +415,12 @@ class Ledger:
                 return None
             values = {"revoked_at": row["revoked_at"] or revoked_at, "seq": seq}
             conn.execute(update(api_keys).where(api_keys.c.key_id == key_id).values(**values))
-        return KeyRecord(**{**{k: row[k] for k in KeyRecord.__dataclass_fields__}, **values})
+        return _key_record({**row, **values})
 
     def keys(self, since_seq: int = 0) -> list[KeyRecord]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(api_keys).where(api_keys.c.seq > since_seq).order_by(api_keys.c.seq))
-            return [KeyRecord(**r._asdict()) for r in rows]
+            return [_key_record(r._mapping) for r in rows]
 
     # ---- audit ------------------------------------------------------------------------------
 

@@ -74,9 +74,38 @@ class KeyRecord:
     revoked_at: float | None = None
     seq: int = 0  # change counter: replicas sync keys changed since their last seq
     name: str = ""
+    # The key's own policy, inside its tenant's plan: models it may call (empty: all), and limits of its own.
+    models: tuple[str, ...] = ()
+    monthly_budget: Decimal | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    metadata: str = ""  # free-form JSON object, the operator's
 
     def valid_at(self, now: float) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+    def allows(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+    @property
+    def limited(self) -> bool:
+        """Whether the key has limits of its own (then it is admitted against them too, as a subject of its own)."""
+        return self.monthly_budget is not None or self.rpm is not None or self.tpm is not None
+
+    @property
+    def subject(self) -> str:
+        """The name its own leases and spend go by: `<tenant>#<key id>` (tenant names cannot hold `#`)."""
+        return key_subject(self.tenant, self.key_id)
+
+
+def key_subject(tenant: str, key_id: str) -> str:
+    return f"{tenant}#{key_id}"
+
+
+def split_subject(subject: str) -> tuple[str, str | None]:
+    """(tenant, key id) of a lease subject; key id None for a tenant's own."""
+    tenant, _, key_id = subject.partition("#")
+    return tenant, key_id or None
 
 
 @dataclass(frozen=True)

@@ -8,18 +8,19 @@ is delegated to the pure functions in `billing.quota`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from billing.keys import check_tenant, new_key
 from billing.ledger import Ledger, SpendRow
 from billing.pricing import cost
 from billing.quota import ZERO, Ask, Grant, decide_grant, period_of, window_of
-from billing.records import KeyRecord, SyncReply, SyncRequest, UsageEvent
+from billing.records import KeyRecord, SyncReply, SyncRequest, UsageEvent, key_subject, split_subject
 from billing.reports import tally
 from billing.witness import ENGINE, INGRESS, Witness
 from common.config import BillingConfig, Plan
@@ -61,6 +62,31 @@ CONFIG_SETTING = "billing_config"
 KEY_ATTEMPTS = 5  # fresh keys tried when a new key's id collides with a stored one
 
 
+def check_key_policy(
+    models: Sequence[str] | None = None, monthly_budget: Decimal | str | None = None, rpm: int | None = None, tpm: int | None = None, metadata: dict | str | None = None
+) -> dict[str, Any]:
+    """A key's policy fields, checked (400s naming the field) and normalised for `KeyRecord`."""
+    budget = None if monthly_budget is None else Decimal(str(monthly_budget))
+    if budget is not None and (not budget.is_finite() or budget < 0):
+        raise InvalidRequestError("monthly_budget must be a non-negative amount.", param="monthly_budget")
+    for name, value in (("rpm", rpm), ("tpm", tpm)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise InvalidRequestError(f"{name} must be a positive whole number.", param=name)
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata) if metadata else {}
+        except ValueError:
+            raise InvalidRequestError("metadata must be a JSON object.", param="metadata") from None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InvalidRequestError("metadata must be a JSON object.", param="metadata")
+    text = json.dumps(metadata, sort_keys=True) if metadata else ""
+    if len(text) > 4096:
+        raise InvalidRequestError("metadata may be at most 4096 characters of JSON.", param="metadata")
+    if models is not None and (not all(isinstance(m, str) and m for m in models) or len(models) > 64):
+        raise InvalidRequestError("models must be a list of up to 64 model names.", param="models")
+    return {"models": tuple(dict.fromkeys(models or ())), "monthly_budget": budget, "rpm": rpm, "tpm": tpm, "metadata": text}
+
+
 class BillingCore:
     def __init__(self, config: BillingConfig, ledger: Ledger, metrics: BillingMetrics | None = None, clock: Callable[[], float] = time.time, restarted: bool = False):
         """`restarted`: this is a restart of the same actor, so the config it was last given (stored in the ledger)
@@ -75,7 +101,8 @@ class BillingCore:
         self._metrics = metrics or _NoMetrics()
         self._clock = clock
         self._spent: dict[tuple[str, str], Decimal] = defaultdict(lambda: ZERO)
-        self._pending: dict[str, tuple[str, str, Decimal, float]] = {}  # request id -> (tenant, period, held, ts)
+        self._pending: dict[str, tuple[str, str, Decimal, float, str]] = {}  # request id -> (tenant, period, held, ts, key id)
+        self._keys_by_id: dict[str, KeyRecord] = {}  # keys with limits of their own (their lease subjects' plans)
         self._claims: dict[str, dict[str, tuple[str, Decimal]]] = {}  # holder -> tenant -> (period, amount)
         self._last_seen: dict[str, float] = {}
         self._windows: dict[tuple[str, int], list[int]] = {}
@@ -87,9 +114,11 @@ class BillingCore:
     def rebuild(self) -> None:
         """Aggregates from the ledger: what a restarted actor does first."""
         self._spent.clear()
-        for row in self.ledger.spend():
+        for row in self.ledger.spend(by_key=True):
             self._spent[(row.tenant, row.period)] += row.amount
-        self._pending = {p.request_id: (p.tenant, p.period, p.held, p.ts) for p in self.ledger.pending()}
+            self._spent[(key_subject(row.tenant, row.key_id), row.period)] += row.amount
+        self._pending = {p.request_id: (p.tenant, p.period, p.held, p.ts, p.key_id) for p in self.ledger.pending()}
+        self._keys_by_id = {k.key_id: k for k in self.ledger.keys() if k.limited}
         self._plans = self.ledger.tenant_plans()
         self._keys_seq = self.ledger.next_key_seq() - 1
         self._started = self._clock()
@@ -107,13 +136,21 @@ class BillingCore:
     def spent(self, tenant: str, period: str) -> Decimal:
         return self._spent[(tenant, period)]
 
-    def committed(self, tenant: str, period: str) -> Decimal:
-        pending = sum((held for t, p, held, _ in self._pending.values() if t == tenant and p == period), ZERO)
-        claims = sum((amount for leases in self._claims.values() for t, (p, amount) in leases.items() if t == tenant and p == period), ZERO)
-        return self._spent[(tenant, period)] + pending + claims
+    def committed(self, subject: str, period: str) -> Decimal:
+        """Spent + pending + leased for a tenant, or for one key of it (`<tenant>#<key id>`, a key with limits of its own)."""
+        tenant, key_id = split_subject(subject)
+        pending = sum((held for t, p, held, _, k in self._pending.values() if t == tenant and p == period and key_id in (None, k)), ZERO)
+        claims = sum((amount for leases in self._claims.values() for t, (p, amount) in leases.items() if t == subject and p == period), ZERO)
+        return self._spent[(subject, period)] + pending + claims
 
-    def plan_of(self, tenant: str) -> Plan:
-        """The tenant's plan; a plan the config no longer has falls back to the default plan, never to no limits."""
+    def plan_of(self, subject: str) -> Plan:
+        """The tenant's plan, or a key's own limits; a plan the config no longer has falls back to the default plan, never to no limits."""
+        tenant, key_id = split_subject(subject)
+        if key_id is not None:
+            key = self._keys_by_id.get(key_id)
+            if key is None or key.tenant != tenant:  # not a key with limits (any more): nothing to grant it
+                return Plan(monthly_budget=ZERO, rpm=1, tpm=1)
+            return Plan(monthly_budget=key.monthly_budget, rpm=key.rpm, tpm=key.tpm)
         name = self._plans.get(tenant, self.config.default_plan)
         plan = self.config.plans.get(name)
         if plan is None:
@@ -166,20 +203,21 @@ class BillingCore:
             period = periods.get(day) or periods.setdefault(day, period_of(e.ts))
             if m.row.pending:  # billed its floor so far; the rest of its reservation stays held
                 held = Decimal(e.reserved) - cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, e.completion_tokens or 0)
-                self._pending[e.request_id] = (e.tenant, period, held, e.ts)
+                self._pending[e.request_id] = (e.tenant, period, held, e.ts, e.key_id)
             else:
                 self._pending.pop(e.request_id, None)
-            g = groups[(e.tenant, period, e.model, e.version, e.prompt_price, e.completion_price)]
+            g = groups[(e.tenant, e.key_id, period, e.model, e.version, e.prompt_price, e.completion_price)]
             g[0] += m.prompt_delta
             g[1] += m.completion_delta
-        for (tenant, period, model, version, pp, cp), (prompt, completion) in groups.items():
+        for (tenant, key_id, period, model, version, pp, cp), (prompt, completion) in groups.items():
             if prompt or completion:
-                self._add_spend(tenant, period, model, version, Decimal(pp), Decimal(cp), prompt, completion)
+                self._add_spend(tenant, key_id, period, model, version, Decimal(pp), Decimal(cp), prompt, completion)
         self._metrics.on_ingest(len(merged), max(0.0, now - min(e.ts for e in events)))
 
-    def _add_spend(self, tenant: str, period: str, model: str, version: str, pp: Decimal, cp: Decimal, prompt: int, completion: int) -> None:
+    def _add_spend(self, tenant: str, key_id: str, period: str, model: str, version: str, pp: Decimal, cp: Decimal, prompt: int, completion: int) -> None:
         amount = cost(pp, cp, prompt, completion)
         self._spent[(tenant, period)] += amount
+        self._spent[(key_subject(tenant, key_id), period)] += amount  # what a key with limits of its own has spent
         self._metrics.on_usage(tenant, model, version, prompt, completion, amount)
 
     def _grant(self, ask: Ask, now: float) -> Grant:
@@ -191,7 +229,7 @@ class BillingCore:
         window[0] += grant.requests or 0
         window[1] += grant.tokens or 0
         if grant.denied:
-            self._metrics.on_denied(ask.tenant, grant.denied)
+            self._metrics.on_denied(split_subject(ask.tenant)[0], grant.denied)
         return grant
 
     def _maintain(self, now: float) -> None:
@@ -206,17 +244,21 @@ class BillingCore:
         current = window_of(now)
         for key in [k for k in self._windows if k[1] < current - 1]:
             del self._windows[key]
-        stale = [rid for rid, (_, _, _, ts) in self._pending.items() if now - ts > self.config.pending_timeout_s]
+        stale = [rid for rid, (_, _, _, ts, _) in self._pending.items() if now - ts > self.config.pending_timeout_s]
         if stale:
             for row in self.ledger.close_pending(now - self.config.pending_timeout_s):
                 self._pending.pop(row.event.request_id, None)
 
     # ---- administration ----------------------------------------------------------------------
 
-    def create_key(self, tenant: str, plan: str | None = None, role: str = "tenant", expires_in_s: float | None = None, name: str = "", who: str = "cli") -> tuple[str, KeyRecord]:
+    def create_key(
+        self, tenant: str, plan: str | None = None, role: str = "tenant", expires_in_s: float | None = None, name: str = "", who: str = "cli", policy: dict | None = None
+    ) -> tuple[str, KeyRecord]:
+        """A new key; `policy`: its allowed `models`, its own `monthly_budget`, `rpm`, `tpm` (inside the tenant's plan) and `metadata`."""
         check_tenant(tenant)
         if role not in ("tenant", "admin"):
             raise InvalidRequestError(f"Unknown role `{role}`: use tenant or admin.", param="role")
+        policy = check_key_policy(**(policy or {}))
         if role == "tenant":
             if plan is not None and plan not in self.config.plans:
                 raise InvalidRequestError(f"Unknown plan `{plan}`. Plans: {', '.join(sorted(self.config.plans))}.", param="plan")
@@ -224,13 +266,16 @@ class BillingCore:
                 self.set_plan(tenant, plan or self.config.default_plan, who)
         for _ in range(KEY_ATTEMPTS):  # a stored key is never overwritten: on an id collision, draw another key
             self._keys_seq += 1
-            key, record = new_key(tenant, role, self._keys_seq, expires_in_s=expires_in_s, name=name, now=self._clock())
+            key, record = new_key(tenant, role, self._keys_seq, expires_in_s=expires_in_s, name=name, now=self._clock(), **policy)
             if self.ledger.insert_key(record):
                 break
             logger.warning("new key id %s collides with a stored key; drawing another", record.key_id)
         else:
             raise InternalError("Could not draw an unused key id; try again.")
-        self.ledger.audit(who, "key.create", record.key_id, f"tenant={tenant} role={role} expires_at={record.expires_at}")
+        if record.limited:
+            self._keys_by_id[record.key_id] = record
+        limits = f" models={list(record.models)} budget={record.monthly_budget} rpm={record.rpm} tpm={record.tpm}" if record.models or record.limited else ""
+        self.ledger.audit(who, "key.create", record.key_id, f"tenant={tenant} role={role} expires_at={record.expires_at}{limits}")
         return key, record
 
     def revoke_key(self, key_id: str, who: str = "cli") -> KeyRecord:
@@ -238,6 +283,7 @@ class BillingCore:
         if record is None:
             raise NotFoundError(f"No API key `{key_id}`.", param="key_id")
         self._keys_seq += 1
+        self._keys_by_id.pop(key_id, None)
         self.ledger.audit(who, "key.revoke", key_id, f"tenant={record.tenant}")
         return record
 

@@ -46,11 +46,27 @@ def keys() -> None:
 @click.option("--admin", is_flag=True, help="An operator key for /admin/* instead of a tenant key.")
 @click.option("--expires-in", default=None, help="Lifetime, e.g. 30d or 12h (default: never expires).")
 @click.option("--name", default="", help="A note to recognise the key by.")
+@click.option("--model", "models", multiple=True, help="A model the key may call (repeat for several; default: all). Others get 403 model_not_allowed.")
+@click.option("--budget", default=None, help="The key's own monthly budget, inside its tenant's (e.g. 25.00).")
+@click.option("--rpm", type=click.IntRange(min=1), default=None, help="The key's own requests per minute, inside its tenant's.")
+@click.option("--tpm", type=click.IntRange(min=1), default=None, help="The key's own tokens per minute, inside its tenant's.")
+@click.option("--metadata", "metadata", multiple=True, help="KEY=VALUE kept with the key (repeat for several).")
 @click.pass_context
-def keys_create(ctx: click.Context, tenant: str, plan: str | None, admin: bool, expires_in: str | None, name: str) -> None:
+def keys_create(
+    ctx: click.Context, tenant: str, plan: str | None, admin: bool, expires_in: str | None, name: str,
+    models: tuple[str, ...], budget: str | None, rpm: int | None, tpm: int | None, metadata: tuple[str, ...],
+) -> None:  # fmt: skip
     _, billing = billing_admin(ctx)
-    key, record = run(billing.create_key(tenant, plan, "admin" if admin else "tenant", _duration_s(expires_in), name, "cli"))
+    pairs = [m.partition("=") for m in metadata]
+    if any(not k or not sep for k, sep, _ in pairs):
+        raise click.BadParameter("use KEY=VALUE", param_hint="--metadata")
+    policy = {"models": list(models) or None, "monthly_budget": budget, "rpm": rpm, "tpm": tpm, "metadata": {k: v for k, _, v in pairs} or None}
+    key, record = run(billing.create_key(tenant, plan, "admin" if admin else "tenant", _duration_s(expires_in), name, "cli", policy))
     click.echo(f"Created {record.role} key {record.key_id}… for tenant {record.tenant}. It is shown only now:\n\n  {key}\n")
+    limits = [f"models {', '.join(record.models)}" if record.models else "", f"budget {record.monthly_budget}/month" if record.monthly_budget is not None else "",
+              f"{record.rpm} RPM" if record.rpm else "", f"{record.tpm} TPM" if record.tpm else ""]  # fmt: skip
+    if any(limits):
+        click.echo("Its own policy, inside the tenant's: " + "; ".join(x for x in limits if x))
 
 
 @keys.command("list")
@@ -58,9 +74,10 @@ def keys_create(ctx: click.Context, tenant: str, plan: str | None, admin: bool, 
 @click.pass_context
 def keys_list(ctx: click.Context, tenant: str | None) -> None:
     _, billing = billing_admin(ctx)
-    click.echo(f"{'KEY ID':<20} {'TENANT':<16} {'ROLE':<7} {'CREATED':<17} {'EXPIRES':<17} {'REVOKED':<17} NAME")
+    click.echo(f"{'KEY ID':<20} {'TENANT':<16} {'ROLE':<7} {'CREATED':<17} {'EXPIRES':<17} {'REVOKED':<17} {'NAME':<16} POLICY")
     for k in run(billing.list_keys(tenant)):
-        click.echo(f"{k.key_id:<20} {k.tenant:<16} {k.role:<7} {_when(k.created_at):<17} {_when(k.expires_at):<17} {_when(k.revoked_at):<17} {k.name}")
+        policy = " ".join(x for x in (",".join(k.models), f"budget={k.monthly_budget}" if k.monthly_budget is not None else "", f"rpm={k.rpm}" if k.rpm else "", f"tpm={k.tpm}" if k.tpm else "", k.metadata) if x)
+        click.echo(f"{k.key_id:<20} {k.tenant:<16} {k.role:<7} {_when(k.created_at):<17} {_when(k.expires_at):<17} {_when(k.revoked_at):<17} {k.name:<16} {policy}")
 
 
 @keys.command("revoke")

@@ -6,6 +6,8 @@ that client over an in-process core.
 
 from __future__ import annotations
 
+import json
+
 from typing import Any, Callable
 
 from billing.admin import BillingAdmin
@@ -25,6 +27,11 @@ def key_view(record: Any) -> dict:
         "created_at": record.created_at,
         "expires_at": record.expires_at,
         "revoked_at": record.revoked_at,
+        "models": list(record.models) or None,
+        "monthly_budget": None if record.monthly_budget is None else str(record.monthly_budget),
+        "rpm": record.rpm,
+        "tpm": record.tpm,
+        "metadata": json.loads(record.metadata) if record.metadata else {},
     }
 
 
@@ -71,8 +78,8 @@ class AccountsService:
         invoices = build_invoices(await self._admin.spend_rows(period, tenant), period, self._currency, tenant)
         return "".join(invoice_csv(inv, header=i == 0) for i, inv in enumerate(invoices))
 
-    async def create_key(self, who: str, tenant: str, plan: str | None, role: str, expires_in_s: float | None, name: str) -> dict:
-        key, record = await self._admin.create_key(tenant, plan, role, expires_in_s, name, who)
+    async def create_key(self, who: str, tenant: str, plan: str | None, role: str, expires_in_s: float | None, name: str, policy: dict | None = None) -> dict:
+        key, record = await self._admin.create_key(tenant, plan, role, expires_in_s, name, who, policy)
         return {**key_view(record), "key": key}
 
     async def list_keys(self, tenant: str | None) -> dict:

@@ -10,6 +10,7 @@ deployment (prompt size, message and stop-string counts) are the service's
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import jsonschema
@@ -235,3 +236,11 @@ class CreateKeyRequest(BaseModel):
     role: Literal["tenant", "admin"] = "tenant"
     expires_in_s: float | None = Field(None, gt=0)
     name: str = Field("", max_length=128)
+    models: list[str] | None = Field(None, max_length=64, description="Models the key may call (403 `model_not_allowed` otherwise); all if omitted.")
+    monthly_budget: Decimal | None = Field(None, ge=0, description="The key's own monthly budget, inside its tenant's.")
+    rpm: int | None = Field(None, ge=1, description="The key's own requests per minute, inside its tenant's.")
+    tpm: int | None = Field(None, ge=1, description="The key's own tokens per minute, inside its tenant's.")
+    metadata: dict[str, Any] | None = Field(None, description="Free-form JSON object kept with the key (at most 4096 characters).")
+
+    def policy(self) -> dict[str, Any]:
+        return {"models": self.models, "monthly_budget": self.monthly_budget, "rpm": self.rpm, "tpm": self.tpm, "metadata": self.metadata}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, NamedTuple, Protocol
 
 from common.config import MaasConfig, RequestLimits
-from common.errors import EngineNotReadyError, InvalidRequestError, MaasError, ModelNotFoundError, NotFoundError, as_maas_error
+from common.errors import EngineNotReadyError, InvalidRequestError, MaasError, ModelNotFoundError, NotFoundError, PermissionDeniedError, as_maas_error
 from deployments.core import shapes
 from deployments.core.types import GenerationRequest, SSEPiece, TokenizedPrompt, Usage, piece_usage
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -224,7 +224,7 @@ class OpenAIService:
         trace = {"ingress_in": time.time()}  # wall-clock marks for the request's log line (bench/trace.py)
         version = ""
         try:
-            self._check_model(body.model)
+            self._check_model(body.model, principal)
             check_limits(body, self._limits)
             backend = self._backends.pick()
             version = backend.version
@@ -252,9 +252,12 @@ class OpenAIService:
         tenant = getattr(principal, "tenant", "") or ""
         return {"request_id": request_id, "model": self.model_name, "version": version, "tenant": tenant, "kind": kind, "stream": bool(body.stream), "prompt_tokens": prompt_tokens}
 
-    def _check_model(self, model: str) -> None:
+    def _check_model(self, model: str, principal: Any = None) -> None:
         if model != self.model_name:
             raise ModelNotFoundError(f"The model `{model}` does not exist. Available: {self.model_name}.", param="model")
+        allows = getattr(principal, "allows", None)
+        if allows is not None and not allows(model):
+            raise PermissionDeniedError(f"This API key may not use the model `{model}`.", param="model", code="model_not_allowed")
         if not self._is_ready():
             raise EngineNotReadyError()
 

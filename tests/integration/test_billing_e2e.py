@@ -241,6 +241,28 @@ def test_every_v1_response_carries_the_rate_limit_headers(base_url, billing_acto
         assert raw.headers["x-ratelimit-limit-requests"] == "50"
 
 
+def test_a_keys_policy_from_the_admin_api_holds_at_the_api(base_url, billing_actor, admin_key):
+    root = base_url.removesuffix("/v1")
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    body = {"tenant": "policy", "plan": "enterprise", "name": "search", "models": ["some-other-model"], "metadata": {"team": "search"}}
+    narrow = httpx.post(root + "/admin/keys", json=body, headers=admin).json()
+    assert narrow["models"] == ["some-other-model"] and narrow["metadata"] == {"team": "search"}
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        _chat(_client(base_url, narrow["key"]), max_tokens=1)
+    assert err.value.body["code"] == "model_not_allowed"
+    limited = httpx.post(root + "/admin/keys", json={"tenant": "policy", "models": [MODEL], "rpm": 3}, headers=admin).json()
+    start = time.time()
+    codes = [r.status_code for r in _burst(base_url, limited["key"], 8)]
+    minutes = len({int(start // 60), int(time.time() // 60)})
+    assert 3 <= codes.count(200) <= 3 * minutes and codes.count(200) + codes.count(429) == 8  # the key's own 3 RPM, across both replicas
+    other = httpx.post(root + "/admin/keys", json={"tenant": "policy"}, headers=admin).json()  # the tenant's other keys are not held
+    assert [r.status_code for r in _burst(base_url, other["key"], 4)] == [200] * 4
+    bad = httpx.post(root + "/admin/keys", json={"tenant": "policy", "rpm": 0}, headers=admin)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm"
+    listed = {k["key_id"]: k for k in httpx.get(root + "/admin/keys", params={"tenant": "policy"}, headers=admin).json()["data"]}
+    assert listed[limited["key_id"]]["rpm"] == 3 and "key" not in listed[limited["key_id"]]
+
+
 def test_budget_cannot_be_overspent(base_url, billing_actor):
     key, _ = create_key(billing_actor, "thrifty", plan="tiny")
     responses = _burst(base_url, key, 40)

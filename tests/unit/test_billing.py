@@ -303,6 +303,54 @@ def test_rate_state_is_the_lease_plus_what_the_actor_has_not_leased():
     assert rate_state(TenantLease(rpm=None, tpm=5), now).headers().keys() == {"x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"}
 
 
+async def test_a_keys_own_limits_hold_inside_the_tenants_across_replicas(ledger):
+    clock = Clock()
+    cfg = config(free=Plan(monthly_budget=Decimal("1"), rpm=100))
+    core = BillingCore(cfg, ledger, clock=clock)
+    limited, rec = core.create_key("acme", policy={"rpm": 3, "monthly_budget": "0.5", "models": ["m"], "metadata": {"team": "search"}})
+    other, _ = core.create_key("acme")
+    assert rec.limited and rec.models == ("m",) and rec.metadata == '{"team": "search"}'
+    assert [k for k in ledger.keys() if k.key_id == rec.key_id][0].rpm == 3  # stored
+    replicas = [BillingClient(cfg, InProcess(core), f"h{i}", clock=clock) for i in range(2)]
+    for c in replicas:
+        await c.start()
+    admitted, refused = 0, []
+    for i in range(8):  # alternating replicas: the key's 3 requests a minute hold across both
+        c = replicas[i % 2]
+        try:
+            t = await c.admit(await c.authenticate(f"Bearer {limited}"), f"r{i}", "m", "v1", "chat", PRICE, 10, 10)
+            c.settle(t, 10, 5, "ok")
+            admitted += 1
+        except RateLimitError as exc:
+            refused.append(exc)
+    assert admitted == 3 and refused and "This API key's own limit" in refused[0].message
+    c = replicas[0]  # the tenant's other key is not held by it
+    for i in range(5):
+        c.settle(await c.admit(await c.authenticate(f"Bearer {other}"), f"o{i}", "m", "v1", "chat", PRICE, 10, 10), 10, 5, "ok")
+    with pytest.raises(InvalidRequestError):
+        core.create_key("acme", policy={"rpm": 0})
+    with pytest.raises(InvalidRequestError):
+        core.create_key("acme", policy={"metadata": "[1]"})
+    for c in replicas:
+        await c.close()
+
+
+async def test_a_keys_own_budget_is_spent_before_the_tenants(ledger):
+    clock = Clock()
+    cfg = config(free=Plan(monthly_budget=Decimal("1")))
+    core = BillingCore(cfg, ledger, clock=clock)
+    key, rec = core.create_key("acme", policy={"monthly_budget": "0.00003"})  # a few requests' worth
+    client = BillingClient(cfg, InProcess(core), "h1", clock=clock)
+    await client.start()
+    who = await client.authenticate(f"Bearer {key}")
+    with pytest.raises(InsufficientQuotaError, match="This API key's own limit"):
+        for i in range(50):
+            client.settle(await client.admit(who, f"b{i}", "m", "v1", "chat", PRICE, 10, 10), 10, 10, "ok")
+    await client._sync()
+    assert core.spent("acme", "2026-11") <= Decimal("0.00003") and core.committed(rec.subject, "2026-11") <= Decimal("0.00003")
+    await client.close()
+
+
 async def test_revocation_reaches_the_client_on_its_next_sync(ledger):
     core = BillingCore(config(), ledger, clock=Clock())
     key, rec = core.create_key("acme")

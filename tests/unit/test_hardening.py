@@ -166,3 +166,21 @@ def test_replica_servers_bind_the_node_ip_not_every_interface():
     assert node_address("127.0.0.2:5", "127.0.0.1") == "127.0.0.2:5"  # a concrete address is kept
     env = deployment_options(DeploymentConfig(env_vars={"A": "1"}))["ray_actor_options"]["runtime_env"]["env_vars"]
     assert env == {**setup_hook_env(), "A": "1"} and SETUP_HOOK in env.values()
+
+
+async def test_a_key_limited_to_other_models_gets_403_model_not_allowed(tmp_path):
+    from common.errors import PermissionDeniedError
+
+    core = BillingCore(config(free=Plan(monthly_budget=Decimal("1"))), Ledger(f"sqlite:///{tmp_path}/l.db"))
+    narrow, _ = core.create_key("acme", policy={"models": ["another-model"]})
+    wide, _ = core.create_key("acme", policy={"models": ["m", "another-model"]})
+    billing = BillingClient(core.config, InProcess(core), "h1")
+    await billing.start()
+    engine = ScriptedEngine()
+    service = OpenAIService("m", FakeTokenizerClient(), StaticPicker(Backend("v1", FakePostprocessorClient(engine), PRICE)), billing=billing)
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(PermissionDeniedError) as err:
+        await service.chat(body, await service.authenticate(f"Bearer {narrow}"))
+    assert err.value.code == "model_not_allowed" and err.value.param == "model" and engine.requests == []
+    assert (await service.chat(body, await service.authenticate(f"Bearer {wide}")))["usage"]["completion_tokens"] > 0
+    await billing.close(timeout_s=1)
