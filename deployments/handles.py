@@ -6,6 +6,7 @@ protocols; these classes implement them over Serve handles, so the logic never i
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
@@ -75,5 +76,10 @@ class PostprocessorHandleClient:
         return self._relay.stream(req)
 
     async def complete(self, req: GenerationRequest) -> dict:
-        return await self._h.complete.remote(req)
+        response = self._h.complete.remote(req)
+        try:
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()  # awaiting is not the call: cancel it too (a client gone, a sibling sub-request failed)
+            raise
 

@@ -10,6 +10,7 @@ failed mid-way, with the completion count left to the engine's own report.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import time
@@ -189,14 +190,14 @@ class OpenAIService:
                 "completion", body, principal, lambda rid: self._tokenizer.prepare_completion(prompt, body.token_limit, request_id=rid), f"{group}-{i}", group, i * body.n
             )
 
-        prepared = await asyncio.gather(*(prepare(i, p) for i, p in enumerate(prompts)), return_exceptions=True)
+        prepared = await asyncio.gather(*(_isolated(prepare(i, p)) for i, p in enumerate(prompts)), return_exceptions=True)
         failed = next((p for p in prepared if isinstance(p, BaseException)), None)
         if failed is not None:
             for p in prepared:
                 if not isinstance(p, BaseException) and p.ticket is not None:
                     self.billing.release(p.ticket)  # type: ignore[union-attr]
             raise failed
-        results = await asyncio.gather(*(self._run(*p) for p in prepared), return_exceptions=True)  # type: ignore[misc]
+        results = await asyncio.gather(*(_isolated(self._run(*p)) for p in prepared), return_exceptions=True)  # type: ignore[misc]
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
             for r in results:
@@ -323,6 +324,15 @@ class OpenAIService:
         except MaasError as exc:
             self._on_reject(principal.tenant, exc.error_type if exc.status_code == 429 else (exc.code or "error"))
             raise
+
+
+def _isolated(coro: Any) -> "asyncio.Task":
+    """A sub-request's task, in a context of its own.
+
+    Concurrent calls from one request to one stage must not share a request context: Serve's router keys
+    requests pending assignment by the caller's request id, so the second of two such calls was never
+    assigned (a list of prompts hung). The sub-requests' own code cancels what they started."""
+    return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
 class _Prepared(NamedTuple):
