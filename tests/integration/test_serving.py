@@ -135,7 +135,7 @@ def test_a_list_of_prompts_echo_and_user(client, hf_tokenizer):
     assert resp.choices[1].text == "Water is" + one.choices[0].text
     assert resp.usage.prompt_tokens == sum(len(hf_tokenizer.encode(p, add_special_tokens=False)) for p in ("The sky is", "Water is"))
     assert resp.usage.completion_tokens == sum(4 if c.finish_reason == "length" else 0 for c in resp.choices) == 8
-    sampled = client.completions.create(model=MODEL, prompt=["The sky is", "Water is"], max_tokens=3, temperature=1.0, seed=3, n=2)
+    sampled = client.completions.create(model=MODEL, prompt=["The sky is", "Water is"], max_tokens=3, temperature=1.0, seed=3, n=2, extra_body={"ignore_eos": True})
     assert [c.index for c in sampled.choices] == [0, 1, 2, 3] and sampled.usage.completion_tokens == 12
     text, usage, _, _ = collect(client.completions.create(model=MODEL, prompt=["The sky is", "Water is"], max_tokens=4, temperature=0, stream=True, stream_options={"include_usage": True}))
     assert usage.completion_tokens == 8 and len(text) > 0
