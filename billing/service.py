@@ -67,11 +67,11 @@ def check_key_policy(
 ) -> dict[str, Any]:
     """A key's policy fields, checked (400s naming the field) and normalised for `KeyRecord`."""
     budget = None if monthly_budget is None else Decimal(str(monthly_budget))
-    if budget is not None and (not budget.is_finite() or budget < 0):
-        raise InvalidRequestError("monthly_budget must be a non-negative amount.", param="monthly_budget")
+    if budget is not None and (not budget.is_finite() or not 0 <= budget <= 10**12 or len(str(budget)) > 40):
+        raise InvalidRequestError("monthly_budget must be an amount between 0 and 10^12.", param="monthly_budget")
     for name, value in (("rpm", rpm), ("tpm", tpm)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise InvalidRequestError(f"{name} must be a positive whole number.", param=name)
+        if value is not None and (not isinstance(value, int) or not 1 <= value < 2**31):
+            raise InvalidRequestError(f"{name} must be a whole number from 1 to 2^31 - 1.", param=name)
     if isinstance(metadata, str):
         try:
             metadata = json.loads(metadata) if metadata else {}
@@ -82,7 +82,7 @@ def check_key_policy(
     text = json.dumps(metadata, sort_keys=True) if metadata else ""
     if len(text) > 4096:
         raise InvalidRequestError("metadata may be at most 4096 characters of JSON.", param="metadata")
-    if models is not None and (not all(isinstance(m, str) and m for m in models) or len(models) > 64):
+    if models is not None and (not all(isinstance(m, str) and 0 < len(m) <= 256 for m in models) or len(models) > 64):
         raise InvalidRequestError("models must be a list of up to 64 model names.", param="models")
     return {"models": tuple(dict.fromkeys(models or ())), "monthly_budget": budget, "rpm": rpm, "tpm": tpm, "metadata": text}
 

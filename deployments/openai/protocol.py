@@ -236,10 +236,12 @@ class CreateKeyRequest(BaseModel):
     role: Literal["tenant", "admin"] = "tenant"
     expires_in_s: float | None = Field(None, gt=0)
     name: str = Field("", max_length=128)
-    models: list[str] | None = Field(None, max_length=64, description="Models the key may call (403 `model_not_allowed` otherwise); all if omitted.")
-    monthly_budget: Decimal | None = Field(None, ge=0, description="The key's own monthly budget, inside its tenant's.")
-    rpm: int | None = Field(None, ge=1, description="The key's own requests per minute, inside its tenant's.")
-    tpm: int | None = Field(None, ge=1, description="The key's own tokens per minute, inside its tenant's.")
+    models: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, max_length=64, description="Models the key may call (403 `model_not_allowed` otherwise); all if omitted."
+    )
+    monthly_budget: Decimal | None = Field(None, ge=0, le=10**12, decimal_places=10, description="The key's own monthly budget, inside its tenant's.")
+    rpm: int | None = Field(None, ge=1, le=INT32_MAX, description="The key's own requests per minute, inside its tenant's.")
+    tpm: int | None = Field(None, ge=1, le=INT32_MAX, description="The key's own tokens per minute, inside its tenant's.")
     metadata: dict[str, Any] | None = Field(None, description="Free-form JSON object kept with the key (at most 4096 characters).")
 
     def policy(self) -> dict[str, Any]:
