@@ -10,18 +10,25 @@ because the embedded SQLite ledger is a file there.  Replicas talk to it through
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+import time
 from typing import Any
 
 import ray
 
 from billing.admin import BillingAdmin
+from billing.alerts import post
 from billing.ledger import Ledger, SpendRow
 from billing.metrics import RayBillingMetrics
 from billing.records import SyncReply, SyncRequest, UsageEvent
 from billing.service import BillingCore, Totals
+from common import envs
 from common.config import BillingConfig
 from common.logs import setup_logging
 
+
+logger = logging.getLogger(__name__)
 
 # Reports read the ledger on threads of their own, beside the default group that runs the replicas' syncs and
 # every write one at a time: a flood of usage reports cannot stall admission (a sync waits for nothing of theirs).
@@ -36,6 +43,24 @@ class BillingActor(BillingCore):
         setup_logging("billing")
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         super().__init__(config, Ledger(config.resolved_ledger_url()), RayBillingMetrics(), restarted=restarted)
+        threading.Thread(target=self._deliver_alerts_forever, name="budget-alerts", daemon=True).start()
+
+    def _deliver_alerts_forever(self, interval_s: float = 0.5) -> None:
+        """Budget alerts leave from here, beside the replicas' syncs (a slow receiver never holds admission up)."""
+        warned = False
+        while True:
+            time.sleep(interval_s)
+            secret = envs.MAAS_WEBHOOK_SECRET
+            if secret is None:
+                if not warned and (self.config.alerts.webhook_url or self.config.alerts.tenant_webhooks):
+                    logger.warning("budget alerts are configured but MAAS_WEBHOOK_SECRET is not set: none is sent until it is")
+                    warned = True
+                continue
+            timeout = self.config.alerts.timeout_s
+            try:
+                self.deliver_alerts(time.time(), lambda row: post(row["url"], row["body"], secret, row["id"], time.time(), timeout))
+            except Exception:
+                logger.exception("budget alert delivery failed; retrying")
 
     def status(self) -> dict:
         return {**super().status(), "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
@@ -51,6 +76,10 @@ class BillingActor(BillingCore):
     @ray.method(concurrency_group=REPORTS)
     def events(self, request_ids: list[str] | None = None, tenant: str | None = None) -> list[UsageEvent]:
         return super().events(request_ids, tenant)
+
+    @ray.method(concurrency_group=REPORTS)
+    def alerts(self, tenant: str | None = None) -> list[dict]:
+        return super().alerts(tenant)
 
     @ray.method(concurrency_group=REPORTS)
     def audit_log(self, limit: int = 100) -> list[dict]:

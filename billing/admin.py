@@ -49,6 +49,10 @@ class BillingAdmin:
     async def revoke_key(self, key_id: str, who: str = "cli") -> KeyRecord:
         return await self._invoke("revoke_key", key_id, who)
 
+    async def alerts(self, tenant: str | None = None) -> list[dict]:
+        """Budget alerts queued, sent or given up on (billing.alerts)."""
+        return await self._invoke("alerts", tenant)
+
     async def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
         return await self._invoke("list_keys", tenant)
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, bindparam, create_engine, event, func, inspect, select, update
+from sqlalchemy import Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam, create_engine, event, func, inspect, select, update
 from sqlalchemy.sql.expression import false
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError, StatementError
@@ -138,6 +138,25 @@ rejected_events = Table(
     Column("ts", Float, nullable=False),
     Column("reason", String(2048), nullable=False),
     Column("event", Text, nullable=False),
+)
+
+# Budget alerts: one row per (tenant, period, threshold), so each is queued once; its deliveries are tracked here.
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant", String(128), nullable=False),
+    Column("period", String(7), nullable=False),
+    Column("threshold", String(16), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("state", String(16), nullable=False),  # pending | sent | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("sent_at", Float, nullable=True),
+    Column("last_error", String(512), nullable=False, default=""),
+    UniqueConstraint("tenant", "period", "threshold", name="uq_alerts_tenant_period_threshold"),
 )
 
 # Small durable settings, e.g. the billing config last adopted (restored when the actor restarts).
@@ -436,6 +455,37 @@ class Ledger:
     def audit(self, who: str, action: str, target: str, detail: str = "") -> None:
         with self.engine.begin() as conn:
             conn.execute(audit.insert().values(ts=time.time(), who=who, action=action, target=target, detail=detail))
+
+    # ---- budget alerts ----------------------------------------------------------------------
+
+    def queue_alert(self, tenant: str, period: str, threshold: str, url: str, body: str, now: float) -> bool:
+        """Record an alert to send; False (nothing written) when that threshold was queued this period already."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(alerts.insert().values(tenant=tenant, period=period, threshold=threshold, url=url, body=body, state="pending", attempts=0, next_at=now, created_at=now))
+        except IntegrityError:
+            return False
+        return True
+
+    def alert_thresholds(self, tenant: str, period: str) -> set[str]:
+        with self.engine.connect() as conn:
+            return {r[0] for r in conn.execute(select(alerts.c.threshold).where((alerts.c.tenant == tenant) & (alerts.c.period == period)))}
+
+    def due_alerts(self, now: float, limit: int = 50) -> list[dict]:
+        with self.engine.connect() as conn:
+            q = select(alerts).where((alerts.c.state == "pending") & (alerts.c.next_at <= now)).order_by(alerts.c.next_at).limit(limit)
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def update_alert(self, alert_id: int, **values: object) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(alerts).where(alerts.c.id == alert_id).values(**values))
+
+    def alerts(self, tenant: str | None = None) -> list[dict]:
+        with self.engine.connect() as conn:
+            q = select(alerts).order_by(alerts.c.id)
+            if tenant is not None:
+                q = q.where(alerts.c.tenant == tenant)
+            return [dict(r._mapping) for r in conn.execute(q)]
 
     def audit_log(self, limit: int = 100) -> list[dict]:
         with self.engine.connect() as conn:

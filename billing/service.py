@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable, Protocol, Sequence
 
+from billing.alerts import crossed, retry_at
 from billing.keys import check_tenant, new_key
 from billing.ledger import Ledger, SpendRow
 from billing.pricing import cost
@@ -103,6 +104,8 @@ class BillingCore:
         self._spent: dict[tuple[str, str], Decimal] = defaultdict(lambda: ZERO)
         self._pending: dict[str, tuple[str, str, Decimal, float, str]] = {}  # request id -> (tenant, period, held, ts, key id)
         self._keys_by_id: dict[str, KeyRecord] = {}  # keys with limits of their own (their lease subjects' plans)
+        self._touched: set[tuple[str, str]] = set()  # (tenant, period) whose spend grew since the alerts were checked
+        self._alerted: dict[tuple[str, str], set[str]] = {}  # (tenant, period) -> thresholds queued (a cache of the ledger's)
         self._claims: dict[str, dict[str, tuple[str, Decimal]]] = {}  # holder -> tenant -> (period, amount)
         self._last_seen: dict[str, float] = {}
         self._windows: dict[tuple[str, int], list[int]] = {}
@@ -217,6 +220,7 @@ class BillingCore:
     def _add_spend(self, tenant: str, key_id: str, period: str, model: str, version: str, pp: Decimal, cp: Decimal, prompt: int, completion: int) -> None:
         amount = cost(pp, cp, prompt, completion)
         self._spent[(tenant, period)] += amount
+        self._touched.add((tenant, period))
         self._spent[(key_subject(tenant, key_id), period)] += amount  # what a key with limits of its own has spent
         self._metrics.on_usage(tenant, model, version, prompt, completion, amount)
 
@@ -248,6 +252,53 @@ class BillingCore:
         if stale:
             for row in self.ledger.close_pending(now - self.config.pending_timeout_s):
                 self._pending.pop(row.event.request_id, None)
+        self._check_alerts(now)
+
+    # ---- budget alerts (billing.alerts) ------------------------------------------------------
+
+    def _check_alerts(self, now: float) -> None:
+        """Queue an alert for each budget threshold a tenant's spend crossed (once per tenant, period and threshold)."""
+        touched, self._touched = self._touched, set()
+        cfg = self.config.alerts
+        for tenant, period in touched:
+            url = cfg.url_for(tenant)
+            if url is None:
+                continue
+            already = self._alerted.get((tenant, period))
+            if already is None:
+                already = self._alerted[(tenant, period)] = self.ledger.alert_thresholds(tenant, period)
+            for alert in crossed(tenant, period, self._spent[(tenant, period)], self.plan_of(tenant).monthly_budget, cfg.thresholds, already, self.config.price_book.currency):
+                already.add(alert.threshold)
+                if self.ledger.queue_alert(tenant, period, alert.threshold, url, alert.body(now), now):
+                    logger.info("budget alert queued", extra={"tenant": tenant, "period": period, "threshold": alert.threshold})
+
+    def due_alerts(self, now: float) -> list[dict]:
+        """Alerts waiting for a delivery attempt (the actor's delivery loop sends them)."""
+        return self.ledger.due_alerts(now)
+
+    def alert_result(self, alert_id: int, attempts: int, error: str | None, now: float, target: str = "") -> None:
+        """Record one delivery attempt: sent (audited), retried later with backoff, or failed for good (audited)."""
+        cfg = self.config.alerts
+        if error is None:
+            self.ledger.update_alert(alert_id, state="sent", attempts=attempts, sent_at=now, last_error="")
+            self.ledger.audit("billing", "alert.sent", target, f"alert {alert_id} after {attempts} attempt(s)")
+        elif attempts >= cfg.max_attempts:
+            self.ledger.update_alert(alert_id, state="failed", attempts=attempts, last_error=error[:512])
+            self.ledger.audit("billing", "alert.failed", target, f"alert {alert_id} gave up after {attempts} attempts: {error[:200]}")
+        else:
+            self.ledger.update_alert(alert_id, attempts=attempts, next_at=retry_at(now, attempts, cfg.backoff_s), last_error=error[:512])
+
+    def alerts(self, tenant: str | None = None) -> list[dict]:
+        return self.ledger.alerts(tenant)
+
+    def deliver_alerts(self, now: float, send: Callable[[dict], str | None]) -> int:
+        """Try every alert that is due once with `send` (None: delivered, else the error); returns how many were sent."""
+        sent = 0
+        for row in self.due_alerts(now):
+            error = send(row)
+            self.alert_result(row["id"], row["attempts"] + 1, error, now, f"{row['tenant']}@{row['period']}>={row['threshold']}")
+            sent += error is None
+        return sent
 
     # ---- administration ----------------------------------------------------------------------
 

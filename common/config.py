@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common import envs
 from common.errors import InvalidRequestError
@@ -75,6 +75,27 @@ class LeaseConfig(Frozen):
     restart_grace_s: float = Field(1.0, ge=0, description="After a restart the actor grants nothing for this long, so every replica re-reports its leases first.")
 
 
+class AlertsConfig(Frozen):
+    webhook_url: str | None = Field(None, description="Where budget alerts are POSTed (signed JSON) for every tenant without a URL of its own; null: none.")
+    tenant_webhooks: dict[str, str] = Field(default_factory=dict, description="Tenant -> its own webhook URL (instead of `webhook_url`).")
+    thresholds: list[float] = Field(
+        default_factory=lambda: [0.5, 0.8, 1.0], description="Fractions of a tenant's monthly budget; crossing each sends one alert per period."
+    )
+    max_attempts: int = Field(8, ge=1, description="Deliveries tried per alert before it is marked failed (audited).")
+    backoff_s: float = Field(1.0, gt=0, description="Wait before the first retry; doubled after each failure, at most 300 s.")
+    timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of one delivery.")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < t <= 10 for t in value):
+            raise ValueError("thresholds are fractions of the budget, above 0 (e.g. 0.5, 0.8, 1.0)")
+        return sorted(set(value))
+
+    def url_for(self, tenant: str) -> str | None:
+        return self.tenant_webhooks.get(tenant) or self.webhook_url
+
+
 class BillingConfig(Frozen):
     enabled: bool = Field(True, description="Authenticate, admit and meter every /v1 request. Off: the API is open and nothing is billed.")
     ledger_url: str | None = Field(
@@ -91,6 +112,7 @@ class BillingConfig(Frozen):
     price_book: PriceBook = Field(default_factory=PriceBook, description="Prices per model (and version).")
     plans: dict[str, Plan] = Field(default_factory=lambda: {"free": Plan()}, description="Plans by name: budget and rate limits.")
     lease: LeaseConfig = Field(default_factory=LeaseConfig, description="How replicas lease quota from the billing actor.")
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="Budget alerts: signed webhooks at thresholds of each tenant's monthly budget.")
 
     @model_validator(mode="after")
     def _default_plan_exists(self) -> "BillingConfig":

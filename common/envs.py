@@ -39,6 +39,8 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "MAAS_LOG_STDERR": lambda: os.environ.get("MAAS_LOG_STDERR", "0").lower() in ("1", "true", "yes"),
     # Where `maas up` keeps the state of the cluster it started (and that head's log).
     "MAAS_STATE_DIR": _path("MAAS_STATE_DIR", Path("~/.cache/ray-maas")),
+    # Shared secret that signs budget-alert webhooks (HMAC-SHA256); alerts are not sent without it.
+    "MAAS_WEBHOOK_SECRET": lambda: os.environ.get("MAAS_WEBHOOK_SECRET") or None,
     # Log level for ray-maas loggers.
     "MAAS_LOG_LEVEL": lambda: os.environ.get("MAAS_LOG_LEVEL", "INFO").upper(),
 }

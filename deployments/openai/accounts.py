@@ -88,5 +88,10 @@ class AccountsService:
     async def revoke_key(self, who: str, key_id: str) -> dict:
         return key_view(await self._admin.revoke_key(key_id, who))
 
+    async def alerts(self, tenant: str | None) -> dict:
+        """Budget alerts and their deliveries (never the webhook's signature or secret)."""
+        keep = ("id", "tenant", "period", "threshold", "state", "attempts", "created_at", "sent_at", "last_error")
+        return {"object": "list", "data": [{k: a[k] for k in keep} for a in await self._admin.alerts(tenant)]}
+
     async def audit(self, limit: int) -> dict:
         return {"object": "list", "data": await self._admin.audit_log(limit)}

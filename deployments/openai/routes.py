@@ -272,6 +272,10 @@ def build_app(service: OpenAIService, accounts: AccountsService | None = None, m
     async def admin_revoke_key(key_id: str, who: Any = Depends(admin)) -> JSONResponse:
         return await _json(accounts.revoke_key(who.key_id, key_id))
 
+    @app.get("/admin/alerts")
+    async def admin_alerts(who: Any = Depends(admin), tenant: str | None = None) -> JSONResponse:
+        return await _json(accounts.alerts(tenant))
+
     @app.get("/admin/audit")
     async def admin_audit(who: Any = Depends(admin), limit: int = Query(100, ge=1, le=10000)) -> JSONResponse:
         return await _json(accounts.audit(limit))
