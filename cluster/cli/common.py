@@ -86,15 +86,92 @@ def traffic_line(plan: Any) -> str:
 
 
 class progress:
-    """A one-line, spinner-free progress note for long steps (elapsed time on completion)."""
+    """A long step's progress on stderr: on a terminal a live line (rich: spinner, elapsed seconds, the latest
+    news from `update`), otherwise one plain line per change of news; the elapsed time at the end."""
 
     def __init__(self, text: str):
         self.text = text
+        self._news = ""
+        self._status: Any = None
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> "progress":
+        from rich.console import Console
+
         self.t0 = time.monotonic()
-        click.echo(f"{self.text} ...", err=True)
+        console = Console(stderr=True)
+        if console.is_terminal:
+            self._status = console.status(f"{self.text} ...")
+            self._status.start()
+        else:
+            click.echo(f"{self.text} ...", err=True)
+        return self
+
+    def update(self, news: str) -> None:
+        """What the step is doing now (thread-safe enough for a watcher thread: one assignment and a redraw)."""
+        if news == self._news:
+            return
+        self._news = news
+        if self._status is not None:
+            self._status.update(f"{self.text} ... {news}  [{time.monotonic() - self.t0:.0f}s]")
+        else:
+            click.echo(f"  {news}", err=True)
 
     def __exit__(self, exc_type, *_: Any) -> None:
+        if self._status is not None:
+            self._status.stop()
         if exc_type is None:
-            click.echo(f"  done in {time.monotonic() - self.t0:.1f}s", err=True)
+            click.echo(f"{self.text}: done in {time.monotonic() - self.t0:.1f}s" if self._status is not None else f"  done in {time.monotonic() - self.t0:.1f}s", err=True)
+
+
+def import_default_model(store: Any, name: str) -> Any:
+    """The packaged default model's store version, converting it first (with progress) when the store lacks it."""
+    from common.model_store import ensure_default_model
+
+    note: progress | None = None
+
+    def step(news: str) -> None:
+        nonlocal note
+        if note is None:
+            note = progress(f"Importing {name} into the model store").__enter__()
+        note.update(news)
+
+    try:
+        return ensure_default_model(store, name, step)
+    finally:
+        if note is not None:
+            note.__exit__(None, None, None)
+
+
+class watch_serve:
+    """While a deploy runs: report every Serve deployment's status and replica states to a `progress` each second."""
+
+    def __init__(self, note: progress, interval_s: float = 1.0):
+        self._note, self._interval = note, interval_s
+        self._stop: Any = None
+
+    def __enter__(self) -> "watch_serve":
+        import threading
+
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        from ray import serve
+
+        while not self._stop.wait(self._interval):
+            try:
+                apps = serve.status().applications
+            except Exception:  # Serve not up yet
+                continue
+            parts = []
+            for app in apps.values():
+                for name, dep in app.deployments.items():
+                    states = ",".join(f"{enum_text(k).lower()} {v}" for k, v in sorted(dep.replica_states.items()))
+                    if enum_text(dep.status) != "HEALTHY":
+                        parts.append(f"{name} {enum_text(dep.status).lower()}" + (f" ({states})" if states else ""))
+            self._note.update("; ".join(parts) or "every deployment healthy; waiting for the API to answer")
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
+from typing import Any
 
 import click
 
-from cluster.cli.common import config_of, connect, progress, traffic_line
-from common.model_store import ensure_default_model, open_store
+from cluster.cli.common import config_of, connect, import_default_model, progress, traffic_line, watch_serve
+from common.model_store import open_store
 
 
 @click.group()
@@ -21,7 +23,7 @@ def models() -> None:
 def import_default(ctx: click.Context) -> None:
     """Convert the packaged SmolLM2 GGUF into the store (once)."""
     config = config_of(ctx)
-    mv = ensure_default_model(open_store(config.store_root()), config.model.name)
+    mv = import_default_model(open_store(config.store_root()), config.model.name)
     click.echo(f"{mv.name}/{mv.version} at {mv.path}")
 
 
@@ -76,7 +78,7 @@ def models_canary(ctx: click.Context, model: str, version: str, weight: int) -> 
     """Deploy VERSION of MODEL beside the stable one and send it --weight percent of requests."""
     from cluster.versions import do_canary
 
-    with progress(f"Deploying {model} {version} and shifting {weight}% of traffic"):
+    with progress(f"Deploying {model} {version} and shifting {weight}% of traffic") as note, watch_serve(note):
         _change(ctx, model, do_canary, version, weight)
 
 
@@ -118,6 +120,36 @@ def _change(ctx: click.Context, model: str, op, *args) -> None:
     click.echo(traffic_line(plan))
 
 
+_STEP = re.compile(r"step (\d+)/(\d+)\s+loss ([0-9.]+)")
+
+
+def training_step(line: str) -> tuple[int, int, float] | None:
+    """(step, max steps, loss) from a training log line (`training.loop`'s "step 12/50  loss 2.3456 ..."), else None."""
+    m = _STEP.search(line)
+    return (int(m.group(1)), int(m.group(2)), float(m.group(3))) if m else None
+
+
+async def _follow(chunks: Any) -> None:
+    """A job's log lines; on a terminal, its steps as a progress bar with the latest loss (rich) above which the lines scroll."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        async for chunk in chunks:
+            click.echo(chunk, nl=False)
+        return
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("steps", total=None, loss="-")
+        async for chunk in chunks:
+            for line in chunk.splitlines():
+                bar.console.print(line, markup=False, highlight=False)
+                step = training_step(line)
+                if step is not None:
+                    bar.update(task, completed=step[0], total=step[1], loss=f"{step[2]:.4f}")
+
+
 @click.command()
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--address", default=None, help="Ray dashboard URL of a running cluster (e.g. http://127.0.0.1:8265): submit as a Ray job. Default: run here.")
@@ -147,11 +179,7 @@ def train(config_file: str, address: str | None, sets: tuple[str, ...], no_wait:
         return
     import asyncio
 
-    async def tail() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            click.echo(lines, nl=False)
-
-    asyncio.run(tail())
+    asyncio.run(_follow(client.tail_job_logs(job_id)))
     status = client.get_job_status(job_id)
     click.echo(f"Job {job_id}: {status}")
     if status != JobStatus.SUCCEEDED:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import click
 
-from cluster.cli.common import billing_admin, config_of, connect, enum_text, progress, run, traffic_line, with_port
+from cluster.cli.common import billing_admin, config_of, connect, enum_text, import_default_model, progress, run, traffic_line, watch_serve, with_port
 from common import envs
 from common.config import MaasConfig
-from common.model_store import DEFAULT_MODEL_NAME, ensure_default_model, open_store
+from common.model_store import DEFAULT_MODEL_NAME, open_store
 from common.runtime import port_open
 
 
@@ -82,7 +82,7 @@ def up(ctx: click.Context, port: int | None, num_cpus: int | None, dashboard_por
         upmod.UpState(pid, address, dashboard, f"http://127.0.0.1:{metrics_port}/metrics", base, session_dir, str(log_path), str(ctx.obj) if ctx.obj else None, time.time())
     )
     try:
-        with progress("Deploying the serving graph (the engine takes about a minute to load)"):
+        with progress("Deploying the serving graph (the engine takes about a minute to load)") as note, watch_serve(note):
             local.deploy(config, who="maas up")
         key_line, key = first_key(ctx, config)
     except BaseException as exc:
@@ -174,7 +174,7 @@ def deploy(ctx: click.Context) -> None:
     resolve_model(config)
     connect(config)
     try:
-        with progress(f"Deploying {config.model.name} as application `{config.app_name}`"):
+        with progress(f"Deploying {config.model.name} as application `{config.app_name}`") as note, watch_serve(note):
             base = local.deploy(config, who=f"cli:{getpass.getuser()}")
     except Exception as exc:
         raise click.ClickException(f"Deploy failed: {exc}") from exc
@@ -188,7 +188,7 @@ def resolve_model(config: MaasConfig):
     """The store and the version the config serves (the packaged default model is imported once, first)."""
     store = open_store(config.store_root())
     if config.model.name == DEFAULT_MODEL_NAME:
-        ensure_default_model(store, config.model.name)  # one-time conversion of the packaged GGUF
+        import_default_model(store, config.model.name)  # one-time conversion of the packaged GGUF
     try:
         return store, store.resolve(config.model.name, config.model.version)
     except Exception as exc:

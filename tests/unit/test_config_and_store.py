@@ -134,3 +134,17 @@ def test_store_rejects_unsupported_uris():
     with pytest.raises(ValueError):
         open_store("s3://bucket/models")
     assert open_store("file:///tmp/x").root == Path("/tmp/x")
+
+
+def test_cli_progress_reads_training_steps_and_reports_plainly_off_a_terminal(capsys):
+    from cluster.cli.common import progress
+    from cluster.cli.models import training_step
+
+    assert training_step("INFO training.loop step 12/50  loss 2.3456  tokens/s 812  lr 1.00e-04") == (12, 50, 2.3456)
+    assert training_step("dataset encoded: 40 train / 8 eval examples") is None
+    with progress("Deploying") as note:  # not a terminal here: one plain line per change of news
+        note.update("Generator updating (starting 1)")
+        note.update("Generator updating (starting 1)")
+        note.update("every deployment healthy")
+    err = capsys.readouterr().err
+    assert err.count("Generator updating") == 1 and "every deployment healthy" in err and "done in" in err
