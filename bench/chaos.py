@@ -43,11 +43,12 @@ class Seen:
 
     stream: bool
     request_id: str | None = None
-    outcome: str = ""  # ok | cut | envelope | bare
+    outcome: str = ""  # ok | cut (a response that broke off) | refused (no response at all: nothing listening) | envelope | bare
     status: int | None = None
     usage: int | None = None  # completion tokens in the response's usage
     chunks: int = 0  # streamed chunks with text that reached the client
     detail: str = ""
+    phase: str = ""  # the last process kind killed when the request started ("" before the first kill)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Traffic:
     clients: int = 3
     max_tokens: int = 24
     seen: list[Seen] = field(default_factory=list)
+    phase: str = ""  # set by the chaos run before each kill
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -83,7 +85,9 @@ class Traffic:
         client = openai.OpenAI(base_url=self.base_url, api_key=self.key, max_retries=0, timeout=60)
         n = 0
         while not self._stop.is_set():
+            phase = self.phase
             s = one_request(client, stream=(n + i) % 2 == 0, max_tokens=self.max_tokens, prompt=f"Count to {n % 7 + 3}, client {i}.")
+            s.phase = phase
             with self._lock:
                 self.seen.append(s)
             if s.outcome != "ok":
@@ -114,7 +118,9 @@ def one_request(client: Any, stream: bool, max_tokens: int, prompt: str = "Say h
         s.outcome = "envelope" if body is not None and {"message", "type", "code"} <= set(body) else "bare"
         s.detail = str(exc)[:200]
     except (openai.APIConnectionError, openai.APITimeoutError, Exception) as exc:  # a cut stream or a refused connection (noqa: BLE001)
-        s.outcome = "cut"
+        # No response began (no id, no chunk): the connection was refused or reset before an answer, e.g. while
+        # the proxy restarts. Otherwise a response broke off.
+        s.outcome = "refused" if s.request_id is None and s.chunks == 0 else "cut"
         s.detail = f"{type(exc).__name__}: {exc}"[:200]
     return s
 
@@ -158,6 +164,7 @@ class Reconciled:
     requests: int = 0
     ok: int = 0
     cut: int = 0
+    refused: int = 0
     envelope: int = 0
     bare: int = 0  # failures the client saw that were neither an envelope nor a cut stream
     lost: int = 0  # requests the client saw an id of, with no ledger row
@@ -165,11 +172,16 @@ class Reconciled:
     over_billed: int = 0  # rows billed more than the response said (ok) or than max_tokens (otherwise)
     floor_only: int = 0  # rows billed at the ingress's floor, no engine count (generator killed)
     problems: list[str] = field(default_factory=list)
+    by_phase: dict[str, dict[str, int]] = field(default_factory=dict)  # outcomes of the requests started after each kill
 
 
-def reconcile(seen: list[Seen], rows: list[Any], totals_completion: int, max_tokens: int) -> Reconciled:
+def reconcile(seen: list[Seen], rows: list[Any], totals_completion: int, max_tokens: int, seen_by_phase: bool = False) -> Reconciled:
     """The client's view against the ledger's rows (`UsageEvent`s of the chaos tenant) and its totals."""
     r = Reconciled(requests=len(seen))
+    if seen_by_phase:
+        for s in seen:
+            r.by_phase.setdefault(s.phase or "before any kill", {}).setdefault(s.outcome, 0)
+            r.by_phase[s.phase or "before any kill"][s.outcome] += 1
     by_id: dict[str, list[Any]] = {}
     for row in rows:
         by_id.setdefault(row.request_id, []).append(row)
@@ -218,6 +230,7 @@ def run(base_url: str, key: str, billing_admin: Any, tenant: str, kinds: list[st
     try:
         time.sleep(warm_s)
         for kind in kinds:
+            traffic.phase = kind
             kill(kind)
             recovery[kind] = wait_serving(base_url, key)
             time.sleep(warm_s)
@@ -225,15 +238,20 @@ def run(base_url: str, key: str, billing_admin: Any, tenant: str, kinds: list[st
         seen = traffic.stop()
     time.sleep(settle_s)  # outboxes flush; pending rows close after billing.pending_timeout_s
     rows, total = ledger_view(billing_admin, tenant)
-    return reconcile(seen, rows, total, max_tokens), recovery
+    return reconcile(seen, rows, total, max_tokens, seen_by_phase=True), recovery
 
 
 def format_table(results: list[tuple[str, Reconciled, dict[str, float]]]) -> str:
-    head = "| ledger | requests | ok | cut streams | error envelopes | bare errors | rows lost | double-counted | over-billed | billed at the floor | recovery s (per kill) |"
-    lines = [head, "|" + "---|" * 11]
+    head = "| ledger | requests | ok | cut | refused | error envelopes | bare errors | rows lost | double-counted | over-billed | billed at the floor | recovery s (per kill) |"
+    lines = [head, "|" + "---|" * 12]
     for ledger, r, rec in results:
         kills = ", ".join(f"{k} {v:.0f}" for k, v in rec.items())
-        lines.append(f"| {ledger} | {r.requests} | {r.ok} | {r.cut} | {r.envelope} | {r.bare} | {r.lost} | {r.double} | {r.over_billed} | {r.floor_only} | {kills} |")
+        lines.append(f"| {ledger} | {r.requests} | {r.ok} | {r.cut} | {r.refused} | {r.envelope} | {r.bare} | {r.lost} | {r.double} | {r.over_billed} | {r.floor_only} | {kills} |")
+    for ledger, r, _ in results:
+        if r.by_phase:
+            lines += ["", f"Outcomes by the kill each request followed ({ledger}):", "", "| after | ok | cut | refused | envelope | bare |", "|---|---|---|---|---|---|"]
+            for phase, counts in r.by_phase.items():
+                lines.append(f"| {phase} | " + " | ".join(str(counts.get(k, 0)) for k in ("ok", "cut", "refused", "envelope", "bare")) + " |")
     return "\n".join(lines)
 
 

@@ -74,7 +74,7 @@ def main() -> None:
         rows, total = ledger_view(admin, "soak")
         r = reconcile(seen, rows, total, args.max_tokens)
     print(format_rss(samples))
-    print(f"\n{r.requests} requests in {args.minutes:.0f} min at c={args.clients}: {r.ok} ok, {r.cut} cut, {r.envelope} error envelopes, {r.bare} bare errors; "
+    print(f"\n{r.requests} requests in {args.minutes:.0f} min at c={args.clients}: {r.ok} ok, {r.cut} cut, {r.refused} refused, {r.envelope} error envelopes, {r.bare} bare errors; "
           f"ledger: {len(rows)} rows, {r.lost} lost, {r.double} double-counted, {r.over_billed} over-billed")  # fmt: skip
     for s in seen:
         if s.outcome != "ok":
