@@ -301,6 +301,7 @@ def main() -> None:
             pg = PostgresServer().start()
             url = pg.new_database("chaos")
         else:
+            (REPO_ROOT / "bench" / "out").mkdir(exist_ok=True)  # ignored by git: a fresh clone has none
             url = f"sqlite:///{REPO_ROOT}/bench/out/chaos-{int(time.time())}.db"
         try:
             with graph(url, chaos_overrides(), "chaos") as (base_url, admin, key):

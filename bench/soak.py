@@ -58,6 +58,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     use_local_env()
+    (REPO_ROOT / "bench" / "out").mkdir(exist_ok=True)  # ignored by git: a fresh clone has none
     url = f"sqlite:///{REPO_ROOT}/bench/out/soak-{int(time.time())}.db"
     with graph(url, {"billing": {"plans": {"enterprise": {}}}}, "soak") as (base_url, admin, key):
         traffic = Traffic(base_url, key, clients=args.clients, max_tokens=args.max_tokens).start()
