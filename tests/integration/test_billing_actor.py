@@ -19,7 +19,7 @@ from billing.admin import wait
 from billing.pricing import cost
 from billing.quota import period_of, window_of
 from cluster import local
-from common.config import BillingConfig, LeaseConfig, Plan, Price, PriceBook
+from common.config import AlertsConfig, BillingConfig, LeaseConfig, Plan, Price, PriceBook
 from tests.integration.conftest import LEDGERS
 
 pytestmark = [pytest.mark.integration, LEDGERS]
@@ -27,8 +27,21 @@ pytestmark = [pytest.mark.integration, LEDGERS]
 PRICE = Price(prompt_per_1m=Decimal("0.05"), completion_per_1m=Decimal("0.20"))
 
 
+WEBHOOK_SECRET = "whsec-integration"
+
+
 @pytest.fixture(scope="module")
-def config(ledger_url) -> BillingConfig:
+def receiver(ledger_url):
+    from tests.unit.test_alerts import Receiver
+
+    r = Receiver()
+    r.down = True  # down at first: the actor must retry
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def config(ledger_url, receiver) -> BillingConfig:
     return BillingConfig(
         ledger_url=ledger_url,
         actor_name="billing-under-test",
@@ -40,12 +53,15 @@ def config(ledger_url) -> BillingConfig:
         },
         default_plan="unlimited",
         lease=LeaseConfig(restart_grace_s=0.3),
+        alerts=AlertsConfig(tenant_webhooks={"alerted": receiver.url}, backoff_s=0.5),
     )
 
 
 @pytest.fixture(scope="module")
 def billing(config):
-    local.start_ray(num_cpus=2, include_dashboard=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MAAS_WEBHOOK_SECRET", WEBHOOK_SECRET)  # the actor's process inherits it from the cluster
+        local.start_ray(num_cpus=2, include_dashboard=False)
     try:
         handle = actor.get_or_create(config)
         wait(admin_client(handle).status())
@@ -189,3 +205,30 @@ def test_two_replicas_cannot_overspend_the_budget(billing, config):
     worst = cost(Decimal("0.05"), Decimal("0.20"), 100, 200)
     assert spent <= Decimal("0.001") + worst
     assert spent >= Decimal("0.001") - 2 * Decimal("0.001") * Decimal(str(config.lease.budget_fraction)) - 2 * worst  # nearly all of it usable
+
+
+def test_budget_alerts_fire_once_per_threshold_signed_and_retried_until_the_receiver_is_up(billing, config, receiver):
+    import json
+
+    from billing.alerts import SIGNATURE_HEADER, verify
+
+    key = _key(billing, "alerted", "tiny")  # budget 0.001
+    ingress = FakeIngress.remote(config.model_dump(mode="json"), "alert-h1")
+    ray.get(ingress.start.remote())
+    # 1,000 + 1,000 tokens at 0.05 / 0.20 per 1M: 0.00025 a request, so 4 requests spend the whole budget
+    ray.get(ingress.hammer.remote(key, 6, 1000, 1000, 1000, stop_after_denials=1))
+    assert ray.get(ingress.drain.remote()) == 0
+    deadline = time.monotonic() + 30
+    while len(wait(admin_client(billing).alerts("alerted"))) < 3 or not any(a["attempts"] >= 2 for a in wait(admin_client(billing).alerts("alerted"))):
+        assert time.monotonic() < deadline, wait(admin_client(billing).alerts("alerted"))
+        time.sleep(0.2)
+    assert receiver.got == []  # down so far: tried and retried, nothing delivered
+    receiver.down = False
+    while len(receiver.got) < 3:
+        assert time.monotonic() < deadline + 30
+        time.sleep(0.2)
+    time.sleep(2)  # nothing more comes: one alert per threshold
+    assert sorted(json.loads(body)["threshold"] for _, body in receiver.got) == [0.5, 0.8, 1.0]
+    assert all(verify(WEBHOOK_SECRET, headers[SIGNATURE_HEADER], body, time.time()) for headers, body in receiver.got)
+    assert {a["state"] for a in wait(admin_client(billing).alerts("alerted"))} == {"sent"}
+    assert sum(1 for a in wait(admin_client(billing).audit_log(200)) if a["action"] == "alert.sent") >= 3
