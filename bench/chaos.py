@@ -48,7 +48,7 @@ class Seen:
     usage: int | None = None  # completion tokens in the response's usage
     chunks: int = 0  # streamed chunks with text that reached the client
     detail: str = ""
-    phase: str = ""  # the last process kind killed when the request started ("" before the first kill)
+    phase: str = ""  # the last process kind killed when the request ended ("" before the first kill)
 
 
 @dataclass
@@ -85,9 +85,8 @@ class Traffic:
         client = openai.OpenAI(base_url=self.base_url, api_key=self.key, max_retries=0, timeout=60)
         n = 0
         while not self._stop.is_set():
-            phase = self.phase
             s = one_request(client, stream=(n + i) % 2 == 0, max_tokens=self.max_tokens, prompt=f"Count to {n % 7 + 3}, client {i}.")
-            s.phase = phase
+            s.phase = self.phase  # the kill it ended under (a request cut by a kill ends just after it)
             with self._lock:
                 self.seen.append(s)
             if s.outcome != "ok":
@@ -172,7 +171,7 @@ class Reconciled:
     over_billed: int = 0  # rows billed more than the response said (ok) or than max_tokens (otherwise)
     floor_only: int = 0  # rows billed at the ingress's floor, no engine count (generator killed)
     problems: list[str] = field(default_factory=list)
-    by_phase: dict[str, dict[str, int]] = field(default_factory=dict)  # outcomes of the requests started after each kill
+    by_phase: dict[str, dict[str, int]] = field(default_factory=dict)  # outcomes of the requests that ended after each kill (before the next)
 
 
 def reconcile(seen: list[Seen], rows: list[Any], totals_completion: int, max_tokens: int, seen_by_phase: bool = False) -> Reconciled:
@@ -249,7 +248,7 @@ def format_table(results: list[tuple[str, Reconciled, dict[str, float]]]) -> str
         lines.append(f"| {ledger} | {r.requests} | {r.ok} | {r.cut} | {r.refused} | {r.envelope} | {r.bare} | {r.lost} | {r.double} | {r.over_billed} | {r.floor_only} | {kills} |")
     for ledger, r, _ in results:
         if r.by_phase:
-            lines += ["", f"Outcomes by the kill each request followed ({ledger}):", "", "| after | ok | cut | refused | envelope | bare |", "|---|---|---|---|---|---|"]
+            lines += ["", f"Outcomes of the requests that ended after each kill, before the next ({ledger}):", "", "| after | ok | cut | refused | envelope | bare |", "|---|---|---|---|---|---|"]
             for phase, counts in r.by_phase.items():
                 lines.append(f"| {phase} | " + " | ".join(str(counts.get(k, 0)) for k in ("ok", "cut", "refused", "envelope", "bare")) + " |")
     return "\n".join(lines)
