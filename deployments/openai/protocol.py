@@ -145,6 +145,13 @@ class _SamplingFields(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
+    @field_validator("n")
+    @classmethod
+    def _n_needs_sampling(cls, n: int, info: Any) -> int:
+        if n > 1 and info.data.get("temperature") == 0:
+            raise ValueError("n > 1 needs sampling (temperature above 0): greedy decoding gives every choice the same text")
+        return n
+
     @property
     def stop_list(self) -> list[str]:
         return list(self.stop or [])  # type: ignore[arg-type]

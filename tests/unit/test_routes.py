@@ -229,3 +229,10 @@ def test_one_refused_prompt_runs_none():
     resp = make_client(engine).post("/v1/completions", json={"model": MODEL, "prompt": ["short", "x" * 200], "max_tokens": 8})
     assert_envelope(resp, 400, "max_tokens", "context_length_exceeded")
     assert engine.requests == []
+
+
+def test_several_greedy_choices_are_refused_naming_n():
+    client = make_client()
+    err = assert_envelope(client.post("/v1/chat/completions", json=chat_body(n=2, temperature=0)), 400, "n")
+    assert "temperature" in err["message"]
+    assert client.post("/v1/chat/completions", json=chat_body(n=2, temperature=0.7)).status_code == 200
