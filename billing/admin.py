@@ -53,6 +53,9 @@ class BillingAdmin:
         """Budget alerts queued, sent or given up on (billing.alerts)."""
         return await self._invoke("alerts", tenant)
 
+    async def account(self, tenant: str, period: str) -> dict:
+        return await self._invoke("account", tenant, period)
+
     async def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
         return await self._invoke("list_keys", tenant)
 

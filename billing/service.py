@@ -338,6 +338,18 @@ class BillingCore:
         self.ledger.audit(who, "key.revoke", key_id, f"tenant={record.tenant}")
         return record
 
+    def account(self, tenant: str, period: str) -> dict:
+        """A tenant's plan, its limits and what it has spent this period (what `/v1/account` and the console show)."""
+        name = self._plans.get(tenant, self.config.default_plan)
+        plan = self.plan_of(tenant)
+        spent = self._spent[(tenant, period)]
+        remaining = None if plan.monthly_budget is None else max(ZERO, plan.monthly_budget - self.committed(tenant, period))
+        return {
+            "tenant": tenant, "plan": name, "period": period, "currency": self.config.price_book.currency,
+            "monthly_budget": None if plan.monthly_budget is None else str(plan.monthly_budget), "spent": str(spent),
+            "remaining": None if remaining is None else str(remaining), "rpm": plan.rpm, "tpm": plan.tpm,
+        }  # fmt: skip
+
     def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
         return [k for k in self.ledger.keys() if tenant is None or k.tenant == tenant]
 

@@ -14,7 +14,7 @@ from billing.admin import BillingAdmin
 from billing.invoice import build_invoices, invoice_csv
 from billing.quota import period_of
 from billing.reports import usage_report
-from common.errors import PermissionDeniedError, RateLimitError
+from common.errors import NotFoundError, PermissionDeniedError, RateLimitError
 
 
 def key_view(record: Any) -> dict:
@@ -33,6 +33,12 @@ def key_view(record: Any) -> dict:
         "tpm": record.tpm,
         "metadata": json.loads(record.metadata) if record.metadata else {},
     }
+
+
+def _may_manage_keys(principal: Any) -> None:
+    """Only a key without a policy of its own manages its tenant's keys: a restricted key must not mint an unrestricted one."""
+    if getattr(principal, "models", ()) or getattr(principal, "limited", False):
+        raise PermissionDeniedError("A key with its own model list or limits cannot manage keys; use an unrestricted key of the tenant.")
 
 
 class ReportLimiter:
@@ -84,6 +90,28 @@ class AccountsService:
 
     async def list_keys(self, tenant: str | None) -> dict:
         return {"object": "list", "data": [key_view(k) for k in await self._admin.list_keys(tenant)]}
+
+    # ---- a tenant's own account and keys (`/v1/account`, `/v1/keys`) ----------------------------
+
+    async def account(self, principal: Any) -> dict:
+        self._limiter.take(principal.tenant)
+        return await self._admin.account(principal.tenant, self._period(None))
+
+    async def own_keys(self, principal: Any) -> dict:
+        self._limiter.take(principal.tenant)
+        return {"object": "list", "data": [key_view(k) for k in await self._admin.list_keys(principal.tenant)]}
+
+    async def create_own_key(self, principal: Any, name: str, expires_in_s: float | None, policy: dict) -> dict:
+        """A new key of the caller's tenant (never an admin key, never a plan change)."""
+        _may_manage_keys(principal)
+        key, record = await self._admin.create_key(principal.tenant, None, "tenant", expires_in_s, name, principal.key_id, policy)
+        return {**key_view(record), "key": key}
+
+    async def revoke_own_key(self, principal: Any, key_id: str) -> dict:
+        _may_manage_keys(principal)
+        if not any(k.key_id == key_id for k in await self._admin.list_keys(principal.tenant)):
+            raise NotFoundError(f"No API key `{key_id}` in your tenant.", param="key_id")
+        return key_view(await self._admin.revoke_key(key_id, principal.key_id))
 
     async def revoke_key(self, who: str, key_id: str) -> dict:
         return key_view(await self._admin.revoke_key(key_id, who))

@@ -233,14 +233,11 @@ class CompletionRequest(_SamplingFields):
         return self.max_tokens
 
 
-class CreateKeyRequest(BaseModel):
-    """Body of POST /admin/keys."""
+class KeyPolicyFields(BaseModel):
+    """A new key's name, lifetime and own policy (POST /v1/keys: a tenant's own key)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    tenant: str = Field(..., min_length=1, max_length=128, pattern=TENANT_PATTERN)
-    plan: str | None = Field(None, description="Plan of the tenant (kept if omitted, the default plan for a new tenant).")
-    role: Literal["tenant", "admin"] = "tenant"
     expires_in_s: float | None = Field(None, gt=0)
     name: str = Field("", max_length=128)
     models: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
@@ -253,3 +250,11 @@ class CreateKeyRequest(BaseModel):
 
     def policy(self) -> dict[str, Any]:
         return {"models": self.models, "monthly_budget": self.monthly_budget, "rpm": self.rpm, "tpm": self.tpm, "metadata": self.metadata}
+
+
+class CreateKeyRequest(KeyPolicyFields):
+    """Body of POST /admin/keys."""
+
+    tenant: str = Field(..., min_length=1, max_length=128, pattern=TENANT_PATTERN)
+    plan: str | None = Field(None, description="Plan of the tenant (kept if omitted, the default plan for a new tenant).")
+    role: Literal["tenant", "admin"] = "tenant"

@@ -24,7 +24,7 @@ from common.config import MaasConfig
 from common.errors import EngineNotReadyError, InternalError, InvalidRequestError, MaasError, NotFoundError, PayloadTooLargeError, as_maas_error
 from deployments.core import shapes
 from deployments.openai.accounts import AccountsService
-from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateKeyRequest
+from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateKeyRequest, KeyPolicyFields
 from deployments.openai.service import OpenAIService, SSEStream
 
 logger = logging.getLogger(__name__)
@@ -246,6 +246,25 @@ def build_app(service: OpenAIService, accounts: AccountsService | None = None, m
     ) -> JSONResponse:
         """The caller's tenant's usage this month (or `period`), by day, model and version; `by_user` also by the requests' `user`."""
         return await _json(accounts.tenant_usage(who, period, tenant, by_user))
+
+    @app.get("/v1/account")
+    async def account(who: Any = Depends(principal)) -> JSONResponse:
+        """The caller's tenant: its plan, budget, what it spent this month and what remains, its rate limits."""
+        return await _json(accounts.account(who))
+
+    @app.get("/v1/keys")
+    async def own_keys(who: Any = Depends(principal)) -> JSONResponse:
+        """The caller's tenant's keys (ids, names, policies; never a secret)."""
+        return await _json(accounts.own_keys(who))
+
+    @app.post("/v1/keys")
+    async def create_own_key(body: KeyPolicyFields, who: Any = Depends(principal)) -> JSONResponse:
+        """A new key of the caller's tenant, shown once (a key with a policy of its own may not do this)."""
+        return await _json(accounts.create_own_key(who, body.name, body.expires_in_s, body.policy()))
+
+    @app.post("/v1/keys/{key_id}/revoke")
+    async def revoke_own_key(key_id: str, who: Any = Depends(principal)) -> JSONResponse:
+        return await _json(accounts.revoke_own_key(who, key_id))
 
     @app.get("/admin/usage")
     async def admin_usage(

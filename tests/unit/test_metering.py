@@ -127,3 +127,29 @@ def test_over_budget_is_429_insufficient_quota_and_nothing_is_metered(tmp_path):
             "code": "insufficient_quota",
         }
         assert srv.core.ledger.events() == []
+
+
+def test_a_tenant_reads_its_account_and_manages_its_own_keys(tmp_path):
+    with Server(tmp_path, ScriptedEngine()) as srv:
+        base = f"http://127.0.0.1:{srv.port}/v1"
+        auth = {"Authorization": f"Bearer {srv.key}"}
+        httpx.post(base + "/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}, headers=auth)
+        account = httpx.get(base + "/account", headers=auth).json()
+        assert account["tenant"] == "acme" and account["plan"] == "free" and account["monthly_budget"] is None and account["currency"] == "USD"
+        made = httpx.post(base + "/keys", json={"name": "ci", "expires_in_s": 3600, "models": ["m"], "rpm": 5}, headers=auth).json()
+        assert made["key"].startswith("sk-maas-") and made["models"] == ["m"] and made["rpm"] == 5 and made["tenant"] == "acme"
+        listed = httpx.get(base + "/keys", headers=auth).json()["data"]
+        assert {k["key_id"] for k in listed} >= {made["key_id"]} and all("key" not in k and "key_hash" not in k for k in listed)
+        # The new key is restricted: it may call the API but not mint or revoke keys.
+        narrow = {"Authorization": f"Bearer {made['key']}"}
+        refused = httpx.post(base + "/keys", json={"name": "escalate"}, headers=narrow)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "permission_denied"
+        assert httpx.post(base + "/keys", json={"tenant": "other"}, headers=auth).status_code == 400  # no tenant, role or plan here
+        other, other_rec = srv.core.create_key("globex")
+        assert httpx.post(base + f"/keys/{other_rec.key_id}/revoke", headers=auth).status_code == 404  # another tenant's key
+        revoked = httpx.post(base + f"/keys/{made['key_id']}/revoke", headers=auth).json()
+        assert revoked["revoked_at"] is not None
+        deadline = time.monotonic() + 5
+        while httpx.get(base + "/models", headers=narrow).status_code != 401:  # refused once the replica syncs the revocation
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
