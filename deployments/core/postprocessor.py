@@ -61,10 +61,12 @@ class StopMatcher:
         if not self._stops:
             return text, False
         buf = self._held + text
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        # The stop that completes first wins (as when text arrives a character at a time), so the cut does not
+        # depend on how the text was chunked; of stops completing at once, the longest (it starts first).
+        hits = [(i + len(s), i) for s in self._stops if (i := buf.find(s)) >= 0]
         if hits:
             self._held = ""
-            return buf[: min(hits)], True
+            return buf[: min(hits)[1]], True
         hold = self._partial_suffix(buf)
         self._held = buf[len(buf) - hold:] if hold else ""
         return buf[: len(buf) - hold], False

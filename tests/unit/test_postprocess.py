@@ -142,3 +142,16 @@ def test_real_tokenizer_roundtrip_if_model_present():
     decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
     detok = IncrementalDetokenizer(decode, context_ids=tok.encode("Say:", add_special_tokens=False))
     assert "".join(detok.push([i]) for i in ids) + detok.flush() == text
+
+
+def test_the_stop_that_completes_first_wins_however_the_text_is_chunked():
+    """Found by the property tier: with stops "é" and "aéa", "é" completes first, so the cut is after "a", whether
+    "aéa" arrives whole or a character at a time (it used to give "" whole and "a" chunked)."""
+    for chunks in (["a\u00e9a"], ["a", "\u00e9", "a"], ["a\u00e9", "a"]):
+        m, out = StopMatcher(["\u00e9", "a\u00e9a"]), ""
+        for c in chunks:
+            piece, hit = m.push(c)
+            out += piece
+            if hit:
+                break
+        assert (out, hit) == ("a", True), chunks
