@@ -306,7 +306,17 @@ def test_billing_metrics_reach_rays_metrics_endpoint(base_url, client):
 def test_restarting_the_serve_app_keeps_all_usage(base_url, billing_actor, maas_config, api_key):
     from ray import serve
 
-    before = wait(admin_client(billing_actor).totals(period_of(time.time())))
+    def totals():
+        return wait(admin_client(billing_actor).totals(period_of(time.time())))
+
+    # The earlier tests' last reports (an ingress flush, a generator's witness) may still be on their way: settle first.
+    before, deadline = totals(), time.monotonic() + 30
+    while True:
+        time.sleep(1.5)
+        now = totals()
+        if now == before or time.monotonic() > deadline:
+            break
+        before = now
     serve.delete(maas_config.app_name)
     local.deploy(maas_config)
     after = wait(admin_client(billing_actor).totals(period_of(time.time())))
