@@ -1,0 +1,64 @@
+"""The version application of one store version of a model: postprocessor → generator (no HTTP route).
+
+Kept apart from the front application (`deployments.app`) so the version lifecycle
+(`deployments.fleet`), which the ingress itself drives for the console, imports no ingress.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from common.config import DeploymentConfig, MaasConfig
+from common.model_store import ModelVersion, open_store
+from deployments.generator import Generator
+from deployments.network import setup_hook_env
+from deployments.postprocessor import Postprocessor
+from deployments.routing import PINNED_ROUTER
+
+
+def deployment_options(stage: DeploymentConfig, *, gpus: float = 0.0) -> dict[str, Any]:
+    """Serve `.options(...)` for one stage from its config."""
+    actor: dict[str, Any] = {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus if stage.num_gpus is not None else gpus}
+    if stage.resources:
+        actor["resources"] = dict(stage.resources)
+    if stage.memory_gib:
+        actor["memory"] = int(stage.memory_gib * 2**30)
+    # Every replica binds its inter-replica server to its node's IP, not every interface (deployments.network).
+    actor["runtime_env"] = {"env_vars": {**setup_hook_env(), **stage.env_vars}}
+    auto = stage.autoscaling
+    return {
+        "max_ongoing_requests": stage.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": auto.min_replicas,
+            "initial_replicas": auto.initial_replicas if auto.initial_replicas is not None else auto.min_replicas,
+            "max_replicas": max(auto.max_replicas, auto.min_replicas),
+            "target_ongoing_requests": auto.target_ongoing_requests,
+            "upscale_delay_s": auto.upscale_delay_s,
+            "downscale_delay_s": auto.downscale_delay_s,
+        },
+        "ray_actor_options": actor,
+    }
+
+
+def resolve_model(config: MaasConfig, version: str | None = None) -> ModelVersion:
+    """A concrete store version (`latest` resolved once, so every stage serves the same one)."""
+    return open_store(config.store_root()).resolve(config.model.name, version or config.model.version)
+
+
+def build_version_app(config: MaasConfig, version: str) -> Application:
+    """Postprocessor → generator for one store version."""
+    model = resolve_model(config, version)
+    stages = config.deployments
+    path = str(model.path)
+    billing = config.billing.model_dump(mode="json")
+    if config.billing.enabled:
+        config.billing.price_book.price_for(config.model.name, model.version)  # fail at deploy time, not per request
+    drain = {"graceful_shutdown_timeout_s": config.model.drain_timeout_s}
+    # Both stream back through carriers that must reach one replica (deployments.core.relay).
+    relay = {"request_router_config": {"request_router_class": PINNED_ROUTER}}
+    generator = Generator.options(**deployment_options(stages.generator, gpus=1.0 if config.engine.accelerator == "gpu" else 0.0), **drain, **relay).bind(
+        path, config.engine.model_dump(), billing, config.model.name, model.version
+    )
+    return Postprocessor.options(**deployment_options(stages.postprocessor), **drain, **relay).bind(generator, path)
