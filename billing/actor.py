@@ -82,8 +82,8 @@ class BillingActor(BillingCore):
         return super().alerts(tenant)
 
     @ray.method(concurrency_group=REPORTS)
-    def audit_log(self, limit: int = 100) -> list[dict]:
-        return super().audit_log(limit)
+    def audit_log(self, limit: int = 100, action: str | None = None, who: str | None = None, target: str | None = None, since: float | None = None) -> list[dict]:
+        return super().audit_log(limit, action, who, target, since)
 
 
 def get_or_create(config: BillingConfig) -> Any:

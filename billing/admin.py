@@ -66,6 +66,10 @@ class BillingAdmin:
         """Tenant -> plan name."""
         return await self._invoke("tenants")
 
+    async def tenants_overview(self, period: str) -> list[dict]:
+        """Every tenant's plan, limits, requests, tokens and spend in `period`, top spenders first."""
+        return await self._invoke("tenants_overview", period)
+
     # ---- reports -----------------------------------------------------------------------------
 
     async def spend_rows(self, period: str | None = None, tenant: str | None = None, by_day: bool = False, by_user: bool = False) -> list[SpendRow]:
@@ -89,8 +93,9 @@ class BillingAdmin:
         """An operator action taken outside billing (e.g. a model version canaried, promoted or rolled back)."""
         await self._invoke("record_audit", who, action, target, detail)
 
-    async def audit_log(self, limit: int = 100) -> list[dict]:
-        return await self._invoke("audit_log", limit)
+    async def audit_log(self, limit: int = 100, action: str | None = None, who: str | None = None, target: str | None = None, since: float | None = None) -> list[dict]:
+        """Newest first; `action` is a prefix (`model.`, `key.`), `who` and `target` exact, `since` a Unix time."""
+        return await self._invoke("audit_log", limit, action, who, target, since)
 
 
 def wait(call: Awaitable[T], timeout_s: float = 60.0) -> T:

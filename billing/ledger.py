@@ -487,9 +487,19 @@ class Ledger:
                 q = q.where(alerts.c.tenant == tenant)
             return [dict(r._mapping) for r in conn.execute(q)]
 
-    def audit_log(self, limit: int = 100) -> list[dict]:
+    def audit_log(self, limit: int = 100, action: str | None = None, who: str | None = None, target: str | None = None, since: float | None = None) -> list[dict]:
+        """The newest entries first; `action` matches a prefix (`key.` for every key action), `who` and `target` exactly."""
+        q = select(audit)
+        if action:
+            q = q.where(audit.c.action.startswith(action, autoescape=True))
+        if who:
+            q = q.where(audit.c.who == who)
+        if target:
+            q = q.where(audit.c.target == target)
+        if since is not None:
+            q = q.where(audit.c.ts >= since)
         with self.engine.connect() as conn:
-            return [r._asdict() for r in conn.execute(select(audit).order_by(audit.c.id.desc()).limit(limit))]
+            return [r._asdict() for r in conn.execute(q.order_by(audit.c.id.desc()).limit(limit))]
 
     # ---- helpers ----------------------------------------------------------------------------
 

@@ -37,8 +37,20 @@ def tally(rows: Sequence[SpendRow], key: Callable[[SpendRow], K]) -> dict[K, Tal
     return dict(sorted(acc.items()))
 
 
+def _breakdown(rows: Sequence[SpendRow], name: str, key: Callable[[SpendRow], str]) -> list[dict]:
+    """One entry per `key` (a day, `model@version`, a tenant) with its requests, tokens and cost: the charts' numbers."""
+    return [
+        {name: k, "requests": a.requests, "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
+         "total_tokens": a.prompt_tokens + a.completion_tokens, "cost": str(a.amount)}
+        for k, a in tally(rows, key).items()
+    ]  # fmt: skip
+
+
 def usage_report(rows: Sequence[SpendRow], period: str, currency: str, tenant: str | None = None, by_user: bool = False) -> dict:
-    """Requests, tokens and exact cost by tenant, day, model and version, and by end user (`user`) when asked (amounts as decimal strings)."""
+    """Requests, tokens and exact cost by tenant, day, model and version, and by end user (`user`) when asked (amounts as decimal strings).
+
+    `by_day`, `by_model` and `by_tenant` are the same rows summed one way each (what the console's charts draw); each sums to `total`.
+    """
     kept = [r for r in rows if r.period == period and (tenant is None or r.tenant == tenant)]
     data = [
         {
@@ -50,5 +62,7 @@ def usage_report(rows: Sequence[SpendRow], period: str, currency: str, tenant: s
     total = tally(kept, lambda r: 0).get(0, Tally())
     return {
         "object": "usage", "period": period, "currency": currency, "tenant": tenant, "data": data,
+        "by_day": _breakdown(kept, "day", lambda r: r.day or ""), "by_model": _breakdown(kept, "model", lambda r: f"{r.model}@{r.version}"),
+        "by_tenant": _breakdown(kept, "tenant", lambda r: r.tenant),
         "total": {"requests": total.requests, "prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens, "cost": str(total.amount)},
     }  # fmt: skip

@@ -22,7 +22,7 @@ from billing.ledger import Ledger, SpendRow
 from billing.pricing import cost
 from billing.quota import ZERO, Ask, Grant, decide_grant, period_of, window_of
 from billing.records import KeyRecord, SyncReply, SyncRequest, UsageEvent, key_subject, split_subject
-from billing.reports import tally
+from billing.reports import Tally, tally
 from billing.witness import ENGINE, INGRESS, Witness
 from common.config import BillingConfig, Plan
 from common.errors import InternalError, InvalidRequestError, NotFoundError
@@ -350,6 +350,15 @@ class BillingCore:
             "remaining": None if remaining is None else str(remaining), "rpm": plan.rpm, "tpm": plan.tpm,
         }  # fmt: skip
 
+    def tenants_overview(self, period: str) -> list[dict]:
+        """Every tenant's account (plan, budget, limits) with its requests, tokens and spend this period from the ledger, top spenders first."""
+        used = tally(self.ledger.spend(period), lambda r: r.tenant)
+        out = []
+        for tenant in sorted(set(self._plans) | {k.tenant for k in self.ledger.keys()} | set(used)):
+            a = used.get(tenant, Tally())
+            out.append({**self.account(tenant, period), "requests": a.requests, "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "spent": str(a.amount)})
+        return sorted(out, key=lambda t: (-Decimal(t["spent"]), t["tenant"]))
+
     def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
         return [k for k in self.ledger.keys() if tenant is None or k.tenant == tenant]
 
@@ -381,8 +390,8 @@ class BillingCore:
         """An operator action taken outside billing (e.g. a model version canaried, promoted or rolled back)."""
         self.ledger.audit(who, action, target, detail)
 
-    def audit_log(self, limit: int = 100) -> list[dict]:
-        return self.ledger.audit_log(limit)
+    def audit_log(self, limit: int = 100, action: str | None = None, who: str | None = None, target: str | None = None, since: float | None = None) -> list[dict]:
+        return self.ledger.audit_log(limit, action, who, target, since)
 
     def status(self) -> dict:
         return {

@@ -19,9 +19,11 @@ from ray.serve.handle import DeploymentHandle
 from common.config import MaasConfig
 from common.logs import setup_logging
 from deployments.core.traffic import TrafficFile, TrafficFollower, version_app_name
+from deployments.fleet import ServeFleet
 from deployments.handles import PostprocessorHandleClient, TokenizerHandleClient
 from deployments.observability import RayRequestMetrics
 from deployments.openai.accounts import AccountsService
+from deployments.openai.operations import OperationsService
 from deployments.openai.routes import build_app
 from deployments.openai.service import Backend, OpenAIService
 
@@ -36,7 +38,7 @@ class Ingress:
         self._config = cfg = MaasConfig.model_validate(config)
         self._engine_ready: set[str] = set()
         billing = cfg.billing
-        self._billing = self._accounts = None
+        self._billing = self._accounts = self._operations = None
         on_reject = None
         if billing.enabled:
             from billing import actor
@@ -50,6 +52,7 @@ class Ingress:
             self._billing = BillingClient(billing, actor.ActorTransport(handle), holder, on_outbox=self._metrics.outbox_size)
             on_reject = self._metrics.rejected
             self._accounts = AccountsService(actor.admin_client(handle), billing.price_book.currency, time.time)
+            self._operations = OperationsService(ServeFleet(cfg), cfg.model.name)  # the console's traffic and health (admin keys)
             asyncio.get_running_loop().create_task(self._billing.start())
         self._traffic = TrafficFollower(TrafficFile(cfg.store_root(), cfg.app_name, cfg.model.name), self._backend)
         self._service = OpenAIService(
@@ -109,7 +112,7 @@ class Ingress:
         return self._traffic.plan.to_json() if self._traffic.plan else None
 
     def __serve_build_asgi_app__(self):
-        return build_app(self._service, self._accounts, self._config.request_limits().max_body_bytes)
+        return build_app(self._service, self._accounts, self._config.request_limits().max_body_bytes, self._operations)
 
     async def __del__(self) -> None:
         for task in self._tasks:

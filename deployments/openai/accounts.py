@@ -95,7 +95,8 @@ class AccountsService:
 
     async def account(self, principal: Any) -> dict:
         self._limiter.take(principal.tenant)
-        return await self._admin.account(principal.tenant, self._period(None))
+        account = await self._admin.account(principal.tenant, self._period(None))
+        return {**account, "key": {"key_id": principal.key_id, "name": principal.name, "role": principal.role}}
 
     async def own_keys(self, principal: Any) -> dict:
         self._limiter.take(principal.tenant)
@@ -121,5 +122,10 @@ class AccountsService:
         keep = ("id", "tenant", "period", "threshold", "state", "attempts", "created_at", "sent_at", "last_error")
         return {"object": "list", "data": [{k: a[k] for k in keep} for a in await self._admin.alerts(tenant)]}
 
-    async def audit(self, limit: int) -> dict:
-        return {"object": "list", "data": await self._admin.audit_log(limit)}
+    async def audit(self, limit: int, action: str | None = None, who: str | None = None, target: str | None = None, since: float | None = None) -> dict:
+        return {"object": "list", "data": await self._admin.audit_log(limit, action, who, target, since)}
+
+    async def tenants(self, period: str | None) -> dict:
+        """Every tenant with its plan, budget, limits and this period's usage from the ledger, top spenders first."""
+        period = self._period(period)
+        return {"object": "list", "period": period, "currency": self._currency, "data": await self._admin.tenants_overview(period)}

@@ -258,3 +258,13 @@ class CreateKeyRequest(KeyPolicyFields):
     tenant: str = Field(..., min_length=1, max_length=128, pattern=TENANT_PATTERN)
     plan: str | None = Field(None, description="Plan of the tenant (kept if omitted, the default plan for a new tenant).")
     role: Literal["tenant", "admin"] = "tenant"
+
+
+class TrafficChange(BaseModel):
+    """Body of POST /admin/traffic: one change of the live traffic plan (what `maas models canary|promote|rollback` do)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["canary", "promote", "rollback"] = Field(..., description="canary: send `weight`% to `version`; promote: make it stable; rollback: undo.")
+    version: str | None = Field(None, min_length=1, max_length=64, pattern=r"^v\d+$", description="The store version (canary; promote defaults to the canary).")
+    weight: int | None = Field(None, ge=1, le=100, description="Percent of requests to the canary (canary only).")
