@@ -13,21 +13,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.config import MaasConfig
 from common.errors import EngineNotReadyError, InternalError, InvalidRequestError, MaasError, NotFoundError, PayloadTooLargeError, as_maas_error
 from deployments.core import shapes
 from deployments.openai.accounts import AccountsService
-from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateKeyRequest, KeyPolicyFields
+from deployments.openai.operations import OperationsService
+from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateKeyRequest, KeyPolicyFields, TrafficChange
 from deployments.openai.service import OpenAIService, SSEStream
 
 logger = logging.getLogger(__name__)
+
+
+CONSOLE_DIR = Path(__file__).parent / "console"
+CONSOLE_FILES = {"index.html": "text/html; charset=utf-8", "console.js": "text/javascript; charset=utf-8", "console.css": "text/css; charset=utf-8"}
+# Only this server's own script, styles and API; no framing; nothing leaks the page's address.
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -189,7 +203,9 @@ async def _json(call: Awaitable[Any]) -> JSONResponse:
         return error_response(exc)
 
 
-def build_app(service: OpenAIService, accounts: AccountsService | None = None, max_body_bytes: int | None = None) -> FastAPI:
+def build_app(
+    service: OpenAIService, accounts: AccountsService | None = None, max_body_bytes: int | None = None, operations: OperationsService | None = None
+) -> FastAPI:
     app = FastAPI(title="ray-maas", summary="OpenAI-compatible API served by ray-maas")
     app.add_middleware(Gate, service=service, max_body_bytes=max_body_bytes or MaasConfig().request_limits().max_body_bytes)
 
@@ -218,6 +234,18 @@ def build_app(service: OpenAIService, accounts: AccountsService | None = None, m
     @app.exception_handler(Exception)
     async def _on_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
+
+    @app.get("/console", include_in_schema=False)
+    async def console_root() -> RedirectResponse:
+        return RedirectResponse("console/", status_code=308)  # relative: right under any route prefix
+
+    @app.get("/console/", include_in_schema=False)
+    @app.get("/console/{name}", include_in_schema=False)
+    async def console(name: str = "index.html") -> Response:
+        """The web console: three static files over this API (the key stays in the browser's session storage)."""
+        if name not in CONSOLE_FILES:
+            return error_response(NotFoundError("Unknown console file."))
+        return Response((CONSOLE_DIR / name).read_bytes(), media_type=CONSOLE_FILES[name], headers=CONSOLE_HEADERS)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -296,7 +324,37 @@ def build_app(service: OpenAIService, accounts: AccountsService | None = None, m
         return await _json(accounts.alerts(tenant))
 
     @app.get("/admin/audit")
-    async def admin_audit(who: Any = Depends(admin), limit: int = Query(100, ge=1, le=10000)) -> JSONResponse:
-        return await _json(accounts.audit(limit))
+    async def admin_audit(
+        who: Any = Depends(admin),
+        limit: int = Query(100, ge=1, le=10000),
+        action: str | None = Query(None, max_length=64, description="A prefix of the action: `model.`, `key.`, `tenant.`, `alert.` ..."),
+        actor: str | None = Query(None, max_length=128, description="Who acted (exactly)."),
+        target: str | None = Query(None, max_length=256, description="What was acted on (exactly): a key id, a tenant, a model."),
+        since: float | None = Query(None, ge=0, description="Entries at or after this Unix time."),
+    ) -> JSONResponse:
+        return await _json(accounts.audit(limit, action, actor, target, since))
+
+    @app.get("/admin/tenants")
+    async def admin_tenants(who: Any = Depends(admin), period: str | None = Query(None, pattern=r"^\d{4}-\d{2}$")) -> JSONResponse:
+        """Every tenant: plan, budget, limits, and this period's requests, tokens and spend (top spenders first)."""
+        return await _json(accounts.tenants(period))
+
+    if operations is None:
+        return app
+
+    @app.get("/admin/traffic")
+    async def admin_traffic(who: Any = Depends(admin)) -> JSONResponse:
+        """The live traffic plan of the served model and the store's versions of it."""
+        return await _json(operations.traffic())
+
+    @app.post("/admin/traffic")
+    async def admin_change_traffic(body: TrafficChange, who: Any = Depends(admin)) -> JSONResponse:
+        """Canary, promote or roll back (as `maas models ...`); answers once the new plan is live."""
+        return await _json(operations.change(who, body))
+
+    @app.get("/admin/health")
+    async def admin_health(who: Any = Depends(admin)) -> JSONResponse:
+        """Serve's status of every application, deployment and proxy."""
+        return await _json(operations.health())
 
     return app

@@ -29,7 +29,8 @@ from tests.unit.test_billing import PRICE, InProcess, config
 class Server:
     """uvicorn in a thread, serving the ingress app with billing wired in-process."""
 
-    def __init__(self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None):
+    def __init__(self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None, operations=None):
+        self.operations = operations
         self.core = BillingCore(config(free=Plan(), tiny=Plan(monthly_budget=Decimal("0.00001")), one_rpm=Plan(rpm=1)), Ledger(f"sqlite:///{tmp_path}/l.db"))
         self.key, _ = self.core.create_key("acme")
         self.engine = engine
@@ -43,7 +44,7 @@ class Server:
         await self.billing.start()
 
         service = OpenAIService("m", self.tokenizer, StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), PRICE)), billing=self.billing, limits=self.limits)
-        return build_app(service, AccountsService(BillingAdmin.in_process(self.core), "USD", time.time), self.limits.max_body_bytes if self.limits else None)
+        return build_app(service, AccountsService(BillingAdmin.in_process(self.core), "USD", time.time), self.limits.max_body_bytes if self.limits else None, self.operations)
 
     def run(self):
         loop = asyncio.new_event_loop()
