@@ -24,7 +24,7 @@ from typing import Callable
 
 from common.config import MaasConfig
 from common.model_store import open_store
-from deployments.core.traffic import TrafficError, TrafficFile, TrafficPlan, canary, promote, rollback, version_app_name
+from deployments.core.traffic import TrafficError, TrafficFile, TrafficPlan, plan_change, version_app_name
 from deployments.version_app import build_version_app
 
 logger = logging.getLogger(__name__)
@@ -171,20 +171,6 @@ def do_promote(config: MaasConfig, version: str | None, who: str) -> TrafficPlan
 
 def do_rollback(config: MaasConfig, who: str) -> TrafficPlan:
     return apply_change(config, plan_change("rollback", None, None, who), who)[1]
-
-
-def plan_change(action: str, version: str | None, weight: int | None, who: str) -> Callable[[TrafficPlan], TrafficPlan]:
-    """The pure change an operator asks for by name (`canary` needs a version and a weight; `promote` may name a version)."""
-    now = time.time()
-    if action == "canary":
-        if not version or weight is None:
-            raise TrafficError("A canary needs a version and a weight.", param="version" if not version else "weight")
-        return lambda p: canary(p, version, weight, who, now)
-    if action == "promote":
-        return lambda p: promote(p, version, who, now)
-    if action == "rollback":
-        return lambda p: rollback(p, who, now)
-    raise TrafficError(f"Unknown traffic action `{action}`; use canary, promote or rollback.", param="action")
 
 
 def health() -> dict:

@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator, Sequence
 
 from deployments.core.postprocessor import ResponseWriter
 from deployments.core.tokenizer import PromptTokenizer
+from deployments.core.traffic import TrafficPlan, plan_change
 from deployments.core.types import GenerationRequest, TokenDelta, TokenizedPrompt
 
 EOS = 256
@@ -94,3 +95,34 @@ class FakePostprocessorClient:
 
     async def complete(self, req: GenerationRequest) -> dict:
         return await self.logic.complete(req, self.engine.generate(req))
+
+
+class FakeFleet:
+    """`deployments.openai.operations.Fleet` over an in-memory plan and the same pure traffic changes as Serve's."""
+
+    def __init__(self):
+        self.live = TrafficPlan("m", stable="v1", revision=1)
+        self.store = ["v1", "v2", "v3"]
+        self.calls: list[tuple] = []
+        self.settled = 0
+
+    def _json(self) -> dict:
+        return {**self.live.to_json(), "weights": self.live.weights(), "deployed": self.live.deployed()}
+
+    def plan(self) -> dict | None:
+        return self._json()
+
+    def versions(self) -> list[dict]:
+        return [{"version": v, "created_at": None, "base": None, "eval_loss": None} for v in self.store]
+
+    def change(self, action, version, weight, who) -> dict:
+        self.calls.append((action, version, weight, who))
+        self.live = plan_change(action, version, weight, who)(self.live)
+        return self._json()
+
+    def settle(self) -> list[str]:
+        self.settled += 1
+        return []
+
+    def health(self) -> dict:
+        return {"applications": {"maas": {"status": "RUNNING", "message": "", "deployments": {"Ingress": {"status": "HEALTHY", "message": "", "replicas": {"RUNNING": 1}}}}}, "proxies": {"n1": "HEALTHY"}}

@@ -103,6 +103,20 @@ def rollback(plan: TrafficPlan, who: str = "", now: float = 0.0) -> TrafficPlan:
     raise TrafficError(f"{plan.model} has nothing to roll back to (no canary, no previous version).")
 
 
+def plan_change(action: str, version: str | None, weight: int | None, who: str) -> Callable[[TrafficPlan], TrafficPlan]:
+    """The pure change an operator asks for by name (`canary` needs a version and a weight; `promote` may name a version)."""
+    now = time.time()
+    if action == "canary":
+        if not version or weight is None:
+            raise TrafficError("A canary needs a version and a weight.", param="version" if not version else "weight")
+        return lambda p: canary(p, version, weight, who, now)
+    if action == "promote":
+        return lambda p: promote(p, version, who, now)
+    if action == "rollback":
+        return lambda p: rollback(p, who, now)
+    raise TrafficError(f"Unknown traffic action `{action}`; use canary, promote or rollback.", param="action")
+
+
 class SmoothWeightedPicker:
     """nginx's smooth weighted round-robin: over any 100 picks each version gets exactly its weight, interleaved."""
 

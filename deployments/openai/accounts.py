@@ -58,7 +58,7 @@ class ReportLimiter:
 
 
 class AccountsService:
-    def __init__(self, admin: BillingAdmin, currency: str, clock: Callable[[], float], reports_per_s: float = 1.0, reports_burst: int = 5):
+    def __init__(self, admin: BillingAdmin, currency: str, clock: Callable[[], float], reports_per_s: float = 1.0, reports_burst: int = 10):
         self._admin = admin
         self._currency = currency
         self._clock = clock

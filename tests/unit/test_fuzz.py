@@ -16,7 +16,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from billing.keys import hash_key
-from tests.fakes import ScriptedEngine
+from deployments.openai.operations import OperationsService
+from tests.fakes import FakeFleet, ScriptedEngine
 from tests.unit.test_metering import Server
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ DEFAULT_EXAMPLES = 120
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with Server(tmp_path_factory.mktemp("fuzz"), ScriptedEngine(reply="fuzz")) as srv:
+    with Server(tmp_path_factory.mktemp("fuzz"), ScriptedEngine(reply="fuzz"), operations=OperationsService(FakeFleet(), "m")) as srv:
         srv.admin_key, _ = srv.core.create_key("operators", role="admin")
         yield srv
 
@@ -49,7 +50,7 @@ def test_every_route_answers_generated_requests_without_5xx_in_the_envelope_and_
     secrets = [server.key, server.admin_key, hash_key(server.key), hash_key(server.admin_key)]
     counts: Counter[str] = Counter()
     operations = [r.ok() for r in schema.get_all_operations()]
-    assert {o.path for o in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", "/admin/keys", "/admin/usage"}
+    assert {o.path for o in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", "/admin/keys", "/admin/usage", "/admin/traffic", "/admin/tenants", "/admin/health"}
     for op in operations:
         if not op.path.startswith(("/v1", "/admin")):
             continue

@@ -197,13 +197,14 @@ async function render() {
     return;
   }
   try {
-    if (!state.account) await signIn(sessionStorage.getItem(KEY));
+    const justSignedIn = !state.account;
+    if (justSignedIn) await signIn(sessionStorage.getItem(KEY));
     const all = [...TENANT_PAGES, ...(state.admin ? OPERATOR_PAGES : [])].map((p) => p[0]);
     let page = (location.hash.match(/^#\/(\w+)/) || [])[1];
     if (!all.includes(page)) page = "usage";
     drawNav(page);
     view.replaceChildren(el("p", { class: "muted" }, "Loading…"));
-    view.replaceChildren(await PAGES[page]());
+    view.replaceChildren(await (page === "usage" && justSignedIn ? usagePage(null, false) : PAGES[page]()));
     view.setAttribute("data-page", page);
   } catch (exc) {
     if (exc.status === 401) {
@@ -222,12 +223,29 @@ function monthPicker(current, onChange) {
   return el("label", {}, "Month ", el("select", { id: "period", onchange: (e) => onChange(e.target.value) }, months().map((m) => el("option", { value: m, selected: m === current }, m))));
 }
 
+// Every day of the month so far (of the whole month, for a past one): days without usage drawn as zero.
+function monthDays(period, byDay) {
+  if (!byDay.length) return [];
+  const [y, m] = period.split("-").map(Number);
+  const last = new Date(Date.UTC(y, m, 0)).getUTCDate();
+  const today = new Date().toISOString().slice(0, 10);
+  const have = new Map(byDay.map((d) => [d.day, d]));
+  const out = [];
+  for (let i = 1; i <= last; i++) {
+    const day = `${period}-${String(i).padStart(2, "0")}`;
+    if (day > today && !have.has(day)) break;
+    out.push(have.get(day) || { day, requests: 0, prompt_tokens: 0, completion_tokens: 0, cost: "0" });
+  }
+  return out;
+}
+
 function usageSection(report, { byTenant = false } = {}) {
   const cur = report.currency;
   const t = report.total;
   const tokens = t.prompt_tokens + t.completion_tokens;
-  const days = report.by_day.map((d) => ({ label: d.day, parts: [d.cost], d }));
-  const tokenDays = report.by_day.map((d) => ({ label: d.day, parts: [d.prompt_tokens, d.completion_tokens], d }));
+  const everyDay = monthDays(report.period, report.by_day);
+  const days = everyDay.map((d) => ({ label: d.day, parts: [d.cost], d }));
+  const tokenDays = everyDay.map((d) => ({ label: d.day, parts: [d.prompt_tokens, d.completion_tokens], d }));
   const models = report.by_model.map((m) => ({ label: m.model, parts: [m.cost], m }));
   return el(
     "div", {},
@@ -245,8 +263,8 @@ function usageSection(report, { byTenant = false } = {}) {
   );
 }
 
-async function usagePage(period) {
-  const a = await api("GET", "/v1/account");
+async function usagePage(period, fresh = true) {
+  const a = fresh ? await api("GET", "/v1/account") : state.account;
   state.account = a;
   period = period || a.period;
   const report = await api("GET", `/v1/usage?period=${encodeURIComponent(period)}`);
@@ -273,8 +291,8 @@ async function keysPage(created) {
     button.disabled = true;
     try {
       await api("POST", `/v1/keys/${encodeURIComponent(k.key_id)}/revoke`);
-      notice(`Revoked ${k.key_id}.`);
       document.getElementById("view").replaceChildren(await keysPage());
+      notice(`Revoked ${k.key_id}.`);
     } catch (exc) { showError(exc); button.disabled = false; }
   };
   const create = async (e) => {
@@ -338,8 +356,8 @@ async function trafficPage() {
     notice(`${body.action}… (deploying a version that is not running yet takes a while)`);
     try {
       const r = await api("POST", "/admin/traffic", body);
-      notice(`${body.action}: ${Object.entries(r.plan.weights).map(([v, w]) => `${v} ${w}%`).join(", ")} (revision ${r.plan.revision}).`);
       document.getElementById("view").replaceChildren(await trafficPage());
+      notice(`${body.action}: ${Object.entries(r.plan.weights).map(([v, w]) => `${v} ${w}%`).join(", ")} (revision ${r.plan.revision}).`);
     } catch (exc) { notice(null); showError(exc); button.disabled = false; }
   };
   if (!p) return el("div", {}, el("h2", {}, "Traffic"), el("p", {}, `${t.model} is not deployed (no traffic plan).`));

@@ -1,0 +1,204 @@
+"""The web console in a real headless Chromium (Debian's `chromium`, driven by playwright) against the real app.
+
+A tenant signs in and sees the spend its requests made, equal to `/v1/usage`; creates a key on the
+page, calls the API with it, revokes it on the page and sees the API refuse it.  An operator starts
+a canary and moves its weight on the page, and `maas models traffic` shows each change; a wrong
+key is a clear error.  Each page is saved as a screenshot under `tests/artifacts/console/`
+(the small PNGs linked from the README are these, committed under `docs/images/console/`).
+
+The module serves from a store of its own: the default model's v1 linked in, and a v2 made of the
+same files (a second version to canary without training one).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from billing.actor import admin_client
+from billing.admin import wait
+from common.model_store import METADATA_FILE
+from common.runtime import REPO_ROOT
+from tests.integration.conftest import create_key
+from tests.integration.test_training import linked_store
+
+pytestmark = pytest.mark.integration
+MODEL = "SmolLM2-135M-Instruct"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = REPO_ROOT / "tests" / "artifacts" / "console"
+
+if CHROMIUM is None:  # `.ci/run` installs Debian's chromium; a developer's machine may lack it
+    pytest.skip("no chromium on PATH (apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def config_overrides(tmp_path_factory) -> dict:
+    root = linked_store(tmp_path_factory)
+    v1 = root / MODEL / "v1"
+    v2 = root / MODEL / "v2"
+    v2.mkdir()
+    for f in v1.iterdir():
+        if f.name != METADATA_FILE:
+            (v2 / f.name).symlink_to(f.resolve())
+    meta = json.loads((v1 / METADATA_FILE).read_text())
+    (v2 / METADATA_FILE).write_text(json.dumps({**meta, "version": "v2", "lineage": {"base": {"name": MODEL, "version": "v1"}}}))
+    return {"model_store": {"root": str(root)}, "model": {"version": "v1"}}  # v2 waits for the canary
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.errors = errors
+    yield page
+    context.close()
+    assert not page.errors, page.errors  # no script error on any page
+
+
+def _console(base_url: str) -> str:
+    return base_url.removesuffix("/v1") + "/console"
+
+
+def _sign_in(page, base_url: str, key: str) -> None:
+    page.goto(_console(base_url))
+    page.fill("#key-input", key)
+    page.click("#sign-in-form button")
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def _until(check, timeout_s: float = 30.0, every_s: float = 0.25):
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every_s)
+    return value
+
+
+def test_a_wrong_key_is_a_clear_error(page, base_url):
+    _sign_in(page, base_url, "sk-maas-not-a-real-key")
+    error = page.wait_for_selector("#error:not([hidden])")
+    assert "This key was not accepted" in error.inner_text() and "Incorrect API key" in error.inner_text()
+    assert page.is_visible("#sign-in") and not page.is_visible("#nav")
+    assert page.evaluate("sessionStorage.length") == 0
+    _shot(page, "sign-in-error")
+
+
+def test_a_tenant_sees_its_spend_and_manages_its_keys(page, base_url, billing_actor):
+    from openai import AuthenticationError, OpenAI
+
+    key, _ = create_key(billing_actor, "console-tenant", plan="enterprise")
+    client = OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
+    for n in (3, 5):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello!"}], max_tokens=n, temperature=0)
+    _until(lambda: sum(r.requests for r in wait(admin_client(billing_actor).spend_rows(None, "console-tenant"))) == 2)
+    usage = httpx.get(base_url + "/usage", headers={"Authorization": f"Bearer {key}"}).json()  # reports are rate-limited: read once
+
+    _sign_in(page, base_url, key)
+    page.wait_for_selector("#view[data-page=usage] [data-testid=total-cost]")
+    shown_cost = page.inner_text("[data-testid=total-cost]").split()[0]
+    assert Decimal(shown_cost) == Decimal(usage["total"]["cost"]) > 0
+    assert int(page.inner_text("[data-testid=total-tokens]").replace(",", "")) == usage["total"]["prompt_tokens"] + usage["total"]["completion_tokens"]
+    assert int(page.inner_text("[data-testid=total-requests]")) == 2
+    assert page.inner_text("[data-testid=plan]") == "enterprise"
+    assert f"{MODEL}@v1" in page.inner_text("[data-testid=by-model]")
+    assert page.evaluate("document.cookie") == "" and key not in page.url  # the key is in session storage only
+    _shot(page, "tenant-usage")
+
+    page.click("a[data-page=keys]")
+    page.fill("#create-key input[name=name]", "made-in-console")
+    page.fill("#create-key input[name=days]", "7")
+    page.click("#create-key button")
+    secret = page.wait_for_selector("[data-testid=new-key-secret]").inner_text().strip()
+    assert secret.startswith("sk-maas-")
+    _shot(page, "tenant-keys")
+    made = OpenAI(base_url=base_url, api_key=secret, max_retries=0, timeout=120)
+    assert made.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2).usage.completion_tokens >= 1
+
+    page.on("dialog", lambda dialog: dialog.accept())
+    row = page.locator("table[data-testid=keys] tr", has_text="made-in-console")
+    row.locator("button[data-action=revoke]").click()
+    page.wait_for_selector("#notice:not([hidden])")
+    assert "revoked" in page.locator("table[data-testid=keys] tr", has_text="made-in-console").inner_text()
+
+    def refused() -> bool:
+        try:
+            made.models.list()
+            return False
+        except AuthenticationError:
+            return True
+
+    _until(refused, 15)  # each replica drops a revoked key at its next sync
+
+
+def test_an_operator_moves_the_canary_weight_and_the_cli_sees_it(page, base_url, billing_actor, maas_config):
+    from click.testing import CliRunner
+
+    from cluster.cli import main
+
+    def cli_traffic() -> str:
+        result = CliRunner().invoke(main, ["models", "traffic"], env={"MAAS_MODEL_STORE": str(maas_config.store_root())})
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert f"{MODEL}: v1 100%" in cli_traffic()
+    admin_key, admin = create_key(billing_actor, "operators", role="admin")
+    _sign_in(page, base_url, admin_key)
+    page.wait_for_selector("a[data-page=traffic]")
+    seen = {}
+    for name in ("tenants", "spend", "health", "audit"):
+        page.click(f"a[data-page={name}]")
+        seen[name] = page.wait_for_selector(f"#view[data-page={name}] table").inner_text()
+        _shot(page, f"operator-{name}")
+    assert "console-tenant" in seen["tenants"] and "enterprise" in seen["tenants"]
+    assert "Ingress" in seen["health"] and "Generator" in seen["health"] and "HEALTHY" in seen["health"]
+
+    page.click("a[data-page=traffic]")
+    page.select_option("#canary-form select[name=version]", "v2")
+    page.fill("#canary-form input[name=weight]", "30")
+    page.click("#canary-form button")  # deploys v2 (a real engine) before the plan changes
+    page.wait_for_selector("[data-testid=canary]:has-text('v2 at 30%')", timeout=600_000)
+    assert f"{MODEL}: v1 70%, v2 30%" in cli_traffic()
+
+    page.fill("#canary-form input[name=weight]", "60")
+    page.click("#canary-form button")
+    page.wait_for_selector("[data-testid=canary]:has-text('v2 at 60%')", timeout=120_000)
+    line = cli_traffic()
+    assert f"{MODEL}: v1 40%, v2 60%" in line and f"by console:{admin.key_id}" in line
+    _shot(page, "operator-traffic")
+
+    page.click("a[data-page=audit]")
+    page.select_option("#audit-filters select[name=action]", "model.")
+    page.fill("#audit-filters input[name=actor]", f"console:{admin.key_id}")
+    page.click("#audit-filters button")
+    rows = page.locator("table[data-testid=audit] tbody tr")
+    _until(lambda: rows.count() == 2, 15)  # the two canary changes, nothing else
+    assert all("model.canary" in t and f"console:{admin.key_id}" in t for t in rows.all_inner_texts())
+
+    page.click("a[data-page=traffic]")
+    page.click("#rollback")
+    page.wait_for_selector("[data-testid=canary]:has-text('none')", timeout=120_000)
+    assert f"{MODEL}: v1 100%" in cli_traffic()
