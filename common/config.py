@@ -226,6 +226,7 @@ class LimitsConfig(Strict):
         "4 MiB gRPC message limit between stages, so no input can make an inter-stage message too large).",
     )
     max_prompt_chars: int | None = Field(None, ge=1, description="Most characters (or token ids) in one prompt, all chat messages together. Default: 32 per token of the context window.")
+    max_file_bytes: int = Field(32 * 2**20, ge=1024, le=2**30, description="Largest file `POST /v1/files` accepts (a fine-tuning dataset), in bytes: 413 past it.")
     max_messages: int = Field(256, ge=1, description="Most messages in one chat request.")
     max_stop_sequences: int = Field(4, ge=0, description="Most stop strings in one request (OpenAI allows 4).")
     max_stop_chars: int = Field(256, ge=1, description="Longest stop string, in characters.")
@@ -242,6 +243,7 @@ class RequestLimits:
     max_stop_chars: int
     max_logprobs: int = 20  # the engine's bound on top logprobs
     structured_outputs: bool = True  # whether the engine enforces response_format
+    max_file_bytes: int = 32 * 2**20  # an upload to /v1/files
 
 
 class HttpConfig(Strict):
@@ -266,7 +268,8 @@ class MaasConfig(Strict):
         lim = self.limits
         body = lim.max_body_bytes or min(2 * 2**20, max(256 * 2**10, 64 * window))
         return RequestLimits(
-            body, lim.max_prompt_chars or 32 * window, lim.max_messages, lim.max_stop_sequences, lim.max_stop_chars, self.engine.max_logprobs, self.engine.structured_outputs
+            body, lim.max_prompt_chars or 32 * window, lim.max_messages, lim.max_stop_sequences, lim.max_stop_chars, self.engine.max_logprobs, self.engine.structured_outputs,
+            lim.max_file_bytes,
         )
 
     def store_root(self) -> Path:

@@ -17,12 +17,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from common.config import MaasConfig
+from common.file_store import FileStore
 from common.logs import setup_logging
 from deployments.core.traffic import TrafficFile, TrafficFollower, version_app_name
 from deployments.fleet import ServeFleet
 from deployments.handles import PostprocessorHandleClient, TokenizerHandleClient
 from deployments.observability import RayRequestMetrics
 from deployments.openai.accounts import AccountsService
+from deployments.openai.files import FilesService
 from deployments.openai.operations import OperationsService
 from deployments.openai.routes import build_app
 from deployments.openai.service import Backend, OpenAIService
@@ -112,7 +114,9 @@ class Ingress:
         return self._traffic.plan.to_json() if self._traffic.plan else None
 
     def __serve_build_asgi_app__(self):
-        return build_app(self._service, self._accounts, self._config.request_limits().max_body_bytes, self._operations)
+        limits = self._config.request_limits()
+        files = FilesService(FileStore(self._config.store_root()))
+        return build_app(self._service, self._accounts, limits.max_body_bytes, self._operations, files, limits.max_file_bytes)
 
     async def __del__(self) -> None:
         for task in self._tasks:

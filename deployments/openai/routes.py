@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,6 +25,7 @@ from common.config import MaasConfig
 from common.errors import EngineNotReadyError, InternalError, InvalidRequestError, MaasError, NotFoundError, PayloadTooLargeError, as_maas_error
 from deployments.core import shapes
 from deployments.openai.accounts import AccountsService
+from deployments.openai.files import FilesService
 from deployments.openai.operations import OperationsService
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateKeyRequest, KeyPolicyFields, TrafficChange
 from deployments.openai.service import OpenAIService, SSEStream
@@ -66,10 +67,11 @@ class Gate:
     counting a body sent without one), and replayed to the app whole.
     """
 
-    def __init__(self, app: Any, service: OpenAIService, max_body_bytes: int):
+    def __init__(self, app: Any, service: OpenAIService, max_body_bytes: int, max_file_bytes: int | None = None):
         self.app = app
         self._service = service
         self._max = max_body_bytes
+        self._max_file = max(max_file_bytes or max_body_bytes, max_body_bytes)  # an upload to /v1/files (a dataset)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -112,9 +114,10 @@ class Gate:
         return send_with_headers
 
     async def _read_body(self, scope: Any, receive: Any) -> bytes:
-        too_large = PayloadTooLargeError(f"The request body is larger than this server's limit of {self._max} bytes.")
+        limit = self._max_file if scope["path"].startswith("/v1/files") else self._max
+        too_large = PayloadTooLargeError(f"The request body is larger than this server's limit of {limit} bytes.")
         length = _header(scope, b"content-length")
-        if length is not None and length.isdigit() and int(length) > self._max:
+        if length is not None and length.isdigit() and int(length) > limit:
             raise too_large
         chunks, size = [], 0
         while True:
@@ -123,7 +126,7 @@ class Gate:
                 raise asyncio.CancelledError()  # the client left before sending its body
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self._max:
+            if size > limit:
                 raise too_large
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -204,10 +207,16 @@ async def _json(call: Awaitable[Any]) -> JSONResponse:
 
 
 def build_app(
-    service: OpenAIService, accounts: AccountsService | None = None, max_body_bytes: int | None = None, operations: OperationsService | None = None
+    service: OpenAIService,
+    accounts: AccountsService | None = None,
+    max_body_bytes: int | None = None,
+    operations: OperationsService | None = None,
+    files: FilesService | None = None,
+    max_file_bytes: int | None = None,
 ) -> FastAPI:
     app = FastAPI(title="ray-maas", summary="OpenAI-compatible API served by ray-maas")
-    app.add_middleware(Gate, service=service, max_body_bytes=max_body_bytes or MaasConfig().request_limits().max_body_bytes)
+    limits = MaasConfig().request_limits()
+    app.add_middleware(Gate, service=service, max_body_bytes=max_body_bytes or limits.max_body_bytes, max_file_bytes=max_file_bytes or limits.max_file_bytes)
 
     async def principal(request: Request) -> Any:
         """The caller's key, checked by the Gate before the body was read; None when billing is off."""
@@ -264,6 +273,32 @@ def build_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, who: Any = Depends(principal)) -> Any:
         return await _respond(service.completion(body, who))
+
+    if files is not None:
+
+        @app.post("/v1/files")
+        async def create_file(file: UploadFile = File(..., description="A JSONL chat dataset."), purpose: str = Form(..., max_length=64), who: Any = Depends(principal)) -> JSONResponse:
+            """Upload a fine-tuning dataset (checked whole: every line a chat example, errors name the line)."""
+            return await _json(files.create(who, file.filename or "", purpose, await file.read()))
+
+        @app.get("/v1/files")
+        async def list_files(who: Any = Depends(principal), purpose: str | None = Query(None, max_length=64)) -> JSONResponse:
+            return await _json(files.list(who, purpose))
+
+        @app.get("/v1/files/{file_id}")
+        async def get_file(file_id: str, who: Any = Depends(principal)) -> JSONResponse:
+            return await _json(files.get(who, file_id))
+
+        @app.get("/v1/files/{file_id}/content")
+        async def file_content(file_id: str, who: Any = Depends(principal)) -> Response:
+            try:
+                return Response(await files.content(who, file_id), media_type="application/jsonl")
+            except Exception as exc:
+                return error_response(exc)
+
+        @app.delete("/v1/files/{file_id}")
+        async def delete_file(file_id: str, who: Any = Depends(principal)) -> JSONResponse:
+            return await _json(files.delete(who, file_id))
 
     if accounts is None:
         return app

@@ -20,6 +20,8 @@ from billing.service import BillingCore
 from common.config import Plan, RequestLimits
 from common.runtime import free_port
 from deployments.openai.accounts import AccountsService
+from common.file_store import FileStore
+from deployments.openai.files import FilesService
 from deployments.openai.routes import build_app
 from deployments.openai.service import Backend, OpenAIService, StaticPicker
 from tests.fakes import FakePostprocessorClient, FakeTokenizerClient, ScriptedEngine
@@ -31,6 +33,7 @@ class Server:
 
     def __init__(self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None, operations=None):
         self.operations = operations
+        self.tmp_path = tmp_path
         self.core = BillingCore(config(free=Plan(), tiny=Plan(monthly_budget=Decimal("0.00001")), one_rpm=Plan(rpm=1)), Ledger(f"sqlite:///{tmp_path}/l.db"))
         self.key, _ = self.core.create_key("acme")
         self.engine = engine
@@ -44,7 +47,8 @@ class Server:
         await self.billing.start()
 
         service = OpenAIService("m", self.tokenizer, StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), PRICE)), billing=self.billing, limits=self.limits)
-        return build_app(service, AccountsService(BillingAdmin.in_process(self.core), "USD", time.time), self.limits.max_body_bytes if self.limits else None, self.operations)
+        files = FilesService(FileStore(self.tmp_path / "store"))
+        return build_app(service, AccountsService(BillingAdmin.in_process(self.core), "USD", time.time), self.limits.max_body_bytes if self.limits else None, self.operations, files)
 
     def run(self):
         loop = asyncio.new_event_loop()
