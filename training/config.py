@@ -33,8 +33,23 @@ class DataConfig(Strict):
     max_seq_len: int = Field(256, ge=8, description="Examples are truncated to this many tokens.")
 
 
+class LoraConfig(Strict):
+    rank: int = Field(8, ge=1, le=256, description="Rank of the low-rank update (vLLM serves adapters up to `engine.max_lora_rank`).")
+    alpha: float = Field(16.0, gt=0, description="Scale of the update (alpha / rank).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, description="Linear layers that get an adapter (attention projections by default)."
+    )
+
+
+class MethodConfig(Strict):
+    type: Literal["full", "lora"] = Field("full", description="`full` trains every weight and publishes a new version; `lora` trains an adapter (peft) served on the base.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="The adapter, with type=lora.")
+
+
 class OptimConfig(Strict):
-    max_steps: int = Field(60, ge=1, description="Optimizer steps in the run.")
+    max_steps: int = Field(60, ge=1, description="Optimizer steps in the run (with `epochs`, an upper bound).")
+    epochs: int | None = Field(None, ge=1, le=100, description="Passes over the training examples; sets the steps from the data (at most `max_steps`).")
     batch_size_per_worker: int = Field(4, ge=1, description="Examples per worker per step (the global batch is this × workers).")
     learning_rate: float = Field(5e-5, gt=0, description="Peak AdamW learning rate (linear warm-up, then linear decay to 10%).")
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
@@ -60,11 +75,16 @@ class CheckpointConfig(Strict):
 class OutputConfig(Strict):
     name: str | None = Field(None, description="Model name the result is published under (default: the base model's, i.e. a new version of it).")
     publish: bool = Field(True, description="Publish the final checkpoint as a new version in the model store.")
+    report_dir: str | None = Field(
+        None, description="A folder every node can write where the job appends `events.jsonl` (steps, losses, tokens) and `checkpoints.jsonl`, and writes `result.json` (the fine-tuning API reads them)."
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Extra lineage kept with the published model (e.g. the tenant and job of a fine-tune).")
 
 
 class TrainConfig(Strict):
     run_name: str | None = Field(None, description="Ray Train run name (default: `<output name>-<timestamp>`).")
     base: BaseModelRef = Field(default_factory=BaseModelRef, description="What to fine-tune.")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="Full fine-tune or a LoRA adapter.")
     data: DataConfig = Field(default_factory=DataConfig, description="The chat dataset.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Workers and resources (Ray Train ScalingConfig).")

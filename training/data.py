@@ -12,46 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from common.datasets import ROLES, DatasetError, read_chats, validate_chat
+
+__all__ = ["ROLES", "DatasetError", "read_chats", "validate_chat", "IGNORE_INDEX", "encode_chat", "collate", "is_eval", "lr_at", "file_sha256"]
+
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross-entropy ignore_index)
-ROLES = ("system", "user", "assistant")
-
-
-class DatasetError(ValueError):
-    """A dataset line that is not a valid chat example, with where it is."""
-
-    def __init__(self, path: str, line: int, reason: str):
-        super().__init__(f"{path}:{line}: {reason}")
-        self.path, self.line, self.reason = path, line, reason
-
-
-def validate_chat(obj: Any) -> list[dict[str, str]]:
-    """The example's messages, or a ValueError saying what is wrong with it."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
-        raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]}')
-    messages = []
-    for i, m in enumerate(obj["messages"]):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i}: needs a role in {ROLES} and a string content")
-        messages.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("no assistant message to learn from")
-    return messages
-
-
-def read_chats(path: Path) -> list[list[dict[str, str]]]:
-    """Every example of a JSONL file, validated; raises DatasetError naming the first bad line."""
-    chats = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                chats.append(validate_chat(json.loads(line)))
-            except (json.JSONDecodeError, ValueError) as exc:
-                raise DatasetError(str(path), n, str(exc)) from None
-    if not chats:
-        raise DatasetError(str(path), 0, "the dataset is empty")
-    return chats
 
 
 def file_sha256(path: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 from common import envs
 from common.model_store import ModelVersion, open_store
+from common.run_reports import RunReport
 from training.config import TrainConfig, load_train_config
 from training.data import encode_chat, file_sha256, is_eval, read_chats
 from training.loop import OPTIMIZER_FILE, STATE_FILE, train_loop_per_worker
@@ -103,7 +105,9 @@ def run(cfg: TrainConfig) -> RunResult:
         use_local_env()
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
     datasets = build_datasets(cfg, str(base.path))
-    logger.info("dataset encoded: %d train / %d eval examples", datasets["train"].count(), datasets["eval"].count())
+    n_train = datasets["train"].count()
+    logger.info("dataset encoded: %d train / %d eval examples", n_train, datasets["eval"].count())
+    cfg = steps_for_epochs(cfg, n_train)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -124,12 +128,31 @@ def run(cfg: TrainConfig) -> RunResult:
     version = None
     if cfg.output.publish:
         version = register(cfg, store, base, result.checkpoint.path, run_name, file_sha256(data_path), len(chats), metrics).version
+    if cfg.output.report_dir:
+        RunReport(cfg.output.report_dir).finish(
+            status="succeeded", trained_tokens=int(metrics.get("trained_tokens", 0)), model=cfg.output_name, version=version, run=run_name,
+            metrics={k: metrics[k] for k in ("loss", "eval_loss", "eval_loss_before", "step") if k in metrics},
+        )  # fmt: skip
     return RunResult(run_name, storage_path(cfg), result.checkpoint.path, metrics, version)
+
+
+def steps_for_epochs(cfg: TrainConfig, train_examples: int) -> TrainConfig:
+    """With `optim.epochs`: the steps that pass over the examples that many times (at most `max_steps`), warm-up kept below them."""
+    if cfg.optim.epochs is None:
+        return cfg
+    per_step = cfg.optim.batch_size_per_worker * cfg.scaling.num_workers
+    steps = max(1, min(cfg.optim.max_steps, math.ceil(train_examples / per_step) * cfg.optim.epochs))
+    optim = cfg.optim.model_copy(update={"max_steps": steps, "warmup_steps": min(cfg.optim.warmup_steps, steps // 10)})
+    logger.info("%d epochs of %d examples: %d steps", cfg.optim.epochs, train_examples, steps)
+    return cfg.model_copy(update={"optim": optim})
 
 
 def register(cfg: TrainConfig, store: Any, base: ModelVersion, checkpoint_path: str, run_name: str, dataset_sha256: str, examples: int, metrics: dict) -> ModelVersion:
     """Publish the final checkpoint's HF folder as the next version (atomically: staged, then renamed)."""
     metadata = {
+        **cfg.output.metadata,
+        "method": cfg.method.type,
+        **({"adapter": {"base": {"name": base.name, "version": base.version}, "rank": cfg.method.lora.rank, "alpha": cfg.method.lora.alpha}} if cfg.method.type == "lora" else {}),
         "source": {"kind": "finetune", "run": run_name, "checkpoint": checkpoint_path},
         "lineage": {
             "base": {"name": base.name, "version": base.version},
@@ -180,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run(cfg)
     except Exception as exc:
         logger.error("fine-tuning failed: %s", exc, exc_info=not isinstance(exc, ValueError))
+        if cfg.output.report_dir:
+            report = RunReport(cfg.output.report_dir)
+            report.finish(status="failed", error=str(exc)[:2000], trained_tokens=report.trained_tokens())
         return 1
     logger.info("result %s", json.dumps(asdict(result), default=str))
     return 0

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from common.run_reports import RunReport
 from training.config import TrainConfig
 from training.data import IGNORE_INDEX, collate, lr_at
 
@@ -41,6 +42,19 @@ def build_model(cfg: TrainConfig, base_path: str) -> Any:
         config.head_dim = config.hidden_size // config.num_attention_heads
     torch.manual_seed(cfg.optim.seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def with_adapter(cfg: TrainConfig, model: Any, adapter_dir: str | None = None) -> Any:
+    """With method=lora: `model` frozen under a trainable LoRA adapter (a new one, or the one saved in `adapter_dir`); else `model`."""
+    if cfg.method.type != "lora":
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    lora = cfg.method.lora
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
 
 
 def _collate_class() -> type:
@@ -120,17 +134,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+            if cfg.method.type == "lora":  # the checkpoint is the adapter: the base under it is the job's base
+                model = with_adapter(cfg, build_model(cfg, base_path), d)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
             ckpt_state = json.loads((Path(d) / STATE_FILE).read_text())
             optim_state = torch.load(Path(d) / OPTIMIZER_FILE, weights_only=True) if (Path(d) / OPTIMIZER_FILE).exists() else None
         start_step = ckpt_state["step"]
         if rank == 0:
             logger.info("resuming from the checkpoint at step %d", start_step)
     else:
-        model, optim_state = build_model(cfg, base_path), None
+        model, optim_state = with_adapter(cfg, build_model(cfg, base_path)), None
     model = ray.train.torch.prepare_model(model)
     raw_model = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
+    report = RunReport(cfg.output.report_dir) if cfg.output.report_dir and rank == 0 else None
     if optim_state is not None:
         optimizer.load_state_dict(optim_state)
 
@@ -140,6 +159,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     before = ckpt_state["eval_before"] if ckpt_state else evaluate(raw_model, eval_shard, bs, pad_id, device)
     if rank == 0:
         logger.info("world size %d, %d threads per worker; held-out loss before training %.4f", world, threads, before["eval_loss"])
+        trainable_n = sum(p.numel() for p in trainable)
+        logger.info("%s: %d trainable parameters", cfg.method.type, trainable_n)
+    if report is not None and checkpoint is None:
+        report.event("eval", step=0, **before)
     gauges = {name: Gauge(f"maas_train_{name}", description=desc, tag_keys=("run",)) for name, desc in (("loss", "Training loss (mean over ranks)."), ("tokens_per_second", "Training tokens per second, all ranks."), ("step", "Optimizer step."))}
     tags = {"run": ctx.get_experiment_name()}
 
@@ -153,11 +176,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     torch.save(optimizer.state_dict(), Path(d) / OPTIMIZER_FILE)
                 (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, "eval_before": before, "final": final, **metrics}))
                 ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:06d}{'_final' if final else ''}")
+            name = f"step_{step:06d}{'_final' if final else ''}"
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+            if report is not None:
+                report.checkpoint(step, name, {k: metrics[k] for k in ("loss", "eval_loss", "trained_tokens") if k in metrics})
 
     step, epoch = start_step, 0
     timed_tokens, timed_s = 0.0, 0.0  # steady state: every step after this attempt's first
-    metrics: dict = {"step": step, "resumed_from_step": start_step}
+    trained = int(ckpt_state.get("trained_tokens", 0)) if ckpt_state else 0  # every rank's tokens, every step so far
+    metrics: dict = {"step": step, "resumed_from_step": start_step, "trained_tokens": trained}
     model.train()
     while step < cfg.optim.max_steps:
         for batch in _batches(train_shard, bs, pad_id, device, cfg.optim.seed + epoch + 1000 * start_step):
@@ -175,7 +202,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             elapsed = time.perf_counter() - t0
             if step > start_step + 1:
                 timed_tokens, timed_s = timed_tokens + tokens, timed_s + elapsed
-            metrics = {"step": step, "epoch": epoch, "world_size": world, "loss": loss_sum / world, "lr": lr, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "tokens_per_s_mean": timed_tokens / timed_s if timed_s else tokens / elapsed, "resumed_from_step": start_step}
+            trained += int(tokens)
+            metrics = {"step": step, "epoch": epoch, "world_size": world, "loss": loss_sum / world, "lr": lr, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "tokens_per_s_mean": timed_tokens / timed_s if timed_s else tokens / elapsed, "resumed_from_step": start_step, "trained_tokens": trained}
+            if report is not None:
+                report.event("step", step=step, max_steps=cfg.optim.max_steps, epoch=epoch, loss=metrics["loss"], lr=lr, tokens=int(tokens), trained_tokens=trained)
             if rank == 0:
                 logger.info("step %d/%d  loss %.4f  tokens/s %.0f  lr %.2e", step, cfg.optim.max_steps, metrics["loss"], metrics["tokens_per_s"], lr)
                 gauges["loss"].set(metrics["loss"], tags)
@@ -190,4 +220,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     final = {**metrics, **after, "eval_loss_before": before["eval_loss"], "perplexity_before": before["perplexity"]}
     if rank == 0:
         logger.info("done: held-out loss %.4f -> %.4f (perplexity %.2f -> %.2f)", before["eval_loss"], after["eval_loss"], before["perplexity"], after["perplexity"])
+    if report is not None:
+        report.event("eval", step=step, **after)
     save(step, final, final=True)
