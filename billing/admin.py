@@ -70,6 +70,22 @@ class BillingAdmin:
         """Every tenant's plan, limits, requests, tokens and spend in `period`, top spenders first."""
         return await self._invoke("tenants_overview", period)
 
+    # ---- fine-tuning ---------------------------------------------------------------------------
+
+    async def hold(self, key: str, tenant: str, amount: Decimal, period: str) -> None:
+        """Reserve a fine-tuning job's worst-case cost against the tenant's budget (429 `insufficient_quota` when it does not fit)."""
+        await self._invoke("hold", key, tenant, amount, period)
+
+    async def release(self, key: str) -> None:
+        await self._invoke("release", key)
+
+    async def running_limit(self, tenant: str) -> int | None:
+        return await self._invoke("running_limit", tenant)
+
+    async def record_training(self, job_id: str, tenant: str, key_id: str, model: str, tokens: int, price_per_1m: Decimal, ts: float) -> bool:
+        """Bill a job's trained tokens exactly once (by job id) and release its hold."""
+        return await self._invoke("record_training", job_id, tenant, key_id, model, tokens, price_per_1m, ts)
+
     # ---- reports -----------------------------------------------------------------------------
 
     async def spend_rows(self, period: str | None = None, tenant: str | None = None, by_day: bool = False, by_user: bool = False) -> list[SpendRow]:

@@ -25,7 +25,7 @@ from billing.records import KeyRecord, SyncReply, SyncRequest, UsageEvent, key_s
 from billing.reports import Tally, tally
 from billing.witness import ENGINE, INGRESS, Witness
 from common.config import BillingConfig, Plan
-from common.errors import InternalError, InvalidRequestError, NotFoundError
+from common.errors import InsufficientQuotaError, InternalError, InvalidRequestError, NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class BillingCore:
         self._touched: set[tuple[str, str]] = set()  # (tenant, period) whose spend grew since the alerts were checked
         self._alerted: dict[tuple[str, str], set[str]] = {}  # (tenant, period) -> thresholds queued (a cache of the ledger's)
         self._claims: dict[str, dict[str, tuple[str, Decimal]]] = {}  # holder -> tenant -> (period, amount)
+        self._holds: dict[str, tuple[str, str, Decimal]] = {}  # a fine-tuning job's reservation: key -> (tenant, period, amount)
         self._last_seen: dict[str, float] = {}
         self._windows: dict[tuple[str, int], list[int]] = {}
         self._last_maintenance = 0.0
@@ -144,7 +145,38 @@ class BillingCore:
         tenant, key_id = split_subject(subject)
         pending = sum((held for t, p, held, _, k in self._pending.values() if t == tenant and p == period and key_id in (None, k)), ZERO)
         claims = sum((amount for leases in self._claims.values() for t, (p, amount) in leases.items() if t == subject and p == period), ZERO)
-        return self._spent[(subject, period)] + pending + claims
+        holds = sum((amount for t, p, amount in self._holds.values() if t == subject and p == period), ZERO)
+        return self._spent[(subject, period)] + pending + claims + holds
+
+    # ---- fine-tuning: a job's cost is held against the budget while it runs, then billed as trained ----
+
+    def hold(self, key: str, tenant: str, amount: Decimal, period: str) -> None:
+        """Reserve `amount` of the tenant's budget under `key` (idempotent: the same key replaces its hold); 429 when it does not fit."""
+        check_tenant(tenant)
+        self._holds.pop(key, None)
+        budget = self.plan_of(tenant).monthly_budget
+        if budget is not None:
+            left = budget - self.committed(tenant, period)
+            if amount > left:
+                raise InsufficientQuotaError(
+                    f"This fine-tuning job may cost up to {amount} {self.config.price_book.currency}; the tenant's budget has {max(left, ZERO)} left this month."
+                )
+        self._holds[key] = (tenant, period, amount)
+
+    def release(self, key: str) -> None:
+        self._holds.pop(key, None)
+
+    def running_limit(self, tenant: str) -> int | None:
+        """Fine-tuning jobs the tenant's plan lets it run at once (None: the fine-tuning config's default)."""
+        return self.plan_of(tenant).fine_tune_jobs
+
+    def record_training(self, job_id: str, tenant: str, key_id: str, model: str, tokens: int, price_per_1m: Decimal, ts: float) -> bool:
+        """Bill a fine-tuning job's trained tokens once (the job id is the ledger's request id) and drop its hold; False if it was billed already."""
+        fresh = not self.ledger.events([job_id])
+        event = UsageEvent(job_id, ts, tenant, key_id, model, "training", "training", "ok", tokens, 0, str(price_per_1m), "0", "0", "fine-tunes")
+        self._ingest([event], self._clock())
+        self._holds.pop(job_id, None)
+        return fresh
 
     def plan_of(self, subject: str) -> Plan:
         """The tenant's plan, or a key's own limits; a plan the config no longer has falls back to the default plan, never to no limits."""

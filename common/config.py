@@ -44,6 +44,10 @@ class Price(Frozen):
 
 class ModelPrice(Price):
     versions: dict[str, Price] = Field(default_factory=dict, description="Optional per-version prices (e.g. `v3`) that override the model's price.")
+    training_per_1m: Decimal | None = Field(
+        None, ge=0, description="Price of one million trained tokens (the examples' tokens × epochs) when tenants fine-tune this model; null: not offered."
+    )
+    fine_tuned: Price | None = Field(None, description="Price of inference on tenants' fine-tunes of this model (default: the model's own price).")
 
 
 class PriceBook(Frozen):
@@ -59,9 +63,24 @@ class PriceBook(Frozen):
             return entry.versions[version]
         return Price(prompt_per_1m=entry.prompt_per_1m, completion_per_1m=entry.completion_per_1m)
 
+    def training_price(self, model: str) -> Decimal:
+        """Per million trained tokens of a fine-tune of `model`; a 400 when the price book does not offer it."""
+        entry = self.models.get(model)
+        if entry is None or entry.training_per_1m is None:
+            raise InvalidRequestError(f"Fine-tuning `{model}` is not offered (no training price in the price book).", param="model", code="model_not_priced")
+        return entry.training_per_1m
+
+    def fine_tuned_price(self, model: str) -> Price:
+        """Inference on a tenant's fine-tune of `model`: the book's `fine_tuned` price, else the model's own."""
+        entry = self.models.get(model)
+        if entry is not None and entry.fine_tuned is not None:
+            return entry.fine_tuned
+        return self.price_for(model)
+
 
 class Plan(Frozen):
     monthly_budget: Decimal | None = Field(None, ge=0, description="Most a tenant on this plan may spend per calendar month (UTC); null is unlimited.")
+    fine_tune_jobs: int | None = Field(None, ge=0, le=100, description="Fine-tuning jobs a tenant may run at once (more wait in the queue); null: `fine_tuning.running_jobs_per_tenant`.")
     rpm: int | None = Field(None, ge=1, description="Requests per minute across all ingress replicas; null is unlimited.")
     tpm: int | None = Field(None, ge=1, description="Tokens per minute (prompt + worst-case completion, settled to actual); null is unlimited.")
 
@@ -176,6 +195,10 @@ class EngineConfig(Strict):
         "text is refused with a 400.",
     )
     max_logprobs: int = Field(20, ge=0, le=20, description="Most `top_logprobs` (chat) or `logprobs` (completions) a request may ask for.")
+    enable_lora: bool = Field(True, description="Serve tenants' fine-tunes as LoRA adapters on this engine (loaded on demand; no engine per fine-tune).")
+    max_loras: int = Field(4, ge=1, le=64, description="Adapters the engine applies within one batch.")
+    max_cpu_loras: int = Field(8, ge=1, le=1024, description="Adapters kept loaded (least recently used ones are evicted past this).")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="Highest adapter rank the engine serves (a fine-tune's rank may not exceed it).")
     log_stats: bool = Field(
         True,
         description="Engine statistics: vLLM's `vllm:*` metrics on Ray's metrics endpoint, its periodic throughput log line, "
@@ -246,6 +269,23 @@ class RequestLimits:
     max_file_bytes: int = 32 * 2**20  # an upload to /v1/files
 
 
+class FineTuningConfig(Strict):
+    enabled: bool = Field(True, description="Offer OpenAI's fine-tuning API (`/v1/fine_tuning/jobs`); jobs run as Ray jobs beside serving.")
+    actor_name: str = Field("maas-fine-tunes", description="Name of the detached actor that queues, starts and watches fine-tuning jobs.")
+    running_jobs_per_tenant: int = Field(1, ge=0, le=100, description="Jobs one tenant may run at once unless its plan says otherwise; more wait in the queue.")
+    max_workers: int = Field(2, ge=1, le=64, description="Most Ray Train workers per job; a job gets what is free beside serving, up to this.")
+    cpus_per_worker: float = Field(0.8, gt=0, description="CPUs a worker gets when that many are free.")
+    min_cpus_per_worker: float = Field(0.4, gt=0, description="Fewest CPUs a job's one worker may start with; with less free the job waits in the queue, saying so.")
+    max_steps: int = Field(200, ge=1, description="Most optimizer steps in one job, whatever its epochs.")
+    max_seq_len: int = Field(256, ge=16, description="Examples are truncated to this many tokens.")
+    default_epochs: int = Field(3, ge=1, le=50, description="Epochs when a job asks for `auto`.")
+    default_batch_size: int = Field(4, ge=1, le=256, description="Examples per step when a job asks for `auto`.")
+    lora_learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate of a LoRA job (times its `learning_rate_multiplier`).")
+    full_learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of a full fine-tune (admin keys only).")
+    poll_s: float = Field(2.0, gt=0, description="How often the queue is looked at and running jobs are checked.")
+    use_gpu: bool = Field(False, description="One GPU per training worker.")
+
+
 class HttpConfig(Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds. Overridden by MAAS_HOST.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy. Overridden by MAAS_PORT.")
@@ -261,6 +301,7 @@ class MaasConfig(Strict):
     http: HttpConfig = Field(default_factory=HttpConfig, description="Where the API listens.")
     billing: BillingConfig = Field(default_factory=BillingConfig, description="API keys, prices, plans, quotas and the usage ledger.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Bounds on what one request may send, checked at the ingress before any other stage is called.")
+    fine_tuning: FineTuningConfig = Field(default_factory=FineTuningConfig, description="Tenants' fine-tuning jobs (OpenAI's fine-tuning API): queue, sizing and defaults.")
 
     def request_limits(self) -> RequestLimits:
         """The limits with defaults derived from the context window (`engine.max_model_len`)."""

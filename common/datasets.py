@@ -60,7 +60,8 @@ def read_chats(path: Path) -> list[list[dict[str, str]]]:
 @dataclass(frozen=True)
 class DatasetStats:
     examples: int
-    characters: int  # of every message's content: a bound on training tokens before tokenizing
+    messages: int
+    characters: int  # of every message's content: with the template's tokens per message, a bound on training tokens
 
 
 def check_upload(data: bytes, name: str) -> DatasetStats:
@@ -71,4 +72,4 @@ def check_upload(data: bytes, name: str) -> DatasetStats:
         line = data[: exc.start].count(b"\n") + 1
         raise DatasetError(name, line, "not UTF-8 text") from None
     chats = parse_chats(text.splitlines(), name)
-    return DatasetStats(len(chats), sum(len(m["content"]) for chat in chats for m in chat))
+    return DatasetStats(len(chats), sum(len(chat) for chat in chats), sum(len(m["content"]) for chat in chats for m in chat))

@@ -19,12 +19,14 @@ from ray.serve.handle import DeploymentHandle
 from common.config import MaasConfig
 from common.file_store import FileStore
 from common.logs import setup_logging
+from deployments.core.adapters import AdapterCatalog
 from deployments.core.traffic import TrafficFile, TrafficFollower, version_app_name
 from deployments.fleet import ServeFleet
 from deployments.handles import PostprocessorHandleClient, TokenizerHandleClient
 from deployments.observability import RayRequestMetrics
 from deployments.openai.accounts import AccountsService
 from deployments.openai.files import FilesService
+from deployments.openai.fine_tuning import FineTuningService
 from deployments.openai.operations import OperationsService
 from deployments.openai.routes import build_app
 from deployments.openai.service import Backend, OpenAIService
@@ -66,7 +68,15 @@ class Ingress:
             on_reject=on_reject or (lambda tenant, reason: None),
             observer=RayRequestMetrics(),
             limits=cfg.request_limits(),
+            adapters=AdapterCatalog(str(cfg.store_root()), cfg.model.name) if cfg.engine.enable_lora else None,
+            adapter_price=cfg.billing.price_book.fine_tuned_price(cfg.model.name) if billing.enabled else None,
         )
+        self._fine_tuning = None
+        if cfg.fine_tuning.enabled:
+            from deployments import fine_tunes
+
+            stable = lambda: self._traffic.plan.stable if self._traffic.plan else None  # noqa: E731
+            self._fine_tuning = FineTuningService(fine_tunes.client(fine_tunes.get_or_create(cfg)), cfg, stable)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._follow_traffic())]
 
@@ -116,7 +126,7 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         limits = self._config.request_limits()
         files = FilesService(FileStore(self._config.store_root()))
-        return build_app(self._service, self._accounts, limits.max_body_bytes, self._operations, files, limits.max_file_bytes)
+        return build_app(self._service, self._accounts, limits.max_body_bytes, self._operations, files, limits.max_file_bytes, self._fine_tuning)
 
     async def __del__(self) -> None:
         for task in self._tasks:

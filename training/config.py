@@ -29,7 +29,8 @@ class BaseModelRef(Strict):
 
 class DataConfig(Strict):
     path: str = Field("training/datasets/pirate_sft.jsonl", description="JSONL chat dataset, one `{\"messages\": [{role, content}, ...]}` per line (relative paths: repo root).")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of examples held out for the eval loss (a deterministic split by `seed`).")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of examples held out for the eval loss (a deterministic split by `seed`); unused with `eval_path`.")
+    eval_path: str | None = Field(None, description="A separate JSONL of held-out examples (a fine-tuning job's validation file); all of `path` is then trained on.")
     max_seq_len: int = Field(256, ge=8, description="Examples are truncated to this many tokens.")
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from common import envs
 from common.model_store import ModelVersion, open_store
 from common.run_reports import RunReport
+from common.runtime import repo_path
 from training.config import TrainConfig, load_train_config
 from training.data import encode_chat, file_sha256, is_eval, read_chats
 from training.loop import OPTIMIZER_FILE, STATE_FILE, train_loop_per_worker
@@ -41,11 +42,11 @@ class RunResult:
 class _Encoder:
     """Ray Data map_batches callable: one tokenizer per actor, rows of messages -> input ids, labels, split."""
 
-    def __init__(self, tokenizer_path: str, max_seq_len: int, eval_fraction: float, seed: int):
+    def __init__(self, tokenizer_path: str, max_seq_len: int, eval_fraction: float, seed: int, split: str | None = None):
         from transformers import AutoTokenizer
 
         self._tok = AutoTokenizer.from_pretrained(tokenizer_path)
-        self._max, self._frac, self._seed = max_seq_len, eval_fraction, seed
+        self._max, self._frac, self._seed, self._split = max_seq_len, eval_fraction, seed, split
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"input_ids": [], "labels": [], "split": []}
@@ -55,7 +56,7 @@ class _Encoder:
             if enc is not None:
                 out["input_ids"].append(enc.input_ids)
                 out["labels"].append(enc.labels)
-                out["split"].append("eval" if is_eval(messages, self._frac, self._seed) else "train")
+                out["split"].append(self._split or ("eval" if is_eval(messages, self._frac, self._seed) else "train"))
         return out
 
 
@@ -65,9 +66,14 @@ def build_datasets(cfg: TrainConfig, tokenizer_path: str) -> dict[str, Any]:
 
     small = {"num_cpus": 0.1}  # Ray Train workers hold most CPUs of a small node
     ray.data.DataContext.get_current().enable_progress_bars = False  # job logs show the training steps instead
-    ds = ray.data.read_json(str(cfg.data_path()), ray_remote_args=small).map_batches(
-        _Encoder, fn_constructor_args=(tokenizer_path, cfg.data.max_seq_len, cfg.data.eval_fraction, cfg.optim.seed), batch_size=64, concurrency=1, **small
-    ).materialize()
+    def encoded(path: str, split: str | None) -> Any:
+        args = (tokenizer_path, cfg.data.max_seq_len, cfg.data.eval_fraction, cfg.optim.seed, split)
+        return ray.data.read_json(path, ray_remote_args=small).map_batches(_Encoder, fn_constructor_args=args, batch_size=64, concurrency=1, **small)
+
+    if cfg.data.eval_path:  # a validation file of its own: every example of the data is trained on
+        ds = encoded(str(cfg.data_path()), "train").union(encoded(str(repo_path(cfg.data.eval_path)), "eval")).materialize()
+    else:
+        ds = encoded(str(cfg.data_path()), None).materialize()
     train = ds.filter(lambda r: r["split"] == "train", **small).drop_columns(["split"]).materialize()
     evals = ds.filter(lambda r: r["split"] == "eval", **small).drop_columns(["split"]).materialize()
     return {"train": train, "eval": evals}
@@ -96,6 +102,8 @@ def run(cfg: TrainConfig) -> RunResult:
     base = store.resolve(cfg.base.name, cfg.base.version)
     data_path = cfg.data_path()
     chats = read_chats(data_path)  # fail fast, naming the bad line, before any worker starts
+    if cfg.data.eval_path:
+        read_chats(repo_path(cfg.data.eval_path))
     run_name = cfg.run_name or f"{cfg.output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     logger.info("fine-tuning %s/%s on %s (%d examples) as run %s", base.name, base.version, data_path, len(chats), run_name)
     if not ray.is_initialized():

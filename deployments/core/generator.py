@@ -84,6 +84,8 @@ def engine_args(model_path: str, config: EngineConfig) -> dict[str, Any]:
         "seed": config.seed,
         "disable_log_stats": not config.log_stats,
     }
+    if config.enable_lora:
+        args.update(enable_lora=True, max_loras=config.max_loras, max_cpu_loras=max(config.max_cpu_loras, config.max_loras), max_lora_rank=config.max_lora_rank)
     if config.accelerator == "gpu":
         args["gpu_memory_utilization"] = config.gpu_memory_utilization
     args.update(config.extra_args)
@@ -173,6 +175,7 @@ class VLLMGenerator:
         self._aborted: deque[str] = deque(maxlen=256)
         self._aborted_tokens: dict[str, int] = {}
         self._aborted_total = 0
+        self._lora_ids: dict[tuple[str, str], int] = {}  # adapter -> vLLM's integer id for it (stable while this engine lives)
 
     def start(self) -> None:
         """Build the engine (blocking, tens of seconds on CPU). Call once, at replica start-up."""
@@ -232,7 +235,7 @@ class VLLMGenerator:
         finished = False
         stats = None
         try:
-            async for out in self._stream(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id):
+            async for out in self._stream(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id, self._lora(req)):
                 stats = out.metrics or stats
                 deltas: list[TokenDelta] = []
                 for o in out.outputs:
@@ -267,10 +270,21 @@ class VLLMGenerator:
             if self._on_end is not None:
                 self._on_end(req, produced, finished)
 
-    async def _stream(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
+    def _lora(self, req: GenerationRequest) -> Any:
+        """vLLM's LoRARequest for a fine-tune's request (the engine loads the adapter on first use, LRU-bounded), else None."""
+        if req.adapter is None:
+            return None
+        if not self._config.enable_lora:
+            raise ServiceUnavailableError("This engine does not serve fine-tuned adapters (engine.enable_lora is off).")
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self._lora_ids.setdefault(req.adapter, len(self._lora_ids) + 1)
+        return LoRARequest(req.adapter[0], lora_id, req.adapter[1])
+
+    async def _stream(self, prompt: Any, params: Any, request_id: str, lora: Any = None) -> AsyncIterator[Any]:
         """The engine's outputs; its validation errors (raised when it takes the request) become 400s."""
         try:
-            async for out in self._engine.generate(prompt, params, request_id):
+            async for out in self._engine.generate(prompt, params, request_id, lora_request=lora):
                 yield out
         except Exception as exc:
             raise client_error(exc) or exc

@@ -224,3 +224,10 @@ class TrafficFollower:
         if self._picker is None:
             raise EngineNotReadyError()
         return self._backends[self._picker.pick()]
+
+    def serving(self, version: str):  # -> the backend of a deployed version (with traffic or the rollback target), else None
+        if self.plan is None or version not in self.plan.deployed():
+            return None
+        if version not in self._backends:
+            self._backends[version] = self._make(version)
+        return self._backends[version]

@@ -73,6 +73,7 @@ class GenerationRequest:
     group: str = ""  # a list of prompts: the request id the response is named by (each prompt is a sub-request)
     choice_offset: int = 0  # a list of prompts: this prompt's choices are numbered from here
     model_version: str = ""  # the store version serving it; responses name it in `system_fingerprint`
+    adapter: tuple[str, str] | None = None  # a fine-tune: (its model id, its LoRA adapter folder) applied on the base
     billing: BillingContext | None = None  # who pays: the generator reports the engine's count with it
 
     @property

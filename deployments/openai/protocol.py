@@ -268,3 +268,51 @@ class TrafficChange(BaseModel):
     action: Literal["canary", "promote", "rollback"] = Field(..., description="canary: send `weight`% to `version`; promote: make it stable; rollback: undo.")
     version: str | None = Field(None, min_length=1, max_length=64, pattern=r"^v\d+$", description="The store version (canary; promote defaults to the canary).")
     weight: int | None = Field(None, ge=1, le=100, description="Percent of requests to the canary (canary only).")
+
+
+class FineTuneHyperparameters(BaseModel):
+    """OpenAI's hyperparameters; `auto` takes the server's default (`fine_tuning.*`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Annotated[int, Field(ge=1, le=50)] | Literal["auto"] = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] = "auto"
+
+
+class MethodSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: FineTuneHyperparameters | None = None
+
+
+class LoraSettings(MethodSettings):
+    rank: int = Field(8, ge=1, le=512, description="Rank of the adapter (at most the engine's `max_lora_rank`).")
+    alpha: float | None = Field(None, gt=0, le=10_000, description="Scale of the update (default: twice the rank).")
+
+
+class FineTuneMethod(BaseModel):
+    """`lora` (the default; OpenAI's `supervised` means the same here) or `full` (admin keys: the base model's next version)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised", "lora", "full"]
+    supervised: MethodSettings | None = None
+    lora: LoraSettings | None = None
+    full: MethodSettings | None = None
+
+
+class CreateFineTuningJobRequest(BaseModel):
+    """Body of POST /v1/fine_tuning/jobs (OpenAI's, with LoRA settings under `method`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., min_length=1, max_length=256)
+    training_file: str = Field(..., min_length=1, max_length=64)
+    validation_file: str | None = Field(None, min_length=1, max_length=64)
+    suffix: str | None = Field(None, max_length=40, pattern=r"^[A-Za-z0-9_-]*$", description="Part of the fine-tuned model's id.")
+    hyperparameters: FineTuneHyperparameters | None = None
+    method: FineTuneMethod | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
+    integrations: list[Any] | None = Field(None, max_length=0, description="Not offered (must be empty).")

@@ -26,8 +26,9 @@ from common.errors import EngineNotReadyError, InternalError, InvalidRequestErro
 from deployments.core import shapes
 from deployments.openai.accounts import AccountsService
 from deployments.openai.files import FilesService
+from deployments.openai.fine_tuning import FineTuningService
 from deployments.openai.operations import OperationsService
-from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateKeyRequest, KeyPolicyFields, TrafficChange
+from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateFineTuningJobRequest, CreateKeyRequest, KeyPolicyFields, TrafficChange
 from deployments.openai.service import OpenAIService, SSEStream
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,7 @@ def build_app(
     operations: OperationsService | None = None,
     files: FilesService | None = None,
     max_file_bytes: int | None = None,
+    fine_tuning: FineTuningService | None = None,
 ) -> FastAPI:
     app = FastAPI(title="ray-maas", summary="OpenAI-compatible API served by ray-maas")
     limits = MaasConfig().request_limits()
@@ -264,7 +266,7 @@ def build_app(
 
     @app.get("/v1/models")
     async def list_models(who: Any = Depends(principal)) -> JSONResponse:
-        return JSONResponse(service.models())
+        return JSONResponse(service.models(who))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, who: Any = Depends(principal)) -> Any:
@@ -299,6 +301,37 @@ def build_app(
         @app.delete("/v1/files/{file_id}")
         async def delete_file(file_id: str, who: Any = Depends(principal)) -> JSONResponse:
             return await _json(files.delete(who, file_id))
+
+    if fine_tuning is not None:
+
+        @app.post("/v1/fine_tuning/jobs")
+        async def create_fine_tuning_job(body: CreateFineTuningJobRequest, who: Any = Depends(principal)) -> JSONResponse:
+            """Start fine-tuning the served model on an uploaded file (LoRA by default): queued until the cluster has room."""
+            return await _json(fine_tuning.create(who, body))
+
+        @app.get("/v1/fine_tuning/jobs")
+        async def list_fine_tuning_jobs(who: Any = Depends(principal), after: str | None = Query(None, max_length=64), limit: int = Query(20, ge=1, le=100)) -> JSONResponse:
+            return await _json(fine_tuning.list(who, after, limit))
+
+        @app.get("/v1/fine_tuning/jobs/{job_id}")
+        async def get_fine_tuning_job(job_id: str, who: Any = Depends(principal)) -> JSONResponse:
+            return await _json(fine_tuning.get(who, job_id))
+
+        @app.get("/v1/fine_tuning/jobs/{job_id}/events")
+        async def fine_tuning_events(
+            job_id: str, who: Any = Depends(principal), after: str | None = Query(None, max_length=64), limit: int = Query(20, ge=1, le=1000)
+        ) -> JSONResponse:
+            """The job's messages and metrics (loss per step, held-out loss), newest first."""
+            return await _json(fine_tuning.events(who, job_id, after, limit))
+
+        @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+        async def fine_tuning_checkpoints(job_id: str, who: Any = Depends(principal), after: str | None = Query(None, max_length=64), limit: int = Query(10, ge=1, le=100)) -> JSONResponse:
+            return await _json(fine_tuning.checkpoints(who, job_id, limit))
+
+        @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+        async def cancel_fine_tuning_job(job_id: str, who: Any = Depends(principal)) -> JSONResponse:
+            """Stop the job: a queued one is never billed, a running one is billed for the tokens it trained."""
+            return await _json(fine_tuning.cancel(who, job_id))
 
     if accounts is None:
         return app
@@ -373,6 +406,17 @@ def build_app(
     async def admin_tenants(who: Any = Depends(admin), period: str | None = Query(None, pattern=r"^\d{4}-\d{2}$")) -> JSONResponse:
         """Every tenant: plan, budget, limits, and this period's requests, tokens and spend (top spenders first)."""
         return await _json(accounts.tenants(period))
+
+    if fine_tuning is not None:
+
+        @app.get("/admin/fine_tuning/jobs")
+        async def admin_fine_tuning_jobs(who: Any = Depends(admin), after: str | None = Query(None, max_length=64), limit: int = Query(100, ge=1, le=1000)) -> JSONResponse:
+            """Every tenant's fine-tuning jobs, newest first."""
+            return await _json(fine_tuning.all_jobs(after, limit))
+
+        @app.post("/admin/fine_tuning/jobs/{job_id}/cancel")
+        async def admin_cancel_fine_tuning_job(job_id: str, who: Any = Depends(admin)) -> JSONResponse:
+            return await _json(fine_tuning.cancel_any(job_id))
 
     if operations is None:
         return app

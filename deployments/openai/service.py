@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, NamedTuple, Protocol
 
 from common.config import MaasConfig, RequestLimits
-from common.errors import EngineNotReadyError, InvalidRequestError, MaasError, ModelNotFoundError, NotFoundError, PermissionDeniedError, as_maas_error
+from common.errors import EngineNotReadyError, InvalidRequestError, MaasError, ModelNotFoundError, NotFoundError, PermissionDeniedError, ServiceUnavailableError, as_maas_error
 from deployments.core import shapes
+from deployments.core.adapters import Adapter, AdapterCatalog
 from deployments.core.types import GenerationRequest, SSEPiece, TokenizedPrompt, Usage, piece_usage
+from deployments.openai.files import NO_TENANT
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 
 SSEStream = AsyncIterator[SSEPiece]
@@ -71,17 +73,23 @@ class PostprocessorClient(Protocol):
 
 
 class Backend(NamedTuple):
-    """One model version's generation path, and what its tokens cost."""
+    """One model version's generation path, and what its tokens cost (for a fine-tune: its adapter on that version)."""
 
     version: str
     postprocessor: PostprocessorClient
     price: Any = None
+    model: str = ""  # the model id billed and answered, when not the base's (a fine-tune's `ft:` id)
+    adapter: tuple[str, str] | None = None  # (model id, adapter folder) the engine applies
 
 
 class BackendPicker(Protocol):
     """Chooses the version that serves the next request (traffic split); the Serve wrapper's follows the live plan."""
 
     def pick(self) -> Backend: ...
+
+    def serving(self, version: str) -> Backend | None:
+        """The backend of `version` if it is deployed (with traffic or as the rollback target), else None."""
+        ...
 
 
 class StaticPicker:
@@ -92,6 +100,9 @@ class StaticPicker:
 
     def pick(self) -> Backend:
         return self._backend
+
+    def serving(self, version: str) -> Backend | None:
+        return self._backend if self._backend.version == version else None
 
 
 class BillingGate(Protocol):
@@ -128,9 +139,13 @@ class OpenAIService:
         on_reject: Callable[[str, str], None] = lambda tenant, reason: None,
         observer: RequestObserver | None = None,
         limits: RequestLimits | None = None,
+        adapters: AdapterCatalog | None = None,
+        adapter_price: Any = None,
     ):
-        """`limits` bound what one request may send, checked before any other stage is called."""
+        """`limits` bound what one request may send, checked before any other stage is called; `adapters`: tenants' fine-tunes."""
         self.model_name = model_name
+        self._adapters = adapters
+        self._adapter_price = adapter_price
         self._limits = limits or MaasConfig().request_limits()
         self._tokenizer = tokenizer
         self._backends = backends
@@ -163,8 +178,13 @@ class OpenAIService:
         state = self.billing.rate_state(principal.tenant)
         return state.headers() if state is not None else {}
 
-    def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self._created, "owned_by": "ray-maas"}]}
+    def models(self, principal: Any = None) -> dict:
+        """The base model, and the caller's own fine-tunes (no one else's)."""
+        data = [{"id": self.model_name, "object": "model", "created": self._created, "owned_by": "ray-maas"}]
+        if self._adapters is not None:
+            tenant = getattr(principal, "tenant", None) or NO_TENANT
+            data += [{"id": a.model, "object": "model", "created": a.created, "owned_by": a.tenant, "parent": a.base, "root": a.base} for a in self._adapters.for_tenant(tenant)]
+        return {"object": "list", "data": data}
 
     def ready(self) -> bool:
         return self._is_ready()
@@ -225,9 +245,9 @@ class OpenAIService:
         trace = {"ingress_in": time.time()}  # wall-clock marks for the request's log line (bench/trace.py)
         version = ""
         try:
-            self._check_model(body.model, principal)
+            adapter = self._check_model(body.model, principal)
             check_limits(body, self._limits)
-            backend = self._backends.pick()
+            backend = self._backends.pick() if adapter is None else self._adapter_backend(adapter)
             version = backend.version
             ticket = await self._admit(request_id, kind, body, principal, backend)
             trace["ingress_admitted"] = time.time()
@@ -237,7 +257,9 @@ class OpenAIService:
         try:
             prompt = await prepare(request_id)
             trace["ingress_tokenized"] = time.time()
-            req = dataclasses.replace(self._request(request_id, kind, body, prompt), model_version=version, group=group, choice_offset=choice_offset)
+            req = dataclasses.replace(
+                self._request(request_id, kind, body, prompt), model=backend.model or self.model_name, adapter=backend.adapter, model_version=version, group=group, choice_offset=choice_offset
+            )
             if ticket is not None:
                 ticket = await self.billing.resize(ticket, len(req.prompt_token_ids), req.max_tokens, req.n)  # type: ignore[union-attr]
                 req = dataclasses.replace(req, billing=ticket.context())  # the generator's witness reports with it
@@ -253,14 +275,26 @@ class OpenAIService:
         tenant = getattr(principal, "tenant", "") or ""
         return {"request_id": request_id, "model": self.model_name, "version": version, "tenant": tenant, "kind": kind, "stream": bool(body.stream), "prompt_tokens": prompt_tokens}
 
-    def _check_model(self, model: str, principal: Any = None) -> None:
+    def _check_model(self, model: str, principal: Any = None) -> Adapter | None:
+        """None for the base model, the adapter for one of the caller's fine-tunes; a 404 for anything else (another tenant's included)."""
+        adapter = None
         if model != self.model_name:
-            raise ModelNotFoundError(f"The model `{model}` does not exist. Available: {self.model_name}.", param="model")
+            if self._adapters is None or not model.startswith(f"ft:{self.model_name}:"):
+                raise ModelNotFoundError(f"The model `{model}` does not exist. Available: {self.model_name}.", param="model")
+            adapter = self._adapters.resolve(model, getattr(principal, "tenant", None) or NO_TENANT)
         allows = getattr(principal, "allows", None)
         if allows is not None and not allows(model):
             raise PermissionDeniedError(f"This API key may not use the model `{model}`.", param="model", code="model_not_allowed")
         if not self._is_ready():
             raise EngineNotReadyError()
+        return adapter
+
+    def _adapter_backend(self, adapter: Adapter) -> Backend:
+        """The base version the adapter was trained on, with the adapter applied: no new engine per fine-tune."""
+        base = self._backends.serving(adapter.base_version)
+        if base is None:
+            raise ServiceUnavailableError(f"`{adapter.model}` was trained on {self.model_name} {adapter.base_version}, which is not being served now.")
+        return Backend(adapter.version, base.postprocessor, self._adapter_price, adapter.model, (adapter.model, adapter.path))
 
     def _request(self, request_id: str, kind: str, body: ChatCompletionRequest | CompletionRequest, prompt: TokenizedPrompt) -> GenerationRequest:
         return GenerationRequest(
@@ -291,7 +325,7 @@ class OpenAIService:
         )
 
     async def _run(self, req: GenerationRequest, principal: Any, backend: Backend, ticket: Any, t0: float, trace: dict | None = None) -> dict | SSEStream:
-        base = self._record_base(req.request_id, req.kind, req, principal, backend.version, len(req.prompt_token_ids))
+        base = {**self._record_base(req.request_id, req.kind, req, principal, backend.version, len(req.prompt_token_ids)), "model": req.model}
         meter = _Meter(self.billing if ticket is not None else None, ticket, len(req.prompt_token_ids), self._observer, base, t0, trace)
         post = backend.postprocessor
         meter.mark("ingress_sent")
@@ -320,7 +354,7 @@ class OpenAIService:
         if self.billing is None or principal is None:
             return None
         try:
-            return await self.billing.admit(principal, request_id, self.model_name, backend.version, kind, backend.price, 1, 0, 1, end_user=body.user or "")
+            return await self.billing.admit(principal, request_id, backend.model or self.model_name, backend.version, kind, backend.price, 1, 0, 1, end_user=body.user or "")
         except MaasError as exc:
             self._on_reject(principal.tenant, exc.error_type if exc.status_code == 429 else (exc.code or "error"))
             raise

@@ -31,10 +31,12 @@ from tests.unit.test_billing import PRICE, InProcess, config
 class Server:
     """uvicorn in a thread, serving the ingress app with billing wired in-process."""
 
-    def __init__(self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None, operations=None):
+    def __init__(self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None, operations=None, billing_config=None, fine_tuning=None, adapters=None):
         self.operations = operations
+        self.fine_tuning = fine_tuning  # (BillingCore, store root) -> FineTuningService, made once the core exists
+        self.adapters = adapters
         self.tmp_path = tmp_path
-        self.core = BillingCore(config(free=Plan(), tiny=Plan(monthly_budget=Decimal("0.00001")), one_rpm=Plan(rpm=1)), Ledger(f"sqlite:///{tmp_path}/l.db"))
+        self.core = BillingCore(billing_config or config(free=Plan(), tiny=Plan(monthly_budget=Decimal("0.00001")), one_rpm=Plan(rpm=1)), Ledger(f"sqlite:///{tmp_path}/l.db"))
         self.key, _ = self.core.create_key("acme")
         self.engine = engine
         self.tokenizer = FakeTokenizerClient()
@@ -46,9 +48,13 @@ class Server:
         self.billing = BillingClient(self.core.config, InProcess(self.core), "h1")
         await self.billing.start()
 
-        service = OpenAIService("m", self.tokenizer, StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), PRICE)), billing=self.billing, limits=self.limits)
+        service = OpenAIService(
+            "m", self.tokenizer, StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), PRICE)), billing=self.billing, limits=self.limits, adapters=self.adapters, adapter_price=PRICE
+        )
         files = FilesService(FileStore(self.tmp_path / "store"))
-        return build_app(service, AccountsService(BillingAdmin.in_process(self.core), "USD", time.time), self.limits.max_body_bytes if self.limits else None, self.operations, files)
+        fine_tuning = self.fine_tuning(self.core, self.tmp_path / "store") if self.fine_tuning else None
+        accounts = AccountsService(BillingAdmin.in_process(self.core), "USD", time.time)
+        return build_app(service, accounts, self.limits.max_body_bytes if self.limits else None, self.operations, files, None, fine_tuning)
 
     def run(self):
         loop = asyncio.new_event_loop()

@@ -1,0 +1,299 @@
+"""The fine-tuning queue: holds jobs, starts them as Ray jobs when there is room, watches them, bills them. No Ray here.
+
+The named actor (`deployments.fine_tunes`) wraps one `FineTuneManager` and calls `tick()` every
+`fine_tuning.poll_s`; the ingress calls the rest. It reaches the cluster through a `JobCluster`
+(Ray's Jobs API in the actor, a fake in unit tests) and billing through a `TrainingBilling`.
+
+Each job lives in `<store root>/.fine_tunes/<job id>/`: `job.json` (the record, replaced atomically),
+`train.yaml` (the training config it runs), `report/` (what the run reports, `common.run_reports`,
+plus the manager's own messages). A restarted manager reloads them and carries on: queued jobs stay
+queued, running ones are watched again, and budget holds are re-asserted on every tick.
+
+Money: creating a job holds its worst case (estimated tokens × training price) against the tenant's
+budget, or refuses it (429 `insufficient_quota`, nothing created). A job that succeeds is billed for the
+tokens it trained; a cancelled one for what it trained before it stopped; a failed one for nothing.
+The ledger row's request id is the job id, so a job is billed exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import yaml
+
+from common.config import MaasConfig
+from common.errors import InvalidRequestError, NotFoundError
+from common.run_reports import RunReport
+from deployments.core.fine_tunes import TERMINAL, Job, checkpoint_to_openai, decide_starts, event_to_openai
+
+logger = logging.getLogger(__name__)
+
+STARTING_S = 90.0  # a job's workers may take this long to be placed: count its CPUs as taken meanwhile
+
+
+class JobCluster(Protocol):
+    def free_cpus(self) -> float: ...
+
+    def submit(self, job_id: str, config_path: str) -> str: ...  # -> the Ray job's submission id
+
+    def status(self, ray_job_id: str) -> tuple[str, str]: ...  # (PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED, message)
+
+    def stop(self, ray_job_id: str) -> None: ...
+
+
+class TrainingBilling(Protocol):
+    def hold(self, key: str, tenant: str, amount: Decimal, period: str) -> None: ...
+
+    def release(self, key: str) -> None: ...
+
+    def record_training(self, job_id: str, tenant: str, key_id: str, model: str, tokens: int, price_per_1m: Decimal, ts: float) -> bool: ...
+
+    def running_limit(self, tenant: str) -> int | None: ...  # the tenant's plan's `fine_tune_jobs`
+
+
+def new_job_id() -> str:
+    return f"ftjob-{uuid.uuid4().hex[:24]}"
+
+
+class FineTuneManager:
+    def __init__(
+        self, config: MaasConfig, cluster: JobCluster, billing: TrainingBilling | None, clock: Callable[[], float] = time.time, period: Callable[[float], str] | None = None
+    ):
+        self._cfg = config
+        self._ft = config.fine_tuning
+        self._root = Path(config.store_root()) / ".fine_tunes"
+        self._cluster = cluster
+        self._billing = billing
+        self._clock = clock
+        self._period = period or (lambda t: time.strftime("%Y-%m", time.gmtime(t)))
+        self._lock = threading.RLock()
+        self._jobs: dict[str, Job] = {}
+        self._load()
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def _dir(self, job_id: str) -> Path:
+        return self._root / job_id
+
+    def report(self, job_id: str) -> RunReport:
+        return RunReport(self._dir(job_id) / "report")
+
+    def _load(self) -> None:
+        for path in self._root.glob("ftjob-*/job.json") if self._root.is_dir() else ():
+            try:
+                job = Job.from_json(json.loads(path.read_text()))
+                self._jobs[job.id] = job
+            except (OSError, ValueError, TypeError):
+                logger.exception("could not read fine-tuning job %s", path)
+        if self._jobs:
+            logger.info("fine-tuning jobs reloaded: %d (%d not finished)", len(self._jobs), sum(j.status not in TERMINAL for j in self._jobs.values()))
+
+    def _save(self, job: Job) -> None:
+        folder = self._dir(job.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / ".job.json.tmp"
+        tmp.write_text(json.dumps(job.to_json(), sort_keys=True))
+        os.replace(tmp, folder / "job.json")
+
+    def _say(self, job: Job, message: str, level: str = "info") -> None:
+        self.report(job.id).event("message", now=self._clock(), level=level, message=message)
+
+    # ---- the API's calls ---------------------------------------------------------------------
+
+    def create(self, job: Job) -> dict:
+        """A new queued job; its worst-case cost is held against the budget first (nothing is created when it does not fit)."""
+        with self._lock:
+            if self._billing is not None:
+                self._billing.hold(job.id, job.tenant, job.reserved, self._period(job.created_at))
+            self._jobs[job.id] = job
+            self._save(job)
+            self._say(job, f"Created fine-tuning job {job.id} ({job.method} of {job.model} {job.base_version}, up to {job.estimated_tokens} training tokens).")
+            return job.to_openai()
+
+    def _own(self, tenant: str | None, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None or (tenant is not None and job.tenant != tenant):
+            raise NotFoundError(f"No fine-tuning job `{job_id}`.", param="fine_tuning_job_id")
+        return job
+
+    def get(self, tenant: str | None, job_id: str) -> dict:
+        with self._lock:
+            return self._own(tenant, job_id).to_openai()
+
+    def list(self, tenant: str | None, after: str | None = None, limit: int = 20) -> dict:
+        with self._lock:
+            jobs = sorted((j for j in self._jobs.values() if tenant is None or j.tenant == tenant), key=lambda j: (-j.created_ts, -j.created_at, j.id))
+        if after is not None:
+            ids = [j.id for j in jobs]
+            jobs = jobs[ids.index(after) + 1 :] if after in ids else []
+        return {"object": "list", "data": [j.to_openai() for j in jobs[:limit]], "has_more": len(jobs) > limit}
+
+    def events(self, tenant: str | None, job_id: str, after: str | None = None, limit: int = 20) -> dict:
+        with self._lock:
+            job = self._own(tenant, job_id)
+        events = [event_to_openai(job.id, i, e) for i, e in enumerate(self.report(job.id).events())][::-1]  # newest first, as OpenAI lists them
+        if after is not None:
+            ids = [e["id"] for e in events]
+            events = events[ids.index(after) + 1 :] if after in ids else []
+        return {"object": "list", "data": events[:limit], "has_more": len(events) > limit}
+
+    def checkpoints(self, tenant: str | None, job_id: str, limit: int = 10) -> dict:
+        with self._lock:
+            job = self._own(tenant, job_id)
+        data = [checkpoint_to_openai(job, i, c) for i, c in enumerate(self.report(job.id).checkpoints())][::-1]
+        return {"object": "list", "data": data[:limit], "has_more": len(data) > limit, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+    def cancel(self, tenant: str | None, job_id: str) -> dict:
+        """A queued job ends at once (nothing billed); a running one is stopped and billed for what it trained."""
+        with self._lock:
+            job = self._own(tenant, job_id)
+            if job.status in TERMINAL:
+                raise InvalidRequestError(f"The job is already {job.status}.", param="fine_tuning_job_id", code="job_not_cancellable")
+            job.cancel_requested = True
+            if job.status == "queued":
+                self._finish(job, "cancelled", trained=0)
+            else:
+                self._save(job)
+                self._say(job, "Cancelling: stopping the training job.")
+                if job.ray_job_id:
+                    self._cluster.stop(job.ray_job_id)
+            return job.to_openai()
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Watch running jobs, then start what fits; re-assert the holds of jobs that are not finished."""
+        with self._lock:
+            for job in [j for j in self._jobs.values() if j.status == "running"]:
+                self._watch(job)
+            self._start_queued()
+            if self._billing is not None:
+                for job in self._jobs.values():
+                    if job.status not in TERMINAL:
+                        try:
+                            self._billing.hold(job.id, job.tenant, job.reserved, self._period(job.created_at))
+                        except Exception:  # the budget moved meanwhile: the hold made at creation stands as far as billing is concerned
+                            logger.debug("could not re-assert the hold of %s", job.id, exc_info=True)
+
+    def _start_queued(self) -> None:
+        queued = [j for j in self._jobs.values() if j.status == "queued"]
+        if not queued:
+            return
+        now = self._clock()
+        try:
+            free = self._cluster.free_cpus()
+        except Exception as exc:
+            self._wait_all(queued, f"The cluster's resources cannot be read now ({exc}).")
+            return
+        starting = sum(j.workers * j.cpus_per_worker for j in self._jobs.values() if j.status == "running" and j.started_at and now - j.started_at < STARTING_S)
+        decision = decide_starts(list(self._jobs.values()), free - starting, self._running_limit, self._ft.max_workers, self._ft.cpus_per_worker, self._ft.min_cpus_per_worker)
+        for job_id, reason in decision.waiting.items():
+            job = self._jobs[job_id]
+            if job.queue_reason != reason:
+                job.queue_reason = reason
+                self._save(job)
+                self._say(job, reason)
+        for job_id, workers, cpus in decision.start:
+            self._start(self._jobs[job_id], workers, cpus)
+
+    def _wait_all(self, jobs: list[Job], reason: str) -> None:
+        for job in jobs:
+            if job.queue_reason != reason:
+                job.queue_reason = reason
+                self._save(job)
+                self._say(job, reason, "warn")
+
+    def _running_limit(self, tenant: str) -> int:
+        own = self._billing.running_limit(tenant) if self._billing is not None else None
+        return self._ft.running_jobs_per_tenant if own is None else own
+
+    def _start(self, job: Job, workers: int, cpus: float) -> None:
+        config_path = self._dir(job.id) / "train.yaml"
+        config_path.write_text(yaml.safe_dump(self.train_config(job, workers, cpus), sort_keys=False))
+        try:
+            job.ray_job_id = self._cluster.submit(job.id, str(config_path))
+        except Exception as exc:
+            reason = f"The training job could not be submitted ({exc}); retrying."
+            if job.queue_reason != reason:
+                job.queue_reason = reason
+                self._save(job)
+                self._say(job, reason, "warn")
+            return
+        job.status, job.started_at, job.queue_reason, job.workers, job.cpus_per_worker = "running", int(self._clock()), None, workers, cpus
+        self._save(job)
+        self._say(job, f"Started as Ray job {job.ray_job_id}: {workers} worker(s) × {cpus} CPU.")
+
+    def train_config(self, job: Job, workers: int, cpus: float) -> dict[str, Any]:
+        """The `training.finetune` config the job runs (`python -m training.finetune --config train.yaml`)."""
+        ft = self._ft
+        lr = (ft.lora_learning_rate if job.method == "lora" else ft.full_learning_rate) * job.learning_rate_multiplier
+        data_path = self._data_path(job.tenant, job.training_file)
+        data: dict[str, Any] = {"path": data_path, "max_seq_len": ft.max_seq_len, "eval_fraction": 0.1}
+        if job.validation_file:
+            data.update(eval_path=self._data_path(job.tenant, job.validation_file), eval_fraction=0.0)
+        return {
+            "run_name": job.id,
+            "base": {"name": job.model, "version": job.base_version, "init": "pretrained"},
+            "method": {"type": job.method, "lora": {"rank": job.lora_rank, "alpha": job.lora_alpha}},
+            "data": data,
+            "optim": {"epochs": job.n_epochs, "max_steps": ft.max_steps, "batch_size_per_worker": max(1, job.batch_size // workers), "learning_rate": lr, "warmup_steps": 1, "seed": job.seed},
+            "scaling": {"num_workers": workers, "cpus_per_worker": cpus, "torch_threads": 1, "use_gpu": ft.use_gpu},
+            "checkpoint": {"every_steps": 5, "num_to_keep": 2, "max_failures": 1, "storage_path": str(self._dir(job.id) / "runs")},
+            "output": {
+                "name": job.fine_tuned_model if job.method == "lora" else job.model,
+                "publish": True,
+                "report_dir": str(self.report(job.id).folder),
+                "metadata": {"tenant": job.tenant, "fine_tuning_job": job.id, "training_file": job.training_file},
+            },
+            "model_store": str(self._cfg.store_root()),
+        }
+
+    def _data_path(self, tenant: str, file_id: str) -> str:
+        from common.file_store import FileStore
+
+        return str(FileStore(self._cfg.store_root()).data_path(tenant, file_id))
+
+    def _watch(self, job: Job) -> None:
+        if not job.ray_job_id:
+            return
+        try:
+            state, message = self._cluster.status(job.ray_job_id)
+        except Exception as exc:
+            logger.warning("cannot read the status of %s (%s): %s", job.id, job.ray_job_id, exc)
+            return
+        report = self.report(job.id)
+        if state == "SUCCEEDED":
+            result = report.result() or {}
+            if result.get("status") == "succeeded":
+                if job.method != "lora":  # a full fine-tune is the base model's next version
+                    job.fine_tuned_model = f"{job.model}@{result.get('version')}"
+                self._finish(job, "succeeded", trained=int(result.get("trained_tokens", 0)))
+            else:
+                self._finish(job, "failed", error={"code": "no_result", "message": "The training job ended without publishing a model.", "param": None})
+        elif state == "STOPPED" or (state == "FAILED" and job.cancel_requested):
+            self._finish(job, "cancelled", trained=report.trained_tokens())
+        elif state == "FAILED":
+            result = report.result() or {}
+            self._finish(job, "failed", error={"code": "training_failed", "message": (result.get("error") or message or "The training job failed.")[:2000], "param": None})
+
+    def _finish(self, job: Job, status: str, trained: int = 0, error: dict | None = None) -> None:
+        job.status, job.finished_at, job.error = status, int(self._clock()), error
+        job.trained_tokens = trained if status != "failed" else (job.trained_tokens or 0)
+        if self._billing is not None and not job.billed:
+            if status in ("succeeded", "cancelled") and trained > 0:
+                billed_as = job.fine_tuned_model if job.method == "lora" else job.model
+                self._billing.record_training(job.id, job.tenant, job.key_id, billed_as, trained, Decimal(job.training_price), self._clock())
+            else:
+                self._billing.release(job.id)
+            job.billed = True
+        self._save(job)
+        detail = {"succeeded": f"The job succeeded: {job.fine_tuned_model} is ready ({trained} tokens trained).", "cancelled": f"The job was cancelled ({trained} tokens trained, billed)."}
+        self._say(job, detail.get(status, f"The job failed: {(error or {}).get('message', '')}"), "info" if status != "failed" else "error")

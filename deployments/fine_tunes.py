@@ -1,0 +1,136 @@
+"""The named fine-tuning actor: `deployments.core.fine_tune_manager.FineTuneManager` on Ray, with Ray's Jobs API as its cluster.
+
+Detached, restartable, on the head node, holding no CPU. Each job runs as a Ray job (the same
+`python -m training.finetune --config ...` an operator's `ray job submit` runs), so the dashboard
+shows it, its logs and its Ray Train workers. The job gets this actor's own code (its runtime
+environment's `working_dir`, when the cluster ships one) and the allow-listed `MAAS_*` variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import sys
+import threading
+import time
+from decimal import Decimal
+from typing import Any
+
+import ray
+
+from common import envs
+from common.config import MaasConfig
+from common.logs import setup_logging
+from deployments.core.fine_tune_manager import FineTuneManager
+
+logger = logging.getLogger(__name__)
+
+
+class RayJobCluster:
+    """`JobCluster` over the Ray Jobs API of the cluster this process belongs to (its dashboard)."""
+
+    def __init__(self) -> None:
+        self._client: Any = None
+
+    def _jobs(self) -> Any:
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            try:
+                self._client = JobSubmissionClient()
+            except Exception as exc:
+                raise RuntimeError(f"the Ray Jobs API is not reachable; start the cluster with its dashboard ({exc})") from exc
+        return self._client
+
+    def free_cpus(self) -> float:
+        return float(ray.available_resources().get("CPU", 0.0))
+
+    def submit(self, job_id: str, config_path: str) -> str:
+        runtime_env: dict[str, Any] = {"env_vars": {**envs.job_env(), "HF_HUB_OFFLINE": "1"}}
+        working_dir = (ray.get_runtime_context().runtime_env or {}).get("working_dir")
+        if working_dir:
+            runtime_env["working_dir"] = working_dir
+        entrypoint = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "training.finetune", "--config", config_path))
+        return self._jobs().submit_job(entrypoint=entrypoint, submission_id=f"{job_id}-{int(time.time())}", runtime_env=runtime_env, metadata={"maas_fine_tuning_job": job_id})
+
+    def status(self, ray_job_id: str) -> tuple[str, str]:
+        info = self._jobs().get_job_info(ray_job_id)
+        return str(getattr(info.status, "value", info.status)), info.message or ""
+
+    def stop(self, ray_job_id: str) -> None:
+        self._jobs().stop_job(ray_job_id)
+
+
+class SyncBilling:
+    """`TrainingBilling` over the billing actor's typed admin client, from this actor's threads."""
+
+    def __init__(self, admin: Any):
+        self._admin = admin
+
+    def _wait(self, call: Any) -> Any:
+        from billing.admin import wait
+
+        return wait(call, timeout_s=30)
+
+    def hold(self, key: str, tenant: str, amount: Decimal, period: str) -> None:
+        self._wait(self._admin.hold(key, tenant, amount, period))
+
+    def release(self, key: str) -> None:
+        self._wait(self._admin.release(key))
+
+    def record_training(self, job_id: str, tenant: str, key_id: str, model: str, tokens: int, price_per_1m: Decimal, ts: float) -> bool:
+        return self._wait(self._admin.record_training(job_id, tenant, key_id, model, tokens, price_per_1m, ts))
+
+    def running_limit(self, tenant: str) -> int | None:
+        return self._wait(self._admin.running_limit(tenant))
+
+
+class FineTuneActor(FineTuneManager):
+    """Every public method of `FineTuneManager` is a method of the actor; a thread runs `tick()`."""
+
+    def __init__(self, config: dict):
+        setup_logging("fine-tunes")
+        cfg = MaasConfig.model_validate(config)
+        billing = None
+        if cfg.billing.enabled:
+            from billing import actor
+
+            billing = SyncBilling(actor.admin_client(actor.get_or_create(cfg.billing)))
+        super().__init__(cfg, RayJobCluster(), billing)
+        threading.Thread(target=self._loop, name="fine-tune-queue", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self._ft.poll_s)
+            try:
+                self.tick()
+            except Exception:
+                logger.exception("fine-tuning queue tick failed; retrying")
+
+
+def get_or_create(config: MaasConfig) -> Any:
+    return (
+        ray.remote(FineTuneActor)
+        .options(
+            name=config.fine_tuning.actor_name,
+            namespace=config.billing.namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+            max_concurrency=8,  # the API's calls beside the queue's thread (state is under the manager's lock)
+            num_cpus=0,
+            resources={"node:__internal_head__": 0.001},
+        )
+        .remote(config.model_dump(mode="json"))
+    )
+
+
+def client(handle: Any, timeout_s: float = 60.0) -> Any:
+    """The ingress's `FineTuneBackend`: each manager call on the actor, awaited on the caller's loop."""
+    from deployments.openai.fine_tuning import FineTuneBackend
+
+    async def invoke(method: str, *args: Any) -> Any:
+        return await asyncio.wait_for(asyncio.wrap_future(getattr(handle, method).remote(*args).future()), timeout_s)
+
+    return FineTuneBackend(invoke)
