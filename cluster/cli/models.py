@@ -186,4 +186,70 @@ def train(config_file: str, address: str | None, sets: tuple[str, ...], no_wait:
         raise SystemExit(1)
 
 
-COMMANDS = [models, train]
+@click.group("fine-tunes")
+def fine_tunes() -> None:
+    """Tenants' fine-tuning jobs (OpenAI's fine-tuning API): list, show, cancel."""
+
+
+def _fine_tune_actor(ctx: click.Context) -> Any:
+    import ray
+
+    config = config_of(ctx)
+    connect(config)
+    try:
+        return ray.get_actor(config.fine_tuning.actor_name, namespace=config.billing.namespace)
+    except ValueError as exc:
+        raise click.ClickException("No fine-tuning job has been created on this cluster yet (the fine-tuning actor is not running).") from exc
+
+
+def _call(ctx: click.Context, method: str, *args: Any) -> Any:
+    import ray
+
+    from common.errors import as_maas_error
+
+    try:
+        return ray.get(getattr(_fine_tune_actor(ctx), method).remote(*args), timeout=60)
+    except Exception as exc:
+        err = as_maas_error(exc)
+        if err is None:
+            raise
+        raise click.ClickException(err.message) from exc
+
+
+@fine_tunes.command("list")
+@click.option("--tenant", default=None, help="Only this tenant's jobs.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.pass_context
+def fine_tunes_list(ctx: click.Context, tenant: str | None, limit: int) -> None:
+    """Jobs, newest first: status, tenant, trained tokens, the model each made, and why a queued one waits."""
+    jobs = _call(ctx, "list", tenant, None, limit)["data"]
+    if not jobs:
+        click.echo("No fine-tuning jobs.")
+    for j in jobs:
+        made = j["fine_tuned_model"] or "-"
+        click.echo(f"{j['id']}  {j['status']:<9}  {j['organization_id']:<16}  {j['trained_tokens'] or 0:>8} tokens  {made}")
+        if j.get("queue_reason"):
+            click.echo(f"    {j['queue_reason']}")
+
+
+@fine_tunes.command("show")
+@click.argument("job_id")
+@click.option("--events", "n_events", type=click.IntRange(0, 1000), default=20, show_default=True, help="Latest events to print.")
+@click.pass_context
+def fine_tunes_show(ctx: click.Context, job_id: str, n_events: int) -> None:
+    """One job and its latest events (steps with their loss, held-out loss, the queue's messages)."""
+    click.echo(json.dumps(_call(ctx, "get", None, job_id), indent=2))
+    for e in reversed(_call(ctx, "events", None, job_id, None, n_events)["data"]):
+        click.echo(f"{e['created_at']}  {e['level']:<5}  {e['message']}")
+
+
+@fine_tunes.command("cancel")
+@click.argument("job_id")
+@click.pass_context
+def fine_tunes_cancel(ctx: click.Context, job_id: str) -> None:
+    """Stop a job: a queued one is never billed, a running one is billed for the tokens it trained."""
+    job = _call(ctx, "cancel", None, job_id)
+    click.echo(f"{job['id']}: {job['status']}{' (stopping)' if job['status'] == 'running' else ''}")
+
+
+COMMANDS = [models, train, fine_tunes]
