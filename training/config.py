@@ -63,6 +63,11 @@ class ScalingConfig(Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker and the `nccl` backend; otherwise CPUs and `gloo`.")
     cpus_per_worker: float = Field(0.8, gt=0, description="CPUs reserved per worker (fractions allowed; leave some for Ray Data).")
+    fit: bool = Field(
+        True, description="Shrink the worker group to the CPUs free when the job starts (fewer workers, then smaller ones down to `min_cpus_per_worker`), as beside a serving graph; wait, saying so, while not even that fits."
+    )
+    min_cpus_per_worker: float = Field(0.4, gt=0, description="With `fit`: the smallest worker the job starts with.")
+    wait_s: float = Field(900.0, ge=0, description="With `fit`: how long to wait for CPUs before failing with a clear error.")
     torch_threads: int | None = Field(None, ge=1, description="Intra-op threads per worker (default: the whole CPUs it reserves, at least 1).")
 
 

@@ -17,10 +17,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from common import envs
 from common.model_store import ModelVersion, open_store
+from common.resources import DATA_CPUS, sizing
 from common.run_reports import RunReport
 from common.runtime import repo_path
 from training.config import TrainConfig, load_train_config
@@ -115,7 +116,7 @@ def run(cfg: TrainConfig) -> RunResult:
     datasets = build_datasets(cfg, str(base.path))
     n_train = datasets["train"].count()
     logger.info("dataset encoded: %d train / %d eval examples", n_train, datasets["eval"].count())
-    cfg = steps_for_epochs(cfg, n_train)
+    cfg = steps_for_epochs(fit_to_cluster(cfg, lambda: float(ray.available_resources().get("CPU", 0.0))), n_train)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -142,6 +143,31 @@ def run(cfg: TrainConfig) -> RunResult:
             metrics={k: metrics[k] for k in ("loss", "eval_loss", "eval_loss_before", "step") if k in metrics},
         )  # fmt: skip
     return RunResult(run_name, storage_path(cfg), result.checkpoint.path, metrics, version)
+
+
+def fit_to_cluster(cfg: TrainConfig, free_cpus: Callable[[], float], sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> TrainConfig:
+    """With `scaling.fit` (and on CPUs): the worker group resized to what is free now (`common.resources.sizing`).
+
+    While not even one smallest worker fits, wait and say so every 30 s (Ray Train itself would retry
+    the worker group silently); after `scaling.wait_s`, fail with the numbers.
+    """
+    sc = cfg.scaling
+    if not sc.fit or sc.use_gpu:
+        return cfg
+    deadline, told = clock() + sc.wait_s, -float("inf")
+    while True:
+        free = free_cpus()
+        size = sizing(free + DATA_CPUS, sc.num_workers, sc.cpus_per_worker, sc.min_cpus_per_worker)  # Ray Data's tasks are already running
+        if size is not None:
+            if size != (sc.num_workers, sc.cpus_per_worker):
+                logger.info("%.1f CPUs free: %d worker(s) × %.2f CPU (asked for %d × %.2f)", free, *size, sc.num_workers, sc.cpus_per_worker)
+            return cfg.model_copy(update={"scaling": sc.model_copy(update={"num_workers": size[0], "cpus_per_worker": size[1]})})
+        if clock() > deadline:
+            raise RuntimeError(f"Not enough free CPUs for one training worker of {sc.min_cpus_per_worker} CPU after {sc.wait_s:.0f}s ({free:.1f} free); stop something or add a node.")
+        if clock() - told >= 30:
+            logger.warning("waiting for CPUs: one training worker needs %.1f, %.1f are free (serving and other jobs hold the rest)", sc.min_cpus_per_worker, free)
+            told = clock()
+        sleep(2.0)
 
 
 def steps_for_epochs(cfg: TrainConfig, train_examples: int) -> TrainConfig:

@@ -245,7 +245,7 @@ class FineTuneManager:
             "method": {"type": job.method, "lora": {"rank": job.lora_rank, "alpha": job.lora_alpha}},
             "data": data,
             "optim": {"epochs": job.n_epochs, "max_steps": ft.max_steps, "batch_size_per_worker": max(1, job.batch_size // workers), "learning_rate": lr, "warmup_steps": 1, "seed": job.seed},
-            "scaling": {"num_workers": workers, "cpus_per_worker": cpus, "torch_threads": 1, "use_gpu": ft.use_gpu},
+            "scaling": {"num_workers": workers, "cpus_per_worker": cpus, "torch_threads": 1, "use_gpu": ft.use_gpu, "fit": False},  # sized by the queue
             "checkpoint": {"every_steps": 5, "num_to_keep": 2, "max_failures": 1, "storage_path": str(self._dir(job.id) / "runs")},
             "output": {
                 "name": job.fine_tuned_model if job.method == "lora" else job.model,

@@ -8,14 +8,16 @@ were created; a job held back by its own tenant's limit never holds back another
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from decimal import Decimal
 from typing import Callable
 
+from common.resources import DATA_CPUS, sizing
+
+__all__ = ["DATA_CPUS", "sizing"]  # re-exported: the queue sizes jobs by the same rule as the job itself
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 TEMPLATE_TOKENS = 16  # the chat template's tokens around one message, at most (SmolLM2's is 5)
-DATA_CPUS = 0.2  # Ray Data reads and encodes the dataset beside the workers
 
 
 @dataclass
@@ -86,15 +88,6 @@ def training_cost(tokens: int, price_per_1m: Decimal) -> Decimal:
 def estimate_tokens(characters: int, messages: int, epochs: int) -> int:
     """An upper bound on the tokens a job trains: a token is at least one character, plus the template around each message."""
     return (characters + TEMPLATE_TOKENS * messages) * epochs
-
-
-def sizing(free_cpus: float, max_workers: int, cpus_per_worker: float, min_cpus_per_worker: float) -> tuple[int, float] | None:
-    """Workers and CPUs each for a job on what is free beside serving (less Ray Data's share); None when even one worker does not fit."""
-    usable = free_cpus - DATA_CPUS
-    if usable < min_cpus_per_worker - 1e-9:
-        return None
-    workers = max(1, min(max_workers, math.floor(usable / cpus_per_worker + 1e-9)))
-    return workers, round(min(cpus_per_worker, usable / workers), 2)
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,18 @@ def config_overrides(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base_url(maas_config):
+def dashboard(maas_config):
     """This module's cluster has the dashboard: fine-tuning jobs are Ray jobs."""
-    local.start_ray(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=free_port())
+    url = local.start_ray(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=free_port())
     try:
-        yield local.deploy(maas_config)
+        yield url
     finally:
         local.stop()
+
+
+@pytest.fixture(scope="module")
+def base_url(dashboard, maas_config):
+    return local.deploy(maas_config)
 
 
 def _client(base_url: str, key: str):
@@ -131,3 +136,25 @@ def test_cancelling_a_running_job_stops_it_and_bills_what_it_trained(base_url, b
     _until(lambda: client.fine_tuning.jobs.retrieve(again.id).status == "running", 60)
     client.fine_tuning.jobs.cancel(again.id)
     _until(lambda: client.fine_tuning.jobs.retrieve(again.id).status == "cancelled", 120)
+
+
+def test_an_operators_ray_job_submit_of_the_shipped_config_fits_beside_serving(base_url, dashboard, maas_config):
+    """`ray job submit ... --config training/configs/pirate.yaml` asks for 2 workers × 0.8 CPU; beside the graph it runs with what is free."""
+    import shlex
+    import sys
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from common import envs
+    from common.runtime import RUNTIME_EXCLUDES
+
+    client = JobSubmissionClient(dashboard)
+    entry = [sys.executable, "-m", "training.finetune", "--config", "training/configs/pirate.yaml", "--set", "optim.max_steps=2", "--set", "optim.warmup_steps=1",
+             "--set", "output.publish=false", "--set", "checkpoint.every_steps=100", "--set", f"model_store={maas_config.store_root()}"]  # fmt: skip
+    job_id = client.submit_job(
+        entrypoint=" ".join(shlex.quote(a) for a in entry), runtime_env={"working_dir": str(REPO_ROOT), "excludes": RUNTIME_EXCLUDES, "env_vars": envs.job_env()}
+    )
+    status = _until(lambda: (st := client.get_job_status(job_id)) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and st, 420, 3.0)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "1 worker(s) × 0.80 CPU (asked for 2 × 0.80)" in logs and "step 2/2" in logs

@@ -20,6 +20,7 @@ from billing.service import BillingCore
 from common.config import BillingConfig, LeaseConfig, MaasConfig, Plan, PriceBook
 from common.model_store import METADATA_FILE
 from common.run_reports import RunReport
+from common.runtime import REPO_ROOT
 from deployments.core.adapters import AdapterCatalog
 from deployments.core.fine_tune_manager import FineTuneManager
 from deployments.core.fine_tunes import Job, decide_starts, estimate_tokens, sizing
@@ -254,3 +255,22 @@ def test_queue_decisions_and_estimates_are_plain_data():
     assert [s[0] for s in d.start] == ["a1"] and set(d.waiting) == {"a2", "b1"}  # b1 waits for room behind a1, not for a's limit
     d = decide_starts(jobs, 4.0, lambda t: 1, 2, 0.8, 0.4)
     assert [s[0] for s in d.start] == ["a1", "b1"] and "a2" in d.waiting
+
+
+def test_an_operators_job_fits_itself_beside_serving_or_waits_saying_so(caplog):
+    from training.config import load_train_config
+    from training.finetune import fit_to_cluster
+
+    pirate = load_train_config(REPO_ROOT / "training/configs/pirate.yaml")  # 2 workers × 0.8 CPU
+    assert (pirate.scaling.num_workers, pirate.scaling.cpus_per_worker) == (2, 0.8)
+    beside_serving = fit_to_cluster(pirate, lambda: 1.2)  # the 2-CPU default with the graph holding 0.8
+    assert (beside_serving.scaling.num_workers, beside_serving.scaling.cpus_per_worker) == (1, 0.8)
+    alone = fit_to_cluster(pirate, lambda: 2.0)
+    assert (alone.scaling.num_workers, alone.scaling.cpus_per_worker) == (2, 0.8)
+
+    now = [0.0]
+    free = iter([0.1, 0.1, 0.1, 0.9])
+    waited = fit_to_cluster(pirate, lambda: next(free), sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
+    assert waited.scaling.num_workers == 1 and now[0] == 6.0 and "waiting for CPUs" in caplog.text
+    with pytest.raises(RuntimeError, match="Not enough free CPUs"):
+        fit_to_cluster(pirate.model_copy(update={"scaling": pirate.scaling.model_copy(update={"wait_s": 10})}), lambda: 0.0, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
