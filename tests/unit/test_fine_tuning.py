@@ -274,3 +274,17 @@ def test_an_operators_job_fits_itself_beside_serving_or_waits_saying_so(caplog):
     assert waited.scaling.num_workers == 1 and now[0] == 6.0 and "waiting for CPUs" in caplog.text
     with pytest.raises(RuntimeError, match="Not enough free CPUs"):
         fit_to_cluster(pirate.model_copy(update={"scaling": pirate.scaling.model_copy(update={"wait_s": 10})}), lambda: 0.0, sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
+
+
+def test_an_admin_key_may_run_a_full_fine_tune_which_makes_the_next_version(rig):
+    admin_key, _ = rig.server.core.create_key("ops", role="admin")
+    ops = rig.client(admin_key)
+    job = ops.fine_tuning.jobs.create(model="m", training_file=_upload(ops), method={"type": "full"})
+    assert job.method.type == "full"
+    rig.manager.tick()
+    ray_id, config_path = next(iter(rig.cluster.submitted.items()))
+    cfg = rig.cluster.train(ray_id, steps=2)
+    assert cfg["method"]["type"] == "full" and cfg["output"]["name"] == "m" and cfg["scaling"]["fit"] is False
+    rig.manager.tick()
+    done = ops.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded" and done.fine_tuned_model == "m@v1"
