@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install model serve up down status test unit bench bench-capacity bench-chaos bench-soak bench-training clean
+.PHONY: install model serve up down status test unit bench bench-capacity bench-chaos bench-soak bench-training bench-lora clean
 
 install: $(VENV)/.installed
 
@@ -67,6 +67,9 @@ bench-soak: model
 
 bench-training: model
 	$(PY) -m bench.training
+
+bench-lora: model
+	$(PY) -m bench.lora
 
 clean:
 	rm -rf $(VENV) bench/out

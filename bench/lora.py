@@ -102,11 +102,12 @@ def serve(tokens: int, root: Path) -> list[dict]:
     from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from common.config import EngineConfig, load_config
+    from common.config import load_config
     from common.model_store import open_store
-    from deployments.core.generator import engine_args
+    from deployments.core.generator import engine_args, engine_env_vars
 
     config = load_config()
+    os.environ.update(engine_env_vars(config.engine))  # as the generator's replica sets them: threads bound, KV cache size, tcmalloc
     base = str(open_store(config.store_root()).resolve(config.model.name).path)
     ids = AutoTokenizer.from_pretrained(base).apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True)
     ids = ids if isinstance(ids, list) else ids["input_ids"]
@@ -114,7 +115,7 @@ def serve(tokens: int, root: Path) -> list[dict]:
     rows: list[dict] = []
 
     async def one_engine(enable: bool) -> None:  # the engine lives in one event loop
-        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(base, EngineConfig(enable_lora=enable))))
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(base, config.engine.model_copy(update={"enable_lora": enable}))))
         cases = [("base", [])] if not enable else [("base", []), ("1 adapter", [LoRARequest("a0", 1, adapters[0])]), ("4 adapters", [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(adapters)])]
         try:
             for name, loras in cases:
