@@ -155,9 +155,15 @@ def fit_to_cluster(cfg: TrainConfig, free_cpus: Callable[[], float], sleep: Call
     if not sc.fit or sc.use_gpu:
         return cfg
     deadline, told = clock() + sc.wait_s, -float("inf")
+    wanted = (sc.num_workers, sc.cpus_per_worker)
     while True:
         free = free_cpus()
-        size = sizing(free + DATA_CPUS, sc.num_workers, sc.cpus_per_worker, sc.min_cpus_per_worker)  # Ray Data's tasks are already running
+        for _ in range(3):  # the dataset's encoding actors give their CPUs back a moment after it is materialized
+            if sizing(free + DATA_CPUS, sc.num_workers, sc.cpus_per_worker, sc.min_cpus_per_worker) == wanted:
+                break
+            sleep(1.0)
+            free = max(free, free_cpus())
+        size = sizing(free + DATA_CPUS, sc.num_workers, sc.cpus_per_worker, sc.min_cpus_per_worker)  # Ray Data has read the data already
         if size is not None:
             if size != (sc.num_workers, sc.cpus_per_worker):
                 logger.info("%.1f CPUs free: %d worker(s) × %.2f CPU (asked for %d × %.2f)", free, *size, sc.num_workers, sc.cpus_per_worker)
