@@ -131,9 +131,16 @@ def test_a_tenant_sees_its_spend_and_manages_its_keys(page, base_url, billing_ac
     page.click("a[data-page=keys]")
     page.fill("#create-key input[name=name]", "made-in-console")
     page.fill("#create-key input[name=days]", "7")
+    page.fill("#create-key input[name=models]", MODEL)  # the key's own policy, inside the tenant's
+    page.fill("#create-key input[name=rpm]", "30")
+    page.fill("#create-key input[name=metadata]", "team=qa")
     page.click("#create-key button")
     secret = page.wait_for_selector("[data-testid=new-key-secret]").inner_text().strip()
     assert secret.startswith("sk-maas-")
+    row_text = page.locator("table[data-testid=keys] tr", has_text="made-in-console").inner_text()
+    assert MODEL in row_text and "30 rpm" in row_text
+    policy = next(k for k in httpx.get(base_url + "/keys", headers={"Authorization": f"Bearer {key}"}).json()["data"] if k["name"] == "made-in-console")
+    assert policy["models"] == [MODEL] and policy["rpm"] == 30 and policy["metadata"] == {"team": "qa"} and policy["expires_at"] is not None
     _shot(page, "tenant-keys")
     made = OpenAI(base_url=base_url, api_key=secret, max_retries=0, timeout=120)
     assert made.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2).usage.completion_tokens >= 1

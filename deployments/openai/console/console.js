@@ -301,6 +301,14 @@ async function keysPage(created) {
     const days = f.elements.days.value;
     const body = { name: f.elements.name.value };
     if (days) body.expires_in_s = Number(days) * 86400;
+    // The key's own policy, inside the tenant's: models it may call, its own budget and rates, free-form metadata.
+    const models = f.elements.models.value.split(",").map((m) => m.trim()).filter(Boolean);
+    if (models.length) body.models = models;
+    if (f.elements.budget.value) body.monthly_budget = f.elements.budget.value;
+    if (f.elements.rpm.value) body.rpm = Number(f.elements.rpm.value);
+    if (f.elements.tpm.value) body.tpm = Number(f.elements.tpm.value);
+    const meta = f.elements.metadata.value.split(",").map((kv) => kv.split("=")).filter((kv) => kv[0].trim());
+    if (meta.length) body.metadata = Object.fromEntries(meta.map(([k, ...v]) => [k.trim(), v.join("=").trim()]));
     f.querySelector("button").disabled = true;
     try {
       const k = await api("POST", "/v1/keys", body);
@@ -315,7 +323,13 @@ async function keysPage(created) {
       el("form", { class: "inline", id: "create-key", onsubmit: create },
         el("input", { name: "name", placeholder: "name", maxlength: 128, required: true, "aria-label": "Key name" }),
         el("input", { name: "days", type: "number", min: 1, max: 3650, placeholder: "expires in (days)", "aria-label": "Expires in days" }),
-        el("button", { type: "submit" }, "Create key"))),
+        el("input", { name: "models", placeholder: "models (comma-separated; all if empty)", "aria-label": "Models allowed", size: 30 }),
+        el("input", { name: "budget", type: "number", min: 0, step: "any", placeholder: `own monthly budget (${state.account.currency || ""})`, "aria-label": "Monthly budget" }),
+        el("input", { name: "rpm", type: "number", min: 1, placeholder: "own RPM", "aria-label": "Requests per minute" }),
+        el("input", { name: "tpm", type: "number", min: 1, placeholder: "own TPM", "aria-label": "Tokens per minute" }),
+        el("input", { name: "metadata", placeholder: "metadata: team=search, env=prod", "aria-label": "Metadata", size: 28 }),
+        el("button", { type: "submit" }, "Create key")),
+      el("p", { class: "muted" }, "Limits apply inside the tenant's own; a key with a policy of its own cannot manage keys.")),
     el("div", { class: "panel" },
       table(["Key id", "Name", "Role", "Created", "Expires", "Status", "Models", "Limits", ""],
         keys.map((k) => ({
