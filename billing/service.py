@@ -153,6 +153,8 @@ class BillingCore:
     def hold(self, key: str, tenant: str, amount: Decimal, period: str) -> None:
         """Reserve `amount` of the tenant's budget under `key` (idempotent: the same key replaces its hold); 429 when it does not fit."""
         check_tenant(tenant)
+        if self._holds.get(key) == (tenant, period, amount):  # re-asserted as it stands: it was admitted already
+            return
         self._holds.pop(key, None)
         budget = self.plan_of(tenant).monthly_budget
         if budget is not None:

@@ -31,6 +31,7 @@ import yaml
 
 from common.config import MaasConfig
 from common.errors import InvalidRequestError, NotFoundError
+from common.file_store import FileStore
 from common.run_reports import RunReport
 from deployments.core.fine_tunes import TERMINAL, Job, checkpoint_to_openai, decide_starts, event_to_openai
 
@@ -191,25 +192,22 @@ class FineTuneManager:
         try:
             free = self._cluster.free_cpus()
         except Exception as exc:
-            self._wait_all(queued, f"The cluster's resources cannot be read now ({exc}).")
+            for job in queued:
+                self._wait(job, f"The cluster's resources cannot be read now ({exc}).", "warn")
             return
         starting = sum(j.workers * j.cpus_per_worker for j in self._jobs.values() if j.status == "running" and j.started_at and now - j.started_at < STARTING_S)
         decision = decide_starts(list(self._jobs.values()), free - starting, self._running_limit, self._ft.max_workers, self._ft.cpus_per_worker, self._ft.min_cpus_per_worker)
         for job_id, reason in decision.waiting.items():
-            job = self._jobs[job_id]
-            if job.queue_reason != reason:
-                job.queue_reason = reason
-                self._save(job)
-                self._say(job, reason)
+            self._wait(self._jobs[job_id], reason)
         for job_id, workers, cpus in decision.start:
             self._start(self._jobs[job_id], workers, cpus)
 
-    def _wait_all(self, jobs: list[Job], reason: str) -> None:
-        for job in jobs:
-            if job.queue_reason != reason:
-                job.queue_reason = reason
-                self._save(job)
-                self._say(job, reason, "warn")
+    def _wait(self, job: Job, reason: str, level: str = "info") -> None:
+        """Keep the job queued, saying why (once per new reason)."""
+        if job.queue_reason != reason:
+            job.queue_reason = reason
+            self._save(job)
+            self._say(job, reason, level)
 
     def _running_limit(self, tenant: str) -> int:
         own = self._billing.running_limit(tenant) if self._billing is not None else None
@@ -221,11 +219,7 @@ class FineTuneManager:
         try:
             job.ray_job_id = self._cluster.submit(job.id, str(config_path))
         except Exception as exc:
-            reason = f"The training job could not be submitted ({exc}); retrying."
-            if job.queue_reason != reason:
-                job.queue_reason = reason
-                self._save(job)
-                self._say(job, reason, "warn")
+            self._wait(job, f"The training job could not be submitted ({exc}); retrying.", "warn")
             return
         job.status, job.started_at, job.queue_reason, job.workers, job.cpus_per_worker = "running", int(self._clock()), None, workers, cpus
         self._save(job)
@@ -257,8 +251,6 @@ class FineTuneManager:
         }
 
     def _data_path(self, tenant: str, file_id: str) -> str:
-        from common.file_store import FileStore
-
         return str(FileStore(self._cfg.store_root()).data_path(tenant, file_id))
 
     def _watch(self, job: Job) -> None:
