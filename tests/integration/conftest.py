@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -10,8 +12,32 @@ from billing.actor import admin_client
 from billing.admin import wait
 from cluster import local
 from common.config import MaasConfig, deep_merge, load_config
-from common.model_store import ensure_default_model, open_store
+from common.model_store import METADATA_FILE, ensure_default_model, open_store
 from common.runtime import free_port
+
+
+def linked_store(tmp_path_factory) -> Path:
+    """A store of our own holding the default model's v1 (a link, not a copy)."""
+    config = load_config()
+    default = ensure_default_model(open_store(config.store_root()), config.model.name)
+    root = tmp_path_factory.mktemp("store")
+    open_store(root).link_version(default)
+    return root
+
+
+def linked_version(root: Path, model: str, version: str) -> Path:
+    """A new version of `model` in the store at `root` with v1's weights (linked), its lineage naming v1.
+
+    Canary, promote and rollback need a second version to route to, not a different model: the fine-tune that
+    makes a real one is tested on its own (test_training, test_fine_tuning_api)."""
+    v1, new = root / model / "v1", root / model / version
+    new.mkdir()
+    for f in v1.iterdir():
+        if f.name != METADATA_FILE:
+            (new / f.name).symlink_to(f.resolve())
+    meta = json.loads((v1 / METADATA_FILE).read_text())
+    (new / METADATA_FILE).write_text(json.dumps({**meta, "version": version, "lineage": {"base": {"name": model, "version": "v1"}}}))
+    return new
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ same files (a second version to canary without training one).
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from decimal import Decimal
@@ -22,10 +21,8 @@ import pytest
 
 from billing.actor import admin_client
 from billing.admin import wait
-from common.model_store import METADATA_FILE
 from common.runtime import REPO_ROOT
-from tests.integration.conftest import create_key
-from tests.integration.test_training import linked_store
+from tests.integration.conftest import create_key, linked_store, linked_version
 
 pytestmark = pytest.mark.integration
 MODEL = "SmolLM2-135M-Instruct"
@@ -39,14 +36,7 @@ if CHROMIUM is None:  # `.ci/run` installs Debian's chromium; a developer's mach
 @pytest.fixture(scope="module")
 def config_overrides(tmp_path_factory) -> dict:
     root = linked_store(tmp_path_factory)
-    v1 = root / MODEL / "v1"
-    v2 = root / MODEL / "v2"
-    v2.mkdir()
-    for f in v1.iterdir():
-        if f.name != METADATA_FILE:
-            (v2 / f.name).symlink_to(f.resolve())
-    meta = json.loads((v1 / METADATA_FILE).read_text())
-    (v2 / METADATA_FILE).write_text(json.dumps({**meta, "version": "v2", "lineage": {"base": {"name": MODEL, "version": "v1"}}}))
+    linked_version(root, MODEL, "v2")
     return {"model_store": {"root": str(root)}, "model": {"version": "v1"}}  # v2 waits for the canary
 
 

@@ -18,8 +18,7 @@ from billing.actor import admin_client
 from billing.admin import wait
 from cluster import local
 from common.runtime import REPO_ROOT, free_port
-from tests.integration.conftest import create_key
-from tests.integration.test_training import linked_store
+from tests.integration.conftest import create_key, linked_store
 
 pytestmark = pytest.mark.integration
 MODEL = "SmolLM2-135M-Instruct"
@@ -134,19 +133,24 @@ def test_cancelling_a_running_job_stops_it_and_bills_what_it_trained(base_url, b
     # Its CPUs are free again: the operator's job in the next test needs them beside serving.
 
 
-def test_an_operators_ray_job_submit_of_the_shipped_config_fits_beside_serving(base_url, dashboard, maas_config):
-    """`ray job submit ... --config training/configs/pirate.yaml` asks for 2 workers × 0.8 CPU; beside the graph it runs with what is free."""
+def test_an_operators_ray_job_submit_of_the_shipped_config_fits_beside_serving_and_registers_a_version(base_url, dashboard, maas_config):
+    """`ray job submit ... --config training/configs/pirate.yaml` asks for 2 workers × 0.8 CPU; beside the graph it runs with what is free,
+    and publishes the next version of the model with its lineage (the job's submission id among it)."""
+    import hashlib
+    import re
     import shlex
     import sys
 
     from ray.job_submission import JobStatus, JobSubmissionClient
+    from transformers import AutoConfig
 
     from common import envs
+    from common.model_store import open_store
     from common.runtime import RUNTIME_EXCLUDES
 
     client = JobSubmissionClient(dashboard)
     entry = [sys.executable, "-m", "training.finetune", "--config", "training/configs/pirate.yaml", "--set", "optim.max_steps=2", "--set", "optim.warmup_steps=1",
-             "--set", "output.publish=false", "--set", "checkpoint.every_steps=100", "--set", f"model_store={maas_config.store_root()}"]  # fmt: skip
+             "--set", "checkpoint.every_steps=100", "--set", f"model_store={maas_config.store_root()}"]  # fmt: skip
     job_id = client.submit_job(
         entrypoint=" ".join(shlex.quote(a) for a in entry), runtime_env={"working_dir": str(REPO_ROOT), "excludes": RUNTIME_EXCLUDES, "env_vars": envs.job_env()}
     )
@@ -154,3 +158,12 @@ def test_an_operators_ray_job_submit_of_the_shipped_config_fits_beside_serving(b
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "1 worker(s) × 0.80 CPU (asked for 2 × 0.80)" in logs and "step 2/2" in logs
+
+    registered = re.search(r"registered (\S+)/(v\d+)", logs)
+    assert registered and registered.group(1) == MODEL, logs[-3000:]
+    mv = open_store(maas_config.store_root()).resolve(MODEL, registered.group(2))
+    lineage = mv.metadata["lineage"]
+    assert lineage["base"] == {"name": MODEL, "version": "v1"}
+    assert lineage["dataset"]["sha256"] == hashlib.sha256(SAMPLE.read_bytes()).hexdigest()
+    assert lineage["run"]["submission_id"] == job_id and lineage["run"]["ray_job_id"] and lineage["config"]["optim"]["max_steps"] == 2
+    assert AutoConfig.from_pretrained(mv.path).num_hidden_layers == 30  # a loadable HF folder of the 135M model

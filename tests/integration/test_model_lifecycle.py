@@ -1,7 +1,8 @@
-"""End to end: fine-tune the real default model, canary it at 50%, promote, roll back — under a steady stream of requests, none failing.
+"""End to end: canary a second version of the real default model at 50%, promote, roll back — under a steady stream of requests, none failing.
 
-The module serves from a model store of its own (the default model's v1 linked in),
-so the version it trains and the traffic plan it changes never reach other modules.
+The module serves from a model store of its own (the default model's v1 linked in, and a v2 of the same
+weights: routing between versions is what is under test here; training one is test_training's and
+test_fine_tuning_api's), so the traffic plan it changes never reaches other modules.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ import pytest
 
 from billing.actor import admin_client
 from billing.admin import wait
-from common.runtime import REPO_ROOT
-from tests.integration.test_training import linked_store
-from training.config import load_train_config
+from tests.integration.conftest import linked_store, linked_version
 
 pytestmark = pytest.mark.integration
 MODEL = "SmolLM2-135M-Instruct"
+LONG = 160  # tokens of the stream that outlives its version: it spans the rollback
 
 
 @pytest.fixture(scope="module")
@@ -71,23 +71,10 @@ class Traffic:
 
 
 @pytest.fixture(scope="module")
-def v2(base_url, maas_config, tmp_path_factory) -> str:
-    """A short fine-tune of the real model on the sample data, published as v2 (Serve keeps serving v1 meanwhile)."""
-    from training.finetune import run
-
-    cfg = load_train_config(
-        REPO_ROOT / "training/configs/pirate.yaml",
-        {
-            "optim": {"max_steps": 3, "warmup_steps": 1},
-            "data": {"max_seq_len": 96},
-            "scaling": {"cpus_per_worker": 0.5},  # beside the serving graph on 2 CPUs
-            "checkpoint": {"every_steps": 100, "storage_path": str(tmp_path_factory.mktemp("runs"))},
-            "model_store": str(maas_config.store_root()),
-        },
-    )
-    result = run(cfg)
-    assert result.version == "v2" and result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
-    return result.version
+def v2(maas_config) -> str:
+    """v2 published in the store while Serve keeps serving v1."""
+    linked_version(maas_config.store_root(), MODEL, "v2")
+    return "v2"
 
 
 def test_canary_promote_rollback_under_load(base_url, maas_config, client, v2, billing_actor):
@@ -112,7 +99,7 @@ def test_canary_promote_rollback_under_load(base_url, maas_config, client, v2, b
         long_stream = {}
 
         def stream_long():
-            chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell a long story."}], max_tokens=300, temperature=0, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+            chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell a long story."}], max_tokens=LONG, temperature=0, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
             long_stream.update(versions={c.system_fingerprint for c in chunks}, usage=chunks[-1].usage, finish=[c.choices[0].finish_reason for c in chunks if c.choices][-1])
 
         streamer = threading.Thread(target=stream_long)
@@ -122,7 +109,7 @@ def test_canary_promote_rollback_under_load(base_url, maas_config, client, v2, b
         assert plan.weights() == {"v1": 100} and plan.deployed() == ["v1"]
         assert set(traffic.versions_since(time.monotonic(), at_least=6)) == {fp("v1")}
         streamer.join(timeout=300)
-        assert long_stream["versions"] == {fp("v2")} and long_stream["finish"] == "length" and long_stream["usage"].completion_tokens == 300
+        assert long_stream["versions"] == {fp("v2")} and long_stream["finish"] == "length" and long_stream["usage"].completion_tokens == LONG
     finally:
         traffic.stop()
 
@@ -136,9 +123,9 @@ def test_canary_promote_rollback_under_load(base_url, maas_config, client, v2, b
     while time.monotonic() < deadline:
         rows = wait(admin_client(billing_actor).spend_rows(None, "tests"))
         by_version = {r.version: r.completion_tokens for r in rows if r.model == MODEL}
-        if by_version.get("v2", 0) >= 300:
+        if by_version.get("v2", 0) >= LONG:
             break
         time.sleep(0.5)
-    assert by_version.get("v1", 0) > 0 and by_version.get("v2", 0) >= 300, by_version
+    assert by_version.get("v1", 0) > 0 and by_version.get("v2", 0) >= LONG, by_version
     actions = [a["action"] for a in wait(admin_client(billing_actor).audit_log(50)) if a["action"].startswith("model.")]
     assert {"model.canary", "model.promote", "model.rollback"} <= set(actions)
