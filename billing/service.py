@@ -349,10 +349,12 @@ class BillingCore:
                 raise InvalidRequestError(f"Unknown plan `{plan}`. Plans: {', '.join(sorted(self.config.plans))}.", param="plan")
             if plan is not None or tenant not in self._plans:
                 self.set_plan(tenant, plan or self.config.default_plan, who)
+        # The key's seq is published (self._keys_seq) only once its row is committed, as revoke_key does: a sync that
+        # read the new seq before the row existed would move its replica past the key for good.
         for _ in range(KEY_ATTEMPTS):  # a stored key is never overwritten: on an id collision, draw another key
-            self._keys_seq += 1
-            key, record = new_key(tenant, role, self._keys_seq, expires_in_s=expires_in_s, name=name, now=self._clock(), **policy)
+            key, record = new_key(tenant, role, self._keys_seq + 1, expires_in_s=expires_in_s, name=name, now=self._clock(), **policy)
             if self.ledger.insert_key(record):
+                self._keys_seq += 1
                 break
             logger.warning("new key id %s collides with a stored key; drawing another", record.key_id)
         else:

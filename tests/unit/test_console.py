@@ -22,7 +22,16 @@ def srv(tmp_path):
     with Server(tmp_path, ScriptedEngine(), operations=OperationsService(fleet, "m")) as server:
         server.fleet = fleet
         server.admin_key, server.admin = server.core.create_key("ops", role="admin", name="console-admin")
+        _until_known(server, server.admin_key)
         yield server
+
+
+def _until_known(srv, key: str, timeout_s: float = 30) -> None:
+    """Until the ingress has synced a key created behind its back (a key it does not know waits for one sync only)."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(_url(srv, "/v1/account"), headers={"Authorization": f"Bearer {key}"}).status_code != 200:
+        assert time.monotonic() < deadline, "the ingress never learned the key"
+        time.sleep(0.05)
 
 
 def _url(srv, path):
@@ -48,9 +57,9 @@ def test_console_files_are_served_without_a_key_under_a_strict_policy(srv):
 
 def test_an_operator_sees_every_tenant_with_the_ledgers_numbers(srv):
     auth = {"Authorization": f"Bearer {srv.key}"}
-    httpx.post(_url(srv, "/v1/chat/completions"), json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}, headers=auth)
+    assert httpx.post(_url(srv, "/v1/chat/completions"), json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}, headers=auth).status_code == 200
     admin = {"Authorization": f"Bearer {srv.admin_key}"}
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30  # until the ledger has the request (a bound, not a timing claim)
     while not (tenants := httpx.get(_url(srv, "/admin/tenants"), headers=admin).json())["data"][0]["requests"]:
         assert time.monotonic() < deadline
         time.sleep(0.1)
