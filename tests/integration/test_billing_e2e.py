@@ -104,12 +104,12 @@ def test_revoked_key_is_refused_within_a_second_on_every_replica(base_url, billi
     _wait_for(lambda: httpx.get(base_url + "/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200, 5)
     _chat(client, max_tokens=1)
     wait(admin_client(billing_actor).revoke_key(record.key_id, "tests"))
-    t0 = time.monotonic()
     time.sleep(1.0)
-    # Many calls, so that both ingress replicas answer at least a few of them.
-    codes = {httpx.get(base_url + "/models", headers={"Authorization": f"Bearer {key}"}).json()["error"]["code"] for _ in range(20)}
+    # Many calls at once, a second after the revocation, so that both ingress replicas answer some of them then
+    # (one after the other, on a loaded machine, the last would start seconds later).
+    with ThreadPoolExecutor(10) as pool:
+        codes = set(pool.map(lambda _: httpx.get(base_url + "/models", headers={"Authorization": f"Bearer {key}"}).json()["error"]["code"], range(20)))
     assert codes == {"revoked_api_key"}, codes
-    assert time.monotonic() - t0 < 3
 
 
 def test_expired_key_gets_401(base_url, billing_actor):
@@ -227,16 +227,22 @@ def test_rpm_holds_across_two_ingress_replicas(base_url, billing_actor):
 def test_every_v1_response_carries_the_rate_limit_headers(base_url, billing_actor):
     key, _ = create_key(billing_actor, "headers", plan="metered")
     client = _client(base_url, key)
-    seen = []
+    # Remaining counts the current minute: a response written just after the minute turns rightly shows the whole
+    # limit again. Start early in a minute, and judge the counts only when all three fell in one.
+    if (left := 60 - time.time() % 60) < 15:
+        time.sleep(left + 0.2)
+    start, seen = time.time(), []
     for _ in range(3):
         raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         seen.append(raw.headers)
+    one_minute = int(start // 60) == int(time.time() // 60)
     for h in seen:
         assert h["x-ratelimit-limit-requests"] == "50" and h["x-ratelimit-limit-tokens"] == "20000"
-        assert 0 <= int(h["x-ratelimit-remaining-requests"]) < 50 and 0 < int(h["x-ratelimit-remaining-tokens"]) < 20000
+        assert 0 <= int(h["x-ratelimit-remaining-requests"]) < 50 + (not one_minute) and 0 < int(h["x-ratelimit-remaining-tokens"]) < 20000 + (not one_minute)
         assert h["x-ratelimit-reset-requests"].endswith("s")
     # Approximate across the two ingress replicas (docs/billing.md), but a replica's own requests always show.
-    assert min(int(h["x-ratelimit-remaining-requests"]) for h in seen) <= 50 - 2
+    if one_minute:
+        assert min(int(h["x-ratelimit-remaining-requests"]) for h in seen) <= 50 - 2, seen
     with client.chat.completions.with_streaming_response.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True) as raw:
         assert raw.headers["x-ratelimit-limit-requests"] == "50"
 
