@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from bench.chaos import chaos_overrides, run
 from billing.actor import admin_client
@@ -32,7 +33,7 @@ def config_overrides() -> dict:
 
 def test_no_usage_is_lost_double_counted_or_over_billed_whatever_dies(base_url, billing_actor, ledger_url):
     key, _ = create_key(billing_actor, "chaos", plan="enterprise")
-    kinds = KINDS[ledger_url.split(":", 1)[0].split("+", 1)[0]]
+    kinds = KINDS[make_url(ledger_url).get_backend_name()]
     r, recovery = run(base_url, key, admin_client(billing_actor), "chaos", kinds, clients=CLIENTS, settle_s=20, max_tokens=24, warm_s=4)
     logger.info("chaos: %s; recovery %s; notes %s", {k: v for k, v in r.__dict__.items() if k != "problems"}, recovery, r.problems)
     assert r.ok > 0 and r.requests > r.ok, "traffic ran and the kills cut some of it"
