@@ -61,15 +61,23 @@ def ensure_plan(config: MaasConfig, who: str = "deploy") -> TrafficPlan:
 
 
 def deploy_all(config: MaasConfig, who: str = "deploy", timeout_s: float = 900) -> TrafficPlan:
-    """A full deploy: the plan from the config, its versions, then the front application (used by `maas serve`/`up`)."""
+    """A full deploy: the plan from the config, its versions, then the front application (used by `maas serve`/`up`).
+
+    When the front application is not running yet there is no traffic to protect, so it starts beside the versions
+    rather than after them (it answers 503 until the stable version's engine is ready): a fresh start is shorter
+    by the front's own start-up.  A redeploy keeps the order, so the front never routes to a version not yet up."""
     from ray import serve
 
     before = traffic_file(config).load()
     plan = ensure_plan(config, who)
     if before != plan:
         audit_change(config, who, plan, before)
-    deploy_versions(config, plan.deployed(), timeout_s)
-    serve.run(build_app(config, plan.stable), name=config.app_name, route_prefix=config.route_prefix)
+    front = serve.RunTarget(build_app(config, plan.stable), name=config.app_name, route_prefix=config.route_prefix)
+    if config.app_name not in serve.status().applications:
+        deploy_versions(config, plan.deployed(), timeout_s, beside=[front])
+    else:
+        deploy_versions(config, plan.deployed(), timeout_s)
+        serve.run(front.target, name=front.name, route_prefix=front.route_prefix)
     retire_versions(config, plan.deployed())
     return plan
 

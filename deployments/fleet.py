@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from common.config import MaasConfig
 from common.model_store import open_store
@@ -71,8 +71,10 @@ def _running_apps() -> dict[str, str]:
     return {name: str(getattr(s.status, "value", s.status)) for name, s in serve.status().applications.items()}
 
 
-def deploy_versions(config: MaasConfig, versions: list[str], timeout_s: float = 900) -> None:
-    """Deploy each version's application unless it already runs; wait until all are RUNNING."""
+def deploy_versions(config: MaasConfig, versions: list[str], timeout_s: float = 900, beside: Sequence[Any] = ()) -> None:
+    """Deploy each version's application unless it already runs; wait until all are RUNNING.
+
+    `beside`: more `serve.RunTarget`s to start together with them and wait for (a fresh deploy's front app)."""
     from ray import serve
 
     apps = _running_apps()
@@ -80,11 +82,11 @@ def deploy_versions(config: MaasConfig, versions: list[str], timeout_s: float = 
         serve.RunTarget(build_version_app(config, v), name=version_app_name(config.app_name, config.model.name, v), route_prefix=None)
         for v in versions
         if version_app_name(config.app_name, config.model.name, v) not in apps
-    ]
+    ] + list(beside)
     if targets:
         logger.info("deploying %s", ", ".join(t.name for t in targets))
         serve.run_many(targets, wait_for_applications_running=False)
-    names = [version_app_name(config.app_name, config.model.name, v) for v in versions]
+    names = [version_app_name(config.app_name, config.model.name, v) for v in versions] + [t.name for t in beside]
     deadline = time.monotonic() + timeout_s
     while True:
         apps = _running_apps()
