@@ -1,6 +1,6 @@
 """Chaos: steady streamed and whole traffic while each kind of process is SIGKILLed in turn, then the client's view reconciled with the ledger row by row.
 
-The library half (traffic, kills, reconciliation) is what `tests/integration/test_chaos.py` runs, bounded;
+The library half (traffic, kills, reconciliation) is what the chaos test of `tests/integration/test_billing_e2e.py` runs, bounded;
 `python -m bench.chaos` runs it longer over every process kind, on SQLite and on a real PostgreSQL
 (Debian's package, as the tests start it), and prints the table recorded in bench/RESULTS.md:
 
