@@ -71,6 +71,11 @@ class StopMatcher:
         self._held = buf[len(buf) - hold:] if hold else ""
         return buf[: len(buf) - hold], False
 
+    @property
+    def active(self) -> bool:
+        """Whether there is any stop string to look for."""
+        return bool(self._stops)
+
     def flush(self) -> str:
         held, self._held = self._held, ""
         return held
@@ -126,8 +131,12 @@ class RequestDecoder:
             if choice.finish_reason is not None:
                 continue  # already stopped by a stop string; the engine is still catching up
             choice.completion_tokens += len(token_ids)
-            logprobs = self._logprobs(choice, token_ids, delta[3]) if len(delta) > 3 else None
-            text, hit = choice.stops.push(choice.detok.push(token_ids))
+            logprobs = None
+            if len(delta) > 3:  # logprobs asked: they end where the text ends, with the token that completed a stop string
+                text, hit, n = self._push_until_stop(choice, token_ids)
+                logprobs = self._logprobs(choice, token_ids[:n], delta[3][:n])
+            else:
+                text, hit = choice.stops.push(choice.detok.push(token_ids))
             if not hit and finish_reason is not None:
                 tail, hit = choice.stops.push(choice.detok.flush())
                 text += tail if hit else tail + choice.stops.flush()
@@ -135,6 +144,22 @@ class RequestDecoder:
                 finish_reason = "stop"
             events.append(self._event(choice, text, finish_reason, logprobs))
         return events
+
+    @staticmethod
+    def _push_until_stop(choice: ChoiceState, token_ids: Sequence[int]) -> tuple[str, bool, int]:
+        """The tokens one at a time until a stop string is hit: (text to emit, hit, tokens pushed).
+
+        The same text as pushing them at once (the detokenizer and the stop matcher are incremental); only the
+        logprobs path pays for it, to know which tokens the returned text covers."""
+        if not choice.stops.active:
+            return choice.stops.push(choice.detok.push(token_ids)) + (len(token_ids),)
+        out = []
+        for n, token in enumerate(token_ids, 1):
+            text, hit = choice.stops.push(choice.detok.push([token]))
+            out.append(text)
+            if hit:
+                return "".join(out), True, n
+        return "".join(out), False, len(token_ids)
 
     def _logprobs(self, choice: ChoiceState, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob]) -> list[DecodedLogprob]:
         out = []

@@ -82,6 +82,21 @@ def test_request_decoder_stops_each_choice_and_counts_tokens():
     assert ["".join(c.text) for c in dec.choices] == ["Hel", "Hey!"]
 
 
+def test_logprobs_end_with_the_token_that_completed_a_stop_string():
+    # The engine ran past the stop (it is found here, a step later): the tokens after it are in usage, since the
+    # engine produced them, but neither in the text nor in the logprobs.
+    dec = RequestDecoder(_request(stop=["lo"], logprobs=0), TOK.decode)
+    ids = TOK.encode("Hello!!")
+    events = dec.feed([(0, ids, None, [(-0.5, [])] * len(ids))])
+    assert [(e.text, e.finish_reason) for e in events] == [("Hel", "stop")]
+    assert [lp.token for lp in events[0].logprobs] == ["H", "e", "l", "l", "o"]
+    assert [lp.token for lp in dec.whole()[0].logprobs] == ["H", "e", "l", "l", "o"]
+    assert dec.usage.completion_tokens == len(ids)
+    # Without a stop string, every token has its logprob, as before.
+    plain = RequestDecoder(_request(logprobs=0), TOK.decode).feed([(0, ids, "length", [(-0.5, [])] * len(ids))])
+    assert plain[0].text == "Hello!!" and len(plain[0].logprobs) == len(ids)
+
+
 async def _collect(agen):
     return [item async for item in agen]
 
