@@ -103,7 +103,8 @@ def test_a_tenant_fine_tunes_and_calls_its_private_model(base_url, billing_actor
         rows = wait(admin_client(billing_actor).spend_rows(None, "tuner"))
         return {(r.model, r.version): r for r in rows}
 
-    got = _until(lambda: (ls := lines()) and (done.fine_tuned_model, "v1") in ls and ls, 30, 0.5)
+    # Both calls' reports travel asynchronously (each through its outbox): wait for both lines, not just the first call's.
+    got = _until(lambda: (ls := lines()) and {(done.fine_tuned_model, "v1"), (MODEL, "v1")} <= ls.keys() and ls, 30, 0.5)
     training = got[(done.fine_tuned_model, "training")]
     assert training.prompt_tokens == done.trained_tokens and training.requests == 1
     assert training.amount == Decimal(done.trained_tokens) * Decimal("0.50") / 1_000_000
