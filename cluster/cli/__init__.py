@@ -25,6 +25,7 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
     """ray-maas: an OpenAI-compatible model service on Ray."""
     use_local_env()  # before Ray is imported anywhere: loopback-only addressing, offline models, no usage stats
     logging.basicConfig(level=envs.MAAS_LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin set-up logs 7 INFO lines per ledger opened; our own migration line stays
     ctx.obj = config_path
 
 
