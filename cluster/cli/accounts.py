@@ -100,11 +100,23 @@ def usage(ctx: click.Context, tenant: str | None, month: str | None) -> None:
     config, billing = billing_admin(ctx)
     period = _month(month)
     report = usage_report(run(billing.spend_rows(period, tenant, by_day=True)), period, config.billing.price_book.currency, tenant)
-    click.echo(f"{'TENANT':<16} {'DAY':<10} {'MODEL':<24} {'VER':<5} {'REQS':>7} {'PROMPT':>10} {'COMPLETION':>10} {'COST':>14}")
-    for r in report["data"]:
-        click.echo(f"{r['tenant']:<16} {r['day']:<10} {r['model']:<24} {r['version']:<5} {r['requests']:>7} {r['prompt_tokens']:>10} {r['completion_tokens']:>10} {r['cost']:>14}")
+    for line in usage_table(report):
+        click.echo(line)
+
+
+def usage_table(report: dict) -> list[str]:
+    """`maas usage`'s lines for a usage report: a row per tenant, day, model and version, then the total.
+
+    Text columns are as wide as their longest entry: a fine-tune's id (`ft:<base>:<tenant>:<suffix>:<job>`)
+    and its `training` line are longer than any base model's."""
+    rows = report["data"]
+    tw, mw, vw = (max([len(head), *(len(str(r[k])) for r in rows)]) for k, head in (("tenant", "TENANT"), ("model", "MODEL"), ("version", "VER")))
     t = report["total"]
-    click.echo(f"{'TOTAL':<58} {t['requests']:>7} {t['prompt_tokens']:>10} {t['completion_tokens']:>10} {t['cost']:>14} {report['currency']}")
+    return [
+        f"{'TENANT':<{tw}} {'DAY':<10} {'MODEL':<{mw}} {'VER':<{vw}} {'REQS':>7} {'PROMPT':>10} {'COMPLETION':>10} {'COST':>14}",
+        *(f"{r['tenant']:<{tw}} {r['day']:<10} {r['model']:<{mw}} {r['version']:<{vw}} {r['requests']:>7} {r['prompt_tokens']:>10} {r['completion_tokens']:>10} {r['cost']:>14}" for r in rows),
+        f"{'TOTAL':<{tw + 1 + 10 + 1 + mw + 1 + vw}} {t['requests']:>7} {t['prompt_tokens']:>10} {t['completion_tokens']:>10} {t['cost']:>14} {report['currency']}",
+    ]
 
 
 @click.command()

@@ -288,3 +288,21 @@ def test_an_admin_key_may_run_a_full_fine_tune_which_makes_the_next_version(rig)
     rig.manager.tick()
     done = ops.fine_tuning.jobs.retrieve(job.id)
     assert done.status == "succeeded" and done.fine_tuned_model == "m@v1"
+
+
+def test_maas_usage_shows_a_fine_tunes_training_and_inference_lines_apart_in_aligned_columns():
+    from billing.ledger import SpendRow
+    from billing.reports import usage_report
+    from cluster.cli.accounts import usage_table
+
+    ft, p = "ft:SmolLM2-135M-Instruct:acme:pirate:ef8b386d", Decimal("0.5")
+    rows = [
+        SpendRow("acme", "2026-12", "SmolLM2-135M-Instruct", "v1", p, p, 1, 35, 30, day="2026-12-06"),
+        SpendRow("acme", "2026-12", ft, "training", p, Decimal(0), 1, 20093, 0, day="2026-12-06"),
+        SpendRow("acme", "2026-12", ft, "v1", p, p, 1, 35, 30, day="2026-12-06"),
+    ]
+    lines = usage_table(usage_report(rows, "2026-12", "USD"))
+    assert len(lines) == 5 and [line.split()[3] for line in lines[1:4]] == ["v1", "training", "v1"]
+    # Every row and the total (less its currency) as wide as the header: no column pushed out of line.
+    assert len({len(line) for line in lines[:4]} | {len(lines[4].removesuffix(" USD"))}) == 1
+    assert lines[-1].split()[:4] == ["TOTAL", "3", "20163", "60"]
