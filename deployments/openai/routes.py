@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Awaitable, Sequence
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -150,10 +150,22 @@ def _validation_error(exc: RequestValidationError) -> MaasError:
     if extra is not None:
         name = ".".join(str(p) for p in extra.get("loc", ()) if p != "body")
         return InvalidRequestError(f"Unsupported parameter: `{name}` is not implemented by this API.", param=name, code="unsupported_parameter")
-    located = [([str(p) for p in e.get("loc", ()) if p != "body"], e.get("msg", "invalid value")) for e in errors]
-    message = "; ".join(f"{'.'.join(loc) or 'body'}: {msg}" for loc, msg in located[:5])
-    param = located[0][0][0] if located and located[0][0] else None
-    return InvalidRequestError(message or "Invalid request.", param=param)
+    by_path: dict[tuple[str, ...], list[str]] = {}  # a union's branches fail at one path: one entry, its reasons joined by "or"
+    for e in errors:
+        reasons = by_path.setdefault(_param_path(e.get("loc", ())), [])
+        if (msg := e.get("msg", "invalid value")) not in reasons:
+            reasons.append(msg)
+    message = "; ".join(f"{'.'.join(path) or 'body'}: {' or '.join(reasons)}" for path, reasons in list(by_path.items())[:5])
+    first = next(iter(by_path), ())
+    return InvalidRequestError(message or "Invalid request.", param=first[0] if first else None)
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "bytes"})
+
+
+def _param_path(loc: Sequence[Any]) -> tuple[str, ...]:
+    """The parameter's path in the body: pydantic's union-branch tags (`constrained-int`, `literal['auto']`, `list[str]`, `str`) dropped."""
+    return tuple(str(p) for p in loc if p != "body" and (isinstance(p, int) or (str(p).isidentifier() and str(p) not in _UNION_TAGS)))
 
 
 async def _sse_body(stream: SSEStream) -> AsyncIterator[str]:

@@ -91,6 +91,14 @@ def test_bad_completion_requests(body, param):
     assert_envelope(make_client().post("/v1/completions", json=body), 400, param)
 
 
+def test_a_bad_value_names_its_parameters_path_not_pydantics_union_branches():
+    # `stop` is a string or a list of strings: both branches fail at one path, one entry saying both reasons.
+    error = make_client().post("/v1/chat/completions", json=chat_body(stop=3)).json()["error"]
+    assert error["param"] == "stop" and error["message"] == "stop: Input should be a valid string or Input should be a valid list"
+    error = make_client().post("/v1/completions", json={"model": MODEL, "prompt": [1.5]}).json()["error"]
+    assert error["message"].startswith("prompt: Input should be a valid string; prompt.0: ") and "[" not in error["message"]
+
+
 def test_malformed_json_is_400():
     resp = make_client().post("/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"})
     assert_envelope(resp, 400)
