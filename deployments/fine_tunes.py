@@ -38,7 +38,10 @@ class RayJobCluster:
             from ray.job_submission import JobSubmissionClient
 
             try:
-                self._client = JobSubmissionClient()
+                # This actor's own cluster, by its GCS address. With no address the client looks for "a local
+                # cluster" in /tmp/ray/ray_current_cluster, which an earlier, stopped cluster on the machine can
+                # have left behind: jobs then stayed queued while it waited on a dead GCS.
+                self._client = JobSubmissionClient(ray.get_runtime_context().gcs_address)
             except Exception as exc:
                 raise RuntimeError(f"the Ray Jobs API is not reachable; start the cluster with its dashboard ({exc})") from exc
         return self._client
