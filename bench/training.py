@@ -107,7 +107,7 @@ def job_submit_to_first_step() -> dict:
     from common.model_store import open_store
 
     open_store(store).link_version(open_store(load_config().store_root()).resolve("SmolLM2-135M-Instruct"))
-    os.environ.update(MAAS_MODEL_STORE=str(store), MAAS_TRAIN_STORAGE=tempfile.mkdtemp(), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    os.environ.update(MAAS_MODEL_STORE=str(store), MAAS_TRAIN_STORAGE=tempfile.mkdtemp())
     local.start_ray(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=port)
     try:
         t0 = time.monotonic()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 # The repository root: Ray ships it as `working_dir`; relative paths in configs are anchored here.
@@ -41,8 +42,20 @@ LOCAL_ENV = {
 
 
 def use_local_env() -> None:
-    """Put LOCAL_ENV into this process's environment (what is already set wins); call before importing Ray."""
+    """Put LOCAL_ENV into this process's environment (what is already set wins); call before importing Ray.
+
+    This interpreter's folder also goes first on PATH, as activating its virtual environment would: a
+    cluster started from here runs a Ray job's entrypoint (`ray job submit -- python -m training.finetune`)
+    with the `python` that has Ray and the project installed, not whichever one the shell found first."""
     os.environ.update({k: v for k, v in LOCAL_ENV.items() if k not in os.environ})
+    os.environ["PATH"] = with_interpreter_first(os.environ.get("PATH", ""))
+
+
+def with_interpreter_first(path: str) -> str:
+    """`path` (a PATH value) with the running interpreter's folder first, where it is not already."""
+    here = os.path.dirname(sys.executable)
+    entries = [p for p in path.split(os.pathsep) if p]
+    return path if entries[:1] == [here] else os.pathsep.join([here, *(p for p in entries if p != here)])
 
 
 def repo_path(path: str | Path) -> Path:

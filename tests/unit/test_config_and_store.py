@@ -148,3 +148,21 @@ def test_cli_progress_reads_training_steps_and_reports_plainly_off_a_terminal(ca
         note.update("every deployment healthy")
     err = capsys.readouterr().err
     assert err.count("Generator updating") == 1 and "every deployment healthy" in err and "done in" in err
+
+
+def test_a_local_cluster_runs_job_entrypoints_with_this_interpreters_python(monkeypatch):
+    """`maas up` then `ray job submit -- python -m training.finetune` from a shell where the venv is not active:
+    the cluster's PATH (what a job's entrypoint sees) starts with the folder of the interpreter running the cluster."""
+    import os
+    import shutil
+    import sys
+
+    from common.runtime import use_local_env, with_interpreter_first
+
+    here = os.path.dirname(sys.executable)
+    assert with_interpreter_first(f"/usr/bin{os.pathsep}{here}{os.pathsep}/bin") == os.pathsep.join([here, "/usr/bin", "/bin"])
+    assert with_interpreter_first(os.pathsep.join([here, "/usr/bin"])) == os.pathsep.join([here, "/usr/bin"])
+    assert with_interpreter_first("") == here
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    use_local_env()
+    assert os.environ["PATH"].split(os.pathsep)[0] == here and shutil.which("python") == os.path.join(here, "python")
