@@ -134,13 +134,12 @@ def test_cancelling_a_running_job_stops_it_and_bills_what_it_trained(base_url, b
     # Its CPUs are free again: the operator's job in the next test needs them beside serving.
 
 
-def test_an_operators_ray_job_submit_of_the_shipped_config_fits_beside_serving_and_registers_a_version(base_url, dashboard, maas_config):
+def test_an_operators_ray_job_submit_of_the_shipped_config_fits_beside_serving_and_registers_a_version(base_url, dashboard, maas_config, tmp_path):
     """`ray job submit ... --config training/configs/pirate.yaml` asks for 2 workers × 0.8 CPU; beside the graph it runs with what is free,
     and publishes the next version of the model with its lineage (the job's submission id among it)."""
     import hashlib
     import re
     import shlex
-    import sys
 
     from ray.job_submission import JobStatus, JobSubmissionClient
     from transformers import AutoConfig
@@ -150,8 +149,9 @@ def test_an_operators_ray_job_submit_of_the_shipped_config_fits_beside_serving_a
     from common.runtime import RUNTIME_EXCLUDES
 
     client = JobSubmissionClient(dashboard)
-    entry = [sys.executable, "-m", "training.finetune", "--config", "training/configs/pirate.yaml", "--set", "optim.max_steps=2", "--set", "optim.warmup_steps=1",
-             "--set", "checkpoint.every_steps=100", "--set", f"model_store={maas_config.store_root()}"]  # fmt: skip
+    # `python` as the docs write it: the cluster's PATH starts with the folder of the interpreter that runs it (common.runtime.use_local_env).
+    entry = ["python", "-m", "training.finetune", "--config", "training/configs/pirate.yaml", "--set", "optim.max_steps=2", "--set", "optim.warmup_steps=1",
+             "--set", "checkpoint.every_steps=100", "--set", f"checkpoint.storage_path={tmp_path}", "--set", f"model_store={maas_config.store_root()}"]  # fmt: skip
     job_id = client.submit_job(
         entrypoint=" ".join(shlex.quote(a) for a in entry), runtime_env={"working_dir": str(REPO_ROOT), "excludes": RUNTIME_EXCLUDES, "env_vars": envs.job_env()}
     )
