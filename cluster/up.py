@@ -105,6 +105,24 @@ def find_cluster() -> str:
     return address
 
 
+def forget_current_cluster(gcs_address: str, address_file: Path | None = None) -> bool:
+    """Remove Ray's "current cluster" file where it still names `gcs_address`, as `ray stop` does; whether it did.
+
+    `ray start` writes it, and Ray's clients with no address (`ray job submit`, `JobSubmissionClient()`,
+    `ray.init()`) look there first: one naming a stopped cluster sends them to a dead GCS."""
+    if address_file is None:
+        from ray._common.utils import get_ray_address_file
+
+        address_file = Path(get_ray_address_file(None))
+    try:
+        if address_file.read_text().strip() != gcs_address:
+            return False  # another cluster's now: not ours to remove
+        address_file.unlink()
+        return True
+    except OSError:
+        return False
+
+
 def _session_processes(session_name: str, group: int) -> list:
     import psutil
 

@@ -89,6 +89,7 @@ def up(ctx: click.Context, port: int | None, num_cpus: int | None, dashboard_por
         click.echo(f"Deploy failed ({exc}); stopping the head.", err=True)
         ray.shutdown()
         upmod.stop_head(pid, Path(session_dir).name)
+        upmod.forget_current_cluster(address)
         upmod.clear_state()
         raise click.ClickException(f"Deploy failed: {exc}") from exc
     ray.shutdown()
@@ -123,6 +124,7 @@ def down(ctx: click.Context) -> None:
         killed = upmod.stop_head(state.pid, session)
     if killed:
         click.echo(f"  {len(killed)} process(es) did not stop in time and were killed: {killed}", err=True)
+    upmod.forget_current_cluster(state.gcs_address)
     upmod.clear_state()
     click.echo("Stopped. No Ray processes of that cluster are left.")
 

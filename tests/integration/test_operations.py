@@ -181,6 +181,10 @@ def test_down_leaves_no_ray_process_behind(up, env):
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])]
     assert left == [] and not psutil.pid_exists(up["state"]["pid"])
     assert "killed" not in result.stderr, result.stderr  # Ray's own shutdown sufficed
+    from ray._common.utils import get_ray_address_file
+
+    current = Path(get_ray_address_file(None))  # where Ray's clients without an address look first
+    assert not current.exists() or current.read_text().strip() != up["state"]["gcs_address"]
     t0 = time.monotonic()
     after = maas(env, "status", timeout=60)
     assert after.returncode != 0 and ("Ray is not running" in after.stderr or "No Ray cluster answers" in after.stderr), after.stderr

@@ -166,3 +166,13 @@ def test_a_local_cluster_runs_job_entrypoints_with_this_interpreters_python(monk
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     use_local_env()
     assert os.environ["PATH"].split(os.pathsep)[0] == here and shutil.which("python") == os.path.join(here, "python")
+
+
+def test_down_forgets_its_cluster_in_rays_current_cluster_file_and_only_its_own(tmp_path):
+    from cluster.up import forget_current_cluster
+
+    f = tmp_path / "ray_current_cluster"
+    f.write_text("127.0.0.1:6379")
+    assert not forget_current_cluster("127.0.0.1:50421", f) and f.exists()  # another cluster's: kept
+    assert forget_current_cluster("127.0.0.1:6379", f) and not f.exists()
+    assert not forget_current_cluster("127.0.0.1:6379", f)  # nothing there: nothing to do
