@@ -52,7 +52,7 @@ def use_local_env() -> None:
 
 
 def with_interpreter_first(path: str) -> str:
-    """`path` (a PATH value) with the running interpreter's folder first, where it is not already."""
+    """`path` (a PATH value) with the running interpreter's folder first: added, or moved up from further down."""
     here = os.path.dirname(sys.executable)
     entries = [p for p in path.split(os.pathsep) if p]
     return path if entries[:1] == [here] else os.pathsep.join([here, *(p for p in entries if p != here)])
