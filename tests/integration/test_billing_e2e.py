@@ -357,6 +357,10 @@ def test_no_usage_is_lost_double_counted_or_over_billed_whatever_dies(base_url, 
     kinds = KINDS[make_url(ledger_url).get_backend_name()]
     r, recovery = run(base_url, key, admin_client(billing_actor), "chaos", kinds, clients=CLIENTS, settle_s=20, max_tokens=24, warm_s=4)
     logger.info("chaos: %s; recovery %s; notes %s", {k: v for k, v in r.__dict__.items() if k != "problems"}, recovery, r.problems)
-    assert r.ok > 0 and r.requests > r.ok, "traffic ran and the kills cut some of it"
+    assert r.ok > 0 and list(recovery) == kinds, "traffic ran; every kind was killed and serving came back"
+    if "generator" in kinds:
+        # Every request in flight runs on the one engine, so its kill always cuts some. The other kills cut only
+        # what happens to be on the killed replica (one of two ingresses) at that instant: often nothing.
+        assert r.requests > r.ok, "the generator kill cut the requests running on it"
     assert (r.lost, r.double, r.over_billed) == (0, 0, 0), r.problems
     assert r.bare <= CLIENTS, r.problems
