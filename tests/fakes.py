@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
+from deployments.core.generator import prompt_delta
 from deployments.core.postprocessor import ResponseWriter
 from deployments.core.tokenizer import PromptTokenizer
 from deployments.core.traffic import TrafficPlan, plan_change
 from deployments.core.types import GenerationRequest, TokenDelta, TokenizedPrompt
 
 EOS = 256
+
+
+@dataclass
+class FakeLogprob:
+    """vLLM's `Logprob`, as far as the generator reads it."""
+
+    logprob: float
 
 
 class ByteTokenizer:
@@ -49,6 +57,8 @@ class ScriptedEngine:
         self.requests.append(req)
         ids = self.reply_ids[: req.max_tokens]
         sent = 0
+        # Made-up prompt logprobs (echo with logprobs), first in the first message, as the generator sends them.
+        prompt = [prompt_delta(req.prompt_token_ids, [None, *({t: FakeLogprob(-0.5)} for t in req.prompt_token_ids[1:])], req.prompt_logprobs)] if req.prompt_logprobs is not None else []
         try:
             for start in range(0, len(ids), self.per_message):
                 if self.fail_after is not None and sent >= self.fail_after:
@@ -58,10 +68,11 @@ class ScriptedEngine:
                 last = start + self.per_message >= len(ids)
                 reason = ("length" if len(ids) == req.max_tokens else "stop") if last else None
                 if req.logprobs is None:
-                    yield [(i, list(chunk), reason) for i in range(req.n)]
+                    yield [*prompt, *((i, list(chunk), reason) for i in range(req.n))]
                 else:  # made-up logprobs: the sampled token first, then its neighbours
                     lps = [(-0.25 * (i + 1), ([(t, -0.25)] + [((t + k) % EOS, -1.0 - k) for k in range(1, req.logprobs)])[: req.logprobs]) for i, t in enumerate(chunk)]
-                    yield [(i, list(chunk), reason, lps) for i in range(req.n)]
+                    yield [*prompt, *((i, list(chunk), reason, lps) for i in range(req.n))]
+                prompt = []
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
         except (GeneratorExit, asyncio.CancelledError):

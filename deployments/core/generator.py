@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from common.config import EngineConfig
 from common.errors import EngineNotReadyError, InvalidRequestError, ServiceUnavailableError
-from deployments.core.types import GenerationRequest, TokenDelta, TokenLogprob
+from deployments.core.types import PROMPT_LOGPROBS, GenerationRequest, TokenDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,12 @@ def token_logprobs(token_ids: Sequence[int], positions: Any, top: int) -> list[T
     return out
 
 
+def prompt_delta(prompt_token_ids: Sequence[int], positions: Any, top: int) -> TokenDelta:
+    """The prompt's logprobs as a stream delta (see `PROMPT_LOGPROBS`), from vLLM's `prompt_logprobs`: a list as long
+    as the prompt whose first entry is None (no token precedes the first one)."""
+    return (PROMPT_LOGPROBS, [], None, token_logprobs(prompt_token_ids[1:], list(positions)[1:], top))
+
+
 @dataclass
 class EngineStats:
     ready: bool
@@ -210,6 +216,7 @@ class VLLMGenerator:
             ignore_eos=req.ignore_eos,
             **{k: v for k, v in (("top_k", req.top_k), ("min_p", req.min_p), ("repetition_penalty", req.repetition_penalty), ("logit_bias", req.logit_bias)) if v is not None},
             logprobs=req.logprobs,
+            prompt_logprobs=req.prompt_logprobs,
             structured_outputs=structured_outputs(req.response_format),
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
@@ -234,10 +241,14 @@ class VLLMGenerator:
         produced = 0  # the engine's own count of completion tokens, all choices
         finished = False
         stats = None
+        want_prompt = req.prompt_logprobs is not None
         try:
             async for out in self._stream(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id, self._lora(req)):
                 stats = out.metrics or stats
                 deltas: list[TokenDelta] = []
+                if want_prompt and out.prompt_logprobs:  # at prefill's end; once, though each of n choices may bring them
+                    deltas.append(prompt_delta(req.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs or 0))
+                    want_prompt = False
                 for o in out.outputs:
                     produced += len(o.token_ids)
                     pending -= o.finish_reason is not None

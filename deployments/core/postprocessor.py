@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Sequence
 
 from deployments.core import shapes
-from deployments.core.types import ChoiceEvent, DecodedLogprob, GenerationRequest, SSEPiece, TokenDelta, TokenLogprob, Usage
+from deployments.core.types import PROMPT_LOGPROBS, ChoiceEvent, DecodedLogprob, GenerationRequest, SSEPiece, TokenDelta, TokenLogprob, Usage
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -112,6 +112,7 @@ class RequestDecoder:
         self._token_text = token_text or (lambda t: decode([t]))
         # `echo`: the prompt's text leads each choice (decoded as the model reads it).
         self._echo = decode(req.prompt_token_ids) if req.echo and req.kind == "completion" else ""
+        self._echo_logprobs: list[DecodedLogprob] = []  # the prompt's, when asked (echo with logprobs); they lead each choice's
         for c in self.choices:
             c.offset = len(self._echo)
 
@@ -127,11 +128,17 @@ class RequestDecoder:
         events = []
         for delta in deltas:
             index, token_ids, finish_reason = delta[0], delta[1], delta[2]
+            if index == PROMPT_LOGPROBS:
+                self._echo_logprobs = self._prompt_logprobs(delta[3])
+                continue
             choice = self.choices[index]
             if choice.finish_reason is not None:
                 continue  # already stopped by a stop string; the engine is still catching up
             choice.completion_tokens += len(token_ids)
             logprobs = None
+            if self.req.prompt_only:  # max_tokens 0: the engine's one token is counted (and billed), never shown
+                events.append(self._event(choice, "", "length", [] if len(delta) > 3 else None))
+                continue
             if len(delta) > 3:  # logprobs asked: they end where the text ends, with the token that completed a stop string
                 text, hit, n = self._push_until_stop(choice, token_ids)
                 logprobs = self._logprobs(choice, token_ids[:n], delta[3][:n])
@@ -170,6 +177,17 @@ class RequestDecoder:
         choice.logprobs.extend(out)
         return out
 
+    def _prompt_logprobs(self, logprobs: Sequence[TokenLogprob]) -> list[DecodedLogprob]:
+        """The prompt's tokens with their logprobs (the first has none: nothing precedes it), offsets from the text's start."""
+        ids = self.req.prompt_token_ids
+        first = self._token_text(ids[0])
+        out, offset = [DecodedLogprob(first, None, None, 0)], len(first)
+        for token, (logprob, top) in zip(ids[1:], logprobs):
+            text = self._token_text(token)
+            out.append(DecodedLogprob(text, logprob, [(self._token_text(t), lp) for t, lp in top], offset))
+            offset += len(text)
+        return out
+
     def finish_unfinished(self, reason: str = "abort") -> list[ChoiceEvent]:
         """Close choices the engine stream ended without finishing (e.g. the engine went away)."""
         return [self._event(c, "", reason) for c in self.choices if c.finish_reason is None]
@@ -178,6 +196,9 @@ class RequestDecoder:
         first, choice.started = not choice.started, True
         if first and self._echo:
             text = self._echo + text
+            if self._echo_logprobs:
+                choice.logprobs[:0] = self._echo_logprobs
+                logprobs = [*self._echo_logprobs, *(logprobs or [])]
         if text:
             choice.text.append(text)
         choice.finish_reason = finish_reason

@@ -33,7 +33,7 @@ def _chunk(req: GenerationRequest, choices: list[dict[str, Any]]) -> dict[str, A
     return chunk
 
 
-def _entry(token: str, logprob: float) -> dict[str, Any]:
+def _entry(token: str, logprob: float | None) -> dict[str, Any]:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
 
@@ -42,11 +42,11 @@ def logprobs(req: GenerationRequest, tokens: Sequence[DecodedLogprob] | None) ->
     if tokens is None or req.logprobs is None:
         return None
     if req.kind == "chat":
-        return {"content": [{**_entry(t.token, t.logprob), "top_logprobs": [_entry(tok, lp) for tok, lp in t.top]} for t in tokens], "refusal": None}
+        return {"content": [{**_entry(t.token, t.logprob), "top_logprobs": [_entry(tok, lp) for tok, lp in t.top or []]} for t in tokens], "refusal": None}
     return {
         "tokens": [t.token for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [dict(t.top) for t in tokens],
+        "top_logprobs": [None if t.top is None else dict(t.top) for t in tokens],
         "text_offset": [t.offset for t in tokens],
     }
 

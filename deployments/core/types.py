@@ -16,6 +16,11 @@ from billing.records import BillingContext
 # finish reason is None while generating, else "stop" | "length" | "abort".
 TokenDelta = tuple  # (int, list[int], str | None) or (int, list[int], str | None, list[TokenLogprob])
 
+# The choice index of the one delta that carries the prompt's logprobs (text completions' `echo` with `logprobs`):
+# (PROMPT_LOGPROBS, [], None, one TokenLogprob per prompt token after the first, which has none), first in the
+# message of the request's first engine step.
+PROMPT_LOGPROBS = -1
+
 # The sampled token's logprob, then the most likely tokens at that position as (token id, logprob), best first.
 TokenLogprob = tuple[float, list[tuple[int, float]]]
 
@@ -69,6 +74,8 @@ class GenerationRequest:
     include_usage: bool = False
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k most likely tokens' logprobs
     echo: bool = False  # text completions: the prompt's text comes before the completion
+    prompt_logprobs: int | None = None  # `echo` with `logprobs`: the prompt tokens' logprobs too, with this many top ones
+    prompt_only: bool = False  # `echo` with max_tokens 0: the engine makes its one token (billed), the answer shows the prompt only
     response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}
     group: str = ""  # a list of prompts: the request id the response is named by (each prompt is a sub-request)
     choice_offset: int = 0  # a list of prompts: this prompt's choices are numbered from here
@@ -94,11 +101,12 @@ class ChoiceEvent:
 
 @dataclass(frozen=True)
 class DecodedLogprob:
-    """One completion token's logprob as a client sees it: its text, and the top alternatives' texts."""
+    """One token's logprob as a client sees it: its text, and the top alternatives' texts (None for a prompt's first
+    token, which nothing precedes)."""
 
     token: str
-    logprob: float
-    top: list[tuple[str, float]]
+    logprob: float | None
+    top: list[tuple[str, float]] | None
     offset: int = 0  # where the token's text starts in the choice's text (text completions' `text_offset`)
 
 

@@ -194,9 +194,9 @@ class CompletionRequest(_SamplingFields):
     prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
         ..., description=f"A text, a list of texts, token ids, or a list of token-id lists (at most {MAX_PROMPTS} prompts); each prompt's choices follow the previous one's."
     )
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for text completions
-    echo: bool = Field(False, description="The prompt's text comes before each completion.")
-    logprobs: int | None = Field(None, ge=0, le=20, description="Return each completion token's logprob and this many most likely tokens'.")
+    max_tokens: int | None = Field(16, ge=0, description="Most tokens each completion may have (OpenAI's default 16); 0 only with `echo`, to score the prompt without a completion.")
+    echo: bool = Field(False, description="The prompt's text comes before each completion; with `logprobs`, its tokens' logprobs too.")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Return each completion token's logprob and this many most likely tokens' (with `echo`, the prompt's tokens too).")
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -220,8 +220,6 @@ class CompletionRequest(_SamplingFields):
     def _unsupported(self) -> "CompletionRequest":
         if self.suffix:
             raise ValueError("suffix is not supported by this model")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs (the prompt's logprobs) is not supported; ask for one or the other")
         return self
 
     @property
@@ -229,8 +227,18 @@ class CompletionRequest(_SamplingFields):
         return self.logprobs
 
     @property
+    def prompt_logprobs(self) -> int | None:
+        """How many top logprobs to ask for at each prompt token (`echo` with `logprobs`), else None."""
+        return self.logprobs if self.echo else None
+
+    @property
+    def prompt_only(self) -> bool:
+        """`echo` with max_tokens 0: the answer is the prompt alone (the engine still makes one token, as vLLM's does)."""
+        return self.echo and self.max_tokens == 0
+
+    @property
     def token_limit(self) -> int | None:
-        return self.max_tokens
+        return 1 if self.prompt_only else self.max_tokens
 
 
 class KeyPolicyFields(BaseModel):

@@ -321,6 +321,8 @@ class OpenAIService:
             include_usage=body.include_usage,
             logprobs=body.engine_logprobs,
             echo=getattr(body, "echo", False),
+            prompt_logprobs=getattr(body, "prompt_logprobs", None),
+            prompt_only=getattr(body, "prompt_only", False),
             response_format=body.response_format,
         )
 
@@ -457,6 +459,8 @@ def check_limits(body: ChatCompletionRequest | CompletionRequest, limits: Reques
             raise InvalidRequestError(f"At most {limits.max_messages} messages are allowed; got {len(body.messages)}.", param="messages")
         size, param = sum(len(m.text()) for m in body.messages), "messages"
     else:
+        if body.max_tokens == 0 and not body.echo:  # here, not in the model, so that the 400 names the parameter
+            raise InvalidRequestError("max_tokens must be at least 1; 0 is allowed only with echo, to score the prompt without a completion.", param="max_tokens")
         size, param = sum(len(p) for p in body.prompts), "prompt"
     if size > limits.max_prompt_chars:
         raise InvalidRequestError(f"The prompt is {size} characters; at most {limits.max_prompt_chars} are allowed.", param=param)

@@ -141,6 +141,26 @@ def test_a_list_of_prompts_echo_and_user(client, hf_tokenizer):
     assert usage.completion_tokens == 8 and len(text) > 0
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_the_engine_scored_its_own_tokens(client, hf_tokenizer):
+    # A greedy completion's tokens, then the same text sent back as a prompt to be scored (max_tokens 0, as
+    # lm-evaluation-harness and perplexity scripts do): each token's prompt logprob is the one it was generated with.
+    ids = hf_tokenizer.encode("The capital of France is", add_special_tokens=False)
+    made = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0, logprobs=1, extra_body={"ignore_eos": True})
+    generated = made.choices[0].logprobs
+    scored = client.completions.create(model=MODEL, prompt=ids + hf_tokenizer.encode(made.choices[0].text, add_special_tokens=False), max_tokens=0, echo=True, logprobs=1)
+    choice = scored.choices[0]
+    assert choice.text == hf_tokenizer.decode(ids) + made.choices[0].text and choice.finish_reason == "length"
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 5 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.tokens[len(ids):] == generated.tokens
+    assert lp.token_logprobs[len(ids):] == pytest.approx(generated.token_logprobs, abs=0.05)
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(top) >= 1 for top in lp.top_logprobs[1:])
+    assert (scored.usage.prompt_tokens, scored.usage.completion_tokens) == (len(ids) + 5, 1)  # the engine's one token, billed
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    assert err.value.body["param"] == "max_tokens"
+
+
 @pytest.mark.parametrize(
     "kwargs,status,code",
     [

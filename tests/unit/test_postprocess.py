@@ -6,9 +6,10 @@ import json
 
 import pytest
 
+from deployments.core.generator import prompt_delta
 from deployments.core.postprocessor import IncrementalDetokenizer, RequestDecoder, ResponseWriter, StopMatcher
-from deployments.core.types import GenerationRequest
-from tests.fakes import ByteTokenizer, ScriptedEngine
+from deployments.core.types import PROMPT_LOGPROBS, GenerationRequest
+from tests.fakes import ByteTokenizer, ScriptedEngine, FakeLogprob
 
 TOK = ByteTokenizer()
 
@@ -95,6 +96,24 @@ def test_logprobs_end_with_the_token_that_completed_a_stop_string():
     # Without a stop string, every token has its logprob, as before.
     plain = RequestDecoder(_request(logprobs=0), TOK.decode).feed([(0, ids, "length", [(-0.5, [])] * len(ids))])
     assert plain[0].text == "Hello!!" and len(plain[0].logprobs) == len(ids)
+
+
+def test_echo_with_logprobs_puts_the_prompts_tokens_first_in_every_choice():
+    prompt = TOK.encode("hi!")
+    # vLLM's prompt_logprobs: None for the first token, then {token id: Logprob} with the prompt's own token and the top ones.
+    positions = [None, {prompt[1]: FakeLogprob(-1.5), 7: FakeLogprob(-0.5)}, {prompt[2]: FakeLogprob(float("-inf"))}]
+    delta = prompt_delta(prompt, positions, 1)
+    assert delta == (PROMPT_LOGPROBS, [], None, [(-1.5, [(7, -0.5)]), (-9999.0, [(prompt[2], -9999.0)])])
+    dec = RequestDecoder(_request(kind="completion", prompt_token_ids=prompt, echo=True, logprobs=1, prompt_logprobs=1, n=2), TOK.decode)
+    events = dec.feed([delta, (0, TOK.encode("ok"), "length", [(-0.1, [])] * 2), (1, TOK.encode("no"), None, [(-0.2, [])] * 2)])
+    assert [e.text for e in events] == ["hi!ok", "hi!no"]
+    first = events[0].logprobs
+    assert [(lp.token, lp.logprob, lp.top, lp.offset) for lp in first[:3]] == [("h", None, None, 0), ("i", -1.5, [("\x07", -0.5)], 1), ("!", -9999.0, [("!", -9999.0)], 2)]
+    assert [lp.offset for lp in first] == [0, 1, 2, 3, 4]
+    # The second step of a choice has only its own tokens; the whole answer has the prompt's once, first.
+    later = dec.feed([(1, TOK.encode("!"), "length", [(-0.3, [])])])
+    assert [lp.token for lp in later[0].logprobs] == ["!"] and later[0].logprobs[0].offset == 5
+    assert [lp.token for lp in dec.whole()[1].logprobs] == ["h", "i", "!", "n", "o", "!"]
 
 
 async def _collect(agen):

@@ -85,7 +85,7 @@ def test_bad_chat_requests(body, status, param, code):
 
 @pytest.mark.parametrize(
     "body,param",
-    [({"model": MODEL, "prompt": [1.5]}, "prompt"), ({"model": MODEL, "prompt": ""}, "prompt"), ({"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, None)],
+    [({"model": MODEL, "prompt": [1.5]}, "prompt"), ({"model": MODEL, "prompt": ""}, "prompt"), ({"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens")],
 )
 def test_bad_completion_requests(body, param):
     assert_envelope(make_client().post("/v1/completions", json=body), 400, param)
@@ -192,6 +192,25 @@ def test_completion_logprobs_and_echo():
     streamed = client.post("/v1/completions", json={"model": MODEL, "prompt": "xy", "echo": True, "stream": True}).text
     texts = [json.loads(e[6:])["choices"][0]["text"] for e in streamed.split("\n\n") if e.startswith("data: {")]
     assert "".join(texts) == "xyabc"
+
+
+def test_echo_with_logprobs_scores_the_prompt_and_max_tokens_0_the_prompt_alone():
+    # As lm-evaluation-harness and perplexity scripts call it: the prompt's tokens lead, the first with no logprob.
+    engine = ScriptedEngine(reply="abc")
+    client = make_client(engine)
+    lp = client.post("/v1/completions", json={"model": MODEL, "prompt": "xy", "echo": True, "logprobs": 1}).json()["choices"][0]["logprobs"]
+    assert engine.requests[-1].prompt_logprobs == 1
+    assert lp["tokens"] == ["x", "y", "a", "b", "c"] and lp["text_offset"] == [0, 1, 2, 3, 4]
+    assert lp["token_logprobs"][:2] == [None, -0.5] and lp["top_logprobs"][:2] == [None, {"y": -0.5}]
+    body = client.post("/v1/completions", json={"model": MODEL, "prompt": "xy", "echo": True, "logprobs": 0, "max_tokens": 0}).json()
+    assert engine.requests[-1].max_tokens == 1 and engine.requests[-1].prompt_only  # the engine makes one token: vLLM cannot make none
+    choice = body["choices"][0]
+    assert choice["text"] == "xy" and choice["finish_reason"] == "length" and choice["logprobs"]["tokens"] == ["x", "y"]
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}  # what the engine made, billed
+    streamed = client.post("/v1/completions", json={"model": MODEL, "prompt": "xy", "echo": True, "logprobs": 1, "max_tokens": 2, "stream": True}).text
+    chunks = [json.loads(e[6:])["choices"][0] for e in streamed.split("\n\n") if e.startswith("data: {")]
+    assert chunks[0]["text"].startswith("xy") and chunks[0]["logprobs"]["tokens"][:2] == ["x", "y"]
+    assert [t for c in chunks for t in c["logprobs"]["tokens"]] == ["x", "y", "a", "b"]
 
 
 def test_response_format_reaches_the_engine_and_can_be_switched_off():
