@@ -49,6 +49,10 @@ class BillingAdmin:
     async def revoke_key(self, key_id: str, who: str = "cli") -> KeyRecord:
         return await self._invoke("revoke_key", key_id, who)
 
+    async def update_key(self, key_id: str, changes: dict, who: str = "cli", tenant: str | None = None) -> KeyRecord:
+        """Change a key's name or own policy (the fields in `changes`; None clears one); `tenant`: it must be that tenant's."""
+        return await self._invoke("update_key", key_id, changes, who, tenant)
+
     async def alerts(self, tenant: str | None = None) -> list[dict]:
         """Budget alerts queued, sent or given up on (billing.alerts)."""
         return await self._invoke("alerts", tenant)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -435,6 +435,22 @@ class Ledger:
             values = {"revoked_at": row["revoked_at"] or revoked_at, "seq": seq}
             conn.execute(update(api_keys).where(api_keys.c.key_id == key_id).values(**values))
         return _key_record({**row, **values})
+
+    def key(self, key_id: str) -> KeyRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(api_keys).where(api_keys.c.key_id == key_id)).mappings().first()
+        return None if row is None else _key_record(row)
+
+    def update_key(self, key_id: str, changes: dict[str, Any], seq: int) -> KeyRecord | None:
+        """Replace some of a key's fields (its name and policy, as `KeyRecord` holds them); None when there is no such key."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(api_keys).where(api_keys.c.key_id == key_id)).mappings().first()
+            if row is None:
+                return None
+            record = replace(_key_record(row), **changes, seq=seq)
+            values = _key_row(record)
+            conn.execute(update(api_keys).where(api_keys.c.key_id == key_id).values(**{k: values[k] for k in (*changes, "seq")}))
+        return record
 
     def keys(self, since_seq: int = 0) -> list[KeyRecord]:
         with self.engine.connect() as conn:

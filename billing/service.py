@@ -88,6 +88,9 @@ def check_key_policy(
     return {"models": tuple(dict.fromkeys(models or ())), "monthly_budget": budget, "rpm": rpm, "tpm": tpm, "metadata": text}
 
 
+KEY_POLICY_FIELDS = ("models", "monthly_budget", "rpm", "tpm", "metadata")  # what `check_key_policy` takes
+
+
 class BillingCore:
     def __init__(self, config: BillingConfig, ledger: Ledger, metrics: BillingMetrics | None = None, clock: Callable[[], float] = time.time, restarted: bool = False):
         """`restarted`: this is a restart of the same actor, so the config it was last given (stored in the ledger)
@@ -372,6 +375,35 @@ class BillingCore:
         self._keys_seq += 1
         self._keys_by_id.pop(key_id, None)
         self.ledger.audit(who, "key.revoke", key_id, f"tenant={record.tenant}")
+        return record
+
+    def update_key(self, key_id: str, changes: dict[str, Any], who: str = "cli", tenant: str | None = None) -> KeyRecord:
+        """Change a key's name or own policy: each field in `changes` (`name`, `models`, `monthly_budget`, `rpm`, `tpm`,
+        `metadata`) replaces the stored one, None or an empty list clearing it; the others stay.  Replicas take the new
+        record at their next sync, as they take a revocation.  `tenant`: the key must be that tenant's (a tenant's own call)."""
+        unknown = sorted(set(changes) - {"name", *KEY_POLICY_FIELDS})
+        if unknown:
+            raise InvalidRequestError(f"A key's {unknown[0]} cannot be changed; only its name, models, monthly_budget, rpm, tpm and metadata.", param=unknown[0])
+        name = changes.get("name")
+        if "name" in changes and (not isinstance(name, str) or len(name) > 128):
+            raise InvalidRequestError("name must be a text of at most 128 characters.", param="name")
+        checked = check_key_policy(**{k: v for k, v in changes.items() if k != "name"})
+        values = {k: (name or "") if k == "name" else checked[k] for k in changes}
+        current = self.ledger.key(key_id)
+        if current is None or (tenant is not None and current.tenant != tenant):
+            raise NotFoundError(f"No API key `{key_id}`" + (" in your tenant." if tenant is not None else "."), param="key_id")
+        if current.revoked_at is not None:
+            raise InvalidRequestError(f"The API key `{key_id}` is revoked; create a new one.", param="key_id", code="revoked_api_key")
+        record = self.ledger.update_key(key_id, values, self._keys_seq + 1)
+        if record is None:  # deleted under us: the ledger is the truth
+            raise NotFoundError(f"No API key `{key_id}`.", param="key_id")
+        self._keys_seq += 1  # published once the row is committed, as create_key and revoke_key do
+        if record.limited:
+            self._keys_by_id[key_id] = record
+        else:
+            self._keys_by_id.pop(key_id, None)
+        shown = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        self.ledger.audit(who, "key.update", key_id, f"tenant={record.tenant} " + " ".join(f"{k}={shown[k]}" for k in sorted(shown)))
         return record
 
     def account(self, tenant: str, period: str) -> dict:

@@ -37,7 +37,20 @@ def _month(value: str | None) -> str:
 
 @click.group()
 def keys() -> None:
-    """API keys: create (shown once), list, revoke."""
+    """API keys: create (shown once), list, update, revoke."""
+
+
+def _metadata(pairs: tuple[str, ...]) -> dict[str, str]:
+    split = [m.partition("=") for m in pairs]
+    if any(not k or not sep for k, sep, _ in split):
+        raise click.BadParameter("use KEY=VALUE", param_hint="--metadata")
+    return {k: v for k, _, v in split}
+
+
+def _policy_line(record) -> str:
+    limits = [f"models {', '.join(record.models)}" if record.models else "", f"budget {record.monthly_budget}/month" if record.monthly_budget is not None else "",
+              f"{record.rpm} RPM" if record.rpm else "", f"{record.tpm} TPM" if record.tpm else ""]  # fmt: skip
+    return "; ".join(x for x in limits if x)
 
 
 @keys.command("create")
@@ -56,17 +69,43 @@ def keys_create(
     ctx: click.Context, tenant: str, plan: str | None, admin: bool, expires_in: str | None, name: str,
     models: tuple[str, ...], budget: str | None, rpm: int | None, tpm: int | None, metadata: tuple[str, ...],
 ) -> None:  # fmt: skip
+    policy = {"models": list(models) or None, "monthly_budget": budget, "rpm": rpm, "tpm": tpm, "metadata": _metadata(metadata) or None}
     _, billing = billing_admin(ctx)
-    pairs = [m.partition("=") for m in metadata]
-    if any(not k or not sep for k, sep, _ in pairs):
-        raise click.BadParameter("use KEY=VALUE", param_hint="--metadata")
-    policy = {"models": list(models) or None, "monthly_budget": budget, "rpm": rpm, "tpm": tpm, "metadata": {k: v for k, _, v in pairs} or None}
     key, record = run(billing.create_key(tenant, plan, "admin" if admin else "tenant", _duration_s(expires_in), name, "cli", policy))
     click.echo(f"Created {record.role} key {record.key_id}… for tenant {record.tenant}. It is shown only now:\n\n  {key}\n")
-    limits = [f"models {', '.join(record.models)}" if record.models else "", f"budget {record.monthly_budget}/month" if record.monthly_budget is not None else "",
-              f"{record.rpm} RPM" if record.rpm else "", f"{record.tpm} TPM" if record.tpm else ""]  # fmt: skip
-    if any(limits):
-        click.echo("Its own policy, inside the tenant's: " + "; ".join(x for x in limits if x))
+    if _policy_line(record):
+        click.echo("Its own policy, inside the tenant's: " + _policy_line(record))
+
+
+CLEARABLE = {"models": "models", "budget": "monthly_budget", "rpm": "rpm", "tpm": "tpm", "metadata": "metadata"}
+
+
+@keys.command("update")
+@click.argument("key_id")
+@click.option("--name", default=None, help="A new note to recognise the key by.")
+@click.option("--model", "models", multiple=True, help="The models the key may call from now on (repeat for several; replaces its list).")
+@click.option("--budget", default=None, help="The key's own monthly budget, inside its tenant's (e.g. 25.00).")
+@click.option("--rpm", type=click.IntRange(min=1), default=None, help="The key's own requests per minute, inside its tenant's.")
+@click.option("--tpm", type=click.IntRange(min=1), default=None, help="The key's own tokens per minute, inside its tenant's.")
+@click.option("--metadata", "metadata", multiple=True, help="KEY=VALUE kept with the key (repeat for several; replaces its metadata).")
+@click.option("--clear", "clear", multiple=True, type=click.Choice(sorted(CLEARABLE)), help="Remove one of the key's own limits (repeat for several): models means all models.")
+@click.pass_context
+def keys_update(
+    ctx: click.Context, key_id: str, name: str | None, models: tuple[str, ...], budget: str | None, rpm: int | None, tpm: int | None,
+    metadata: tuple[str, ...], clear: tuple[str, ...],
+) -> None:  # fmt: skip
+    """Change a key's name, models or own limits in place (the same secret); what is not named stays."""
+    changes = {k: v for k, v in (("name", name), ("models", list(models) or None), ("monthly_budget", budget), ("rpm", rpm), ("tpm", tpm), ("metadata", _metadata(metadata) or None)) if v is not None}
+    both = sorted(f for f in clear if CLEARABLE[f] in changes)
+    if both:
+        raise click.UsageError(f"--clear {both[0]} and a new value for it at once: give one or the other.")
+    changes.update({CLEARABLE[f]: None for f in clear})
+    if not changes:
+        raise click.UsageError("Nothing to change: give --name, --model, --budget, --rpm, --tpm, --metadata or --clear.")
+    _, billing = billing_admin(ctx)
+    record = run(billing.update_key(key_id.rstrip("…"), changes, "cli"))
+    click.echo(f"Updated {record.key_id}… (tenant {record.tenant}); every ingress replica applies it within a second.")
+    click.echo("Its own policy, inside the tenant's: " + (_policy_line(record) or "none (the tenant's plan alone)"))
 
 
 @keys.command("list")

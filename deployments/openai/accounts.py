@@ -114,6 +114,14 @@ class AccountsService:
             raise NotFoundError(f"No API key `{key_id}` in your tenant.", param="key_id")
         return key_view(await self._admin.revoke_key(key_id, principal.key_id))
 
+    async def update_own_key(self, principal: Any, key_id: str, changes: dict) -> dict:
+        """A key of the caller's tenant with a new name or policy (a key with a policy of its own may not do this)."""
+        _may_manage_keys(principal)
+        return key_view(await self._admin.update_key(key_id, changes, principal.key_id, principal.tenant))
+
+    async def update_key(self, who: str, key_id: str, changes: dict) -> dict:
+        return key_view(await self._admin.update_key(key_id, changes, who))
+
     async def revoke_key(self, who: str, key_id: str) -> dict:
         return key_view(await self._admin.revoke_key(key_id, who))
 

@@ -241,23 +241,38 @@ class CompletionRequest(_SamplingFields):
         return 1 if self.prompt_only else self.max_tokens
 
 
-class KeyPolicyFields(BaseModel):
-    """A new key's name, lifetime and own policy (POST /v1/keys: a tenant's own key)."""
+class KeyPolicy(BaseModel):
+    """A key's own policy, inside its tenant's plan: the fields a new key may set and a key's update may change."""
 
     model_config = ConfigDict(extra="forbid")
 
+    models: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, max_length=64, description="Models the key may call (403 `model_not_allowed` otherwise); all if null or empty."
+    )
+    monthly_budget: Decimal | None = Field(None, ge=0, le=10**12, decimal_places=10, description="The key's own monthly budget, inside its tenant's (null: none).")
+    rpm: int | None = Field(None, ge=1, le=INT32_MAX, description="The key's own requests per minute, inside its tenant's (null: none).")
+    tpm: int | None = Field(None, ge=1, le=INT32_MAX, description="The key's own tokens per minute, inside its tenant's (null: none).")
+    metadata: dict[str, Any] | None = Field(None, description="Free-form JSON object kept with the key (at most 4096 characters).")
+
+
+class KeyPolicyFields(KeyPolicy):
+    """A new key's name, lifetime and own policy (POST /v1/keys: a tenant's own key)."""
+
     expires_in_s: float | None = Field(None, gt=0)
     name: str = Field("", max_length=128)
-    models: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
-        None, max_length=64, description="Models the key may call (403 `model_not_allowed` otherwise); all if omitted."
-    )
-    monthly_budget: Decimal | None = Field(None, ge=0, le=10**12, decimal_places=10, description="The key's own monthly budget, inside its tenant's.")
-    rpm: int | None = Field(None, ge=1, le=INT32_MAX, description="The key's own requests per minute, inside its tenant's.")
-    tpm: int | None = Field(None, ge=1, le=INT32_MAX, description="The key's own tokens per minute, inside its tenant's.")
-    metadata: dict[str, Any] | None = Field(None, description="Free-form JSON object kept with the key (at most 4096 characters).")
 
     def policy(self) -> dict[str, Any]:
         return {"models": self.models, "monthly_budget": self.monthly_budget, "rpm": self.rpm, "tpm": self.tpm, "metadata": self.metadata}
+
+
+class UpdateKeyRequest(KeyPolicy):
+    """Body of POST /v1/keys/{id} and /admin/keys/{id}: the fields sent replace the key's (null clears one); the others stay."""
+
+    name: str | None = Field(None, max_length=128)
+
+    def changes(self) -> dict[str, Any]:
+        """Only the fields the body named (pydantic's `model_fields_set`), so that an omitted one stays as it is."""
+        return {k: getattr(self, k) for k in self.model_fields_set}
 
 
 class CreateKeyRequest(KeyPolicyFields):

@@ -28,7 +28,7 @@ from deployments.openai.accounts import AccountsService
 from deployments.openai.files import FilesService
 from deployments.openai.fine_tuning import FineTuningService
 from deployments.openai.operations import OperationsService
-from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateFineTuningJobRequest, CreateKeyRequest, KeyPolicyFields, TrafficChange
+from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateFineTuningJobRequest, CreateKeyRequest, KeyPolicyFields, TrafficChange, UpdateKeyRequest
 from deployments.openai.service import OpenAIService, SSEStream
 
 logger = logging.getLogger(__name__)
@@ -370,6 +370,11 @@ def build_app(
         """A new key of the caller's tenant, shown once (a key with a policy of its own may not do this)."""
         return await _json(accounts.create_own_key(who, body.name, body.expires_in_s, body.policy()))
 
+    @app.post("/v1/keys/{key_id}")
+    async def update_own_key(key_id: str, body: UpdateKeyRequest, who: Any = Depends(principal)) -> JSONResponse:
+        """Change a key of the caller's tenant: its name, models or own limits (the fields sent; null clears one)."""
+        return await _json(accounts.update_own_key(who, key_id, body.changes()))
+
     @app.post("/v1/keys/{key_id}/revoke")
     async def revoke_own_key(key_id: str, who: Any = Depends(principal)) -> JSONResponse:
         return await _json(accounts.revoke_own_key(who, key_id))
@@ -394,6 +399,11 @@ def build_app(
     @app.post("/admin/keys")
     async def admin_create_key(body: CreateKeyRequest, who: Any = Depends(admin)) -> JSONResponse:
         return await _json(accounts.create_key(who.key_id, body.tenant, body.plan, body.role, body.expires_in_s, body.name, body.policy()))
+
+    @app.post("/admin/keys/{key_id}")
+    async def admin_update_key(key_id: str, body: UpdateKeyRequest, who: Any = Depends(admin)) -> JSONResponse:
+        """Change any key: its name, models or own limits (the fields sent; null clears one)."""
+        return await _json(accounts.update_key(who.key_id, key_id, body.changes()))
 
     @app.post("/admin/keys/{key_id}/revoke")
     async def admin_revoke_key(key_id: str, who: Any = Depends(admin)) -> JSONResponse:

@@ -133,12 +133,17 @@ def test_admin_actions_are_audited(up, env):
     assert created.returncode == 0, created.stderr
     key = re.search(r"(sk-maas-\S+)", created.stdout.split("shown only now:")[1]).group(1)
     key_id = "-".join(key.split("-")[:3])
+    updated = maas(env, "keys", "update", key_id, "--rpm", "5", "--model", "SmolLM2-135M-Instruct")
+    assert updated.returncode == 0 and "SmolLM2-135M-Instruct; 5 RPM" in updated.stdout, updated.stderr
+    both = maas(env, "keys", "update", key_id, "--rpm", "5", "--clear", "rpm")
+    assert both.returncode != 0 and "--clear rpm" in both.stderr
     assert maas(env, "keys", "revoke", key_id).returncode == 0
     audit = maas(env, "audit", "--limit", "20")
     assert audit.returncode == 0, audit.stderr
     lines = audit.stdout.splitlines()
     assert any("key.create" in line and key_id in line and "cli" in line for line in lines), audit.stdout
     assert any("key.revoke" in line and key_id in line for line in lines), audit.stdout
+    assert any("key.update" in line and key_id in line and "rpm=5" in line for line in lines), audit.stdout
     import httpx
 
     body = httpx.get(up["url"].removesuffix("/v1") + "/admin/audit", headers={"Authorization": f"Bearer {up['admin']}"}, timeout=30).json()

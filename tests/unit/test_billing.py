@@ -17,7 +17,7 @@ from billing.records import BillingContext, SyncRequest, UsageEvent
 from billing.witness import ENGINE
 from billing.service import BillingCore
 from common.config import BillingConfig, LeaseConfig, Plan, Price, PriceBook
-from common.errors import AuthenticationError, InsufficientQuotaError, InvalidRequestError, PermissionDeniedError, RateLimitError
+from common.errors import AuthenticationError, InsufficientQuotaError, InvalidRequestError, NotFoundError, PermissionDeniedError, RateLimitError
 
 NOV = 1795000000.0  # 2026-11-19 UTC
 PRICE = Price(prompt_per_1m=Decimal("0.50"), completion_per_1m=Decimal("1.50"))
@@ -203,6 +203,31 @@ def test_core_key_lifecycle_and_audit(ledger):
         core.create_key("acme", plan="gold")
     assert [a["action"] for a in ledger.audit_log()] == ["key.revoke", "key.create", "tenant.plan"]
     assert all(key not in str(a) for a in ledger.audit_log())
+
+
+def test_a_keys_policy_changes_in_place_and_replicas_sync_it(ledger):
+    core = BillingCore(config(free=Plan()), ledger, clock=Clock())
+    key, rec = core.create_key("acme", name="ci", policy={"rpm": 3, "models": ["m"], "metadata": {"team": "a"}})
+    assert core.plan_of(rec.subject).rpm == 3
+    changed = core.update_key(rec.key_id, {"rpm": 7, "models": None}, who="ops")
+    assert (changed.rpm, changed.models, changed.name, changed.metadata, changed.key_hash) == (7, (), "ci", '{"team": "a"}', rec.key_hash)  # the rest stays
+    assert core.plan_of(rec.subject).rpm == 7 and ledger.key(rec.key_id) == changed
+    reply = core.sync(SyncRequest("h1", keys_since=rec.seq))
+    assert [(k.key_id, k.rpm) for k in reply.keys] == [(rec.key_id, 7)] and reply.keys_seq == rec.seq + 1
+    core.update_key(rec.key_id, {"rpm": None, "metadata": None})  # no limits of its own left: nothing to lease to it
+    assert not ledger.key(rec.key_id).limited and core.plan_of(rec.subject).monthly_budget == 0
+    audit = ledger.audit_log(action="key.update")
+    assert audit[-1]["who"] == "ops" and "models=[]" in audit[-1]["detail"] and "rpm=7" in audit[-1]["detail"]
+    for changes, param in (({"rpm": 0}, "rpm"), ({"tenant": "globex"}, "tenant"), ({"name": "x" * 129}, "name"), ({"monthly_budget": "-1"}, "monthly_budget")):
+        with pytest.raises(InvalidRequestError) as err:
+            core.update_key(rec.key_id, changes)
+        assert err.value.param == param
+    with pytest.raises(NotFoundError):
+        core.update_key(rec.key_id, {"rpm": 1}, tenant="globex")  # another tenant's key is not found, as a missing one
+    core.revoke_key(rec.key_id)
+    with pytest.raises(InvalidRequestError, match="revoked"):
+        core.update_key(rec.key_id, {"rpm": 1})
+    assert key not in str(ledger.audit_log())
 
 
 def test_grants_from_two_replicas_never_exceed_the_budget(ledger):

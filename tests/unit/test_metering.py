@@ -164,3 +164,42 @@ def test_a_tenant_reads_its_account_and_manages_its_own_keys(tmp_path):
         while httpx.get(base + "/models", headers=narrow).status_code != 401:  # refused once the replica syncs the revocation
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_a_keys_policy_is_changed_in_place_by_its_tenant_or_an_operator(tmp_path):
+    with Server(tmp_path, ScriptedEngine()) as srv:
+        base = f"http://127.0.0.1:{srv.port}"
+        auth = {"Authorization": f"Bearer {srv.key}"}
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        made = httpx.post(base + "/v1/keys", json={"name": "ci", "models": ["other"], "metadata": {"team": "a"}}, headers=auth).json()
+        narrow = {"Authorization": f"Bearer {made['key']}"}
+        refused = httpx.post(base + "/v1/chat/completions", json=chat, headers=narrow)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
+        # Only the fields sent change (null clears one); the key itself, and its secret, stay.
+        changed = httpx.post(base + f"/v1/keys/{made['key_id']}", json={"models": None, "rpm": 1}, headers=auth).json()
+        assert (changed["models"], changed["rpm"], changed["name"], changed["metadata"]) == (None, 1, "ci", {"team": "a"}) and "key" not in changed
+        deadline = time.monotonic() + 5
+        while (r := httpx.post(base + "/v1/chat/completions", json=chat, headers=narrow)).status_code == 403:  # until the replica syncs it
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert r.status_code == 200
+        limited = httpx.post(base + "/v1/chat/completions", json=chat, headers=narrow)  # its new 1 RPM holds
+        assert limited.status_code == 429 and "own limit" in limited.json()["error"]["message"]
+        # A key with a policy of its own cannot change keys; another tenant's key is not found; bad values are 400s.
+        assert httpx.post(base + f"/v1/keys/{made['key_id']}", json={"rpm": 100}, headers=narrow).status_code == 403
+        _, other = srv.core.create_key("globex")
+        assert httpx.post(base + f"/v1/keys/{other.key_id}", json={"rpm": 5}, headers=auth).status_code == 404
+        for body, param in (({"rpm": 0}, "rpm"), ({"tenant": "globex"}, "tenant"), ({"models": "m"}, "models")):
+            bad = httpx.post(base + f"/v1/keys/{made['key_id']}", json=body, headers=auth)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+        # An operator changes any tenant's key; the audit log says who changed what.
+        admin, admin_rec = srv.core.create_key("ops", role="admin")
+        ops = {"Authorization": f"Bearer {admin}"}
+        renamed = httpx.post(base + f"/admin/keys/{other.key_id}", json={"name": "batch", "tpm": 1000}, headers=ops).json()
+        assert (renamed["tenant"], renamed["name"], renamed["tpm"]) == ("globex", "batch", 1000)
+        audit = httpx.get(base + "/admin/audit", params={"action": "key.update"}, headers=ops).json()["data"]
+        tenants_key = srv.core.ledger.keys()[0].key_id  # the server's first key: acme's, which made the tenant's change
+        assert [(a["target"], a["who"]) for a in audit] == [(other.key_id, admin_rec.key_id), (made["key_id"], tenants_key)]
+        httpx.post(base + f"/v1/keys/{made['key_id']}/revoke", headers=auth)
+        gone = httpx.post(base + f"/v1/keys/{made['key_id']}", json={"rpm": 5}, headers=auth)
+        assert gone.status_code == 400 and gone.json()["error"]["code"] == "revoked_api_key"
