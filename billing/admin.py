@@ -20,6 +20,7 @@ from billing.records import KeyRecord, UsageEvent
 
 if TYPE_CHECKING:
     from billing.service import BillingCore, Totals
+    from common.config import Plan
 
 T = TypeVar("T")
 Invoke = Callable[..., Awaitable[Any]]
@@ -76,15 +77,16 @@ class BillingAdmin:
 
     # ---- fine-tuning ---------------------------------------------------------------------------
 
-    async def hold(self, key: str, tenant: str, amount: Decimal, period: str) -> None:
-        """Reserve a fine-tuning job's worst-case cost against the tenant's budget (429 `insufficient_quota` when it does not fit)."""
-        await self._invoke("hold", key, tenant, amount, period)
+    async def hold(self, key: str, tenant: str, amount: Decimal, period: str, key_id: str = "") -> None:
+        """Reserve a fine-tuning job's worst-case cost against the tenant's budget, and the asking key's own (429 `insufficient_quota` when it does not fit)."""
+        await self._invoke("hold", key, tenant, amount, period, key_id)
 
     async def release(self, key: str) -> None:
         await self._invoke("release", key)
 
-    async def running_limit(self, tenant: str) -> int | None:
-        return await self._invoke("running_limit", tenant)
+    async def plan(self, tenant: str) -> "Plan":
+        """The tenant's plan: its limits on files, keys and queued fine-tuning jobs besides budget and rates."""
+        return await self._invoke("plan", tenant)
 
     async def record_training(self, job_id: str, tenant: str, key_id: str, model: str, tokens: int, price_per_1m: Decimal, ts: float) -> bool:
         """Bill a job's trained tokens exactly once (by job id) and release its hold."""

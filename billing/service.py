@@ -25,7 +25,7 @@ from billing.records import KeyRecord, SyncReply, SyncRequest, UsageEvent, key_s
 from billing.reports import Tally, tally
 from billing.witness import ENGINE, INGRESS, Witness
 from common.config import BillingConfig, Plan
-from common.errors import InsufficientQuotaError, InternalError, InvalidRequestError, NotFoundError
+from common.errors import InsufficientQuotaError, InternalError, InvalidRequestError, NotFoundError, PermissionDeniedError
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class Totals:
 
 CONFIG_SETTING = "billing_config"
 KEY_ATTEMPTS = 5  # fresh keys tried when a new key's id collides with a stored one
+KEY_HOLD = "#key"  # a hold's key + this: the same hold against the asking API key's own budget
 
 
 def check_key_policy(
@@ -153,34 +154,44 @@ class BillingCore:
 
     # ---- fine-tuning: a job's cost is held against the budget while it runs, then billed as trained ----
 
-    def hold(self, key: str, tenant: str, amount: Decimal, period: str) -> None:
-        """Reserve `amount` of the tenant's budget under `key` (idempotent: the same key replaces its hold); 429 when it does not fit."""
+    def hold(self, key: str, tenant: str, amount: Decimal, period: str, key_id: str = "") -> None:
+        """Reserve `amount` of the tenant's budget under `key` (idempotent: the same key replaces its hold); 429 when it does not fit.
+
+        `key_id`: the API key that asked; a key with limits of its own holds `amount` against its own budget too."""
         check_tenant(tenant)
-        if self._holds.get(key) == (tenant, period, amount):  # re-asserted as it stands: it was admitted already
+        wanted = {key: (tenant, period, amount)}
+        if key_id in self._keys_by_id:
+            wanted[key + KEY_HOLD] = (key_subject(tenant, key_id), period, amount)
+        if all(self._holds.get(k) == v for k, v in wanted.items()):  # re-asserted as it stands: it was admitted already
             return
+        self._drop_holds(key)
+        for subject, _, _ in wanted.values():
+            budget = self.plan_of(subject).monthly_budget
+            if budget is not None:
+                left = budget - self.committed(subject, period)
+                if amount > left:
+                    whose = "the API key's own budget" if subject != tenant else "the tenant's budget"
+                    raise InsufficientQuotaError(f"This fine-tuning job may cost up to {amount} {self.config.price_book.currency}; {whose} has {max(left, ZERO)} left this month.")
+        self._holds.update(wanted)
+
+    def _drop_holds(self, key: str) -> None:
         self._holds.pop(key, None)
-        budget = self.plan_of(tenant).monthly_budget
-        if budget is not None:
-            left = budget - self.committed(tenant, period)
-            if amount > left:
-                raise InsufficientQuotaError(
-                    f"This fine-tuning job may cost up to {amount} {self.config.price_book.currency}; the tenant's budget has {max(left, ZERO)} left this month."
-                )
-        self._holds[key] = (tenant, period, amount)
+        self._holds.pop(key + KEY_HOLD, None)
 
     def release(self, key: str) -> None:
-        self._holds.pop(key, None)
+        self._drop_holds(key)
 
-    def running_limit(self, tenant: str) -> int | None:
-        """Fine-tuning jobs the tenant's plan lets it run at once (None: the fine-tuning config's default)."""
-        return self.plan_of(tenant).fine_tune_jobs
+    def plan(self, tenant: str) -> Plan:
+        """The tenant's plan (its limits on files, keys and queued jobs too)."""
+        check_tenant(tenant)
+        return self.plan_of(tenant)
 
     def record_training(self, job_id: str, tenant: str, key_id: str, model: str, tokens: int, price_per_1m: Decimal, ts: float) -> bool:
         """Bill a fine-tuning job's trained tokens once (the job id is the ledger's request id) and drop its hold; False if it was billed already."""
         fresh = not self.ledger.events([job_id])
         event = UsageEvent(job_id, ts, tenant, key_id, model, "training", "training", "ok", tokens, 0, str(price_per_1m), "0", "0", "fine-tunes")
         self._ingest([event], self._clock())
-        self._holds.pop(job_id, None)
+        self._drop_holds(job_id)
         return fresh
 
     def plan_of(self, subject: str) -> Plan:
@@ -352,6 +363,8 @@ class BillingCore:
                 raise InvalidRequestError(f"Unknown plan `{plan}`. Plans: {', '.join(sorted(self.config.plans))}.", param="plan")
             if plan is not None or tenant not in self._plans:
                 self.set_plan(tenant, plan or self.config.default_plan, who)
+        if role == "tenant":
+            self._check_key_room(tenant)
         # The key's seq is published (self._keys_seq) only once its row is committed, as revoke_key does: a sync that
         # read the new seq before the row existed would move its replica past the key for good.
         for _ in range(KEY_ATTEMPTS):  # a stored key is never overwritten: on an id collision, draw another key
@@ -367,6 +380,13 @@ class BillingCore:
         limits = f" models={list(record.models)} budget={record.monthly_budget} rpm={record.rpm} tpm={record.tpm}" if record.models or record.limited else ""
         self.ledger.audit(who, "key.create", record.key_id, f"tenant={tenant} role={role} expires_at={record.expires_at}{limits}")
         return key, record
+
+    def _check_key_room(self, tenant: str) -> None:
+        """A tenant holds at most its plan's `max_keys` live keys (a 403 past it): key creation is bounded."""
+        limit = self.plan_of(tenant).max_keys
+        now = self._clock()
+        if limit is not None and sum(k.tenant == tenant and k.valid_at(now) for k in self.ledger.keys()) >= limit:
+            raise PermissionDeniedError(f"The tenant holds {limit} API keys, its plan's limit; revoke one first.", code="key_limit_reached")
 
     def revoke_key(self, key_id: str, who: str = "cli") -> KeyRecord:
         record = self.ledger.revoke_key(key_id, self._clock(), self._keys_seq + 1)

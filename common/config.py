@@ -83,6 +83,10 @@ class Plan(Frozen):
     fine_tune_jobs: int | None = Field(None, ge=0, le=100, description="Fine-tuning jobs a tenant may run at once (more wait in the queue); null: `fine_tuning.running_jobs_per_tenant`.")
     rpm: int | None = Field(None, ge=1, description="Requests per minute across all ingress replicas; null is unlimited.")
     tpm: int | None = Field(None, ge=1, description="Tokens per minute (prompt + worst-case completion, settled to actual); null is unlimited.")
+    fine_tune_queued: int | None = Field(10, ge=0, le=10_000, description="Fine-tuning jobs a tenant may have waiting in the queue; past it creating one is a 429. Null: unbounded.")
+    max_files: int | None = Field(100, ge=0, description="Files a tenant may keep (`/v1/files`); past it an upload is a 403 `file_limit_reached`. Null: unbounded.")
+    max_file_storage_mib: float | None = Field(1024, ge=0, description="MiB of files a tenant may keep, all together, in the shared model store; past it a 403 `storage_limit_reached`. Null: unbounded.")
+    max_keys: int | None = Field(100, ge=1, description="API keys a tenant may hold (not revoked, not expired); past it creating one is a 403 `key_limit_reached`. Null: unbounded.")
 
 
 class LeaseConfig(Frozen):
@@ -280,6 +284,11 @@ class FineTuningConfig(Strict):
     max_seq_len: int = Field(256, ge=16, description="Examples are truncated to this many tokens.")
     default_epochs: int = Field(3, ge=1, le=50, description="Epochs when a job asks for `auto`.")
     default_batch_size: int = Field(4, ge=1, le=256, description="Examples per step when a job asks for `auto`.")
+    max_batch_size: int = Field(
+        16, ge=1, le=256,
+        description="Largest `batch_size` a job may ask for: a step holds batch × max_seq_len × vocabulary logits in memory "
+        "(16 × 256 × 49,152 floats is 0.8 GB for SmolLM2) on a node that also serves; more is a 400 saying so.",
+    )  # fmt: skip
     lora_learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate of a LoRA job (times its `learning_rate_multiplier`).")
     full_learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of a full fine-tune (admin keys only).")
     poll_s: float = Field(2.0, gt=0, description="How often the queue is looked at and running jobs are checked.")

@@ -6,10 +6,11 @@ before storing it, and the training job validates what it reads. Errors name the
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterable, Iterator
 
 ROLES = ("system", "user", "assistant")
 
@@ -36,16 +37,22 @@ def validate_chat(obj: Any) -> list[dict[str, str]]:
     return messages
 
 
-def parse_chats(lines: Any, name: str) -> list[list[dict[str, str]]]:
-    """Every example of JSONL `lines` (text lines), validated; raises DatasetError naming the first bad line."""
-    chats = []
+def iter_chats(lines: Iterable[str], name: str) -> Iterator[list[dict[str, str]]]:
+    """Every example of JSONL `lines` (text lines), validated, one at a time; raises DatasetError naming the first bad line."""
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            chats.append(validate_chat(json.loads(line)))
+            yield validate_chat(json.loads(line))
         except (json.JSONDecodeError, ValueError) as exc:
             raise DatasetError(name, n, str(exc)) from None
+        except RecursionError:  # `[[[[...` deeper than the parser goes: not a chat example, and never a 500
+            raise DatasetError(name, n, "the JSON is nested too deeply") from None
+
+
+def parse_chats(lines: Iterable[str], name: str) -> list[list[dict[str, str]]]:
+    """Every example of JSONL `lines` (text lines), validated; raises DatasetError naming the first bad line."""
+    chats = list(iter_chats(lines, name))
     if not chats:
         raise DatasetError(name, 0, "the dataset is empty")
     return chats
@@ -61,15 +68,28 @@ def read_chats(path: Path) -> list[list[dict[str, str]]]:
 class DatasetStats:
     examples: int
     messages: int
-    characters: int  # of every message's content: with the template's tokens per message, a bound on training tokens
+    characters: int  # of every message's content
+    content_bytes: int = 0  # the same in UTF-8 bytes: a byte-level BPE makes at most one token per byte, so with the template's tokens a bound on training tokens
 
 
-def check_upload(data: bytes, name: str) -> DatasetStats:
-    """An uploaded dataset checked whole: UTF-8, and every line a chat example (DatasetError otherwise)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DatasetError(name, line, "not UTF-8 text") from None
-    chats = parse_chats(text.splitlines(), name)
-    return DatasetStats(len(chats), sum(len(chat) for chat in chats), sum(len(m["content"]) for chat in chats for m in chat))
+def check_upload(data: bytes | BinaryIO, name: str) -> DatasetStats:
+    """An uploaded dataset checked whole, read line by line (bytes, or a binary file from where it stands, never
+    held whole): UTF-8, and every line a chat example (DatasetError otherwise)."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+
+    def lines() -> Iterator[str]:
+        for n, raw in enumerate(source, 1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DatasetError(name, n, "not UTF-8 text") from None
+
+    examples = messages = characters = content_bytes = 0
+    for chat in iter_chats(lines(), name):
+        examples += 1
+        messages += len(chat)
+        characters += sum(len(m["content"]) for m in chat)
+        content_bytes += sum(len(m["content"].encode("utf-8")) for m in chat)
+    if not examples:
+        raise DatasetError(name, 0, "the dataset is empty")
+    return DatasetStats(examples, messages, characters, content_bytes)

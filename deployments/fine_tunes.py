@@ -20,7 +20,7 @@ from typing import Any
 import ray
 
 from common import envs
-from common.config import MaasConfig
+from common.config import MaasConfig, Plan
 from common.logs import setup_logging
 from deployments.core.fine_tune_manager import FineTuneManager
 
@@ -76,8 +76,8 @@ class SyncBilling:
 
         return wait(call, timeout_s=30)
 
-    def hold(self, key: str, tenant: str, amount: Decimal, period: str) -> None:
-        self._wait(self._admin.hold(key, tenant, amount, period))
+    def hold(self, key: str, tenant: str, amount: Decimal, period: str, key_id: str = "") -> None:
+        self._wait(self._admin.hold(key, tenant, amount, period, key_id))
 
     def release(self, key: str) -> None:
         self._wait(self._admin.release(key))
@@ -85,8 +85,8 @@ class SyncBilling:
     def record_training(self, job_id: str, tenant: str, key_id: str, model: str, tokens: int, price_per_1m: Decimal, ts: float) -> bool:
         return self._wait(self._admin.record_training(job_id, tenant, key_id, model, tokens, price_per_1m, ts))
 
-    def running_limit(self, tenant: str) -> int | None:
-        return self._wait(self._admin.running_limit(tenant))
+    def plan(self, tenant: str) -> Plan:
+        return self._wait(self._admin.plan(tenant))
 
 
 class FineTuneActor(FineTuneManager):

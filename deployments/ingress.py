@@ -25,7 +25,7 @@ from deployments.fleet import ServeFleet
 from deployments.handles import PostprocessorHandleClient, TokenizerHandleClient
 from deployments.observability import RayRequestMetrics
 from deployments.openai.accounts import AccountsService
-from deployments.openai.files import FilesService
+from deployments.openai.files import FilesService, default_plan
 from deployments.openai.fine_tuning import FineTuningService
 from deployments.openai.operations import OperationsService
 from deployments.openai.routes import build_app
@@ -42,7 +42,7 @@ class Ingress:
         self._config = cfg = MaasConfig.model_validate(config)
         self._engine_ready: set[str] = set()
         billing = cfg.billing
-        self._billing = self._accounts = self._operations = None
+        self._billing = self._accounts = self._operations = self._admin = None
         on_reject = None
         if billing.enabled:
             from billing import actor
@@ -55,7 +55,8 @@ class Ingress:
             self._metrics = RayIngressMetrics()
             self._billing = BillingClient(billing, actor.ActorTransport(handle), holder, on_outbox=self._metrics.outbox_size)
             on_reject = self._metrics.rejected
-            self._accounts = AccountsService(actor.admin_client(handle), billing.price_book.currency, time.time)
+            self._admin = actor.admin_client(handle)
+            self._accounts = AccountsService(self._admin, billing.price_book.currency, time.time)
             self._operations = OperationsService(ServeFleet(cfg), cfg.model.name)  # the console's traffic and health (admin keys)
             asyncio.get_running_loop().create_task(self._billing.start())
         self._traffic = TrafficFollower(TrafficFile(cfg.store_root(), cfg.app_name, cfg.model.name), self._backend)
@@ -125,7 +126,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         limits = self._config.request_limits()
-        files = FilesService(FileStore(self._config.store_root()))
+        files = FilesService(FileStore(self._config.store_root()), plan_of=self._admin.plan if self._admin is not None else default_plan)
         return build_app(self._service, self._accounts, limits.max_body_bytes, self._operations, files, limits.max_file_bytes, self._fine_tuning)
 
     async def __del__(self) -> None:

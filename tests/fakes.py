@@ -137,3 +137,21 @@ class FakeFleet:
 
     def health(self) -> dict:
         return {"applications": {"maas": {"status": "RUNNING", "message": "", "deployments": {"Ingress": {"status": "HEALTHY", "message": "", "replicas": {"RUNNING": 1}}}}}, "proxies": {"n1": "HEALTHY"}}
+
+
+class RoutePrefix:
+    """What Serve does with an application's `route_prefix` (Ray's `replica.py`): the whole path is kept, the prefix
+    is added to `root_path`, and a path outside the prefix never reaches the app (404)."""
+
+    def __init__(self, app: Any, prefix: str):
+        self.app, self.prefix = app, prefix.rstrip("/")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            if not (path == self.prefix or path.startswith(self.prefix + "/")):
+                await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
+                await send({"type": "http.response.body", "body": b"Not Found"})
+                return
+            scope = {**scope, "root_path": scope.get("root_path", "") + self.prefix}
+        await self.app(scope, receive, send)

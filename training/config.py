@@ -32,6 +32,7 @@ class DataConfig(Strict):
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of examples held out for the eval loss (a deterministic split by `seed`); unused with `eval_path`.")
     eval_path: str | None = Field(None, description="A separate JSONL of held-out examples (a fine-tuning job's validation file); all of `path` is then trained on.")
     max_seq_len: int = Field(256, ge=8, description="Examples are truncated to this many tokens.")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="The dataset's expected SHA-256 (a fine-tuning job pins it): the run refuses a file that differs, before training.")
 
 
 class LoraConfig(Strict):

@@ -102,6 +102,9 @@ def run(cfg: TrainConfig) -> RunResult:
     store = open_store(store_root(cfg))
     base = store.resolve(cfg.base.name, cfg.base.version)
     data_path = cfg.data_path()
+    dataset_sha256 = file_sha256(data_path)  # the data trained on is the data recorded (and paid for): taken before training
+    if cfg.data.sha256 and dataset_sha256 != cfg.data.sha256:
+        raise ValueError(f"The training data changed after the job was created (sha256 {dataset_sha256[:12]}…, expected {cfg.data.sha256[:12]}…).")
     chats = read_chats(data_path)  # fail fast, naming the bad line, before any worker starts
     if cfg.data.eval_path:
         read_chats(repo_path(cfg.data.eval_path))
@@ -136,7 +139,7 @@ def run(cfg: TrainConfig) -> RunResult:
     metrics = dict(result.metrics or {})
     version = None
     if cfg.output.publish:
-        version = register(cfg, store, base, result.checkpoint.path, run_name, file_sha256(data_path), len(chats), metrics).version
+        version = register(cfg, store, base, result.checkpoint.path, run_name, dataset_sha256, len(chats), metrics).version
     if cfg.output.report_dir:
         RunReport(cfg.output.report_dir).finish(
             status="succeeded", trained_tokens=int(metrics.get("trained_tokens", 0)), model=cfg.output_name, version=version, run=run_name,
@@ -243,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run(cfg)
     except Exception as exc:
         logger.error("fine-tuning failed: %s", exc, exc_info=not isinstance(exc, ValueError))
-        if cfg.output.report_dir:
+        if cfg.output.report_dir:  # read by the job's tenant: the reason when it is about the job's own data or settings, else no internals
+            public = str(exc) if isinstance(exc, ValueError) else "The training run failed on the cluster (an internal error; the operator's logs have the details)."
             report = RunReport(cfg.output.report_dir)
-            report.finish(status="failed", error=str(exc)[:2000], trained_tokens=report.trained_tokens())
+            report.finish(status="failed", error=public[:2000], trained_tokens=report.trained_tokens())
         return 1
     logger.info("result %s", json.dumps(asdict(result), default=str))
     return 0

@@ -5,14 +5,18 @@ The named actor (`deployments.fine_tunes`) wraps one `FineTuneManager` and calls
 (Ray's Jobs API in the actor, a fake in unit tests) and billing through a `TrainingBilling`.
 
 Each job lives in `<store root>/.fine_tunes/<job id>/`: `job.json` (the record, replaced atomically),
-`train.yaml` (the training config it runs), `report/` (what the run reports, `common.run_reports`,
-plus the manager's own messages). A restarted manager reloads them and carries on: queued jobs stay
-queued, running ones are watched again, and budget holds are re-asserted on every tick.
+`data/` (the job's own copy of its training and validation files, pinned with their checksums when the
+job is created, so deleting an upload changes nothing for a job that uses it), `train.yaml` (the
+training config it runs), `report/` (what the run reports, `common.run_reports`, plus the manager's own
+messages). A restarted manager reloads them and carries on: queued jobs stay queued, running ones are
+watched again, and budget holds are re-asserted on every tick. A job that cannot start or be watched
+fails alone, with a reason its tenant can read; the queue goes on.
 
 Money: creating a job holds its worst case (estimated tokens × training price) against the tenant's
-budget, or refuses it (429 `insufficient_quota`, nothing created). A job that succeeds is billed for the
-tokens it trained; a cancelled one for what it trained before it stopped; a failed one for nothing.
-The ledger row's request id is the job id, so a job is billed exactly once.
+budget, and against the asking key's own budget when it has one, or refuses it (429
+`insufficient_quota`, nothing created). A job is billed for the tokens it trained, however it ends:
+succeeded, cancelled or failed (a queued job trained nothing and costs nothing). The ledger row's
+request id is the job id, so a job is billed exactly once.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -29,8 +34,8 @@ from typing import Any, Callable, Protocol
 
 import yaml
 
-from common.config import MaasConfig
-from common.errors import InvalidRequestError, NotFoundError
+from common.config import MaasConfig, Plan
+from common.errors import InvalidRequestError, MaasError, NotFoundError, RateLimitError
 from common.file_store import FileStore
 from common.run_reports import RunReport
 from deployments.core.fine_tunes import TERMINAL, Job, checkpoint_to_openai, decide_starts, event_to_openai
@@ -51,13 +56,13 @@ class JobCluster(Protocol):
 
 
 class TrainingBilling(Protocol):
-    def hold(self, key: str, tenant: str, amount: Decimal, period: str) -> None: ...
+    def hold(self, key: str, tenant: str, amount: Decimal, period: str, key_id: str = "") -> None: ...
 
     def release(self, key: str) -> None: ...
 
     def record_training(self, job_id: str, tenant: str, key_id: str, model: str, tokens: int, price_per_1m: Decimal, ts: float) -> bool: ...
 
-    def running_limit(self, tenant: str) -> int | None: ...  # the tenant's plan's `fine_tune_jobs`
+    def plan(self, tenant: str) -> Plan: ...  # its `fine_tune_jobs` (running at once) and `fine_tune_queued`
 
 
 def new_job_id() -> str:
@@ -110,14 +115,42 @@ class FineTuneManager:
     # ---- the API's calls ---------------------------------------------------------------------
 
     def create(self, job: Job) -> dict:
-        """A new queued job; its worst-case cost is held against the budget first (nothing is created when it does not fit)."""
+        """A new queued job: within its tenant's queue limit, its datasets pinned (copied, with their checksums), its
+        worst-case cost held against the budget (nothing is created when any of it fails)."""
         with self._lock:
-            if self._billing is not None:
-                self._billing.hold(job.id, job.tenant, job.reserved, self._period(job.created_at))
+            limit = self._plan(job.tenant).fine_tune_queued
+            queued = sum(j.tenant == job.tenant and j.status == "queued" for j in self._jobs.values())
+            if limit is not None and queued >= limit:
+                raise RateLimitError(f"The tenant has {queued} fine-tuning jobs queued, its plan's limit; wait for one to start or cancel one.", retry_after_s=60)
+            try:
+                self._pin(job)
+                if self._billing is not None:
+                    self._billing.hold(job.id, job.tenant, job.reserved, self._period(job.created_at), job.key_id)
+            except BaseException:
+                shutil.rmtree(self._dir(job.id), ignore_errors=True)
+                raise
             self._jobs[job.id] = job
             self._save(job)
             self._say(job, f"Created fine-tuning job {job.id} ({job.method} of {job.model} {job.base_version}, up to {job.estimated_tokens} training tokens).")
             return job.to_openai()
+
+    def _pin(self, job: Job) -> None:
+        """The job's own copy of its files, with their checksums: the upload may be deleted, the job trains on what it was given."""
+        files = FileStore(self._cfg.store_root())
+        folder = self._dir(job.id) / "data"
+        folder.mkdir(parents=True, exist_ok=True)
+        for role, file_id in (("training", job.training_file), ("validation", job.validation_file)):
+            if not file_id:
+                continue
+            try:
+                record, source = files.get(job.tenant, file_id), files.data_path(job.tenant, file_id)
+            except MaasError:
+                raise InvalidRequestError(f"No file `{file_id}` of yours to train on (it was deleted).", param=f"{role}_file", code="invalid_file") from None
+            shutil.copyfile(source, folder / f"{role}.jsonl")
+            job.pinned[role] = record.sha256
+
+    def pinned_path(self, job: Job, role: str) -> Path:
+        return self._dir(job.id) / "data" / f"{role}.jsonl"
 
     def _own(self, tenant: str | None, job_id: str) -> Job:
         job = self._jobs.get(job_id)
@@ -174,15 +207,27 @@ class FineTuneManager:
         """Watch running jobs, then start what fits; re-assert the holds of jobs that are not finished."""
         with self._lock:
             for job in [j for j in self._jobs.values() if j.status == "running"]:
-                self._watch(job)
+                self._alone(job, self._watch)
             self._start_queued()
             if self._billing is not None:
                 for job in self._jobs.values():
                     if job.status not in TERMINAL:
                         try:
-                            self._billing.hold(job.id, job.tenant, job.reserved, self._period(job.created_at))
+                            self._billing.hold(job.id, job.tenant, job.reserved, self._period(job.created_at), job.key_id)
                         except Exception:  # the budget moved meanwhile: the hold made at creation stands as far as billing is concerned
                             logger.debug("could not re-assert the hold of %s", job.id, exc_info=True)
+
+    def _alone(self, job: Job, step: Callable[[Job], None]) -> None:
+        """One job's step: whatever goes wrong fails that job alone (its tenant reads why), never the loop."""
+        try:
+            step(job)
+        except Exception as exc:
+            logger.exception("fine-tuning job %s failed in the queue", job.id)
+            reason = exc.message if isinstance(exc, MaasError) else "The job could not be run on the cluster (an internal error; the operator's logs have the details)."
+            try:
+                self._finish(job, "failed", trained=self.report(job.id).trained_tokens(), error={"code": "job_start_failed", "message": reason, "param": None})
+            except Exception:
+                logger.exception("could not mark fine-tuning job %s failed", job.id)
 
     def _start_queued(self) -> None:
         queued = [j for j in self._jobs.values() if j.status == "queued"]
@@ -200,7 +245,7 @@ class FineTuneManager:
         for job_id, reason in decision.waiting.items():
             self._wait(self._jobs[job_id], reason)
         for job_id, workers, cpus in decision.start:
-            self._start(self._jobs[job_id], workers, cpus)
+            self._alone(self._jobs[job_id], lambda job: self._start(job, workers, cpus))
 
     def _wait(self, job: Job, reason: str, level: str = "info") -> None:
         """Keep the job queued, saying why (once per new reason)."""
@@ -209,8 +254,11 @@ class FineTuneManager:
             self._save(job)
             self._say(job, reason, level)
 
+    def _plan(self, tenant: str) -> Plan:
+        return self._billing.plan(tenant) if self._billing is not None else Plan()
+
     def _running_limit(self, tenant: str) -> int:
-        own = self._billing.running_limit(tenant) if self._billing is not None else None
+        own = self._plan(tenant).fine_tune_jobs
         return self._ft.running_jobs_per_tenant if own is None else own
 
     def _start(self, job: Job, workers: int, cpus: float) -> None:
@@ -229,10 +277,9 @@ class FineTuneManager:
         """The `training.finetune` config the job runs (`python -m training.finetune --config train.yaml`)."""
         ft = self._ft
         lr = (ft.lora_learning_rate if job.method == "lora" else ft.full_learning_rate) * job.learning_rate_multiplier
-        data_path = self._data_path(job.tenant, job.training_file)
-        data: dict[str, Any] = {"path": data_path, "max_seq_len": ft.max_seq_len, "eval_fraction": 0.1}
+        data: dict[str, Any] = {"path": str(self._data_path(job, "training")), "max_seq_len": ft.max_seq_len, "eval_fraction": 0.1, "sha256": job.pinned.get("training")}
         if job.validation_file:
-            data.update(eval_path=self._data_path(job.tenant, job.validation_file), eval_fraction=0.0)
+            data.update(eval_path=str(self._data_path(job, "validation")), eval_fraction=0.0)
         return {
             "run_name": job.id,
             "base": {"name": job.model, "version": job.base_version, "init": "pretrained"},
@@ -250,8 +297,12 @@ class FineTuneManager:
             "model_store": str(self._cfg.store_root()),
         }
 
-    def _data_path(self, tenant: str, file_id: str) -> str:
-        return str(FileStore(self._cfg.store_root()).data_path(tenant, file_id))
+    def _data_path(self, job: Job, role: str) -> Path:
+        """The job's pinned copy (a job created before pinning existed reads the upload, as it did)."""
+        pinned = self.pinned_path(job, role)
+        if pinned.is_file():
+            return pinned
+        return FileStore(self._cfg.store_root()).data_path(job.tenant, job.training_file if role == "training" else job.validation_file or "")
 
     def _watch(self, job: Job) -> None:
         if not job.ray_job_id:
@@ -269,18 +320,21 @@ class FineTuneManager:
                     job.fine_tuned_model = f"{job.model}@{result.get('version')}"
                 self._finish(job, "succeeded", trained=int(result.get("trained_tokens", 0)))
             else:
-                self._finish(job, "failed", error={"code": "no_result", "message": "The training job ended without publishing a model.", "param": None})
+                self._finish(job, "failed", trained=report.trained_tokens(), error={"code": "no_result", "message": "The training job ended without publishing a model.", "param": None})
         elif state == "STOPPED" or (state == "FAILED" and job.cancel_requested):
             self._finish(job, "cancelled", trained=report.trained_tokens())
         elif state == "FAILED":
-            result = report.result() or {}
-            self._finish(job, "failed", error={"code": "training_failed", "message": (result.get("error") or message or "The training job failed.")[:2000], "param": None})
+            result = report.result() or {}  # its `error` is written for the tenant (training.finetune); Ray's message and log are the operator's
+            if message:
+                logger.warning("fine-tuning job %s (%s) failed: %s", job.id, job.ray_job_id, message[-2000:])
+            error = result.get("error") or "The training job failed on the cluster (an internal error; the operator's logs have the details)."
+            self._finish(job, "failed", trained=report.trained_tokens(), error={"code": "training_failed", "message": str(error)[:2000], "param": None})
 
     def _finish(self, job: Job, status: str, trained: int = 0, error: dict | None = None) -> None:
         job.status, job.finished_at, job.error = status, int(self._clock()), error
-        job.trained_tokens = trained if status != "failed" else (job.trained_tokens or 0)
+        job.trained_tokens = trained
         if self._billing is not None and not job.billed:
-            if status in ("succeeded", "cancelled") and trained > 0:
+            if trained > 0:  # what it trained, however it ended
                 billed_as = job.fine_tuned_model if job.method == "lora" else job.model
                 self._billing.record_training(job.id, job.tenant, job.key_id, billed_as, trained, Decimal(job.training_price), self._clock())
             else:
@@ -288,4 +342,4 @@ class FineTuneManager:
             job.billed = True
         self._save(job)
         detail = {"succeeded": f"The job succeeded: {job.fine_tuned_model} is ready ({trained} tokens trained).", "cancelled": f"The job was cancelled ({trained} tokens trained, billed)."}
-        self._say(job, detail.get(status, f"The job failed: {(error or {}).get('message', '')}"), "info" if status != "failed" else "error")
+        self._say(job, detail.get(status, f"The job failed ({trained} tokens trained, billed): {(error or {}).get('message', '')}"), "info" if status != "failed" else "error")

@@ -54,6 +54,7 @@ class Job:
     billed: bool = False
     metadata: dict = field(default_factory=dict)
     created_ts: float = 0.0  # exact creation time: the queue's order (`created_at` is OpenAI's whole seconds)
+    pinned: dict = field(default_factory=dict)  # "training" / "validation" -> sha256 of the job's own copy of that file
 
     @property
     def reserved(self) -> Decimal:
@@ -85,9 +86,10 @@ def training_cost(tokens: int, price_per_1m: Decimal) -> Decimal:
     return Decimal(tokens) * price_per_1m / Decimal(1_000_000)
 
 
-def estimate_tokens(characters: int, messages: int, epochs: int) -> int:
-    """An upper bound on the tokens a job trains: a token is at least one character, plus the template around each message."""
-    return (characters + TEMPLATE_TOKENS * messages) * epochs
+def estimate_tokens(content_bytes: int, messages: int, epochs: int) -> int:
+    """An upper bound on the tokens a job trains: a byte-level BPE token is at least one UTF-8 byte (a character of
+    non-ASCII text is several), plus the template around each message."""
+    return (content_bytes + TEMPLATE_TOKENS * messages) * epochs
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,26 @@ def _may_manage_keys(principal: Any) -> None:
         raise PermissionDeniedError("A key with its own model list or limits cannot manage keys; use an unrestricted key of the tenant.")
 
 
+def lifetime_within(principal: Any, expires_in_s: float | None, now: float) -> float | None:
+    """A new key's lifetime: never past its maker's expiry. A short-lived key's key expires with it when no lifetime
+    is asked for, and asking for a later one is a 403 (never silently shortened)."""
+    own = getattr(principal, "expires_at", None)
+    if own is None:
+        return expires_in_s
+    left = own - now
+    if expires_in_s is None:
+        return left
+    if expires_in_s > left:
+        raise PermissionDeniedError(f"This API key expires in {left:.0f} s; a key it makes cannot outlive it.", param="expires_in_s", code="expiry_beyond_own")
+    return expires_in_s
+
+
+def _outlives(principal: Any, record: Any) -> bool:
+    """Whether `record` would outlive `principal` (which then may not lift its limits)."""
+    own = getattr(principal, "expires_at", None)
+    return own is not None and (record.expires_at is None or record.expires_at > own)
+
+
 class ReportLimiter:
     """A token bucket per tenant for `/v1/usage`: reports are read on their own threads, and also bounded per tenant."""
 
@@ -84,8 +104,10 @@ class AccountsService:
         invoices = build_invoices(await self._admin.spend_rows(period, tenant), period, self._currency, tenant)
         return "".join(invoice_csv(inv, header=i == 0) for i, inv in enumerate(invoices))
 
-    async def create_key(self, who: str, tenant: str, plan: str | None, role: str, expires_in_s: float | None, name: str, policy: dict | None = None) -> dict:
-        key, record = await self._admin.create_key(tenant, plan, role, expires_in_s, name, who, policy)
+    async def create_key(self, who: Any, tenant: str, plan: str | None, role: str, expires_in_s: float | None, name: str, policy: dict | None = None) -> dict:
+        """A key made with an admin key `who` (its record), which it may not outlive."""
+        expires_in_s = lifetime_within(who, expires_in_s, self._clock())
+        key, record = await self._admin.create_key(tenant, plan, role, expires_in_s, name, who.key_id, policy)
         return {**key_view(record), "key": key}
 
     async def list_keys(self, tenant: str | None) -> dict:
@@ -105,6 +127,7 @@ class AccountsService:
     async def create_own_key(self, principal: Any, name: str, expires_in_s: float | None, policy: dict) -> dict:
         """A new key of the caller's tenant (never an admin key, never a plan change)."""
         _may_manage_keys(principal)
+        expires_in_s = lifetime_within(principal, expires_in_s, self._clock())
         key, record = await self._admin.create_key(principal.tenant, None, "tenant", expires_in_s, name, principal.key_id, policy)
         return {**key_view(record), "key": key}
 
@@ -115,8 +138,12 @@ class AccountsService:
         return key_view(await self._admin.revoke_key(key_id, principal.key_id))
 
     async def update_own_key(self, principal: Any, key_id: str, changes: dict) -> dict:
-        """A key of the caller's tenant with a new name or policy (a key with a policy of its own may not do this)."""
+        """A key of the caller's tenant with a new name or policy (a key with a policy of its own may not do this, nor
+        a key that expires change one that outlives it: that would lend its rights past its own expiry)."""
         _may_manage_keys(principal)
+        target = next((k for k in await self._admin.list_keys(principal.tenant) if k.key_id == key_id), None)
+        if target is not None and _outlives(principal, target):
+            raise PermissionDeniedError("This API key expires before that key does, so it cannot change it.", param="key_id", code="expiry_beyond_own")
         return key_view(await self._admin.update_key(key_id, changes, principal.key_id, principal.tenant))
 
     async def update_key(self, who: str, key_id: str, changes: dict) -> dict:

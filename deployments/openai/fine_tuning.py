@@ -22,6 +22,7 @@ from deployments.core.fine_tune_manager import new_job_id
 from deployments.core.fine_tunes import Job, estimate_tokens
 from deployments.openai.files import tenant_of
 from deployments.openai.protocol import CreateFineTuningJobRequest, FineTuneHyperparameters
+from deployments.openai.service import require_allowed
 
 Invoke = Callable[..., Awaitable[Any]]
 
@@ -79,6 +80,7 @@ class FineTuningService:
         tenant = tenant_of(principal)
         if body.model != cfg.model.name:
             raise ModelNotFoundError(f"The model `{body.model}` cannot be fine-tuned here; fine-tune {cfg.model.name}.", param="model")
+        require_allowed(principal, body.model)  # the key's own budget is held too, by the actor (`BillingCore.hold`)
         method = body.method.type if body.method else "lora"
         method = "lora" if method == "supervised" else method
         if method == "full" and getattr(principal, "role", "admin" if principal is None else "tenant") != "admin":
@@ -99,6 +101,11 @@ class FineTuningService:
         if body.validation_file:
             await self._run(self._dataset_stats, tenant, body.validation_file, "validation_file")
         epochs = ft.default_epochs if hyper.n_epochs == "auto" else hyper.n_epochs
+        if hyper.batch_size != "auto" and hyper.batch_size > ft.max_batch_size:
+            raise InvalidRequestError(
+                f"batch_size {hyper.batch_size} is above this cluster's limit of {ft.max_batch_size} examples per step (what a training node beside serving holds).",
+                param="hyperparameters.batch_size",
+            )  # fmt: skip
         job_id = new_job_id()
         job = Job(
             id=job_id, tenant=tenant, key_id=getattr(principal, "key_id", "") or "", model=cfg.model.name, base_version=base_version,
@@ -107,7 +114,7 @@ class FineTuningService:
             learning_rate_multiplier=1.0 if hyper.learning_rate_multiplier == "auto" else hyper.learning_rate_multiplier,
             lora_rank=lora_rank, lora_alpha=lora_alpha, seed=body.seed if body.seed is not None else 42, created_at=int(self._clock()),
             fine_tuned_model=fine_tuned_model_id(cfg.model.name, tenant, body.suffix, job_id) if method == "lora" else cfg.model.name,
-            estimated_tokens=estimate_tokens(stats.characters, stats.messages, epochs), training_price=str(price if price is not None else 0),
+            estimated_tokens=estimate_tokens(stats.content_bytes, stats.messages, epochs), training_price=str(price if price is not None else 0),
             metadata=dict(body.metadata or {}), created_ts=self._clock(),
         )  # fmt: skip
         return await self._backend.create(job)
@@ -117,7 +124,8 @@ class FineTuningService:
             path = self._files.data_path(tenant, file_id)
         except MaasError:
             raise InvalidRequestError(f"No file `{file_id}` of yours to train on (upload it with purpose `fine-tune`).", param=param, code="invalid_file") from None
-        return check_upload(path.read_bytes(), file_id)
+        with open(path, "rb") as fh:
+            return check_upload(fh, file_id)
 
     async def list(self, principal: Any, after: str | None, limit: int) -> dict:
         return await self._backend.list(tenant_of(principal), after, limit)

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, NamedTuple, Protocol
 
-from common.config import MaasConfig, RequestLimits
+from common.config import MaasConfig, Price, RequestLimits
 from common.errors import EngineNotReadyError, InvalidRequestError, MaasError, ModelNotFoundError, NotFoundError, PermissionDeniedError, ServiceUnavailableError, as_maas_error
 from deployments.core import shapes
 from deployments.core.adapters import Adapter, AdapterCatalog
@@ -124,6 +124,15 @@ class BillingGate(Protocol):
 
     def rate_state(self, tenant: str) -> Any: ...
 
+def require_allowed(principal: Any, model: str) -> None:
+    """A key with an allow-list of its own may spend money only on those models: inference and fine-tuning alike."""
+    allows = getattr(principal, "allows", None)
+    if allows is not None and not allows(model):
+        raise PermissionDeniedError(f"This API key may not use the model `{model}`.", param="model", code="model_not_allowed")
+
+
+FREE = Price(prompt_per_1m=0, completion_per_1m=0)  # a call that changes state: counted against rate limits, never billed
+
 
 class OpenAIService:
     """Chat and text completions over the tokenizer and postprocessor stages, metered through an optional BillingGate."""
@@ -170,6 +179,18 @@ class OpenAIService:
         if self.billing is None:
             raise NotFoundError("Administration needs billing enabled.")
         return await self.billing.require_admin(authorization)
+
+    async def admit_call(self, principal: Any) -> None:
+        """A call that changes state (an upload, a fine-tuning job, a key): it takes a request slot of the tenant's
+        (and the key's own) rate limits as a request does, with no tokens and nothing to bill; a 429 past them."""
+        if self.billing is None or principal is None:
+            return
+        try:
+            ticket = await self.billing.admit(principal, f"call-{self._new_request_id()}", self.model_name, "-", "call", FREE, 0, 0, 1)
+        except MaasError as exc:
+            self._on_reject(principal.tenant, exc.error_type if exc.status_code == 429 else (exc.code or "error"))
+            raise
+        self.billing.release(ticket)
 
     def rate_headers(self, principal: Any) -> dict[str, str]:
         """OpenAI's `x-ratelimit-*` headers for the caller's tenant (`billing.quota.RateState`); none without limits."""
@@ -282,9 +303,7 @@ class OpenAIService:
             if self._adapters is None or not model.startswith(f"ft:{self.model_name}:"):
                 raise ModelNotFoundError(f"The model `{model}` does not exist. Available: {self.model_name}.", param="model")
             adapter = self._adapters.resolve(model, getattr(principal, "tenant", None) or NO_TENANT)
-        allows = getattr(principal, "allows", None)
-        if allows is not None and not allows(model):
-            raise PermissionDeniedError(f"This API key may not use the model `{model}`.", param="model", code="model_not_allowed")
+        require_allowed(principal, model)
         if not self._is_ready():
             raise EngineNotReadyError()
         return adapter

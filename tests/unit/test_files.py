@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 
 import httpx
@@ -40,12 +42,28 @@ def test_the_store_keeps_each_tenants_files_apart(tmp_path):
     a = store.create("acme", "a.jsonl", "fine-tune", GOOD, 1, now=100)
     b = store.create("..", "b.jsonl", "fine-tune", GOOD * 2, 2, now=200)  # a tenant name that is a path component stays one folder
     assert store.get("acme", a.id) == a and store.list("acme") == [a] and store.list("..") == [b]
-    assert (tmp_path / ".files" / "t_..").is_dir() and store.data_path("..", b.id).read_bytes() == GOOD * 2
-    for tenant, file_id in (("globex", a.id), ("acme", b.id), ("acme", "file-../../x"), ("acme", "../acme")):
+    folders = sorted(p.name for p in (tmp_path / ".files").iterdir())
+    assert len(folders) == 2 and all(re.fullmatch(r"t_[0-9a-f]{32}", f) for f in folders)  # named by a digest: no name is a path
+    assert store.data_path("..", b.id).read_bytes() == GOOD * 2
+    for tenant, file_id in (("globex", a.id), ("Acme", a.id), ("acme", b.id), ("acme", "file-../../x"), ("acme", "../acme")):
         with pytest.raises(NotFoundError):
             store.get(tenant, file_id)
+    assert store.list("Acme") == []  # another name, even on a case-insensitive disk: another folder
     store.delete("acme", a.id)
-    assert store.list("acme") == [] and not any(p.name.startswith((".staging", ".deleted")) for p in (tmp_path / ".files" / "t_acme").iterdir())
+    assert store.list("acme") == [] and not any(p.name.startswith((".staging", ".deleted")) for f in folders for p in (tmp_path / ".files" / f).iterdir())
+
+
+def test_a_record_of_another_tenant_is_never_served_from_a_shared_folder(tmp_path):
+    """Item 12: the older `t_<tenant>` layout on a case-insensitive disk put `Acme` and `acme` in one folder; `get` checks the record."""
+    store = FileStore(tmp_path)
+    a = store.create("acme", "a.jsonl", "fine-tune", GOOD, 1)
+    legacy = tmp_path / ".files" / "t_Acme"  # what a case-insensitive disk would show `Acme` for the old `t_acme`
+    legacy.mkdir(parents=True)
+    (store._tenant_dirs("acme")[0] / a.id).rename(legacy / a.id)
+    for call in (lambda: store.get("Acme", a.id), lambda: store.data_path("Acme", a.id), lambda: store.delete("Acme", a.id)):
+        with pytest.raises(NotFoundError):
+            call()
+    assert store.list("Acme") == []
 
 
 def test_files_api_with_the_official_client(tmp_path):

@@ -83,7 +83,7 @@ def billing_config(**plans: Plan) -> BillingConfig:
 
 
 class Rig:
-    def __init__(self, tmp_path, free_cpus: float = 2.0):
+    def __init__(self, tmp_path, free_cpus: float = 2.0, prefix: str = ""):
         self.cluster = FakeJobCluster(free_cpus)
         self.store = tmp_path / "store"
         plans = billing_config(free=Plan(), tiny=Plan(monthly_budget=Decimal("0.001")), two=Plan(fine_tune_jobs=2))
@@ -94,12 +94,12 @@ class Rig:
             self.manager = FineTuneManager(self.cfg, self.cluster, core)
             return FineTuningService(FineTuneBackend.in_process(self.manager), self.cfg, lambda: "v1")
 
-        self.server = Server(tmp_path, ScriptedEngine(reply="arr"), billing_config=plans, fine_tuning=fine_tuning, adapters=AdapterCatalog(str(self.store), "m", ttl_s=0))
+        self.server = Server(tmp_path, ScriptedEngine(reply="arr"), billing_config=plans, fine_tuning=fine_tuning, adapters=AdapterCatalog(str(self.store), "m", ttl_s=0), prefix=prefix)
 
     def client(self, key: str):
         from openai import OpenAI
 
-        return OpenAI(base_url=f"http://127.0.0.1:{self.server.port}/v1", api_key=key, max_retries=0)
+        return OpenAI(base_url=f"{self.server.base}/v1", api_key=key, max_retries=0)
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_a_tenant_fine_tunes_watches_and_calls_its_model_and_no_one_else_sees_it
     ray_id, config_path = next(iter(rig.cluster.submitted.items()))
     cfg = yaml.safe_load(Path(config_path).read_text())
     assert cfg["method"]["type"] == "lora" and cfg["optim"]["epochs"] == 2 and cfg["output"]["name"] == f"ft:m:acme:pirate:{job.id[6:14]}"
-    assert cfg["scaling"]["num_workers"] == 2 and cfg["data"]["path"].endswith("data.jsonl")  # sized from the free CPUs
+    assert cfg["scaling"]["num_workers"] == 2 and cfg["data"]["path"].endswith(f"{job.id}/data/training.jsonl")  # sized from the free CPUs; the job's own copy
     assert acme.fine_tuning.jobs.retrieve(job.id).status == "running"
 
     rig.cluster.train(ray_id, steps=4)
@@ -225,7 +225,7 @@ def test_bad_jobs_are_clear_4xx_and_create_nothing(rig):
         err = info.value.body
         assert info.value.status_code == status and err.get("param") == param, (body, err)
     assert err["code"] == "insufficient_quota" and "budget" in err["message"]
-    assert rig.manager.list(None)["data"] == [] and not (rig.store / ".fine_tunes").exists()  # nothing half-created
+    assert rig.manager.list(None)["data"] == [] and not list(rig.store.glob(".fine_tunes/ftjob-*"))  # nothing half-created
     resp = httpx.post(f"http://127.0.0.1:{rig.server.port}/v1/fine_tuning/jobs", json={"model": "m"}, headers={"Authorization": f"Bearer {rig.server.key}"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "training_file"
 

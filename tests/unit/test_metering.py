@@ -24,14 +24,16 @@ from common.file_store import FileStore
 from deployments.openai.files import FilesService
 from deployments.openai.routes import build_app
 from deployments.openai.service import Backend, OpenAIService, StaticPicker
-from tests.fakes import FakePostprocessorClient, FakeTokenizerClient, ScriptedEngine
+from tests.fakes import FakePostprocessorClient, FakeTokenizerClient, RoutePrefix, ScriptedEngine
 from tests.unit.test_billing import PRICE, InProcess, config
 
 
 class Server:
     """uvicorn in a thread, serving the ingress app with billing wired in-process."""
 
-    def __init__(self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None, operations=None, billing_config=None, fine_tuning=None, adapters=None):
+    def __init__(self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None, operations=None, billing_config=None, fine_tuning=None, adapters=None, prefix: str = ""):
+        """`prefix`: serve the app under a route prefix, as Serve does (`tests.fakes.RoutePrefix`); `base` includes it."""
+        self.prefix = prefix
         self.operations = operations
         self.fine_tuning = fine_tuning  # (BillingCore, store root) -> FineTuningService, made once the core exists
         self.adapters = adapters
@@ -51,10 +53,15 @@ class Server:
         service = OpenAIService(
             "m", self.tokenizer, StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), PRICE)), billing=self.billing, limits=self.limits, adapters=self.adapters, adapter_price=PRICE
         )
-        files = FilesService(FileStore(self.tmp_path / "store"))
+        files = FilesService(FileStore(self.tmp_path / "store"), plan_of=BillingAdmin.in_process(self.core).plan)
         fine_tuning = self.fine_tuning(self.core, self.tmp_path / "store") if self.fine_tuning else None
         accounts = AccountsService(BillingAdmin.in_process(self.core), "USD", time.time)
-        return build_app(service, accounts, self.limits.max_body_bytes if self.limits else None, self.operations, files, None, fine_tuning)
+        app = self.app = build_app(service, accounts, self.limits.max_body_bytes if self.limits else None, self.operations, files, None, fine_tuning)
+        return RoutePrefix(app, self.prefix) if self.prefix else app
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.prefix}"
 
     def run(self):
         loop = asyncio.new_event_loop()
@@ -72,7 +79,7 @@ class Server:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                httpx.get(f"http://127.0.0.1:{self.port}/healthz")
+                httpx.get(f"{self.base}/healthz")
                 break
             except httpx.HTTPError:
                 time.sleep(0.05)
