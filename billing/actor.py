@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from billing.admin import BillingAdmin
-from billing.alerts import post
+from billing.alerts import post, tenant_secret
 from billing.ledger import Ledger, SpendRow
 from billing.metrics import RayBillingMetrics
 from billing.records import SyncReply, SyncRequest, UsageEvent
@@ -58,7 +58,7 @@ class BillingActor(BillingCore):
                 continue
             timeout = self.config.alerts.timeout_s
             try:
-                self.deliver_alerts(time.time(), lambda row: post(row["url"], row["body"], secret, row["id"], time.time(), timeout))
+                self.deliver_alerts(time.time(), lambda row: post(row["url"], row["body"], tenant_secret(secret, row["tenant"]), row["id"], time.time(), timeout))
             except Exception:
                 logger.exception("budget alert delivery failed; retrying")
 

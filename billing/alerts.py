@@ -2,7 +2,13 @@
 
 The billing actor holds the state (which alerts were queued, their deliveries, in the ledger's `alerts`
 table) and calls these; a receiver checks a delivery with `verify`.  The signature follows the common
-webhook scheme: header `X-Maas-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
+webhook scheme: header `X-Maas-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`, and
+the body itself carries the alert's `id` and the delivery's `timestamp`, so neither can be changed
+without breaking the signature.
+
+Each tenant's deliveries are signed with a secret of its own, `tenant_secret(MAAS_WEBHOOK_SECRET,
+tenant)` (an HMAC of the tenant's name under the operator's secret): a tenant given its secret to
+verify deliveries cannot sign another tenant's. Deliveries never follow a redirect.
 """
 
 from __future__ import annotations
@@ -10,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Iterable
+from typing import Any, Iterable
 
 SIGNATURE_HEADER = "X-Maas-Signature"
 MAX_BACKOFF_S = 300.0
@@ -57,6 +65,16 @@ def crossed(tenant: str, period: str, spent: Decimal, budget: Decimal | None, th
     return out
 
 
+def tenant_secret(master: str, tenant: str) -> str:
+    """The secret that signs `tenant`'s alerts (give it to that tenant's receiver): derived, so nothing new is stored."""
+    return "whsec_" + hmac.new(master.encode(), f"ray-maas alerts/{tenant}".encode(), hashlib.sha256).hexdigest()
+
+
+def delivery_body(body: str, alert_id: int, now: float) -> str:
+    """What is sent and signed: the alert with its id and this delivery's time inside."""
+    return json.dumps({**json.loads(body), "id": alert_id, "timestamp": int(now)}, separators=(",", ":"))
+
+
 def sign(secret: str, timestamp: int, body: str) -> str:
     mac = hmac.new(secret.encode(), f"{timestamp}.{body}".encode(), hashlib.sha256).hexdigest()
     return f"t={timestamp},v1={mac}"
@@ -77,17 +95,20 @@ def retry_at(now: float, attempts: int, backoff_s: float) -> float:
     return now + min(MAX_BACKOFF_S, backoff_s * 2 ** max(0, attempts - 1))
 
 
-def post(url: str, body: str, secret: str, alert_id: int, now: float, timeout_s: float) -> str | None:
-    """One signed delivery (plain HTTP, no Ray): None when the receiver answered 2xx, else what went wrong."""
-    import urllib.error
-    import urllib.request
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None  # the 3xx is the answer: a receiver cannot send a signed alert (and a request) to another host
 
-    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, int(now), body), "X-Maas-Alert-Id": str(alert_id), "User-Agent": "ray-maas-alerts"}
-    request = urllib.request.Request(url, data=body.encode(), headers=headers, method="POST")
+
+def post(url: str, body: str, secret: str, alert_id: int, now: float, timeout_s: float) -> str | None:
+    """One signed delivery (plain HTTP, no Ray, no redirects followed): None when the receiver answered 2xx, else what went wrong."""
+    payload = delivery_body(body, alert_id, now)
+    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, int(now), payload), "X-Maas-Alert-Id": str(alert_id), "User-Agent": "ray-maas-alerts"}
+    request = urllib.request.Request(url, data=payload.encode(), headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - an operator-configured URL
+        with urllib.request.build_opener(_NoRedirects).open(request, timeout=timeout_s) as response:  # noqa: S310 - an operator-configured URL
             return None if 200 <= response.status < 300 else f"HTTP {response.status}"
     except urllib.error.HTTPError as exc:
-        return f"HTTP {exc.code}"
+        return f"HTTP {exc.code}" + (" (redirects are not followed)" if 300 <= exc.code < 400 else "")
     except Exception as exc:  # refused, timed out, bad URL: retried later
         return f"{type(exc).__name__}: {exc}"[:300]

@@ -99,12 +99,12 @@ def run(cfg: TrainConfig) -> RunResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    store = open_store(store_root(cfg))
-    base = store.resolve(cfg.base.name, cfg.base.version)
     data_path = cfg.data_path()
     dataset_sha256 = file_sha256(data_path)  # the data trained on is the data recorded (and paid for): taken before training
     if cfg.data.sha256 and dataset_sha256 != cfg.data.sha256:
         raise ValueError(f"The training data changed after the job was created (sha256 {dataset_sha256[:12]}…, expected {cfg.data.sha256[:12]}…).")
+    store = open_store(store_root(cfg))
+    base = store.resolve(cfg.base.name, cfg.base.version)
     chats = read_chats(data_path)  # fail fast, naming the bad line, before any worker starts
     if cfg.data.eval_path:
         read_chats(repo_path(cfg.data.eval_path))

@@ -188,4 +188,23 @@ def invoice(ctx: click.Context, month: str, tenant: str | None, fmt: str, out_di
         click.echo(f"{inv.tenant}: {len(inv.lines)} lines, total {inv.total} {inv.currency} -> {path}")
 
 
-COMMANDS = [keys, usage, audit, invoice]
+@click.group()
+def alerts() -> None:
+    """Budget alerts (signed webhooks)."""
+
+
+@alerts.command("secret")
+@click.option("--tenant", required=True, help="The tenant whose receiver verifies the deliveries.")
+def alerts_secret(tenant: str) -> None:
+    """The secret that signs this tenant's alerts, for its receiver (derived from MAAS_WEBHOOK_SECRET; one tenant's cannot sign another's)."""
+    from billing.alerts import tenant_secret
+    from billing.keys import check_tenant
+    from common import envs
+
+    master = envs.MAAS_WEBHOOK_SECRET
+    if master is None:
+        raise click.ClickException("MAAS_WEBHOOK_SECRET is not set: set it as the billing actor's is.")
+    click.echo(tenant_secret(master, check_tenant(tenant)))
+
+
+COMMANDS = [keys, usage, audit, invoice, alerts]

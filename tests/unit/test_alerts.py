@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from billing.alerts import SIGNATURE_HEADER, crossed, post, retry_at, sign, verify
+from billing.alerts import SIGNATURE_HEADER, crossed, post, retry_at, sign, tenant_secret, verify
 from billing.ledger import Ledger
 from billing.service import BillingCore
 from common.config import AlertsConfig, BillingConfig, LeaseConfig, Plan, PriceBook
@@ -26,10 +26,15 @@ class Receiver:
         self.down = False
         outer = self
 
+        self.redirect_to: str | None = None
+
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-                if outer.down:
+                if outer.redirect_to and self.path == "/hook":
+                    self.send_response(307)
+                    self.send_header("Location", outer.redirect_to)
+                elif outer.down:
                     self.send_response(503)
                 else:
                     outer.got.append((dict(self.headers), body))
@@ -129,3 +134,19 @@ def test_a_receiver_down_for_good_is_given_up_on_and_audited(tmp_path, receiver)
     (row,) = core.alerts("acme")
     assert row["state"] == "failed" and row["attempts"] == 2 and row["last_error"] == "HTTP 503"
     assert any(a["action"] == "alert.failed" for a in core.audit_log())
+
+
+def test_each_tenant_has_its_own_secret_the_id_is_signed_and_redirects_are_not_followed(receiver):
+    """Issue 24, item 10: one secret signed every tenant's alerts; the alert id was outside the signature; urllib followed redirects."""
+    acme, globex = tenant_secret(SECRET, "acme"), tenant_secret(SECRET, "globex")
+    assert acme != globex and SECRET not in acme and acme == tenant_secret(SECRET, "acme")
+    body = crossed("acme", "2026-11", Decimal("1"), Decimal("1"), [1.0], set(), "USD")[0].body(NOV)
+    assert post(receiver.url, body, acme, 7, NOV, 2.0) is None
+    headers, sent = receiver.got[-1]
+    assert json.loads(sent)["id"] == 7 and json.loads(sent)["timestamp"] == int(NOV)  # inside what is signed
+    assert verify(acme, headers[SIGNATURE_HEADER], sent, NOV) and not verify(globex, headers[SIGNATURE_HEADER], sent, NOV)
+    assert not verify(acme, headers[SIGNATURE_HEADER], sent.replace('"id":7', '"id":8'), NOV)
+    receiver.redirect_to = receiver.url + "-elsewhere"
+    before = len(receiver.got)
+    error = post(receiver.url, body, acme, 8, NOV, 2.0)
+    assert error is not None and error.startswith("HTTP 307") and len(receiver.got) == before  # the 3xx is the answer; nothing is re-sent

@@ -83,10 +83,11 @@ def billing_config(**plans: Plan) -> BillingConfig:
 
 
 class Rig:
-    def __init__(self, tmp_path, free_cpus: float = 2.0, prefix: str = ""):
+    def __init__(self, tmp_path, free_cpus: float = 2.0, prefix: str = "", max_file_bytes: int | None = None):
         self.cluster = FakeJobCluster(free_cpus)
         self.store = tmp_path / "store"
-        plans = billing_config(free=Plan(), tiny=Plan(monthly_budget=Decimal("0.001")), two=Plan(fine_tune_jobs=2))
+        small = Plan(max_files=2, max_file_storage_mib=0.01, fine_tune_queued=1, max_keys=3)
+        plans = billing_config(free=Plan(), tiny=Plan(monthly_budget=Decimal("0.001")), two=Plan(fine_tune_jobs=2), small=small, slow=Plan(rpm=3))
         self.cfg = MaasConfig.model_validate({"model": {"name": "m"}, "model_store": {"root": str(self.store)}, "billing": plans.model_dump(mode="json")})
         self.manager: FineTuneManager | None = None
 
@@ -94,7 +95,7 @@ class Rig:
             self.manager = FineTuneManager(self.cfg, self.cluster, core)
             return FineTuningService(FineTuneBackend.in_process(self.manager), self.cfg, lambda: "v1")
 
-        self.server = Server(tmp_path, ScriptedEngine(reply="arr"), billing_config=plans, fine_tuning=fine_tuning, adapters=AdapterCatalog(str(self.store), "m", ttl_s=0), prefix=prefix)
+        self.server = Server(tmp_path, ScriptedEngine(reply="arr"), billing_config=plans, fine_tuning=fine_tuning, adapters=AdapterCatalog(str(self.store), "m", ttl_s=0), prefix=prefix, max_file_bytes=max_file_bytes)
 
     def client(self, key: str):
         from openai import OpenAI

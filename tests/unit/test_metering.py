@@ -31,9 +31,10 @@ from tests.unit.test_billing import PRICE, InProcess, config
 class Server:
     """uvicorn in a thread, serving the ingress app with billing wired in-process."""
 
-    def __init__(self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None, operations=None, billing_config=None, fine_tuning=None, adapters=None, prefix: str = ""):
+    def __init__(self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None, operations=None, billing_config=None, fine_tuning=None, adapters=None, prefix: str = "", max_file_bytes: int | None = None):
         """`prefix`: serve the app under a route prefix, as Serve does (`tests.fakes.RoutePrefix`); `base` includes it."""
         self.prefix = prefix
+        self.max_file_bytes = max_file_bytes
         self.operations = operations
         self.fine_tuning = fine_tuning  # (BillingCore, store root) -> FineTuningService, made once the core exists
         self.adapters = adapters
@@ -56,7 +57,7 @@ class Server:
         files = FilesService(FileStore(self.tmp_path / "store"), plan_of=BillingAdmin.in_process(self.core).plan)
         fine_tuning = self.fine_tuning(self.core, self.tmp_path / "store") if self.fine_tuning else None
         accounts = AccountsService(BillingAdmin.in_process(self.core), "USD", time.time)
-        app = self.app = build_app(service, accounts, self.limits.max_body_bytes if self.limits else None, self.operations, files, None, fine_tuning)
+        app = self.app = build_app(service, accounts, self.limits.max_body_bytes if self.limits else None, self.operations, files, self.max_file_bytes, fine_tuning)
         return RoutePrefix(app, self.prefix) if self.prefix else app
 
     @property
