@@ -154,7 +154,7 @@ def start_head(num_cpus: int | None, dashboard_port: int, metrics_port: int, log
         "--disable-usage-stats",
     ]  # fmt: skip
     # Ray drains a node for up to 30 s on SIGTERM; `maas down` has already drained Serve by then.
-    env = {**os.environ, **LOCAL_ENV, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": os.environ.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "5")}
+    env = {**LOCAL_ENV, **os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": os.environ.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "5")}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)

@@ -8,6 +8,7 @@ the runtime environment `start_ray` builds.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import sys
 from pathlib import Path
@@ -18,10 +19,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # What never travels with the code (`working_dir` excludes).
 RUNTIME_EXCLUDES = [".venv", ".git", "bench/out"]
 
-# Loopback-only single node, no token auth prompt, no usage stats, offline model loading.
+# Loopback-only single node, Ray's token authentication (the token: `local_auth_token()`), no usage stats,
+# offline model loading.
 LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
+    # Every client of the cluster (the dashboard's job API, its pages, the GCS) must show the token: on a shared
+    # machine any local user could otherwise submit a job and run code as the service (docs/operations.md).
+    "RAY_AUTH_MODE": "token",
     "RAY_USAGE_STATS_ENABLED": "0",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -48,7 +52,33 @@ def use_local_env() -> None:
     cluster started from here runs a Ray job's entrypoint (`ray job submit -- python -m training.finetune`)
     with the `python` that has Ray and the project installed, not whichever one the shell found first."""
     os.environ.update({k: v for k, v in LOCAL_ENV.items() if k not in os.environ})
+    if os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(local_auth_token())
     os.environ["PATH"] = with_interpreter_first(os.environ.get("PATH", ""))
+
+
+AUTH_TOKEN_FILE = "ray-auth-token"
+
+
+def local_auth_token() -> Path:
+    """The file holding the token local clusters require (`<MAAS_STATE_DIR>/ray-auth-token`, readable by this user
+    alone), made once with 256 random bits as `ray get-auth-token --generate` makes one."""
+    from common import envs  # here: envs imports this module
+
+    path = envs.MAAS_STATE_DIR / AUTH_TOKEN_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{AUTH_TOKEN_FILE}.{os.getpid()}")
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+        try:
+            os.link(staging, path)  # never replaces a token another process made meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(staging)
+    return path
 
 
 def with_interpreter_first(path: str) -> str:

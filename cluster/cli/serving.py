@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
 import signal
 import threading
 import time
@@ -200,13 +201,21 @@ def resolve_model(config: MaasConfig):
 def banner(config: MaasConfig, base: str, dashboard: str | None, key_line: str, key: str) -> str:
     return (
         f"\nray-maas is serving {config.model.name} at {base}\n"
-        f"Ray dashboard: {dashboard or 'disabled'}\n{key_line}\n"
+        f"Ray dashboard: {dashboard or 'disabled'}{ray_auth_hint()}\n{key_line}\n"
         f"  curl {base}/chat/completions -H \"Authorization: Bearer {key}\" -H 'Content-Type: application/json' \\\n"
         f"    -d '{{\"model\": \"{config.model.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
         f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='{key}'); "
         f"print(c.chat.completions.create(model='{config.model.name}', messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)\"\n\n"
         "Keys, usage and invoices: `maas keys --help`, `maas usage`, `maas invoice --month YYYY-MM` (in another shell)."
     )
+
+
+def ray_auth_hint() -> str:
+    """How a shell reaches a cluster that requires Ray's token (the dashboard's pages ask for it too)."""
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        return ""
+    where = os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+    return f" (Ray's token authentication is on: its token is in {where}; for `ray job submit` and the like: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={where})"
 
 
 def first_key(ctx: click.Context, config: MaasConfig) -> tuple[str, str]:

@@ -74,6 +74,21 @@ def _client(up, key=None):
     return OpenAI(base_url=up["url"], api_key=key or up["key"], max_retries=0, timeout=120)
 
 
+def test_the_dashboards_job_api_needs_rays_token(up, env):
+    """Issue 24, item 11: any local user could POST a job to 127.0.0.1:8265 and run code as the service."""
+    import urllib.error
+
+    jobs = f"http://127.0.0.1:{up['ports']['dashboard']}/api/jobs/"
+    submit = urllib.request.Request(jobs, data=json.dumps({"entrypoint": "echo pwned"}).encode(), headers={"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(submit, timeout=10)
+    assert refused.value.code == 401
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert oct(Path(env["RAY_AUTH_TOKEN_PATH"]).stat().st_mode & 0o777) == "0o600"
+    with urllib.request.urlopen(urllib.request.Request(jobs, headers={"Authorization": f"Bearer {token}"}), timeout=10) as listing:
+        assert listing.status == 200
+
+
 def test_up_prints_a_working_url_and_key(up):
     reply = _client(up).chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hello!"}], max_tokens=8)
     assert reply.choices[0].message.content and reply.usage.completion_tokens > 0

@@ -12,6 +12,7 @@ import pytest
 
 from deployments.openai.routes import Access, route_declaration
 from tests.unit.test_fine_tuning import GOOD, Rig, _upload
+from tests.unit.test_probe import _envelope as _error
 
 PREFIX = "/maas"
 
@@ -54,15 +55,6 @@ def test_a_route_prefix_does_not_turn_authentication_off(rig):
 
 def _post(rig, path: str, key: str, **kwargs) -> httpx.Response:
     return httpx.post(rig.server.base + path, headers={"Authorization": f"Bearer {key}"}, timeout=30, **kwargs)
-
-
-def _error(resp: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and "Traceback" not in err["message"]
-    assert code is None or err["code"] == code, err
-    assert param is None or err["param"] == param, err
-    return err
 
 
 def test_deleting_a_file_a_job_uses_changes_nothing_and_a_job_that_cannot_start_fails_alone(rig):

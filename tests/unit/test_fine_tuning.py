@@ -83,7 +83,7 @@ def billing_config(**plans: Plan) -> BillingConfig:
 
 
 class Rig:
-    def __init__(self, tmp_path, free_cpus: float = 2.0, prefix: str = "", max_file_bytes: int | None = None):
+    def __init__(self, tmp_path, free_cpus: float = 2.0, prefix: str = "", max_file_bytes: int | None = None, operations=None):
         self.cluster = FakeJobCluster(free_cpus)
         self.store = tmp_path / "store"
         small = Plan(max_files=2, max_file_storage_mib=0.01, fine_tune_queued=1, max_keys=3)
@@ -95,7 +95,7 @@ class Rig:
             self.manager = FineTuneManager(self.cfg, self.cluster, core)
             return FineTuningService(FineTuneBackend.in_process(self.manager), self.cfg, lambda: "v1")
 
-        self.server = Server(tmp_path, ScriptedEngine(reply="arr"), billing_config=plans, fine_tuning=fine_tuning, adapters=AdapterCatalog(str(self.store), "m", ttl_s=0), prefix=prefix, max_file_bytes=max_file_bytes)
+        self.server = Server(tmp_path, ScriptedEngine(reply="arr"), billing_config=plans, fine_tuning=fine_tuning, adapters=AdapterCatalog(str(self.store), "m", ttl_s=0), prefix=prefix, max_file_bytes=max_file_bytes, operations=operations)
 
     def client(self, key: str):
         from openai import OpenAI

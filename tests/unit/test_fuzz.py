@@ -1,9 +1,11 @@
 """Fuzz tier: schemathesis over the app's own OpenAPI schema, every /v1 and /admin route, with valid tenant and admin keys.
 
-The real routes, protocol, service and billing client over an in-process billing core and fake stages
-(no Ray; `tests.unit.test_metering.Server`).  About 2,400 generated cases, derandomized so CI sees the same
-ones: no 5xx, every error in the OpenAI envelope, no key material (the callers' keys or any key's hash) in
-any response.
+The real routes, protocol, service, billing client, files and fine-tuning services over an in-process
+billing core, fake stages and a fake Jobs API (no Ray; `tests.unit.test_fine_tuning.Rig`), mounted under
+a route prefix as Serve mounts an app with `route_prefix`.  About 3,000 generated cases, derandomized so
+CI sees the same ones: no 5xx, every error in the OpenAI envelope, no key material (the callers' keys or
+any key's hash) in any response; and every route refuses a caller without a key unless it declares itself
+public.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from billing.keys import hash_key
 from deployments.openai.operations import OperationsService
-from tests.fakes import FakeFleet, ScriptedEngine
-from tests.unit.test_metering import Server
+from deployments.openai.routes import Access, route_declaration
+from tests.fakes import FakeFleet
+from tests.unit.test_fine_tuning import Rig
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +30,13 @@ EXAMPLES = {"/v1/chat/completions": 700, "/v1/completions": 700}
 DEFAULT_EXAMPLES = 120
 
 
+PREFIX = "/maas"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with Server(tmp_path_factory.mktemp("fuzz"), ScriptedEngine(reply="fuzz"), operations=OperationsService(FakeFleet(), "m")) as srv:
+    rig = Rig(tmp_path_factory.mktemp("fuzz"), prefix=PREFIX, operations=OperationsService(FakeFleet(), "m"))
+    with rig.server as srv:
         srv.admin_key, _ = srv.core.create_key("operators", role="admin")
         yield srv
 
@@ -45,12 +53,15 @@ def _check(case, response, secrets: list[str]) -> None:
 
 
 def test_every_route_answers_generated_requests_without_5xx_in_the_envelope_and_leaks_no_key(server):
-    base = f"http://127.0.0.1:{server.port}"
+    base = server.base  # under the prefix
     schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
     secrets = [server.key, server.admin_key, hash_key(server.key), hash_key(server.admin_key)]
     counts: Counter[str] = Counter()
     operations = [r.ok() for r in schema.get_all_operations()]
-    assert {o.path for o in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", "/admin/keys", "/admin/usage", "/admin/traffic", "/admin/tenants", "/admin/health"}
+    assert {o.path for o in operations} >= {
+        "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", "/admin/keys", "/admin/usage", "/admin/traffic", "/admin/tenants", "/admin/health",
+        "/v1/files", "/v1/files/{file_id}", "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{job_id}/cancel", "/v1/keys", "/v1/keys/{key_id}", "/admin/alerts",
+    }  # fmt: skip
     for op in operations:
         if not op.path.startswith(("/v1", "/admin")):
             continue
@@ -71,3 +82,16 @@ def test_every_route_answers_generated_requests_without_5xx_in_the_envelope_and_
     logger.info("fuzz: %d cases; %s", total, dict(counts))
     print(f"fuzz: {total} cases; {dict(counts)}")
     assert total >= 2000
+
+
+def test_every_route_refuses_a_caller_without_a_key_under_the_prefix(server):
+    """Each declared route, called without a key under the route prefix: 401 unless it declares itself public."""
+    for route in server.app.router.routes:
+        declared = route_declaration(route)
+        for method in sorted(getattr(route, "methods", None) or ()):
+            path = route.path.replace("{", "").replace("}", "")  # a placeholder value for each path parameter
+            resp = httpx.request(method, server.base + path, timeout=10)
+            if declared["x-maas-access"] == Access.PUBLIC:
+                assert resp.status_code != 401, (method, route.path)
+            else:
+                assert resp.status_code == 401 and resp.json()["error"]["code"], (method, route.path, resp.status_code)
