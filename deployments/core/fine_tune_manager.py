@@ -333,6 +333,7 @@ class FineTuneManager:
     def _finish(self, job: Job, status: str, trained: int = 0, error: dict | None = None) -> None:
         job.status, job.finished_at, job.error = status, int(self._clock()), error
         job.trained_tokens = trained
+        shutil.rmtree(self._dir(job.id) / "data", ignore_errors=True)  # its pinned files: the lineage keeps their checksums
         if self._billing is not None and not job.billed:
             if trained > 0:  # what it trained, however it ended
                 billed_as = job.fine_tuned_model if job.method == "lora" else job.model

@@ -225,14 +225,15 @@ class ResponseWriter:
         `token_stream` as soon as every choice has finished (stop strings included).
         """
         decoder = RequestDecoder(req, self._decode, self._token_text)
+        template = shapes.ChunkTemplate(req)  # per token, only what changes is encoded
         async for deltas in token_stream:
             events = decoder.feed(deltas)
             if events:
-                yield shapes.sse_chunks(req, events), decoder.usage.completion_tokens
+                yield template.chunks(events), decoder.usage.completion_tokens
             if decoder.done:
                 break
         if not decoder.done:
-            yield shapes.sse_chunks(req, decoder.finish_unfinished()), decoder.usage.completion_tokens
+            yield template.chunks(decoder.finish_unfinished()), decoder.usage.completion_tokens
         usage = decoder.usage
         yield shapes.sse_end(req, usage), usage.to_dict()
 

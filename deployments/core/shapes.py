@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
+import msgspec
+
 from deployments.core.types import ChoiceEvent, DecodedLogprob, GenerationRequest, Usage
 
 DONE = "data: [DONE]\n\n"
@@ -63,6 +65,39 @@ def _stream_choice(req: GenerationRequest, ev: ChoiceEvent) -> dict[str, Any]:
 def sse_chunks(req: GenerationRequest, events: Sequence[ChoiceEvent]) -> str:
     """One SSE event per choice that has news (OpenAI sends one choice per chunk)."""
     return "".join(f"data: {_dumps(_chunk(req, [_stream_choice(req, ev)]))}\n\n" for ev in events)
+
+
+_encode = msgspec.json.Encoder().encode  # a string's JSON, escaped as json.dumps(ensure_ascii=False) would, in C
+
+
+class ChunkTemplate:
+    """One request's stream chunks with everything fixed encoded once (id, object, created, model, fingerprint):
+    per token only the text, the finish reason and (when asked for) the logprobs are encoded. The same JSON as
+    `sse_chunks` (tests compare them); the postprocessor makes one per streamed request."""
+
+    def __init__(self, req: GenerationRequest):
+        self._req = req
+        head = _dumps({k: v for k, v in _chunk(req, []).items() if k not in ("choices", "usage")})
+        self._head = f"data: {head[:-1]},\"choices\":[{{\"index\":"
+        self._tail = "]" + (',"usage":null' if req.include_usage else "") + "}\n\n"
+        self._chat = req.kind == "chat"
+
+    def chunks(self, events: Sequence[ChoiceEvent]) -> str:
+        return "".join(self.chunk(ev) for ev in events)
+
+    def chunk(self, ev: ChoiceEvent) -> str:
+        req = self._req
+        finish = "null" if ev.finish_reason is None else _encode(ev.finish_reason).decode()
+        lp = "null" if ev.logprobs is None or req.logprobs is None else _dumps(logprobs(req, ev.logprobs))
+        if self._chat:
+            if ev.first:
+                delta = f'{{"role":"assistant","content":{_encode(ev.text).decode()}}}'
+            else:
+                delta = f'{{"content":{_encode(ev.text).decode()}}}' if ev.text else "{}"
+            body = f'"delta":{delta},"logprobs":{lp},"finish_reason":{finish}}}'
+        else:
+            body = f'"text":{_encode(ev.text).decode()},"logprobs":{lp},"finish_reason":{finish}}}'
+        return f"{self._head}{ev.index + req.choice_offset},{body}{self._tail}"
 
 
 def sse_end(req: GenerationRequest, usage: Usage) -> str:

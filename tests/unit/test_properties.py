@@ -69,3 +69,28 @@ def test_a_grant_never_lets_a_tenant_past_its_budget_or_rate(budget, committed, 
         assert used + grant.requests <= rpm
     if grant.denied is None:
         assert (budget is None or ask_budget <= max(budget - committed, Decimal(0))) and (rpm is None or ask_requests == 0 or grant.requests >= ask_requests)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(["chat", "completion"]), st.booleans(), st.integers(0, 40), st.sampled_from(["", "v2"]), st.text(max_size=30),
+    st.booleans(), st.sampled_from([None, "stop", "length", "abort"]), st.integers(0, 3), st.one_of(st.none(), st.floats(-20, 0)),
+)
+def test_a_streamed_chunk_from_the_template_is_the_json_the_dict_path_makes(kind, usage, offset, version, text, first, finish, index, logprob):
+    """Issue 25: stream chunks rendered from a per-request template (text, finish reason and logprobs encoded per token)."""
+    import json
+
+    from deployments.core import shapes
+    from deployments.core.types import ChoiceEvent, DecodedLogprob, GenerationRequest
+
+    lp = None if logprob is None else [DecodedLogprob(text or "x", logprob, [("a", -0.5), ('"\n', -1.5)], 0)]
+    req = GenerationRequest(
+        "r\u00e9q", "m\"odel", kind, [1], 8, 1733000000, include_usage=usage, choice_offset=offset, model_version=version,
+        logprobs=None if lp is None else 2,
+    )  # fmt: skip
+    events = [ChoiceEvent(index, text, finish, first, lp)]
+    expected, got = shapes.sse_chunks(req, events), shapes.ChunkTemplate(req).chunks(events)
+    assert got.startswith("data: ") and got.endswith("\n\n")
+    assert json.loads(got[len("data: "):]) == json.loads(expected[len("data: "):])
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        assert got == expected
