@@ -222,3 +222,51 @@ def test_the_budget_hold_counts_bytes_not_characters():
     stats = check_upload(data, "x.jsonl")
     assert stats.content_bytes == 3 * stats.characters
     assert estimate_tokens(stats.content_bytes, stats.messages, 1) >= 2 * len(text.encode())
+
+
+def test_a_hostile_tenant_probing_the_new_routes_gets_only_4xx_envelopes_and_touches_nothing_of_anyone_else(rig):
+    """Upload, fine-tune, key and alert abuse from one tenant against another's objects, bounded in count and time."""
+    import time
+
+    core = rig.server.core
+    victim = rig.client(rig.server.key)
+    victim_file = _upload(victim)
+    rig.cluster.free = 0.0
+    victim_job = victim.fine_tuning.jobs.create(model="m", training_file=victim_file)
+    _, victim_key = core.create_key("acme", name="victim's")
+    attacker, _ = core.create_key("mallory")
+    before = {"files": victim.files.list().data, "keys": [k.key_id for k in core.list_keys("acme")]}
+    traversal = ["..%2F..%2Fetc%2Fpasswd", "file-" + "0" * 24, victim_file.upper(), victim_file + "%00", "%2e%2e"]
+    probes = [
+        *[("GET", f"/v1/files/{f}", None) for f in [victim_file, *traversal]],
+        *[("GET", f"/v1/files/{f}/content", None) for f in [victim_file, *traversal]],
+        ("DELETE", f"/v1/files/{victim_file}", None),
+        ("POST", "/v1/fine_tuning/jobs", {"model": "m", "training_file": victim_file}),
+        ("POST", f"/v1/fine_tuning/jobs/{victim_job.id}/cancel", {}),
+        ("GET", f"/v1/fine_tuning/jobs/{victim_job.id}/events", None),
+        ("POST", f"/v1/keys/{victim_key.key_id}", {"rpm": None}),
+        ("POST", f"/v1/keys/{victim_key.key_id}/revoke", {}),
+        ("POST", "/v1/keys", {"role": "admin"}),
+        ("POST", "/v1/keys", {"tenant": "acme"}),
+        ("POST", "/v1/keys", {"plan": "free"}),
+        ("POST", "/v1/keys", {"expires_in_s": -1}),
+        ("POST", "/v1/keys", {"metadata": {"k": "v" * 5000}}),
+        ("GET", "/admin/alerts", None),
+        ("GET", "/admin/fine_tuning/jobs", None),
+        ("POST", f"/admin/fine_tuning/jobs/{victim_job.id}/cancel", {}),
+        ("GET", "/v1/usage?tenant=acme", None),
+        ("POST", "/v1/fine_tuning/jobs", {"model": "m", "training_file": "file-" + "1" * 24, "method": {"type": "full"}}),
+        ("POST", "/v1/fine_tuning/jobs", {"model": "m", "training_file": victim_file, "hyperparameters": {"n_epochs": 10**9}}),
+    ]
+    deadline = time.monotonic() + 60
+    for method, path, body in probes:
+        assert time.monotonic() < deadline, "the probe is bounded in time"
+        resp = httpx.request(method, rig.server.base + path, json=body, headers={"Authorization": f"Bearer {attacker}"}, timeout=10)
+        assert 400 <= resp.status_code < 500, (method, path, resp.status_code, resp.text[:200])
+        err = resp.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and "Traceback" not in err["message"], (path, err)
+    for junk in (b"\xff\xfe" * 100, b"{}\n" * 10, b'{"messages": "x"}\n', b"\x00" * 1000):
+        _error(_post(rig, "/v1/files", attacker, files={"file": ("j.jsonl", junk)}, data={"purpose": "fine-tune"}), 400, "invalid_file_format")
+    assert victim.files.list().data == before["files"] and [k.key_id for k in core.list_keys("acme")] == before["keys"]
+    assert victim.fine_tuning.jobs.retrieve(victim_job.id).status == "queued"
+    assert all(k.valid_at(time.time()) for k in core.list_keys("acme"))
