@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from common.runtime import REPO_ROOT
+from common.paths import REPO_ROOT
 
 
 def _path(name: str, default: Path) -> Callable[[], Path]:

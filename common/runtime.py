@@ -13,8 +13,9 @@ import socket
 import sys
 from pathlib import Path
 
-# The repository root: Ray ships it as `working_dir`; relative paths in configs are anchored here.
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from common import envs
+from common.paths import REPO_ROOT  # noqa: F401 - re-exported: most modules take it from here
+
 
 # What never travels with the code (`working_dir` excludes).
 RUNTIME_EXCLUDES = [".venv", ".git", "bench/out"]
@@ -63,8 +64,6 @@ AUTH_TOKEN_FILE = "ray-auth-token"
 def local_auth_token() -> Path:
     """The file holding the token local clusters require (`<MAAS_STATE_DIR>/ray-auth-token`, readable by this user
     alone), made once with 256 random bits as `ray get-auth-token --generate` makes one."""
-    from common import envs  # here: envs imports this module
-
     path = envs.MAAS_STATE_DIR / AUTH_TOKEN_FILE
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ Closed by default: every route declares who may call it (`PUBLIC`, `TENANT` or `
 `openapi_extra`, so the OpenAPI schema shows it too). `Gate`, in front of every route, finds the
 route a request is for the way the router will (so a Serve `route_prefix`, which moves into
 `root_path`, changes nothing) and checks the key it declares before a byte of the body is read;
-an undeclared route needs an admin key, an unknown path any valid key. It then reads the body
+an undeclared route needs an admin key, and a path no route has is a 404 with its body unread. It then reads the body
 itself up to the size limit (413 past it), so a caller without a key cannot make the ingress read
 or parse anything. An upload route's body is not buffered here: it is counted as it streams to
 the multipart parser (which spools it to disk) and refused with 413 at the limit.
@@ -90,6 +90,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(err.to_envelope(), status_code=err.status_code, headers=err.headers)
 
 
+UNKNOWN_ROUTE = "Unknown route. The API lives under /v1 (see /docs)."
+
 # Codes for the errors Starlette/FastAPI raise themselves (never the bare status number as a code).
 _HTTP_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
 
@@ -111,8 +113,8 @@ class Gate:
         self._max = max_body_bytes
         self._max_file = max(max_file_bytes or max_body_bytes, max_body_bytes)  # an upload to /v1/files (a dataset)
 
-    def declaration(self, scope: Any) -> dict[str, Any]:
-        """The declaration of the route the router will pick for this request (any valid key for an unknown path)."""
+    def declaration(self, scope: Any) -> dict[str, Any] | None:
+        """The declaration of the route the router will pick for this request (None: no route has this path)."""
         partial = None
         for route in self._router.routes:
             match, _ = route.matches(scope)
@@ -122,12 +124,14 @@ class Gate:
                 partial = route  # the path matches, the method does not: a 405 from that route
         if partial is not None:
             return route_declaration(partial) or ADMIN
-        return TENANT  # a 404, but only to a caller with a key
+        return None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = self.declaration(scope)
+        if declared is None:  # no route: a 404 at once, the body unread
+            return await error_response(NotFoundError(UNKNOWN_ROUTE))(scope, receive, send)
         try:
             if declared[ACCESS] != Access.PUBLIC:
                 authorization = _header(scope, b"authorization")
@@ -323,7 +327,7 @@ def build_app(
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            return error_response(NotFoundError("Unknown route. The API lives under /v1 (see /docs)."))
+            return error_response(NotFoundError(UNKNOWN_ROUTE))
         err = MaasError(str(exc.detail), code=_HTTP_CODES.get(exc.status_code))
         err.status_code, err.error_type = exc.status_code, "invalid_request_error"
         return error_response(err)

@@ -213,7 +213,7 @@ def test_two_replicas_cannot_overspend_the_budget(billing, config):
 def test_budget_alerts_fire_once_per_threshold_signed_and_retried_until_the_receiver_is_up(billing, config, receiver):
     import json
 
-    from billing.alerts import SIGNATURE_HEADER, verify
+    from billing.alerts import SIGNATURE_HEADER, tenant_secret, verify
 
     key = _key(billing, "alerted", "tiny")  # budget 0.001
     ingress = FakeIngress.remote(config.model_dump(mode="json"), "alert-h1")
@@ -232,6 +232,9 @@ def test_budget_alerts_fire_once_per_threshold_signed_and_retried_until_the_rece
         time.sleep(0.2)
     time.sleep(2)  # nothing more comes: one alert per threshold
     assert sorted(json.loads(body)["threshold"] for _, body in receiver.got) == [0.5, 0.8, 1.0]
-    assert all(verify(WEBHOOK_SECRET, headers[SIGNATURE_HEADER], body, time.time()) for headers, body in receiver.got)
+    secret = tenant_secret(WEBHOOK_SECRET, "alerted")  # each tenant's alerts are signed with its own secret
+    assert all(verify(secret, headers[SIGNATURE_HEADER], body, time.time()) for headers, body in receiver.got)
+    assert not any(verify(WEBHOOK_SECRET, headers[SIGNATURE_HEADER], body, time.time()) for headers, body in receiver.got)
+    assert sorted(json.loads(body)["id"] for _, body in receiver.got) == sorted(int(h["X-Maas-Alert-Id"]) for h, _ in receiver.got)
     assert {a["state"] for a in wait(admin_client(billing).alerts("alerted"))} == {"sent"}
     assert sum(1 for a in wait(admin_client(billing).audit_log(200)) if a["action"] == "alert.sent") >= 3
