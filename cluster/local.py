@@ -13,9 +13,17 @@ from common.runtime import LOCAL_ENV, REPO_ROOT, RUNTIME_EXCLUDES, use_local_env
 logger = logging.getLogger(__name__)
 
 
-def start_ray(num_cpus: int | None = None, include_dashboard: bool = True, dashboard_port: int | None = None, metrics_export_port: int | None = None) -> str | None:
-    """Start a new local Ray cluster owned by this process (never attaches to another); returns the dashboard URL."""
+def start_ray(
+    num_cpus: int | None = None, include_dashboard: bool = True, dashboard_port: int | None = None, metrics_export_port: int | None = None, config: MaasConfig | None = None
+) -> str | None:
+    """Start a new local Ray cluster owned by this process (never attaches to another); returns the dashboard URL.
+
+    `config`: its front door (`http.proxy`) goes into the cluster's environment (`front_door_env`), which every
+    Ray process started from here inherits."""
     use_local_env()
+    from deployments.network import front_door_env
+
+    os.environ.update(front_door_env(config or MaasConfig(), num_cpus))
     import ray
 
     ctx = ray.init(

@@ -14,14 +14,27 @@ setting the variable the default worker reads at start-up, which is what `setup_
 `RAY_USE_TLS`), replacing a wildcard host by the node's IP; other addresses pass through unchanged.
 `tests/integration/test_serving.py` lists every listening socket of the cluster and fails on any that is
 not loopback.
+
+The front door (`http.proxy: haproxy`, `front_door_env`): Serve's HAProxy mode renders HAProxy's config
+from a template that binds its stats and Prometheus frontends to every interface, with no host setting,
+and answers its own 502/503/504 with a plain-text 500. The same hook, run in every worker of such a cluster
+(HAProxy's manager actor included, which no deployment's runtime environment reaches), edits that template
+before Serve first reads it: both frontends bind where the API does (`http.host`), and HAProxy's own errors
+are the OpenAI envelope with their real status (and `Retry-After` where a retry helps).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+from common.config import MaasConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +47,69 @@ def setup_hook_env() -> dict[str, str]:
     return {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: SETUP_HOOK}
 
 
+def front_door_env(config: MaasConfig, cpus: int | None = None) -> dict[str, str]:
+    """What a cluster's processes need in their environment, from its start, for `http.proxy` (Serve reads these
+    when it is imported): HAProxy mode with a thread per core of the node (at most Serve's 4), and the setup hook
+    in every worker so that HAProxy's manager renders our template too."""
+    if config.http.proxy != "haproxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    threads = max(1, min(4, cpus or os.cpu_count() or 1))
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_NBTHREAD": str(threads), **setup_hook_env()}
+
+
+# HAProxy's own answers (no replica could give one), as OpenAI's envelope: (status, reason, code, message, Retry-After).
+HAPROXY_ERRORS = (
+    (502, "Bad Gateway", "bad_gateway", "The API replica serving this request stopped before it answered; retry the request.", "1"),
+    (503, "Service Unavailable", "service_unavailable", "No API replica is available right now (starting or restarting); retry shortly.", "2"),
+    (504, "Gateway Timeout", "gateway_timeout", "The API replica did not answer in time.", None),
+)
+_TEMPLATE_EDITS = (
+    ("bind :{{ config.metrics_port }}", "bind {{ config.frontend_host }}:{{ config.metrics_port }}"),
+    ("bind *:{{ config.stats_port }}", "bind {{ config.frontend_host }}:{{ config.stats_port }}"),
+    *((f"errorfile {code} {{{{ config.error_file_path }}}}", f"errorfile {code} <errors>/{code}.http") for code, *_ in HAPROXY_ERRORS),
+)
+
+
+def error_files(folder: Path) -> Path:
+    """HAProxy `errorfile`s (whole HTTP responses) for its own 502/503/504, each an OpenAI error envelope."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for status, reason, code, message, retry_after in HAPROXY_ERRORS:
+        body = json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": code}}, separators=(",", ":"))
+        head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json", f"Content-Length: {len(body.encode())}", "Cache-Control: no-cache", "Connection: close"]
+        head += [f"Retry-After: {retry_after}"] if retry_after else []
+        target = folder / f"{status}.http"
+        staging = folder / f".{status}.http.{os.getpid()}"
+        staging.write_text("\r\n".join(head) + "\r\n\r\n" + body)
+        os.replace(staging, target)
+    return folder
+
+
+def edit_haproxy_template(template: str, errors: Path) -> str:
+    """Serve's HAProxy template with its stats and Prometheus frontends bound where the API listens, and our error files.
+
+    Raises ValueError when a line to edit is not there (Serve's template changed: fail loudly, never serve unbound)."""
+    for old, new in _TEMPLATE_EDITS:
+        if old not in template:
+            raise ValueError(f"Serve's HAProxy template has no `{old}` to edit")
+        template = template.replace(old, new.replace("<errors>", str(errors)))
+    return template
+
+
+def _use_our_haproxy_template() -> None:
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return
+    import ray.serve._private.haproxy_templates as templates
+
+    if getattr(templates, "_maas_edited", False):
+        return
+    errors = error_files(Path(tempfile.gettempdir()) / f"ray-maas-haproxy-{os.getuid()}")
+    templates.HAPROXY_CONFIG_TEMPLATE = edit_haproxy_template(templates.HAPROXY_CONFIG_TEMPLATE, errors)
+    templates._maas_edited = True  # type: ignore[attr-defined]
+    haproxy = sys.modules.get("ray.serve._private.haproxy")  # imported the name already: its copy too
+    if haproxy is not None:
+        haproxy.HAPROXY_CONFIG_TEMPLATE = templates.HAPROXY_CONFIG_TEMPLATE
+
+
 def node_address(address: str, node_ip: str) -> str:
     """`address` with a wildcard host replaced by `node_ip` (IPv6 in brackets), otherwise unchanged."""
     host, _, port = address.rpartition(":")
@@ -43,9 +119,12 @@ def node_address(address: str, node_ip: str) -> str:
 
 
 def bind_replica_servers_to_node_ip() -> None:
-    """Make Serve's gRPC servers in this process bind the node's IP rather than every interface (idempotent)."""
+    """Make Serve's gRPC servers in this process bind the node's IP rather than every interface (idempotent), and in
+    HAProxy mode render HAProxy's config from our edit of Serve's template."""
     import ray
     import ray._common.tls_utils as tls
+
+    _use_our_haproxy_template()
 
     original = tls.add_port_to_grpc_server
     if getattr(original, "_maas_node_bound", False):

@@ -2,12 +2,18 @@
 
 Kept apart from the front application (`deployments.app`) so the version lifecycle
 (`deployments.fleet`), which the ingress itself drives for the console, imports no ingress.
+
+Behind Serve's HAProxy mode (`http.proxy: haproxy`) every application's ingress deployment must use
+Serve's own router, and postprocessor and generator both carry the pinned one (their carriers must
+reach one replica); so there each version application gets `VersionRoot`, a router-free ingress that
+holds nothing and that nothing calls (the ingress reaches the postprocessor by its deployment's name).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ray import serve
 from ray.serve import Application
 
 from common.config import DeploymentConfig, MaasConfig
@@ -18,6 +24,17 @@ from deployments.postprocessor import Postprocessor
 from deployments.routing import PINNED_ROUTER
 
 SHUTDOWN_POLL_S = 0.5
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": setup_hook_env()}})
+class VersionRoot:
+    """A version application's router-free ingress, as Serve's HAProxy mode requires of an application's ingress."""
+
+    def __init__(self, postprocessor: Any):
+        self._postprocessor = postprocessor  # bound so that Serve deploys the version's stages under this root
+
+    async def __call__(self) -> None:
+        return None
 
 
 def deployment_options(stage: DeploymentConfig, *, gpus: float = 0.0) -> dict[str, Any]:
@@ -66,4 +83,5 @@ def build_version_app(config: MaasConfig, version: str) -> Application:
     generator = Generator.options(**deployment_options(stages.generator, gpus=1.0 if config.engine.accelerator == "gpu" else 0.0), **drain, **relay).bind(
         path, config.engine.model_dump(), billing, config.model.name, model.version
     )
-    return Postprocessor.options(**deployment_options(stages.postprocessor), **drain, **relay).bind(generator, path)
+    postprocessor = Postprocessor.options(**deployment_options(stages.postprocessor), **drain, **relay).bind(generator, path)
+    return VersionRoot.bind(postprocessor) if config.http.proxy == "haproxy" else postprocessor

@@ -30,7 +30,7 @@ def serve(ctx: click.Context, port: int | None) -> None:
     store, model = resolve_model(config)
     click.echo(f"Model: {model.name} ({model.version}) from {store.root}")
     click.echo("Starting a local Ray cluster and the serving graph (the engine takes about a minute to load)...")
-    dashboard = local.start_ray()
+    dashboard = local.start_ray(config=config)
     stop = threading.Event()
     try:
         base = local.deploy(config)
@@ -59,6 +59,7 @@ def up(ctx: click.Context, port: int | None, num_cpus: int | None, dashboard_por
     import ray
 
     from cluster import local, up as upmod
+    from deployments.network import front_door_env
 
     config = with_port(config_of(ctx), port)
     state = upmod.load_state()
@@ -70,6 +71,7 @@ def up(ctx: click.Context, port: int | None, num_cpus: int | None, dashboard_por
     store, model = resolve_model(config)
     click.echo(f"Model: {model.name} ({model.version}) from {store.root}")
     log_path = envs.MAAS_STATE_DIR / "up-ray.log"
+    os.environ.update(front_door_env(config, num_cpus))  # the head's processes inherit it; so does this driver's Serve
     try:
         with progress("Starting the Ray head on 127.0.0.1"):
             pid, address = upmod.start_head(num_cpus, dashboard_port, metrics_port, log_path)

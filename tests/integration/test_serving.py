@@ -247,12 +247,10 @@ def _cluster_processes() -> list:
     return list(procs.values())
 
 
-def test_nothing_of_the_cluster_listens_beyond_loopback(client):
-    import ipaddress
-
+def cluster_listeners() -> list[tuple[str, int, str]]:
+    """(address, port, process) of every socket this module's cluster listens on."""
     import psutil
 
-    chat(client, max_tokens=2)  # every stage has served a request, so every server is up
     listening = []
     for proc in _cluster_processes():
         try:
@@ -260,11 +258,23 @@ def test_nothing_of_the_cluster_listens_beyond_loopback(client):
             listening += [(c.laddr.ip, c.laddr.port, name) for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    replicas = [s for s in listening if "ServeReplica" in s[2]]
-    assert len({s[2] for s in replicas}) >= 4, listening  # ingress, tokenizer, postprocessor, generator each listen
+    return listening
+
+
+def beyond_loopback(listening: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
+    import ipaddress
+
     def loopback(ip: str) -> bool:
         addr = ipaddress.ip_address(ip)
         return (addr.ipv4_mapped or addr).is_loopback if addr.version == 6 else addr.is_loopback  # ::ffff:127.0.0.1 is loopback
 
-    exposed = [s for s in listening if not loopback(s[0])]
+    return [s for s in listening if not loopback(s[0])]
+
+
+def test_nothing_of_the_cluster_listens_beyond_loopback(client):
+    chat(client, max_tokens=2)  # every stage has served a request, so every server is up
+    listening = cluster_listeners()
+    replicas = [s for s in listening if "ServeReplica" in s[2]]
+    assert len({s[2] for s in replicas}) >= 4, listening  # ingress, tokenizer, postprocessor, generator each listen
+    exposed = beyond_loopback(listening)
     assert not exposed, f"listening beyond loopback: {exposed}"

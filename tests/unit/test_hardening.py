@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from decimal import Decimal
 
@@ -184,3 +185,28 @@ async def test_a_key_limited_to_other_models_gets_403_model_not_allowed(tmp_path
     assert err.value.code == "model_not_allowed" and err.value.param == "model" and engine.requests == []
     assert (await service.chat(body, await service.authenticate(f"Bearer {wide}")))["usage"]["completion_tokens"] > 0
     await billing.close(timeout_s=1)
+
+
+def test_haproxy_binds_its_frontends_where_the_api_does_and_answers_its_errors_in_the_envelope(tmp_path):
+    """Issue 25: Serve's HAProxy template binds stats and Prometheus on every interface and answers 502/503/504 as a bare 500."""
+    import ray.serve._private.haproxy_templates as templates
+
+    from common.config import MaasConfig
+    from deployments.network import edit_haproxy_template, error_files, front_door_env
+
+    edited = edit_haproxy_template(templates.HAPROXY_CONFIG_TEMPLATE, error_files(tmp_path))
+    binds = [line.strip() for line in edited.splitlines() if line.strip().startswith("bind ")]
+    assert binds and all(b.startswith(("bind {{ config.frontend_host }}", "bind {{ config.grpc_frontend_host }}")) for b in binds), binds
+    for status in (502, 503, 504):
+        assert f"errorfile {status} {tmp_path}/{status}.http" in edited
+        raw = (tmp_path / f"{status}.http").read_bytes()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        assert lines[0].startswith(f"HTTP/1.1 {status} ") and f"Content-Length: {len(body)}" in lines and "Content-Type: application/json" in lines
+        assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+        assert ("Retry-After: 1" in lines or "Retry-After: 2" in lines) == (status != 504)
+    with pytest.raises(ValueError):
+        edit_haproxy_template("global\n", tmp_path)  # Serve's template changed: fail loudly rather than serve unbound
+    assert front_door_env(MaasConfig()) == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    env = front_door_env(MaasConfig.model_validate({"http": {"proxy": "haproxy"}}), cpus=2)
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_NBTHREAD"] == "2" and any("SETUP_HOOK" in k for k in env)
