@@ -7,7 +7,7 @@ import os
 import time
 import urllib.request
 
-from common.config import MaasConfig
+from common.config import MaasConfig, load_config
 from common.runtime import LOCAL_ENV, REPO_ROOT, RUNTIME_EXCLUDES, use_local_env
 
 logger = logging.getLogger(__name__)
@@ -18,12 +18,12 @@ def start_ray(
 ) -> str | None:
     """Start a new local Ray cluster owned by this process (never attaches to another); returns the dashboard URL.
 
-    `config`: its front door (`http.proxy`) goes into the cluster's environment (`front_door_env`), which every
-    Ray process started from here inherits."""
+    `config` (default: MAAS_CONFIG's): its front door (`http.proxy`) goes into the cluster's environment
+    (`front_door_env`), which every Ray process started from here inherits."""
     use_local_env()
     from deployments.network import front_door_env
 
-    os.environ.update(front_door_env(config or MaasConfig(), num_cpus))
+    os.environ.update(front_door_env(config or load_config(), num_cpus))
     import ray
 
     ctx = ray.init(
