@@ -142,10 +142,13 @@ class Gate:
                     if declared.get(ADMIT):
                         await self._service.admit_call(principal)
             if declared.get(UPLOAD):
-                return await self.app(scope, self._counted(scope, receive), send)
-            body = await self._read_body(scope, receive)
+                counted, body = self._counted(scope, receive), b""
+            else:
+                counted, body = None, await self._read_body(scope, receive)
         except Exception as exc:
             return await error_response(exc)(scope, receive, send)
+        if counted is not None:  # the body streams to the app's parser (its errors are the app's to answer)
+            return await self.app(scope, counted, send)
         sent = False
 
         async def replay() -> dict:
