@@ -22,6 +22,7 @@ import yaml
 from cluster.serve_config import serve_config_for
 from common.config import MaasConfig
 from common.runtime import REPO_ROOT
+from deployments.network import front_door_env
 
 # vCPUs, memory (GiB) and GPUs of the instance types cluster.yaml may name (the Kubernetes requests mirror them,
 # less headroom for the kubelet).
@@ -97,6 +98,8 @@ def rayservice_for(config: MaasConfig, config_path: Path | None, launcher: dict[
         # Ray's token auth on every Ray port, Serve's inter-replica servers included (docs/operations.md, Security).
         {"name": "RAY_AUTH_MODE", "value": "token"},
         {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": RAY_AUTH_SECRET, "key": "token"}}},
+        # The front door (`http.proxy`): HAProxy mode and the setup hook in every worker (docs/operations.md); Serve's 4 threads.
+        *({"name": k, "value": v} for k, v in sorted(front_door_env(config, cpus=4).items())),
     ]
     types = launcher["available_node_types"]
     head_type = types[launcher["head_node_type"]]

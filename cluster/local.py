@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import urllib.request
+from typing import Iterator
 
 from common.config import MaasConfig, load_config
 from common.runtime import LOCAL_ENV, REPO_ROOT, RUNTIME_EXCLUDES, use_local_env
@@ -18,12 +20,31 @@ def start_ray(
 ) -> str | None:
     """Start a new local Ray cluster owned by this process (never attaches to another); returns the dashboard URL.
 
-    `config` (default: MAAS_CONFIG's): its front door (`http.proxy`) goes into the cluster's environment
-    (`front_door_env`), which every Ray process started from here inherits."""
+    `config` (default: MAAS_CONFIG's): its front door (`http.proxy`) goes into the environment of the cluster's
+    processes (`front_door_env`; the raylet hands it to every worker), and only theirs: this process's environment
+    is as it was once they have started, so a later cluster started from here gets its own."""
     use_local_env()
     from deployments.network import front_door_env
 
-    os.environ.update(front_door_env(config or load_config(), num_cpus))
+    with scoped_env(front_door_env(config or load_config(), num_cpus)):
+        return _init(num_cpus, include_dashboard, dashboard_port, metrics_export_port)
+
+
+@contextlib.contextmanager
+def scoped_env(env: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _init(num_cpus: int | None, include_dashboard: bool, dashboard_port: int | None, metrics_export_port: int | None) -> str | None:
     import ray
 
     ctx = ray.init(

@@ -298,10 +298,10 @@ class FineTuningConfig(Strict):
 class HttpConfig(Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds. Overridden by MAAS_HOST.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy. Overridden by MAAS_PORT.")
-    proxy: Literal["python", "haproxy"] = Field(
-        "python",
-        description="The front door: `python` is Serve's Python HTTP proxy; `haproxy` is Serve's HAProxy mode, a C load balancer in front "
-        "of the ingress replicas' own HTTP ports (set when the cluster starts: `maas serve`/`maas up` apply it; see docs/operations.md).",
+    proxy: Literal["haproxy", "python"] = Field(
+        "haproxy",
+        description="The front door: `haproxy` is Serve's HAProxy mode, a C load balancer in front of the ingress replicas' own HTTP ports; "
+        "`python` is Serve's Python HTTP proxy. Set when the cluster starts (`maas serve`/`maas up` apply it; see docs/operations.md).",
     )
 
 

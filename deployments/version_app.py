@@ -3,10 +3,12 @@
 Kept apart from the front application (`deployments.app`) so the version lifecycle
 (`deployments.fleet`), which the ingress itself drives for the console, imports no ingress.
 
-Behind Serve's HAProxy mode (`http.proxy: haproxy`) every application's ingress deployment must use
-Serve's own router, and postprocessor and generator both carry the pinned one (their carriers must
-reach one replica); so there each version application gets `VersionRoot`, a router-free ingress that
-holds nothing and that nothing calls (the ingress reaches the postprocessor by its deployment's name).
+Behind Serve's HAProxy mode (`http.proxy: haproxy`, the default) every application's ingress deployment must
+use Serve's own router, and postprocessor and generator both carry the pinned one (their carriers must
+reach one replica); so each version application gets `VersionRoot`, a router-free ingress that holds
+nothing and that nothing calls (the ingress reaches the postprocessor by its deployment's name). It is
+there under Serve's Python proxy too, so that an application's shape never depends on which front door
+a process's environment names.
 """
 
 from __future__ import annotations
@@ -84,4 +86,4 @@ def build_version_app(config: MaasConfig, version: str) -> Application:
         path, config.engine.model_dump(), billing, config.model.name, model.version
     )
     postprocessor = Postprocessor.options(**deployment_options(stages.postprocessor), **drain, **relay).bind(generator, path)
-    return VersionRoot.bind(postprocessor) if config.http.proxy == "haproxy" else postprocessor
+    return VersionRoot.bind(postprocessor)  # in both front-door modes: the app's shape never depends on this process's env

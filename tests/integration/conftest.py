@@ -74,8 +74,8 @@ def maas_config(ledger_url, config_overrides) -> MaasConfig:
 
 @pytest.fixture(scope="module")
 def base_url(maas_config: MaasConfig):
-    """Start Ray + the app once for the module; stop exactly what was started."""
-    local.start_ray(num_cpus=os.cpu_count(), include_dashboard=False)
+    """Start Ray + the app once for the module (its front door from the module's config); stop exactly what was started."""
+    local.start_ray(num_cpus=os.cpu_count(), include_dashboard=False, config=maas_config)
     try:
         yield local.deploy(maas_config)
     finally:

@@ -37,7 +37,8 @@ if CHROMIUM is None:  # `.ci/run` installs Debian's chromium; a developer's mach
 def config_overrides(tmp_path_factory) -> dict:
     root = linked_store(tmp_path_factory)
     linked_version(root, MODEL, "v2")
-    return {"model_store": {"root": str(root)}, "model": {"version": "v1"}}  # v2 waits for the canary
+    # Serve's Python proxy stays one config line away from the default HAProxy: this module runs behind it.
+    return {"model_store": {"root": str(root)}, "model": {"version": "v1"}, "http": {"proxy": "python"}}  # v2 waits for the canary
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def config_overrides(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def dashboard(maas_config):
     """This module's cluster has the dashboard: fine-tuning jobs are Ray jobs."""
-    url = local.start_ray(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=free_port())
+    url = local.start_ray(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=free_port(), config=maas_config)
     try:
         yield url
     finally:

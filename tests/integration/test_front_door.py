@@ -1,4 +1,4 @@
-"""The front door in Serve's HAProxy mode (`http.proxy: haproxy`, issue 25): a C load balancer in front of the
+"""The default front door, Serve's HAProxy mode (`http.proxy: haproxy`, issue 25): a C load balancer in front of the
 ingress replicas' own HTTP ports, in place of Serve's Python proxy.
 
 One real cluster with the real graph behind HAProxy: chat whole and streamed through it, nothing of it (HAProxy's
@@ -8,36 +8,16 @@ load, every answer HAProxy gives itself in the OpenAI envelope (502/503 with `Re
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import httpx
 import pytest
 
-from cluster import local
 from tests.integration.conftest import create_key
 from tests.integration.test_serving import beyond_loopback, chat, cluster_listeners, collect
 
 MODEL = "SmolLM2-135M-Instruct"
-
-
-@pytest.fixture(scope="module")
-def config_overrides() -> dict:
-    return {"http": {"proxy": "haproxy"}}
-
-
-@pytest.fixture(scope="module")
-def base_url(maas_config):
-    """Start Ray (HAProxy mode in its environment) and the app; restore this process's environment afterwards."""
-    saved = dict(os.environ)
-    local.start_ray(num_cpus=os.cpu_count(), include_dashboard=False, config=maas_config)
-    try:
-        yield local.deploy(maas_config)
-    finally:
-        local.stop()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def test_the_graph_serves_through_haproxy_whole_and_streamed(client):

@@ -23,12 +23,14 @@ CPU = {"resources": {"cpu_node": 0.01}}
 
 
 @pytest.fixture(scope="module")
-def two_nodes(ledger_url):
+def two_nodes(config):
     import ray
     from ray.cluster_utils import Cluster
 
+    from deployments.network import front_door_env
+
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in local.LOCAL_ENV.items():
+        for k, v in {**local.LOCAL_ENV, **front_door_env(config, cpus=1)}.items():  # the default front door (HAProxy) on both nodes
             mp.setenv(k, v)
         cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": HEAD_IP, "num_cpus": 1, "resources": {"cpu_node": 100}, "include_dashboard": True, "dashboard_host": HEAD_IP, "dashboard_port": free_port()})
         try:
@@ -50,7 +52,9 @@ def two_nodes(ledger_url):
 @pytest.fixture(scope="module")
 def config(ledger_url):
     overrides = {
-        "http": {"host": HEAD_IP, "port": free_port()},
+        # The API on 127.0.0.1, not the head's 127.0.0.2: HAProxy reaches an ingress replica on its own node at
+        # localhost, and the replica binds its direct port at the HTTP host (Serve's haproxy.py, replica.py).
+        "http": {"host": "127.0.0.1", "port": free_port()},
         "billing": {"ledger_url": ledger_url},
         "deployments": {"ingress": CPU, "tokenizer": CPU, "postprocessor": CPU, "generator": {"resources": {"accelerator_node": 0.01}}},
     }

@@ -254,7 +254,7 @@ def cluster_listeners() -> list[tuple[str, int, str]]:
     listening = []
     for proc in _cluster_processes():
         try:
-            name = " ".join(proc.cmdline())[:60]
+            name = f"{proc.name()} {' '.join(proc.cmdline())[:60]}"  # the name first: a long install path hides it in the command line
             listening += [(c.laddr.ip, c.laddr.port, name) for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

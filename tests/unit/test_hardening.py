@@ -207,6 +207,6 @@ def test_haproxy_binds_its_frontends_where_the_api_does_and_answers_its_errors_i
         assert ("Retry-After: 1" in lines or "Retry-After: 2" in lines) == (status != 504)
     with pytest.raises(ValueError):
         edit_haproxy_template("global\n", tmp_path)  # Serve's template changed: fail loudly rather than serve unbound
-    assert front_door_env(MaasConfig()) == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    env = front_door_env(MaasConfig.model_validate({"http": {"proxy": "haproxy"}}), cpus=2)
+    assert front_door_env(MaasConfig.model_validate({"http": {"proxy": "python"}})) == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    env = front_door_env(MaasConfig(), cpus=2)  # the default front door
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_NBTHREAD"] == "2" and any("SETUP_HOOK" in k for k in env)
