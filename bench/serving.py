@@ -30,6 +30,7 @@ import yaml
 from common.config import load_config, read_yaml
 from common.model_store import ensure_default_model, open_store
 from common.runtime import LOCAL_ENV, REPO_ROOT, free_port
+from deployments.core.adapters import adapters_wanted
 from deployments.core.generator import engine_env_vars
 
 logger = logging.getLogger("bench.serving")
@@ -150,7 +151,7 @@ def raw_vllm(model_path: Path, model_name: str, port: int, config_path: Path | N
         cmd.append("--disable-log-stats")
     if eng.enforce_eager:
         cmd.append("--enforce-eager")
-    if eng.enable_lora:  # the same engine as ours: the ratio measures the graph (bench.lora measures what LoRA support costs)
+    if adapters_wanted(eng.enable_lora, str(config.store_root()), config.model.name):  # the same engine as ours (bench.lora measures LoRA's cost)
         cmd += ["--enable-lora", "--max-loras", str(eng.max_loras), "--max-cpu-loras", str(max(eng.max_cpu_loras, eng.max_loras)), "--max-lora-rank", str(eng.max_lora_rank)]
     env = {**os.environ, **LOCAL_ENV, **engine_env_vars(eng, len(os.sched_getaffinity(0)))}
     return cmd, env, f"http://127.0.0.1:{port}/v1/models"

@@ -199,7 +199,13 @@ class EngineConfig(Strict):
         "text is refused with a 400.",
     )
     max_logprobs: int = Field(20, ge=0, le=20, description="Most `top_logprobs` (chat) or `logprobs` (completions) a request may ask for.")
-    enable_lora: bool = Field(True, description="Serve tenants' fine-tunes as LoRA adapters on this engine (loaded on demand; no engine per fine-tune).")
+    enable_lora: bool | Literal["auto"] = Field(
+        "auto",
+        description="Serve tenants' fine-tunes as LoRA adapters on this engine (loaded on demand; no engine per fine-tune). "
+        "`auto`: LoRA support costs engine throughput (about a fifth on CPU, bench/RESULTS.md), so an engine starts without it "
+        "while its model has no published adapter, and the first published fine-tune rolls the model's generators with it on "
+        "(the job reports success once they serve it). `true`: always on; `false`: off, LoRA fine-tuning refused.",
+    )
     max_loras: int = Field(4, ge=1, le=64, description="Adapters the engine applies within one batch.")
     max_cpu_loras: int = Field(8, ge=1, le=1024, description="Adapters kept loaded (least recently used ones are evicted past this).")
     max_lora_rank: int = Field(16, ge=1, le=512, description="Highest adapter rank the engine serves (a fine-tune's rank may not exceed it).")

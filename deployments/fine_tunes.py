@@ -89,6 +89,18 @@ class SyncBilling:
         return self._wait(self._admin.plan(tenant))
 
 
+class FleetAdapters:
+    """`AdapterServing` over the running Serve applications (`deployments.fleet.adapters_served`)."""
+
+    def __init__(self, config: MaasConfig):
+        self._config = config
+
+    def adapters_served(self) -> bool:
+        from deployments import fleet
+
+        return fleet.adapters_served(self._config)
+
+
 class FineTuneActor(FineTuneManager):
     """Every public method of `FineTuneManager` is a method of the actor; a thread runs `tick()`."""
 
@@ -100,7 +112,7 @@ class FineTuneActor(FineTuneManager):
             from billing import actor
 
             billing = SyncBilling(actor.admin_client(actor.get_or_create(cfg.billing)))
-        super().__init__(cfg, RayJobCluster(), billing)
+        super().__init__(cfg, RayJobCluster(), billing, serving=FleetAdapters(cfg))
         threading.Thread(target=self._loop, name="fine-tune-queue", daemon=True).start()
 
     def _loop(self) -> None:

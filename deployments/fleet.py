@@ -100,6 +100,42 @@ def deploy_versions(config: MaasConfig, versions: list[str], timeout_s: float = 
         time.sleep(1.0)
 
 
+def adapters_served(config: MaasConfig, timeout_s: float = 30) -> bool:
+    """True when every deployed version of the model serves LoRA adapters (`engine.enable_lora: auto` starts engines
+    without it while the model has no adapter). Otherwise starts what makes it so, without waiting: each version
+    application whose generators lack it is deployed again, now resolved with it, and Serve rolls its generators,
+    draining the old ones as a version change does; False until all of them serve adapters. Ask again to follow it."""
+    if config.engine.enable_lora != "auto":
+        return config.engine.enable_lora is True
+    from ray import serve
+
+    plan = traffic_file(config).load()
+    if plan is None:  # nothing deployed: the next deploy resolves `auto` from the store
+        return True
+    apps, ready, rolls = _running_apps(), True, []
+    for version in plan.deployed():
+        name = version_app_name(config.app_name, config.model.name, version)
+        if apps.get(name) != "RUNNING":  # rolling or deploying: look again later
+            ready = False
+        elif not _generator_stats(name, timeout_s).get("adapters"):
+            rolls.append(serve.RunTarget(build_version_app(config, version), name=name, route_prefix=None))
+    if rolls:
+        logger.info("turning on LoRA adapters: rolling the generators of %s", ", ".join(t.name for t in rolls))
+        serve.run_many(rolls, wait_for_applications_running=False)
+    return ready and not rolls
+
+
+def _generator_stats(app: str, timeout_s: float) -> dict:
+    """A generator replica's `stats()`, from any thread: the handle runs its router on Serve's own loop (the
+    throughput-optimized default runs it on the caller's, which a plain thread such as the fine-tuning queue's has not)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Generator", app)  # Serve hands out one handle per deployment and caller
+    if not handle.is_initialized:
+        handle._init(_run_router_in_separate_loop=True)
+    return handle.stats.remote().result(timeout_s=timeout_s)
+
+
 def retire_versions(config: MaasConfig, keep: list[str]) -> list[str]:
     """Delete (draining) the version applications of this model that `keep` does not list."""
     from ray import serve

@@ -20,6 +20,7 @@ from ray.serve import Application
 
 from common.config import DeploymentConfig, MaasConfig
 from common.model_store import ModelVersion, open_store
+from deployments.core.adapters import adapters_wanted
 from deployments.generator import Generator
 from deployments.network import setup_hook_env
 from deployments.postprocessor import Postprocessor
@@ -82,8 +83,9 @@ def build_version_app(config: MaasConfig, version: str) -> Application:
     drain = {"graceful_shutdown_timeout_s": config.model.drain_timeout_s}
     # Both stream back through carriers that must reach one replica (deployments.core.relay).
     relay = {"request_router_config": {"request_router_class": PINNED_ROUTER}}
+    engine = config.engine.model_copy(update={"enable_lora": adapters_wanted(config.engine.enable_lora, str(config.store_root()), config.model.name)})
     generator = Generator.options(**deployment_options(stages.generator, gpus=1.0 if config.engine.accelerator == "gpu" else 0.0), **drain, **relay).bind(
-        path, config.engine.model_dump(), billing, config.model.name, model.version
+        path, engine.model_dump(), billing, config.model.name, model.version
     )
     postprocessor = Postprocessor.options(**deployment_options(stages.postprocessor), **drain, **relay).bind(generator, path)
     return VersionRoot.bind(postprocessor)  # in both front-door modes: the app's shape never depends on this process's env

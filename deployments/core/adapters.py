@@ -19,6 +19,14 @@ from common.model_store import open_store
 PREFIX = "ft:"
 
 
+def adapters_wanted(enable_lora: bool | str, store_root: str, base_model: str) -> bool:
+    """Whether an engine for `base_model` starts with LoRA support: `engine.enable_lora` resolved, `auto` meaning
+    "once the store holds a tenant adapter of this base" (LoRA costs throughput while no adapter uses it)."""
+    if enable_lora != "auto":
+        return bool(enable_lora)
+    return bool(AdapterCatalog(store_root, base_model).all())
+
+
 def fine_tuned_model_id(base: str, tenant: str, suffix: str | None, job_id: str) -> str:
     """OpenAI's shape: `ft:<base>:<tenant>:<suffix>:<job short id>` (an empty suffix leaves `::`)."""
     return f"{PREFIX}{base}:{tenant}:{suffix or ''}:{job_id.removeprefix('ftjob-')[:8]}"
@@ -63,6 +71,9 @@ class AdapterCatalog:
         if force or self._clock() - self._at > self._ttl:
             self._scan()
         return self._by_id
+
+    def all(self) -> list[Adapter]:
+        return sorted(self._fresh().values(), key=lambda a: a.model)
 
     def for_tenant(self, tenant: str) -> list[Adapter]:
         return sorted((a for a in self._fresh().values() if a.tenant == tenant), key=lambda a: a.model)

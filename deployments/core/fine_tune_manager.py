@@ -43,6 +43,7 @@ from deployments.core.fine_tunes import TERMINAL, Job, checkpoint_to_openai, dec
 logger = logging.getLogger(__name__)
 
 STARTING_S = 90.0  # a job's workers may take this long to be placed: count its CPUs as taken meanwhile
+ADAPTERS_WAIT_S = 900.0  # the longest a finished LoRA job waits for its base's engines to serve adapters
 
 
 class JobCluster(Protocol):
@@ -53,6 +54,10 @@ class JobCluster(Protocol):
     def status(self, ray_job_id: str) -> tuple[str, str]: ...  # (PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED, message)
 
     def stop(self, ray_job_id: str) -> None: ...
+
+
+class AdapterServing(Protocol):
+    def adapters_served(self) -> bool: ...  # every engine of the base serves adapters; if not, starts turning them on
 
 
 class TrainingBilling(Protocol):
@@ -71,7 +76,13 @@ def new_job_id() -> str:
 
 class FineTuneManager:
     def __init__(
-        self, config: MaasConfig, cluster: JobCluster, billing: TrainingBilling | None, clock: Callable[[], float] = time.time, period: Callable[[float], str] | None = None
+        self,
+        config: MaasConfig,
+        cluster: JobCluster,
+        billing: TrainingBilling | None,
+        clock: Callable[[], float] = time.time,
+        period: Callable[[float], str] | None = None,
+        serving: AdapterServing | None = None,
     ):
         self._cfg = config
         self._ft = config.fine_tuning
@@ -80,6 +91,8 @@ class FineTuneManager:
         self._billing = billing
         self._clock = clock
         self._period = period or (lambda t: time.strftime("%Y-%m", time.gmtime(t)))
+        self._serving = serving
+        self._turning_on: dict[str, float] = {}  # job -> since when it waits for the engines to serve adapters
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
         self._load()
@@ -316,6 +329,8 @@ class FineTuneManager:
         if state == "SUCCEEDED":
             result = report.result() or {}
             if result.get("status") == "succeeded":
+                if job.method == "lora" and not self._adapters_served(job):
+                    return  # the job succeeds once its model can be called: looked at again next tick
                 if job.method != "lora":  # a full fine-tune is the base model's next version
                     job.fine_tuned_model = f"{job.model}@{result.get('version')}"
                 self._finish(job, "succeeded", trained=int(result.get("trained_tokens", 0)))
@@ -329,6 +344,29 @@ class FineTuneManager:
                 logger.warning("fine-tuning job %s (%s) failed: %s", job.id, job.ray_job_id, message[-2000:])
             error = result.get("error") or "The training job failed on the cluster (an internal error; the operator's logs have the details)."
             self._finish(job, "failed", trained=report.trained_tokens(), error={"code": "training_failed", "message": str(error)[:2000], "param": None})
+
+    def _adapters_served(self, job: Job) -> bool:
+        """Whether the base model's engines serve adapters; if not, they are being turned on (said once in the job's
+        events) and this is asked again next tick. Past `ADAPTERS_WAIT_S` (or on errors that long) the job succeeds
+        anyway, its adapter published, with a warning; why is in the operator's log."""
+        if self._serving is None:
+            return True
+        try:
+            served = self._serving.adapters_served()
+        except Exception:
+            logger.exception("could not turn on LoRA adapters for %s (job %s); trying again", job.model, job.id)
+            served = False
+        if served:
+            self._turning_on.pop(job.id, None)
+            return True
+        if job.id not in self._turning_on:
+            self._turning_on[job.id] = self._clock()
+            self._say(job, f"Training done; {job.model}'s engines are restarting to serve fine-tuned adapters (the first one for this model).")
+        if self._clock() - self._turning_on[job.id] > ADAPTERS_WAIT_S:
+            self._turning_on.pop(job.id, None)
+            self._say(job, "The engines did not come back with adapter support in time; the model is published and will answer once they do.", "warning")
+            return True
+        return False
 
     def _finish(self, job: Job, status: str, trained: int = 0, error: dict | None = None) -> None:
         job.status, job.finished_at, job.error = status, int(self._clock()), error

@@ -84,7 +84,7 @@ def engine_args(model_path: str, config: EngineConfig) -> dict[str, Any]:
         "seed": config.seed,
         "disable_log_stats": not config.log_stats,
     }
-    if config.enable_lora:
+    if config.enable_lora is True:  # `auto` is resolved before an engine is built (deployments.version_app)
         args.update(enable_lora=True, max_loras=config.max_loras, max_cpu_loras=max(config.max_cpu_loras, config.max_loras), max_lora_rank=config.max_lora_rank)
     if config.accelerator == "gpu":
         args["gpu_memory_utilization"] = config.gpu_memory_utilization
@@ -150,6 +150,7 @@ class EngineStats:
     recent_aborted: list[str]
     startup_s: float | None
     aborted_tokens: dict[str, int]  # request id -> tokens produced before the abort (recent ones)
+    adapters: bool = False  # the engine serves LoRA adapters
 
 
 def _queue_wait(stats: Any) -> float | None:
@@ -285,8 +286,10 @@ class VLLMGenerator:
         """vLLM's LoRARequest for a fine-tune's request (the engine loads the adapter on first use, LRU-bounded), else None."""
         if req.adapter is None:
             return None
-        if not self._config.enable_lora:
-            raise ServiceUnavailableError("This engine does not serve fine-tuned adapters (engine.enable_lora is off).")
+        if self._config.enable_lora is not True:  # `auto` before the first adapter: its job turns LoRA on before it succeeds
+            raise ServiceUnavailableError(
+                "This model's engines are being restarted to serve fine-tuned adapters; retry shortly.", code="adapters_starting", headers={"Retry-After": "10"}
+            )
         from vllm.lora.request import LoRARequest
 
         lora_id = self._lora_ids.setdefault(req.adapter, len(self._lora_ids) + 1)
@@ -310,6 +313,7 @@ class VLLMGenerator:
             recent_aborted=list(self._aborted),
             startup_s=self._startup_s,
             aborted_tokens={rid: self._aborted_tokens[rid] for rid in self._aborted if rid in self._aborted_tokens},
+            adapters=self._config.enable_lora is True,
         )
 
     def shutdown(self) -> None:

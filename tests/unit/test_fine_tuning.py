@@ -83,7 +83,7 @@ def billing_config(**plans: Plan) -> BillingConfig:
 
 
 class Rig:
-    def __init__(self, tmp_path, free_cpus: float = 2.0, prefix: str = "", max_file_bytes: int | None = None, operations=None):
+    def __init__(self, tmp_path, free_cpus: float = 2.0, prefix: str = "", max_file_bytes: int | None = None, operations=None, serving=None):
         self.cluster = FakeJobCluster(free_cpus)
         self.store = tmp_path / "store"
         small = Plan(max_files=2, max_file_storage_mib=0.01, fine_tune_queued=1, max_keys=3)
@@ -92,7 +92,7 @@ class Rig:
         self.manager: FineTuneManager | None = None
 
         def fine_tuning(core: BillingCore, store: Path) -> FineTuningService:
-            self.manager = FineTuneManager(self.cfg, self.cluster, core)
+            self.manager = FineTuneManager(self.cfg, self.cluster, core, serving=serving)
             return FineTuningService(FineTuneBackend.in_process(self.manager), self.cfg, lambda: "v1")
 
         self.server = Server(tmp_path, ScriptedEngine(reply="arr"), billing_config=plans, fine_tuning=fine_tuning, adapters=AdapterCatalog(str(self.store), "m", ttl_s=0), prefix=prefix, max_file_bytes=max_file_bytes, operations=operations)
@@ -154,6 +154,46 @@ def test_a_tenant_fine_tunes_watches_and_calls_its_model_and_no_one_else_sees_it
     with pytest.raises(NotFoundError):
         globex.fine_tuning.jobs.retrieve(job.id)
     assert list(globex.fine_tuning.jobs.list()) == [] and list(globex.files.list()) == []
+
+
+class FakeServing:
+    """`AdapterServing` whose engines serve adapters after `rolls` looks (each look while not: a roll in progress;
+    the first one fails, as Serve may while the cluster is busy)."""
+
+    def __init__(self, rolls: int):
+        self.rolls, self.looks = rolls, 0
+
+    def adapters_served(self) -> bool:
+        self.looks += 1
+        if self.looks == 1:
+            raise RuntimeError("Serve is busy")
+        return self.looks > self.rolls
+
+
+def test_the_first_adapter_turns_lora_on_before_its_job_succeeds(tmp_path):
+    """`engine.enable_lora: auto`: engines start without LoRA while the model has no adapter; the job whose adapter is
+    the first waits, running and saying why, until the engines serve adapters, so `succeeded` means callable."""
+    from deployments.core.adapters import adapters_wanted
+    from deployments.core.generator import engine_args
+
+    serving = FakeServing(rolls=2)
+    r = Rig(tmp_path, serving=serving)
+    assert r.cfg.engine.enable_lora == "auto" and not adapters_wanted("auto", str(r.store), "m")
+    assert "enable_lora" not in engine_args("/m", r.cfg.engine) and adapters_wanted(True, str(r.store), "m")
+    with r.server:
+        acme = r.client(r.server.key)
+        job = acme.fine_tuning.jobs.create(model="m", training_file=_upload(acme))
+        r.manager.tick()
+        ray_id = next(iter(r.cluster.submitted))
+        r.cluster.train(ray_id, steps=2)
+        assert adapters_wanted("auto", str(r.store), "m")  # published: the next deploy resolves `auto` to on
+        r.manager.tick()
+        r.manager.tick()
+        assert acme.fine_tuning.jobs.retrieve(job.id).status == "running" and serving.looks == 2
+        said = [e.message for e in acme.fine_tuning.jobs.list_events(job.id, limit=100) if "restarting to serve fine-tuned adapters" in e.message]
+        assert len(said) == 1  # said once, however many ticks it takes
+        r.manager.tick()
+        assert acme.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
 
 
 def test_jobs_wait_for_room_and_for_their_tenants_limit_saying_why(tmp_path):
