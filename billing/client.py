@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
 
 from billing.keys import bearer_token, check_key
-from billing.pricing import Quote, cost, quote
+from billing.pricing import Quote, price_text, quote
 from billing.quota import ZERO, Ask, RateState, Reservation, TenantLease, period_of, rate_state, refill, release, reserve, settle, shortfall, window_of
 from billing.records import BillingContext, Claim, KeyRecord, SyncReply, SyncRequest, UsageEvent, key_subject, split_subject
 from common.config import BillingConfig, Price
@@ -116,7 +116,10 @@ class Ticket:
         """Who pays and at what prices: goes with the request to the generator, the second witness."""
         r = self.reservation
         q = r.quote
-        return BillingContext(r.tenant, self.key.key_id, self.model, self.version, self.kind, str(q.prompt_price), str(q.completion_price), str(r.reserved), self.holder, self.end_user)
+        return BillingContext(
+            r.tenant, self.key.key_id, self.model, self.version, self.kind, str(q.prompt_price), str(q.completion_price), str(r.reserved), self.holder, self.end_user,
+            price_text(q.cached_price),
+        )  # fmt: skip
 
 
 class BillingClient:
@@ -236,7 +239,7 @@ class BillingClient:
         """The ticket for the request's true worst case (no second request slot), then the old reservation is given
         back. If the new one cannot be had (a 429), the old ticket still holds its reservation: `release` it."""
         r, kr = ticket.reservation, ticket.key_reservation
-        q = Quote(r.quote.prompt_price, r.quote.completion_price, prompt_tokens, max_tokens * n)
+        q = Quote(r.quote.prompt_price, r.quote.completion_price, prompt_tokens, max_tokens * n, r.quote.cached_price)
         new = await self._reserve(r.tenant, q, slot=False)
         new_key = None
         if kr is not None:
@@ -280,16 +283,17 @@ class BillingClient:
         lease = self._leases.get(tenant)
         return rate_state(lease, self._clock()) if lease is not None else None
 
-    def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int | None, status: str, delivered_tokens: int = 0) -> None:
+    def settle(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int | None, status: str, delivered_tokens: int = 0, cached_tokens: int = 0) -> None:
         """End of a request: release the reservation and queue the ingress's report of it.
 
         `completion_tokens` is the usage its response carried; None when it ended without one (the engine's
-        count follows), and then `delivered_tokens` is what reached the client, the floor billed meanwhile."""
+        count follows), and then `delivered_tokens` is what reached the client, the floor billed meanwhile.
+        `cached_tokens`: of the prompt's, those the engine's prefix cache held (its count, from the usage)."""
         r = ticket.reservation
-        settle(self._leases[r.tenant], r, completion_tokens)
+        settle(self._leases[r.tenant], r, completion_tokens, cached_tokens)
         if ticket.key_reservation is not None:
-            settle(self._leases[ticket.key_reservation.tenant], ticket.key_reservation, completion_tokens)
-        self._outbox.add(ticket.context().event(ticket.request_id, self._clock(), status, prompt_tokens, completion_tokens, delivered_tokens))
+            settle(self._leases[ticket.key_reservation.tenant], ticket.key_reservation, completion_tokens, cached_tokens)
+        self._outbox.add(ticket.context().event(ticket.request_id, self._clock(), status, prompt_tokens, completion_tokens, delivered_tokens, cached_tokens))
 
     # ---- the channel to the actor ------------------------------------------------------------
 
@@ -341,7 +345,7 @@ class BillingClient:
         """Leases held, plus what settled requests not in this message will cost (so nothing is undercounted)."""
         extra: dict[tuple[str, str], Decimal] = defaultdict(lambda: ZERO)
         for e in unsent:
-            amount = Decimal(e.reserved) if e.completion_tokens is None else cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, e.completion_tokens)
+            amount = Decimal(e.reserved) if e.completion_tokens is None else e.amount()
             extra[(e.tenant, period_of(e.ts))] += amount
             subject = key_subject(e.tenant, e.key_id)
             if subject in self._leases:  # a key with limits of its own: its lease claims it too
@@ -369,11 +373,12 @@ class EngineWitness:
         self._clock = clock
         self._task: asyncio.Task | None = None
 
-    def report(self, request_id: str, context: BillingContext | None, prompt_tokens: int, produced: int, finished: bool) -> None:
-        """A request left the engine (`finished`, or aborted) having produced `produced` tokens; unbilled requests (no context) are skipped."""
+    def report(self, request_id: str, context: BillingContext | None, prompt_tokens: int, produced: int, finished: bool, cached_tokens: int = 0) -> None:
+        """A request left the engine (`finished`, or aborted) having produced `produced` tokens, `cached_tokens` of its
+        prompt held by the prefix cache; unbilled requests (no context) are skipped."""
         if context is None:
             return
-        self._outbox.add(context.event(request_id, self._clock(), "ok" if finished else "aborted", prompt_tokens, produced))
+        self._outbox.add(context.event(request_id, self._clock(), "ok" if finished else "aborted", prompt_tokens, produced, cached_tokens=cached_tokens))
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(run_periodically(self._interval, self._outbox.flush))
 

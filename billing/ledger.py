@@ -30,7 +30,7 @@ from sqlalchemy.sql.expression import false
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError, StatementError
 
-from billing.pricing import cost
+from billing.pricing import cost, price_of
 from billing.quota import day_of, period_of
 from billing.records import KeyRecord, UsageEvent
 from billing.witness import INGRESS, UNMETERED, Merged, Witness, Witnessed, close, merge
@@ -64,6 +64,8 @@ usage = Table(
     Column("engine_tokens", Integer, nullable=True),  # the engine's witness (None: not heard)
     Column("known", Boolean, nullable=False, server_default=false()),  # the ingress knew the count (billing.witness)
     Column("end_user", String(256), nullable=False, server_default=""),  # the request's `user` (the tenant's end user)
+    Column("cached_tokens", Integer, nullable=False, server_default="0"),  # of prompt_tokens, the engine's prefix-cache hits (revision 0006)
+    Column("cached_price", String(32), nullable=False, server_default=""),  # per 1M cached prompt tokens ("": the prompt price)
     Index("ix_usage_tenant_period", "tenant", "period"),
     Index("ix_usage_period", "period"),
 )
@@ -187,10 +189,12 @@ class SpendRow:
     day: str = ""
     end_user: str = ""
     key_id: str = ""
+    cached_tokens: int = 0  # of prompt_tokens, those the engine's prefix cache held
+    cached_price: Decimal | None = None  # per 1M of them (None: the prompt price)
 
     @property
     def amount(self) -> Decimal:
-        return cost(self.prompt_price, self.completion_price, self.prompt_tokens, self.completion_tokens)
+        return cost(self.prompt_price, self.completion_price, self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.cached_price)
 
 
 @dataclass(frozen=True)
@@ -331,7 +335,7 @@ class Ledger:
 
     @staticmethod
     def _update(conn: Connection, rows: list[Witnessed]) -> None:
-        fields = ("status", "prompt_tokens", "completion_tokens", "delivered_tokens")
+        fields = ("status", "prompt_tokens", "completion_tokens", "delivered_tokens", "cached_tokens")
         q = update(usage).where(usage.c.request_id == bindparam("rid")).values(**{f: bindparam(f"v_{f}") for f in (*fields, "engine_tokens", "known")})
         conn.execute(q, [{"rid": w.event.request_id, **{f"v_{f}": getattr(w.event, f) for f in fields}, "v_engine_tokens": w.engine_tokens, "v_known": w.known} for w in rows])
 
@@ -350,7 +354,7 @@ class Ledger:
             return [
                 PendingRow(
                     e.request_id, e.tenant, period_of(e.ts), e.ts,
-                    Decimal(e.reserved) - cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, e.completion_tokens or 0), e.key_id,
+                    Decimal(e.reserved) - e.amount(), e.key_id,
                 )  # fmt: skip
                 for e in (w.event for w in self._pending_rows(conn))
             ]
@@ -367,10 +371,11 @@ class Ledger:
 
     def spend(self, period: str | None = None, tenant: str | None = None, by_day: bool = False, by_user: bool = False, by_key: bool = False) -> list[SpendRow]:
         """Token sums grouped by tenant, period, model, version and unit prices (and day, end user, key); exact amounts via `SpendRow.amount`."""
-        cols = [usage.c.tenant, usage.c.period, usage.c.model, usage.c.version, usage.c.prompt_price, usage.c.completion_price]
+        cols = [usage.c.tenant, usage.c.period, usage.c.model, usage.c.version, usage.c.prompt_price, usage.c.completion_price, usage.c.cached_price]
         extra = [c for c, wanted in ((usage.c.day, by_day), (usage.c.end_user, by_user), (usage.c.key_id, by_key)) if wanted]
         cols += extra
-        q = select(*cols, func.count(), func.sum(usage.c.prompt_tokens), func.coalesce(func.sum(usage.c.completion_tokens), 0)).group_by(*cols)
+        sums = (func.sum(usage.c.cached_tokens), func.count(), func.sum(usage.c.prompt_tokens), func.coalesce(func.sum(usage.c.completion_tokens), 0))
+        q = select(*cols, *sums).group_by(*cols)
         if period is not None:
             q = q.where(usage.c.period == period)
         if tenant is not None:
@@ -381,7 +386,8 @@ class Ledger:
                 out.append(
                     SpendRow(
                         r[0], r[1], r[2], r[3], Decimal(r[4]), Decimal(r[5]), int(r[-3]), int(r[-2] or 0), int(r[-1] or 0),
-                        r[6] if by_day else "", r[6 + by_day] if by_user else "", r[6 + by_day + by_user] if by_key else "",
+                        r[7] if by_day else "", r[7 + by_day] if by_user else "", r[7 + by_day + by_user] if by_key else "",
+                        int(r[-4] or 0), price_of(r[6]),
                     )  # fmt: skip
                 )
             return out

@@ -14,9 +14,22 @@ MILLION = Decimal(1_000_000)
 CENT = Decimal("0.01")
 
 
-def cost(prompt_price: Decimal, completion_price: Decimal, prompt_tokens: int, completion_tokens: int) -> Decimal:
-    """Exact cost of a request (no rounding: rounding happens once, per invoice line)."""
-    return (prompt_price * prompt_tokens + completion_price * completion_tokens) / MILLION
+def cost(prompt_price: Decimal, completion_price: Decimal, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, cached_price: Decimal | None = None) -> Decimal:
+    """Exact cost of a request (no rounding: rounding happens once, per invoice line). `cached_tokens` of the prompt
+    tokens (those the engine's prefix cache held) cost `cached_price` each instead (None: the prompt price)."""
+    if not cached_tokens:
+        return (prompt_price * prompt_tokens + completion_price * completion_tokens) / MILLION
+    cached_price = prompt_price if cached_price is None else cached_price
+    return (prompt_price * (prompt_tokens - cached_tokens) + cached_price * cached_tokens + completion_price * completion_tokens) / MILLION
+
+
+def price_text(price: Decimal | None) -> str:
+    """A price as the ledger keeps it (Decimal as text; "" for none)."""
+    return "" if price is None else str(price)
+
+
+def price_of(text: str) -> Decimal | None:
+    return Decimal(text) if text else None
 
 
 def to_cents(amount: Decimal) -> Decimal:
@@ -31,6 +44,7 @@ class Quote:
     completion_price: Decimal
     prompt_tokens: int
     max_completion_tokens: int
+    cached_price: Decimal | None = None  # a cached prompt token's price (known once the request ran; the worst case counts none)
 
     @property
     def worst_cost(self) -> Decimal:
@@ -40,10 +54,10 @@ class Quote:
     def worst_tokens(self) -> int:
         return self.prompt_tokens + self.max_completion_tokens
 
-    def actual_cost(self, completion_tokens: int) -> Decimal:
-        return cost(self.prompt_price, self.completion_price, self.prompt_tokens, completion_tokens)
+    def actual_cost(self, completion_tokens: int, cached_tokens: int = 0) -> Decimal:
+        return cost(self.prompt_price, self.completion_price, self.prompt_tokens, completion_tokens, cached_tokens, self.cached_price)
 
 
 def quote(price: Price, prompt_tokens: int, max_tokens: int, n: int = 1) -> Quote:
     """Worst case: the prompt once, plus `max_tokens` for each of the `n` choices."""
-    return Quote(price.prompt_per_1m, price.completion_per_1m, prompt_tokens, max_tokens * n)
+    return Quote(price.prompt_per_1m, price.completion_per_1m, prompt_tokens, max_tokens * n, price.cached_prompt_per_1m)

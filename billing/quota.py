@@ -276,7 +276,7 @@ def release(lease: TenantLease, r: Reservation) -> None:
         lease.tokens += r.quote.worst_tokens
 
 
-def settle(lease: TenantLease, r: Reservation, completion_tokens: int | None) -> Decimal | None:
+def settle(lease: TenantLease, r: Reservation, completion_tokens: int | None, cached_tokens: int = 0) -> Decimal | None:
     """Release a reservation: the unused part returns to the lease. Unknown usage (an abort) returns nothing yet.
 
     Returns the actual cost when known.
@@ -284,7 +284,7 @@ def settle(lease: TenantLease, r: Reservation, completion_tokens: int | None) ->
     lease.in_flight -= r.reserved
     if completion_tokens is None:
         return None
-    actual = r.quote.actual_cost(completion_tokens)
+    actual = r.quote.actual_cost(completion_tokens, cached_tokens)
     if lease.budget is not None and lease.period == r.period:
         lease.budget += r.reserved - actual
     if lease.tokens is not None and lease.window == r.window:

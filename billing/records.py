@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import NamedTuple
 
+from billing.pricing import cost, price_of
 from billing.quota import Ask, Grant
 
 
@@ -38,6 +39,13 @@ class UsageEvent(NamedTuple):
     holder: str  # the ingress replica that reserved it
     delivered_tokens: int | None = None  # the ingress's witness: completion tokens that reached the client
     end_user: str = ""  # the request's `user`: the tenant's own end user, for its usage breakdown
+    cached_tokens: int = 0  # of `prompt_tokens`, those the engine's prefix cache held (the engine's own count)
+    cached_price: str = ""  # per 1M cached prompt tokens (Decimal as text; "": the prompt price)
+
+    def amount(self, completion_tokens: int | None = None) -> Decimal:
+        """Exact cost at the row's prices, of `completion_tokens` (default: the row's own count, None as 0)."""
+        completion = self.completion_tokens if completion_tokens is None else completion_tokens
+        return cost(Decimal(self.prompt_price), Decimal(self.completion_price), self.prompt_tokens, completion or 0, self.cached_tokens, price_of(self.cached_price))
 
 
 class BillingContext(NamedTuple):
@@ -53,11 +61,14 @@ class BillingContext(NamedTuple):
     reserved: str
     holder: str
     end_user: str = ""
+    cached_price: str = ""
 
-    def event(self, request_id: str, ts: float, status: str, prompt_tokens: int, completion_tokens: int | None, delivered_tokens: int | None = None) -> UsageEvent:
+    def event(
+        self, request_id: str, ts: float, status: str, prompt_tokens: int, completion_tokens: int | None, delivered_tokens: int | None = None, cached_tokens: int = 0
+    ) -> UsageEvent:
         return UsageEvent(
             request_id, ts, self.tenant, self.key_id, self.model, self.version, self.kind, status, prompt_tokens, completion_tokens,
-            self.prompt_price, self.completion_price, self.reserved, self.holder, delivered_tokens, self.end_user,
+            self.prompt_price, self.completion_price, self.reserved, self.holder, delivered_tokens, self.end_user, cached_tokens, self.cached_price,
         )  # fmt: skip
 
 

@@ -21,11 +21,13 @@ class Tally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     amount: Decimal = Decimal(0)
+    cached_tokens: int = 0  # of prompt_tokens, those the engine's prefix cache held (priced apart)
 
     def add(self, row: SpendRow) -> None:
         self.requests += row.requests
         self.prompt_tokens += row.prompt_tokens
         self.completion_tokens += row.completion_tokens
+        self.cached_tokens += row.cached_tokens
         self.amount += row.amount
 
 
@@ -40,7 +42,7 @@ def tally(rows: Sequence[SpendRow], key: Callable[[SpendRow], K]) -> dict[K, Tal
 def _breakdown(rows: Sequence[SpendRow], name: str, key: Callable[[SpendRow], str]) -> list[dict]:
     """One entry per `key` (a day, `model@version`, a tenant) with its requests, tokens and cost: the charts' numbers."""
     return [
-        {name: k, "requests": a.requests, "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens,
+        {name: k, "requests": a.requests, "prompt_tokens": a.prompt_tokens, "cached_tokens": a.cached_tokens, "completion_tokens": a.completion_tokens,
          "total_tokens": a.prompt_tokens + a.completion_tokens, "cost": str(a.amount)}
         for k, a in tally(rows, key).items()
     ]  # fmt: skip
@@ -55,7 +57,7 @@ def usage_report(rows: Sequence[SpendRow], period: str, currency: str, tenant: s
     data = [
         {
             "tenant": t, "day": d, "model": m, "version": v, **({"user": u} if by_user else {}), "requests": a.requests, "prompt_tokens": a.prompt_tokens,
-            "completion_tokens": a.completion_tokens, "total_tokens": a.prompt_tokens + a.completion_tokens, "cost": str(a.amount),
+            "cached_tokens": a.cached_tokens, "completion_tokens": a.completion_tokens, "total_tokens": a.prompt_tokens + a.completion_tokens, "cost": str(a.amount),
         }
         for (t, d, m, v, u), a in tally(kept, lambda r: (r.tenant, r.day, r.model, r.version, r.end_user)).items()
     ]  # fmt: skip
@@ -64,5 +66,5 @@ def usage_report(rows: Sequence[SpendRow], period: str, currency: str, tenant: s
         "object": "usage", "period": period, "currency": currency, "tenant": tenant, "data": data,
         "by_day": _breakdown(kept, "day", lambda r: r.day or ""), "by_model": _breakdown(kept, "model", lambda r: f"{r.model}@{r.version}"),
         "by_tenant": _breakdown(kept, "tenant", lambda r: r.tenant),
-        "total": {"requests": total.requests, "prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens, "cost": str(total.amount)},
+        "total": {"requests": total.requests, "prompt_tokens": total.prompt_tokens, "cached_tokens": total.cached_tokens, "completion_tokens": total.completion_tokens, "cost": str(total.amount)},
     }  # fmt: skip

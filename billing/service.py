@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol, Sequence
 from billing.alerts import crossed, retry_at
 from billing.keys import check_tenant, new_key
 from billing.ledger import Ledger, SpendRow
-from billing.pricing import cost
+from billing.pricing import cost, price_of
 from billing.quota import ZERO, Ask, Grant, decide_grant, period_of, window_of
 from billing.records import KeyRecord, SyncReply, SyncRequest, UsageEvent, key_subject, split_subject
 from billing.reports import Tally, tally
@@ -246,27 +246,28 @@ class BillingCore:
         if merged:
             logger.info("ledger batch", extra={"events": len(merged), "witness": witness, "request_ids": [m.row.event.request_id for m in merged]})
         # Sum tokens per (tenant, period, model, version, prices) first: exact, and one Decimal and metric update per group.
-        groups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+        groups: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0])
         periods: dict[int, str] = {}
         for m in merged:
             e = m.row.event
             day = int(e.ts // 86400)
             period = periods.get(day) or periods.setdefault(day, period_of(e.ts))
             if m.row.pending:  # billed its floor so far; the rest of its reservation stays held
-                held = Decimal(e.reserved) - cost(Decimal(e.prompt_price), Decimal(e.completion_price), e.prompt_tokens, e.completion_tokens or 0)
+                held = Decimal(e.reserved) - e.amount()
                 self._pending[e.request_id] = (e.tenant, period, held, e.ts, e.key_id)
             else:
                 self._pending.pop(e.request_id, None)
-            g = groups[(e.tenant, e.key_id, period, e.model, e.version, e.prompt_price, e.completion_price)]
+            g = groups[(e.tenant, e.key_id, period, e.model, e.version, e.prompt_price, e.completion_price, e.cached_price)]
             g[0] += m.prompt_delta
             g[1] += m.completion_delta
-        for (tenant, key_id, period, model, version, pp, cp), (prompt, completion) in groups.items():
-            if prompt or completion:
-                self._add_spend(tenant, key_id, period, model, version, Decimal(pp), Decimal(cp), prompt, completion)
+            g[2] += m.cached_delta
+        for (tenant, key_id, period, model, version, pp, cp, cached_price), (prompt, completion, cached) in groups.items():
+            if prompt or completion or cached:
+                amount = cost(Decimal(pp), Decimal(cp), prompt, completion, cached, price_of(cached_price))
+                self._add_spend(tenant, key_id, period, model, version, amount, prompt, completion)
         self._metrics.on_ingest(len(merged), max(0.0, now - min(e.ts for e in events)))
 
-    def _add_spend(self, tenant: str, key_id: str, period: str, model: str, version: str, pp: Decimal, cp: Decimal, prompt: int, completion: int) -> None:
-        amount = cost(pp, cp, prompt, completion)
+    def _add_spend(self, tenant: str, key_id: str, period: str, model: str, version: str, amount: Decimal, prompt: int, completion: int) -> None:
         self._spent[(tenant, period)] += amount
         self._touched.add((tenant, period))
         self._spent[(key_subject(tenant, key_id), period)] += amount  # what a key with limits of its own has spent

@@ -11,6 +11,9 @@ request that whichever report arrives first creates and the other completes:
   its reservation held) until the engine's count comes or `pending_timeout_s` passes, when it is closed
   as `<status>_unmetered` at the floor.
 
+Cached prompt tokens (those the engine's prefix cache held, priced apart) are the engine's count when its
+report came, else the ingress's (the engine's count too, carried in the response's usage).
+
 A report already heard changes nothing (a resent batch counts once), and nothing is billed that the
 engine did not produce: both witnesses count produced tokens.
 """
@@ -59,6 +62,7 @@ class Merged:
     new: bool  # insert (else update the stored row)
     prompt_delta: int
     completion_delta: int
+    cached_delta: int = 0
 
 
 def merge(stored: Witnessed | None, report: UsageEvent, witness: Witness) -> Merged | None:
@@ -78,11 +82,12 @@ def merge(stored: Witnessed | None, report: UsageEvent, witness: Witness) -> Mer
         engine = report.completion_tokens or 0
         delivered = stored.delivered_tokens if stored is not None else None
         known = stored is not None and stored.known
-        base = report if stored is None else stored.event._replace(status=stored.event.status.removesuffix(UNMETERED))
+        base = report if stored is None else stored.event._replace(status=stored.event.status.removesuffix(UNMETERED), cached_tokens=report.cached_tokens)
         completion = stored.event.completion_tokens if known else engine  # type: ignore[union-attr]
     row = Witnessed(base._replace(completion_tokens=completion, delivered_tokens=delivered), engine, known)
-    before_prompt, before_completion = (stored.event.prompt_tokens, stored.event.completion_tokens or 0) if stored is not None else (0, 0)
-    return Merged(row, stored is None, row.event.prompt_tokens - before_prompt, (completion or 0) - before_completion)
+    before = stored.event if stored is not None else None
+    before_prompt, before_completion, before_cached = (before.prompt_tokens, before.completion_tokens or 0, before.cached_tokens) if before is not None else (0, 0, 0)
+    return Merged(row, stored is None, row.event.prompt_tokens - before_prompt, (completion or 0) - before_completion, row.event.cached_tokens - before_cached)
 
 
 def close(row: Witnessed) -> Witnessed:

@@ -40,6 +40,9 @@ class Frozen(Strict):
 class Price(Frozen):
     prompt_per_1m: Decimal = Field(..., ge=0, description="Price of one million prompt (input) tokens, in the price book's currency.")
     completion_per_1m: Decimal = Field(..., ge=0, description="Price of one million completion (output) tokens.")
+    cached_prompt_per_1m: Decimal | None = Field(
+        None, ge=0, description="Price of one million prompt tokens the engine's prefix cache held (`cached_tokens`); null: the price book's `cached_prompt_fraction` of the prompt price."
+    )
 
 
 class ModelPrice(Price):
@@ -53,15 +56,25 @@ class ModelPrice(Price):
 class PriceBook(Frozen):
     currency: str = Field("USD", description="Currency of every amount (ISO 4217).")
     models: dict[str, ModelPrice] = Field(default_factory=dict, description="Prices per public model name.")
+    cached_prompt_fraction: Decimal = Field(
+        Decimal("0.5"), ge=0, le=1, description="Where a price names no `cached_prompt_per_1m`: the fraction of its prompt price that a cached prompt token costs."
+    )
+
+    def _resolved(self, price: Price) -> Price:
+        """`price` with its cached-prompt price filled in (its own, else the book's fraction of its prompt price)."""
+        if price.cached_prompt_per_1m is not None:
+            return Price(prompt_per_1m=price.prompt_per_1m, completion_per_1m=price.completion_per_1m, cached_prompt_per_1m=price.cached_prompt_per_1m)
+        cached = (price.prompt_per_1m * self.cached_prompt_fraction).normalize()
+        return Price(prompt_per_1m=price.prompt_per_1m, completion_per_1m=price.completion_per_1m, cached_prompt_per_1m=cached)
 
     def price_for(self, model: str, version: str | None = None) -> Price:
-        """The price of `model` at `version` (a version's own price wins); unpriced models cannot be billed."""
+        """The price of `model` at `version` (a version's own price wins), its cached-prompt price resolved; unpriced models cannot be billed."""
         entry = self.models.get(model)
         if entry is None:
             raise InvalidRequestError(f"The model `{model}` has no price in the price book.", param="model", code="model_not_priced")
         if version and version in entry.versions:
-            return entry.versions[version]
-        return Price(prompt_per_1m=entry.prompt_per_1m, completion_per_1m=entry.completion_per_1m)
+            return self._resolved(entry.versions[version])
+        return self._resolved(entry)
 
     def training_price(self, model: str) -> Decimal:
         """Per million trained tokens of a fine-tune of `model`; a 400 when the price book does not offer it."""
@@ -74,7 +87,7 @@ class PriceBook(Frozen):
         """Inference on a tenant's fine-tune of `model`: the book's `fine_tuned` price, else the model's own."""
         entry = self.models.get(model)
         if entry is not None and entry.fine_tuned is not None:
-            return entry.fine_tuned
+            return self._resolved(entry.fine_tuned)
         return self.price_for(model)
 
 

@@ -62,8 +62,8 @@ class Generator:
         self._logic.start()
         self._sender = Sender(serve.get_replica_context().replica_id.unique_id)
 
-    def _report(self, req: GenerationRequest, produced: int, finished: bool) -> None:
-        self._witness.report(req.request_id, req.billing, len(req.prompt_token_ids), produced, finished)  # type: ignore[union-attr]
+    def _report(self, req: GenerationRequest, produced: int, finished: bool, cached: int = 0) -> None:
+        self._witness.report(req.request_id, req.billing, len(req.prompt_token_ids), produced, finished, cached)  # type: ignore[union-attr]
 
     async def generate(self, req: GenerationRequest, consumer: str) -> AsyncIterator[Hello | End]:
         """The request's control stream; its token deltas go to `consumer`'s carrier, one message per engine step."""

@@ -10,7 +10,7 @@ from deployments.core.generator import prompt_delta
 from deployments.core.postprocessor import ResponseWriter
 from deployments.core.tokenizer import PromptTokenizer
 from deployments.core.traffic import TrafficPlan, plan_change
-from deployments.core.types import GenerationRequest, TokenDelta, TokenizedPrompt
+from deployments.core.types import CACHED_PROMPT, GenerationRequest, TokenDelta, TokenizedPrompt
 
 EOS = 256
 
@@ -45,8 +45,10 @@ class ByteTokenizer:
 class ScriptedEngine:
     """Stands in for the generator: answers every prompt with a fixed text, a few tokens per message."""
 
-    def __init__(self, reply: str = "Hello, world! ça va?", per_message: int = 3, fail_after: int | None = None, delay_s: float = 0.0):
+    def __init__(self, reply: str = "Hello, world! ça va?", per_message: int = 3, fail_after: int | None = None, delay_s: float = 0.0, cache_block: int = 0):
         self.reply_ids = ByteTokenizer().encode(reply)
+        self.cache_block = cache_block  # > 0: a prefix cache as vLLM's, in whole blocks of this many tokens
+        self._seen: list[list[int]] = []
         self.per_message = per_message
         self.fail_after = fail_after
         self.delay_s = delay_s
@@ -59,6 +61,8 @@ class ScriptedEngine:
         sent = 0
         # Made-up prompt logprobs (echo with logprobs), first in the first message, as the generator sends them.
         prompt = [prompt_delta(req.prompt_token_ids, [None, *({t: FakeLogprob(-0.5)} for t in req.prompt_token_ids[1:])], req.prompt_logprobs)] if req.prompt_logprobs is not None else []
+        cached = self._cached(req.prompt_token_ids)
+        prompt += [(CACHED_PROMPT, [], None, cached)] if cached else []
         try:
             for start in range(0, len(ids), self.per_message):
                 if self.fail_after is not None and sent >= self.fail_after:
@@ -78,6 +82,17 @@ class ScriptedEngine:
         except (GeneratorExit, asyncio.CancelledError):
             self.closed_early += 1
             raise
+
+    def _cached(self, ids: list[int]) -> int:
+        """Whole blocks of `ids` that an earlier prompt began with (never the whole prompt: its last token is computed)."""
+        if not self.cache_block:
+            return 0
+        best = 0
+        for seen in self._seen:
+            n = next((i for i, (a, b) in enumerate(zip(seen, ids)) if a != b), min(len(seen), len(ids)))
+            best = max(best, n)
+        self._seen.append(list(ids))
+        return min(best, len(ids) - 1) // self.cache_block * self.cache_block
 
 
 class FakeTokenizerClient:

@@ -152,9 +152,13 @@ def usage_table(report: dict) -> list[str]:
     tw, mw, vw = (max([len(head), *(len(str(r[k])) for r in rows)]) for k, head in (("tenant", "TENANT"), ("model", "MODEL"), ("version", "VER")))
     t = report["total"]
     return [
-        f"{'TENANT':<{tw}} {'DAY':<10} {'MODEL':<{mw}} {'VER':<{vw}} {'REQS':>7} {'PROMPT':>10} {'COMPLETION':>10} {'COST':>14}",
-        *(f"{r['tenant']:<{tw}} {r['day']:<10} {r['model']:<{mw}} {r['version']:<{vw}} {r['requests']:>7} {r['prompt_tokens']:>10} {r['completion_tokens']:>10} {r['cost']:>14}" for r in rows),
-        f"{'TOTAL':<{tw + 1 + 10 + 1 + mw + 1 + vw}} {t['requests']:>7} {t['prompt_tokens']:>10} {t['completion_tokens']:>10} {t['cost']:>14} {report['currency']}",
+        f"{'TENANT':<{tw}} {'DAY':<10} {'MODEL':<{mw}} {'VER':<{vw}} {'REQS':>7} {'PROMPT':>10} {'CACHED':>10} {'COMPLETION':>10} {'COST':>14}",
+        *(
+            f"{r['tenant']:<{tw}} {r['day']:<10} {r['model']:<{mw}} {r['version']:<{vw}} {r['requests']:>7} {r['prompt_tokens']:>10} {r['cached_tokens']:>10} "
+            f"{r['completion_tokens']:>10} {r['cost']:>14}"
+            for r in rows
+        ),
+        f"{'TOTAL':<{tw + 1 + 10 + 1 + mw + 1 + vw}} {t['requests']:>7} {t['prompt_tokens']:>10} {t['cached_tokens']:>10} {t['completion_tokens']:>10} {t['cost']:>14} {report['currency']}",
     ]
 
 

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from common.config import EngineConfig
 from common.errors import EngineNotReadyError, InvalidRequestError, ServiceUnavailableError
-from deployments.core.types import PROMPT_LOGPROBS, GenerationRequest, TokenDelta, TokenLogprob
+from deployments.core.types import CACHED_PROMPT, PROMPT_LOGPROBS, GenerationRequest, TokenDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class VLLMGenerator:
         stat_loggers: list[Any] | None = None,
     ):
         self._model_path = model_path
-        self._on_end = on_end  # (request, tokens the engine produced, finished) as each request leaves the engine: billing's witness
+        self._on_end = on_end  # (request, tokens produced, finished, cached prompt tokens) as each request leaves the engine: billing's witness
         self._on_queue_wait = on_queue_wait  # seconds a request waited before its first scheduling (needs log_stats)
         self._stat_loggers = stat_loggers  # vLLM StatLoggerFactory list (the Serve wrapper's exports to Ray)
         self._config = config
@@ -242,11 +242,16 @@ class VLLMGenerator:
         produced = 0  # the engine's own count of completion tokens, all choices
         finished = False
         stats = None
+        cached: int | None = None  # the engine's prefix-cache hits of the prompt, known from its first output
         want_prompt = req.prompt_logprobs is not None
         try:
             async for out in self._stream(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id, self._lora(req)):
                 stats = out.metrics or stats
                 deltas: list[TokenDelta] = []
+                if cached is None:
+                    cached = getattr(out, "num_cached_tokens", None) or 0
+                    if cached:
+                        deltas.append((CACHED_PROMPT, [], None, cached))
                 if want_prompt and out.prompt_logprobs:  # at prefill's end; once, though each of n choices may bring them
                     deltas.append(prompt_delta(req.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs or 0))
                     want_prompt = False
@@ -280,7 +285,7 @@ class VLLMGenerator:
             raise
         finally:
             if self._on_end is not None:
-                self._on_end(req, produced, finished)
+                self._on_end(req, produced, finished, cached or 0)
 
     def _lora(self, req: GenerationRequest) -> Any:
         """vLLM's LoRARequest for a fine-tune's request (the engine loads the adapter on first use, LRU-bounded), else None."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Sequence
 
 from deployments.core import shapes
-from deployments.core.types import PROMPT_LOGPROBS, ChoiceEvent, DecodedLogprob, GenerationRequest, SSEPiece, TokenDelta, TokenLogprob, Usage
+from deployments.core.types import CACHED_PROMPT, PROMPT_LOGPROBS, ChoiceEvent, DecodedLogprob, GenerationRequest, SSEPiece, TokenDelta, TokenLogprob, Usage
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -113,6 +113,7 @@ class RequestDecoder:
         # `echo`: the prompt's text leads each choice (decoded as the model reads it).
         self._echo = decode(req.prompt_token_ids) if req.echo and req.kind == "completion" else ""
         self._echo_logprobs: list[DecodedLogprob] = []  # the prompt's, when asked (echo with logprobs); they lead each choice's
+        self.cached_tokens = 0  # the engine's prefix-cache hits of the prompt
         for c in self.choices:
             c.offset = len(self._echo)
 
@@ -122,7 +123,7 @@ class RequestDecoder:
 
     @property
     def usage(self) -> Usage:
-        return Usage(len(self.req.prompt_token_ids), sum(c.completion_tokens for c in self.choices))
+        return Usage(len(self.req.prompt_token_ids), sum(c.completion_tokens for c in self.choices), self.cached_tokens)
 
     def feed(self, deltas: Sequence[TokenDelta]) -> list[ChoiceEvent]:
         events = []
@@ -130,6 +131,9 @@ class RequestDecoder:
             index, token_ids, finish_reason = delta[0], delta[1], delta[2]
             if index == PROMPT_LOGPROBS:
                 self._echo_logprobs = self._prompt_logprobs(delta[3])
+                continue
+            if index == CACHED_PROMPT:
+                self.cached_tokens = delta[3]
                 continue
             choice = self.choices[index]
             if choice.finish_reason is not None:

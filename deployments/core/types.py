@@ -21,6 +21,11 @@ TokenDelta = tuple  # (int, list[int], str | None) or (int, list[int], str | Non
 # message of the request's first engine step.
 PROMPT_LOGPROBS = -1
 
+# The choice index of the one delta that says how many prompt tokens the engine's prefix cache held (vLLM's
+# `num_cached_tokens`): (CACHED_PROMPT, [], None, count), in the message of the request's first engine step,
+# only when the count is above 0.
+CACHED_PROMPT = -2
+
 # The sampled token's logprob, then the most likely tokens at that position as (token id, logprob), best first.
 TokenLogprob = tuple[float, list[tuple[int, float]]]
 
@@ -114,10 +119,22 @@ class DecodedLogprob:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of prompt_tokens, those the engine's prefix cache held (billed at the cached price)
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def to_dict(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens}
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens, self.cached_tokens + other.cached_tokens)
+
+    @classmethod
+    def from_dict(cls, usage: dict) -> "Usage":
+        return cls(usage["prompt_tokens"], usage["completion_tokens"], (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+
+    def to_dict(self) -> dict:
+        """OpenAI's usage object, `prompt_tokens_details.cached_tokens` included (0 when none were cached)."""
+        return {
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }  # fmt: skip

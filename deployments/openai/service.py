@@ -120,7 +120,7 @@ class BillingGate(Protocol):
 
     def release(self, ticket: Any) -> None: ...
 
-    def settle(self, ticket: Any, prompt_tokens: int, completion_tokens: int | None, status: str, delivered_tokens: int = 0) -> None: ...
+    def settle(self, ticket: Any, prompt_tokens: int, completion_tokens: int | None, status: str, delivered_tokens: int = 0, cached_tokens: int = 0) -> None: ...
 
     def rate_state(self, tenant: str) -> Any: ...
 
@@ -357,7 +357,7 @@ class OpenAIService:
                 meter.failed(exc)
                 raise
             meter.first_piece()
-            meter.done(result["usage"]["completion_tokens"])
+            meter.done(result["usage"]["completion_tokens"], Usage.from_dict(result["usage"]).cached_tokens)
             return result
         stream = post.stream(req)
         try:
@@ -405,7 +405,7 @@ def merge_responses(bodies: list[dict]) -> dict:
     """Whole responses of a list of prompts' sub-requests as one: their choices in order, their usage summed."""
     merged = dict(bodies[0])
     merged["choices"] = [c for b in bodies for c in b["choices"]]
-    merged["usage"] = {k: sum(b["usage"][k] for b in bodies) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    merged["usage"] = sum((Usage.from_dict(b["usage"]) for b in bodies), Usage(0, 0)).to_dict()
     return merged
 
 
@@ -449,7 +449,7 @@ class MergedStream:
                 continue
             text, mark = item
             if isinstance(mark, dict):  # a sub-stream's end: its usage counts, its [DONE] does not go out
-                self._usage = Usage(self._usage.prompt_tokens + mark["prompt_tokens"], self._usage.completion_tokens + mark["completion_tokens"])
+                self._usage = self._usage + Usage.from_dict(mark)
                 continue
             self._sent[i] = mark
             return text, sum(self._sent)
@@ -514,9 +514,9 @@ class _Meter:
             self._first = time.monotonic()
             self.mark("ingress_first_piece")
 
-    def _end(self, completion_tokens: int | None, status: str, delivered: int = 0) -> None:
+    def _end(self, completion_tokens: int | None, status: str, delivered: int = 0, cached: int = 0) -> None:
         if self._billing is not None and self._ticket is not None:
-            self._billing.settle(self._ticket, self._prompt, completion_tokens, status, delivered)
+            self._billing.settle(self._ticket, self._prompt, completion_tokens, status, delivered, cached)
             self._ticket = None
         if self._ended:
             return
@@ -532,8 +532,8 @@ class _Meter:
         if self._observer is not None:
             self._observer.finished(record)
 
-    def done(self, completion_tokens: int) -> None:
-        self._end(completion_tokens, "ok")
+    def done(self, completion_tokens: int, cached_tokens: int = 0) -> None:
+        self._end(completion_tokens, "ok", cached=cached_tokens)
 
     def aborted(self, delivered: int = 0) -> None:
         self._end(None, "aborted", delivered)  # the generator reports what the engine produced; `delivered` is the floor
@@ -594,7 +594,7 @@ class MeteredStream:
             return
         self._ended = True
         if self._usage is not None:
-            self._meter.done(self._usage["completion_tokens"])
+            self._meter.done(self._usage["completion_tokens"], Usage.from_dict(self._usage).cached_tokens)
         elif exc is not None:
             self._meter.failed(exc, self._delivered)
         else:

@@ -158,6 +158,29 @@ def test_usage_in_responses_equals_the_ledger(base_url, billing_actor):
     assert Decimal(report["total"]["cost"]) == sum((P_PRICE * p + C_PRICE * c) / 1_000_000 for p, c in usage.values())
 
 
+def test_a_repeated_long_prompt_reports_cached_tokens_and_costs_less(base_url, billing_actor, maas_config):
+    """vLLM's prefix cache (128-token blocks on CPU): the second of two equal long prompts reports the blocks the engine
+    held as `prompt_tokens_details.cached_tokens`, whole and streamed; the ledger keeps the engine's count and bills
+    them at the cached price, so it costs less; `/v1/usage` shows them."""
+    key, _ = create_key(billing_actor, "cacher", plan="enterprise")
+    client = _client(base_url, key)
+    messages = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 40 + "How many foxes?"}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    streamed = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0, stream=True, stream_options={"include_usage": True}))
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens > 300 and first.usage.prompt_tokens_details.cached_tokens == 0
+    assert cached >= 128 and cached % 128 == 0 and streamed[-1].usage.prompt_tokens_details.cached_tokens == cached
+    ids = [first.id.removeprefix("chatcmpl-"), second.id.removeprefix("chatcmpl-")]
+    rows = _wait_for(lambda: (r := _rows(billing_actor, ids)) and len(r) == 2 and r)
+    one, two = rows[ids[0]], rows[ids[1]]
+    price = maas_config.billing.price_book.price_for(MODEL)
+    assert (one.cached_tokens, two.cached_tokens, Decimal(two.cached_price)) == (0, cached, price.cached_prompt_per_1m) and price.cached_prompt_per_1m < P_PRICE
+    assert two.amount() < one.amount() and one.amount() - two.amount() == (P_PRICE - price.cached_prompt_per_1m) * cached / 1_000_000
+    report = _wait_for(lambda: (u := httpx.get(base_url + "/usage", headers={"Authorization": f"Bearer {key}"}).json()) and u["total"]["requests"] == 3 and u)
+    assert report["total"]["cached_tokens"] == 2 * cached
+
+
 def test_user_and_a_list_of_prompts_reach_the_ledger(base_url, billing_actor):
     key, _ = create_key(billing_actor, "users", plan="enterprise")
     client = _client(base_url, key)

@@ -443,3 +443,19 @@ def test_price_book_and_plan_changes_are_audited(ledger):
     (entry,) = [a for a in ledger.audit_log() if a["action"] == "billing.configure"]
     assert entry["who"] == "cli:ops" and entry["target"] == "price_book,plans" and '"rpm":10' in entry["detail"]
     assert core.plan_of("nobody").rpm is None and core.config.plans["pro"].rpm == 10
+
+
+def test_cached_prompt_tokens_have_a_price_of_their_own_resolved_by_the_book():
+    from billing.pricing import cost
+
+    book = PriceBook(
+        models={"m": {"prompt_per_1m": "1", "completion_per_1m": "2", "cached_prompt_per_1m": "0.1", "versions": {"v2": {"prompt_per_1m": "4", "completion_per_1m": "4"}}},
+                "n": {"prompt_per_1m": "3", "completion_per_1m": "3", "fine_tuned": {"prompt_per_1m": "6", "completion_per_1m": "6"}}},
+        cached_prompt_fraction="0.25",
+    )  # fmt: skip
+    assert book.price_for("m").cached_prompt_per_1m == Decimal("0.1")  # its own
+    assert book.price_for("m", "v2").cached_prompt_per_1m == Decimal("1")  # a version's price: the book's fraction of its prompt price
+    assert book.fine_tuned_price("n").cached_prompt_per_1m == Decimal("1.5") and book.price_for("n").cached_prompt_per_1m == Decimal("0.75")
+    # 100 prompt tokens of which 60 cached, 10 completion: exact, and no cached tokens is the old formula.
+    assert cost(Decimal(1), Decimal(2), 100, 10, 60, Decimal("0.1")) == (Decimal(40) + Decimal(6) + Decimal(20)) / 1_000_000
+    assert cost(Decimal(1), Decimal(2), 100, 10) == cost(Decimal(1), Decimal(2), 100, 10, 0, Decimal("0.1")) == Decimal(120) / 1_000_000

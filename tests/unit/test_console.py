@@ -120,4 +120,4 @@ def test_each_breakdown_of_a_usage_report_sums_to_its_total():
         assert sum(Decimal(x["cost"]) for x in report[key]) == Decimal(report["total"]["cost"])
         assert sum(x["requests"] for x in report[key]) == report["total"]["requests"]
     assert [d["day"] for d in report["by_day"]] == ["2026-11-01", "2026-11-02"] and report["by_tenant"][1] == {
-        "tenant": "b", "requests": 5, "prompt_tokens": 50, "completion_tokens": 1, "total_tokens": 51, "cost": str(rows[2].amount)}  # fmt: skip
+        "tenant": "b", "requests": 5, "prompt_tokens": 50, "cached_tokens": 0, "completion_tokens": 1, "total_tokens": 51, "cost": str(rows[2].amount)}  # fmt: skip

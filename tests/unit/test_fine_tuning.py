@@ -346,4 +346,4 @@ def test_maas_usage_shows_a_fine_tunes_training_and_inference_lines_apart_in_ali
     assert len(lines) == 5 and [line.split()[3] for line in lines[1:4]] == ["v1", "training", "v1"]
     # Every row and the total (less its currency) as wide as the header: no column pushed out of line.
     assert len({len(line) for line in lines[:4]} | {len(lines[4].removesuffix(" USD"))}) == 1
-    assert lines[-1].split()[:4] == ["TOTAL", "3", "20163", "60"]
+    assert lines[-1].split()[:5] == ["TOTAL", "3", "20163", "0", "60"]  # requests, prompt tokens (none cached), completion tokens

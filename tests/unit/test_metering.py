@@ -17,7 +17,7 @@ from billing.admin import BillingAdmin
 from billing.client import BillingClient
 from billing.ledger import Ledger
 from billing.service import BillingCore
-from common.config import Plan, RequestLimits
+from common.config import Plan, Price, RequestLimits
 from common.runtime import free_port
 from deployments.openai.accounts import AccountsService
 from common.file_store import FileStore
@@ -31,8 +31,12 @@ from tests.unit.test_billing import PRICE, InProcess, config
 class Server:
     """uvicorn in a thread, serving the ingress app with billing wired in-process."""
 
-    def __init__(self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None, operations=None, billing_config=None, fine_tuning=None, adapters=None, prefix: str = "", max_file_bytes: int | None = None):
+    def __init__(
+        self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None, operations=None, billing_config=None, fine_tuning=None, adapters=None,
+        prefix: str = "", max_file_bytes: int | None = None, price: Price = PRICE,
+    ):  # fmt: skip
         """`prefix`: serve the app under a route prefix, as Serve does (`tests.fakes.RoutePrefix`); `base` includes it."""
+        self.price = price
         self.prefix = prefix
         self.max_file_bytes = max_file_bytes
         self.operations = operations
@@ -52,7 +56,7 @@ class Server:
         await self.billing.start()
 
         service = OpenAIService(
-            "m", self.tokenizer, StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), PRICE)), billing=self.billing, limits=self.limits, adapters=self.adapters, adapter_price=PRICE
+            "m", self.tokenizer, StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), self.price)), billing=self.billing, limits=self.limits, adapters=self.adapters, adapter_price=PRICE
         )
         files = FilesService(FileStore(self.tmp_path / "store"), plan_of=BillingAdmin.in_process(self.core).plan)
         fine_tuning = self.fine_tuning(self.core, self.tmp_path / "store") if self.fine_tuning else None
@@ -129,6 +133,36 @@ def test_whole_and_streamed_requests_are_metered_with_their_usage(tmp_path):
         assert usage["total"]["requests"] == 2
         assert httpx.get(f"http://127.0.0.1:{srv.port}/v1/models").status_code == 401
         assert httpx.get(f"http://127.0.0.1:{srv.port}/admin/keys", headers=auth).status_code == 403
+
+
+def test_cached_prompt_tokens_are_reported_billed_at_their_price_and_shown(tmp_path):
+    """The engine's prefix-cache hits: in the usage (whole and streamed), on the ledger row with their price, in
+    the cost (the second of two equal long prompts costs less), in `/v1/usage` and on the invoice."""
+    from openai import OpenAI
+
+    from billing.invoice import build_invoices
+
+    price = config().price_book.price_for("m")  # 0.50 per 1M prompt tokens; cached: the book's default half of it
+    assert price.cached_prompt_per_1m == Decimal("0.25")
+    with Server(tmp_path, ScriptedEngine(cache_block=16), price=price) as srv:
+        client = OpenAI(base_url=f"{srv.base}/v1", api_key=srv.key, max_retries=0)
+        messages = [{"role": "user", "content": "A long shared system prompt, " * 8}]
+        first = client.chat.completions.create(model="m", messages=messages, max_tokens=4)
+        second = client.chat.completions.create(model="m", messages=messages, max_tokens=4)
+        chunks = list(client.chat.completions.create(model="m", messages=messages, max_tokens=4, stream=True, stream_options={"include_usage": True}))
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        assert cached > 0 and cached % 16 == 0 and cached < second.usage.prompt_tokens == first.usage.prompt_tokens
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+        rows = {e.request_id: e for e in _events(srv.core, n=3)}
+        one, two = rows[first.id.removeprefix("chatcmpl-")], rows[second.id.removeprefix("chatcmpl-")]
+        assert (one.cached_tokens, two.cached_tokens, two.cached_price) == (0, cached, "0.25")
+        assert one.amount() - two.amount() == Decimal(cached) * Decimal("0.25") / 1_000_000  # the discount, exactly
+        usage = client.get("/usage", cast_to=object)
+        assert usage["total"]["cached_tokens"] == 2 * cached and usage["data"][0]["cached_tokens"] == 2 * cached
+        (invoice,) = build_invoices(srv.core.ledger.spend(), two.ts and time.strftime("%Y-%m", time.gmtime(two.ts)))
+        line = invoice.lines.iloc[0]
+        assert line["cached_tokens"] == 2 * cached and line["cached_prompt_price_per_1m"] == Decimal("0.25")
 
 
 def test_over_budget_is_429_insufficient_quota_and_nothing_is_metered(tmp_path):

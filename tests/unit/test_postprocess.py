@@ -132,7 +132,7 @@ async def test_stream_shapes_usage_and_done():
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == "chatcmpl-r1" for c in chunks)
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == "Hi there"
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 8, "total_tokens": 10}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 8, "total_tokens": 10, "prompt_tokens_details": {"cached_tokens": 0}}
     assert pieces[-1][1] == chunks[-1]["usage"]
     assert len(pieces) == 3 + 1  # one message per generator message, then usage+[DONE]
 
@@ -156,7 +156,7 @@ async def test_complete_builds_whole_response():
     assert body["object"] == "text_completion"
     assert [c["text"] for c in body["choices"]] == ["abcde", "abcde"]
     assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 10, "total_tokens": 12}
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 10, "total_tokens": 12, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_real_tokenizer_roundtrip_if_model_present():

@@ -206,7 +206,7 @@ def test_echo_with_logprobs_scores_the_prompt_and_max_tokens_0_the_prompt_alone(
     assert engine.requests[-1].max_tokens == 1 and engine.requests[-1].prompt_only  # the engine makes one token: vLLM cannot make none
     choice = body["choices"][0]
     assert choice["text"] == "xy" and choice["finish_reason"] == "length" and choice["logprobs"]["tokens"] == ["x", "y"]
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}  # what the engine made, billed
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3, "prompt_tokens_details": {"cached_tokens": 0}}  # what the engine made, billed
     streamed = client.post("/v1/completions", json={"model": MODEL, "prompt": "xy", "echo": True, "logprobs": 1, "max_tokens": 2, "stream": True}).text
     chunks = [json.loads(e[6:])["choices"][0] for e in streamed.split("\n\n") if e.startswith("data: {")]
     assert chunks[0]["text"].startswith("xy") and chunks[0]["logprobs"]["tokens"][:2] == ["x", "y"]
@@ -232,7 +232,7 @@ def test_a_list_of_prompts_is_one_response_with_each_prompts_choices_in_turn():
     body = client.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "bb", "ccc"], "n": 2, "echo": True}).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3, 4, 5]
     assert [c["text"] for c in body["choices"]] == ["aok", "aok", "bbok", "bbok", "cccok", "cccok"]
-    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 12, "total_tokens": 18}
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 12, "total_tokens": 18, "prompt_tokens_details": {"cached_tokens": 0}}
     ids = sorted(r.request_id for r in engine.requests[-3:])
     assert body["id"] == "cmpl-" + ids[0][:-2] and [i[-2:] for i in ids] == ["-0", "-1", "-2"]  # sub-requests <id>-<i>
     tokens = client.post("/v1/completions", json={"model": MODEL, "prompt": [[97], [98, 98]], "max_tokens": 1}).json()
@@ -241,7 +241,7 @@ def test_a_list_of_prompts_is_one_response_with_each_prompts_choices_in_turn():
     events = [e[len("data: "):] for e in resp.text.split("\n\n") if e]
     assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
     chunks = [json.loads(e) for e in events[:-1]]
-    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7} and not any(c.get("usage") for c in chunks[:-1])
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": 0}} and not any(c.get("usage") for c in chunks[:-1])
     texts = {i: "".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"][0]["index"] == i) for i in (0, 1)}
     assert texts == {0: "ok", 1: "ok"} and {c["id"] for c in chunks} == {chunks[0]["id"]}
 

@@ -70,3 +70,12 @@ def test_a_late_engine_count_reopens_a_row_closed_at_its_floor():
 def test_a_client_error_known_at_the_ingress_is_not_left_pending():
     row = merge(None, ingress(0, 0, "invalid_request_error"), INGRESS).row
     assert not row.pending and row.event.completion_tokens == 0
+
+
+def test_cached_prompt_tokens_are_the_engines_count_in_either_order_and_counted_once():
+    said = CTX.event("r", 1.0, "ok", 10, 5, 5, cached_tokens=0)  # an ingress that never heard the count (cut before usage)
+    engine_says = CTX.event("r", 2.0, "ok", 10, 5, cached_tokens=8)
+    for first, second, witnesses in ((said, engine_says, (INGRESS, ENGINE)), (engine_says, said, (ENGINE, INGRESS))):
+        a = merge(None, first, witnesses[0])
+        b = merge(a.row, second, witnesses[1])
+        assert b.row.event.cached_tokens == 8 and a.cached_delta + b.cached_delta == 8

@@ -253,12 +253,13 @@ function usageSection(report, { byTenant = false } = {}) {
       card("Spend", money(t.cost, cur), "total-cost"),
       card("Requests", fmtInt(t.requests), "total-requests"),
       card("Tokens", fmtInt(tokens), "total-tokens"),
-      card("Prompt / completion", `${fmtInt(t.prompt_tokens)} / ${fmtInt(t.completion_tokens)}`, "total-split")),
+      card("Prompt / completion", `${fmtInt(t.prompt_tokens)} / ${fmtInt(t.completion_tokens)}`, "total-split"),
+      card("Cached prompt tokens", fmtInt(t.cached_tokens || 0), "total-cached")),
     el("div", { class: "panel" }, el("h3", {}, `Spend by day (${cur})`), barChart(days, { exact: (it) => plain(it.d.cost) }), ),
     el("div", { class: "panel" }, el("h3", {}, "Tokens by day"), barChart(tokenDays, { names: ["prompt", "completion"] })),
     el("div", { class: "panel" }, el("h3", {}, `Spend by model and version (${cur})`), barChart(models, { horizontal: true, exact: (it) => plain(it.m.cost) }),
-      table([{ label: "Model@version" }, { label: "Requests", num: true }, { label: "Prompt tokens", num: true }, { label: "Completion tokens", num: true }, { label: `Cost (${cur})`, num: true }],
-        report.by_model.map((m) => ({ cells: [m.model, fmtInt(m.requests), fmtInt(m.prompt_tokens), fmtInt(m.completion_tokens), plain(m.cost)] })), { "data-testid": "by-model" })),
+      table([{ label: "Model@version" }, { label: "Requests", num: true }, { label: "Prompt tokens", num: true }, { label: "of them cached", num: true }, { label: "Completion tokens", num: true }, { label: `Cost (${cur})`, num: true }],
+        report.by_model.map((m) => ({ cells: [m.model, fmtInt(m.requests), fmtInt(m.prompt_tokens), fmtInt(m.cached_tokens || 0), fmtInt(m.completion_tokens), plain(m.cost)] })), { "data-testid": "by-model" })),
     byTenant ? el("div", { class: "panel" }, el("h3", {}, `Spend by tenant (${cur})`), barChart(report.by_tenant.map((x) => ({ label: x.tenant, parts: [x.cost], x })), { horizontal: true, exact: (it) => plain(it.x.cost) })) : null,
   );
 }
