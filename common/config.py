@@ -175,6 +175,12 @@ class CanaryConfig(Strict):
 
 class ModelConfig(Strict):
     name: str = Field("SmolLM2-135M-Instruct", description="Public model id clients send in `model`; also the model's folder name in the store.")
+    tool_calls: bool = Field(
+        True,
+        description="Answer `tool_choice: auto` (the default with `tools`): the tools described in the system prompt Hermes-style and the "
+        "model's `<tool_call>` blocks parsed out of its answer (deployments.core.tools). Off: `auto` is a 400; `required` and a named "
+        "function still work (the engine enforces them).",
+    )
     version: str = Field(
         "latest",
         description="Stable store version to serve. `latest` pins the newest version at the first deploy and then keeps the live "
@@ -290,6 +296,7 @@ class RequestLimits:
     max_logprobs: int = 20  # the engine's bound on top logprobs
     structured_outputs: bool = True  # whether the engine enforces response_format
     max_file_bytes: int = 32 * 2**20  # an upload to /v1/files
+    tool_calls: bool = True  # whether `tool_choice: auto` is answered (model.tool_calls)
 
 
 class FineTuningConfig(Strict):
@@ -343,7 +350,7 @@ class MaasConfig(Strict):
         body = lim.max_body_bytes or min(2 * 2**20, max(256 * 2**10, 64 * window))
         return RequestLimits(
             body, lim.max_prompt_chars or 32 * window, lim.max_messages, lim.max_stop_sequences, lim.max_stop_chars, self.engine.max_logprobs, self.engine.structured_outputs,
-            lim.max_file_bytes,
+            lim.max_file_bytes, self.model.tool_calls,
         )
 
     def store_root(self) -> Path:

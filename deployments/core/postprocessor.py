@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Sequence
 
 from deployments.core import shapes
+from deployments.core.tools import ToolCall, ToolCallParser
 from deployments.core.types import CACHED_PROMPT, PROMPT_LOGPROBS, ChoiceEvent, DecodedLogprob, GenerationRequest, SSEPiece, TokenDelta, TokenLogprob, Usage
 
 Decode = Callable[[Sequence[int]], str]
@@ -100,6 +101,8 @@ class ChoiceState:
     finish_reason: str | None = None
     started: bool = False
     logprobs: list[DecodedLogprob] = field(default_factory=list)  # all of them, for a whole response
+    tools: ToolCallParser | None = None  # chat with tools: takes the calls out of the answer
+    tool_calls: list[ToolCall] | None = None
     offset: int = 0  # characters of the choice's text the logprobs have covered (text_offset)
 
 
@@ -108,7 +111,10 @@ class RequestDecoder:
 
     def __init__(self, req: GenerationRequest, decode: Decode, token_text: Callable[[int], str] | None = None):
         self.req = req
-        self.choices = [ChoiceState(i, IncrementalDetokenizer(decode, req.prompt_token_ids), StopMatcher(req.stop)) for i in range(req.n)]
+        self.choices = [
+            ChoiceState(i, IncrementalDetokenizer(decode, req.prompt_token_ids), StopMatcher(req.stop), tools=ToolCallParser(req.tools) if req.tools else None)
+            for i in range(req.n)
+        ]
         self._token_text = token_text or (lambda t: decode([t]))
         # `echo`: the prompt's text leads each choice (decoded as the model reads it).
         self._echo = decode(req.prompt_token_ids) if req.echo and req.kind == "completion" else ""
@@ -198,6 +204,13 @@ class RequestDecoder:
 
     def _event(self, choice: ChoiceState, text: str, finish_reason: str | None, logprobs: list[DecodedLogprob] | None = None) -> ChoiceEvent:
         first, choice.started = not choice.started, True
+        if choice.tools is not None:  # content goes out as it comes; a tool call's text is kept until the choice ends
+            text = choice.tools.push(text)
+            if finish_reason is not None:
+                tail, calls = choice.tools.finish()
+                text += tail
+                if calls:
+                    choice.tool_calls, finish_reason = calls, "tool_calls"
         if first and self._echo:
             text = self._echo + text
             if self._echo_logprobs:
@@ -206,12 +219,12 @@ class RequestDecoder:
         if text:
             choice.text.append(text)
         choice.finish_reason = finish_reason
-        return ChoiceEvent(choice.index, text, finish_reason, first, logprobs)
+        return ChoiceEvent(choice.index, text, finish_reason, first, logprobs, choice.tool_calls if finish_reason == "tool_calls" else None)
 
     def whole(self) -> list[ChoiceEvent]:
         """Each choice's complete answer (after the stream ended)."""
         wanted = self.req.logprobs is not None
-        return [ChoiceEvent(c.index, "".join(c.text), c.finish_reason, False, c.logprobs if wanted else None) for c in self.choices]
+        return [ChoiceEvent(c.index, "".join(c.text), c.finish_reason, False, c.logprobs if wanted else None, c.tool_calls) for c in self.choices]
 
 
 class ResponseWriter:

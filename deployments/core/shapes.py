@@ -53,11 +53,18 @@ def logprobs(req: GenerationRequest, tokens: Sequence[DecodedLogprob] | None) ->
     }
 
 
+def tool_call_deltas(calls: Sequence[Any]) -> list[dict[str, Any]]:
+    """A stream's `delta.tool_calls`: each call whole, in one chunk (its name and all of its arguments), as `index` orders them."""
+    return [{"index": i, **c.to_dict()} for i, c in enumerate(calls)]
+
+
 def _stream_choice(req: GenerationRequest, ev: ChoiceEvent) -> dict[str, Any]:
     if req.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant"} if ev.first else {}
         if ev.text or ev.first:
             delta["content"] = ev.text
+        if ev.tool_calls:
+            delta["tool_calls"] = tool_call_deltas(ev.tool_calls)
         return {"index": ev.index + req.choice_offset, "delta": delta, "logprobs": logprobs(req, ev.logprobs), "finish_reason": ev.finish_reason}
     return {"index": ev.index + req.choice_offset, "text": ev.text, "logprobs": logprobs(req, ev.logprobs), "finish_reason": ev.finish_reason}
 
@@ -90,7 +97,9 @@ class ChunkTemplate:
         finish = "null" if ev.finish_reason is None else _encode(ev.finish_reason).decode()
         lp = "null" if ev.logprobs is None or req.logprobs is None else _dumps(logprobs(req, ev.logprobs))
         if self._chat:
-            if ev.first:
+            if ev.tool_calls:  # once per choice: the JSON of the reference shape
+                delta = _dumps(_stream_choice(req, ev)["delta"])
+            elif ev.first:
                 delta = f'{{"role":"assistant","content":{_encode(ev.text).decode()}}}'
             else:
                 delta = f'{{"content":{_encode(ev.text).decode()}}}' if ev.text else "{}"
@@ -114,13 +123,16 @@ def sse_error(envelope: dict[str, Any]) -> str:
     return f"data: {_dumps(envelope)}\n\n{DONE}"
 
 
+def _message(c: ChoiceEvent) -> dict[str, Any]:
+    if not c.tool_calls:
+        return {"role": "assistant", "content": c.text}
+    return {"role": "assistant", "content": c.text or None, "tool_calls": [call.to_dict() for call in c.tool_calls]}
+
+
 def full_response(req: GenerationRequest, choices: Sequence[ChoiceEvent], usage: Usage) -> dict[str, Any]:
     """The whole (non-streamed) body; each choice's `text` is its complete answer."""
     if req.kind == "chat":
-        body = [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs(req, c.logprobs), "finish_reason": c.finish_reason}
-            for c in choices
-        ]
+        body = [{"index": c.index, "message": _message(c), "logprobs": logprobs(req, c.logprobs), "finish_reason": c.finish_reason} for c in choices]
         obj = "chat.completion"
     else:
         body = [{"index": c.index + req.choice_offset, "text": c.text, "logprobs": logprobs(req, c.logprobs), "finish_reason": c.finish_reason} for c in choices]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from billing.records import BillingContext
+from deployments.core.tools import ToolCall, ToolSpec
 
 # One generator stream message: for each choice that advanced, (choice index, new token ids, finish reason),
 # and, only when the request asked for logprobs, a fourth element: one `TokenLogprob` per new token.
@@ -87,6 +88,7 @@ class GenerationRequest:
     model_version: str = ""  # the store version serving it; responses name it in `system_fingerprint`
     adapter: tuple[str, str] | None = None  # a fine-tune: (its model id, its LoRA adapter folder) applied on the base
     billing: BillingContext | None = None  # who pays: the generator reports the engine's count with it
+    tools: ToolSpec | None = None  # chat with tools: how the postprocessor finds the calls in the answer (deployments.core.tools)
 
     @property
     def response_id(self) -> str:
@@ -102,6 +104,7 @@ class ChoiceEvent:
     finish_reason: str | None
     first: bool = False
     logprobs: list["DecodedLogprob"] | None = None  # for the tokens behind `text`, when the request asked for them
+    tool_calls: list[ToolCall] | None = None  # the calls the answer made (with finish_reason `tool_calls`)
 
 
 @dataclass(frozen=True)

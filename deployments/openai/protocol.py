@@ -35,12 +35,12 @@ def _utf8(value: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]
 
 
-def _check_schema(schema: dict[str, Any]) -> None:
+def _check_schema(schema: dict[str, Any], what: str = "json_schema.schema") -> None:
     """A JSON Schema the engine can compile: well-formed per its metaschema (a 400 otherwise, not an engine error)."""
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
-        raise ValueError(f"json_schema.schema is not a valid JSON Schema: {exc.message}") from None
+        raise ValueError(f"{what} is not a valid JSON Schema: {exc.message}") from None
 
 
 class StreamOptions(BaseModel):
@@ -52,12 +52,27 @@ class TextContentPart(BaseModel):
     text: Text
 
 
+class FunctionCallIn(BaseModel):
+    name: Text = Field(..., min_length=1, max_length=64)
+    arguments: Text = Field("", description="The call's arguments, JSON text as the model gave them.")
+
+
+class ToolCallIn(BaseModel):
+    """An earlier assistant turn's tool call, in the history."""
+
+    id: Text = Field(..., max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=128, description="An assistant turn's tool calls.")
+    tool_call_id: Text | None = Field(None, max_length=256, description="A `tool` message: the call it answers.")
 
     def text(self) -> str:
         if self.content is None:
@@ -165,20 +180,62 @@ class _SamplingFields(BaseModel):
         return {int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(None, description="The arguments' JSON Schema (an object).")
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            _check_schema(value, "parameters")
+        return value
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = Field(False, strict=True, description="Return the logprob of each completion token.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: also the this many most likely tokens at each position.")
-    tools: list[Any] | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=128, description="Functions the model may call (deployments.core.tools).")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="`auto` (the default with tools), `none`, `required`, or a named function; `required` and a named function are enforced by the engine."
+    )
+    parallel_tool_calls: bool = Field(True, description="With `required`: whether the answer may make more than one call.")
 
     @model_validator(mode="after")
     def _unsupported(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
-        if self.tools:
-            raise ValueError("tools are not supported by this model")
-        return self
+        return self  # tools and tool_choice together: `deployments.core.tools.check_tool_choice` (a 400 naming the parameter)
+
+    @property
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    @property
+    def tool_choice_value(self) -> Any:
+        return self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
 
     @property
     def engine_logprobs(self) -> int | None:

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, NamedTuple, Protocol
 
 from common.config import MaasConfig, Price, RequestLimits
 from common.errors import EngineNotReadyError, InvalidRequestError, MaasError, ModelNotFoundError, NotFoundError, PermissionDeniedError, ServiceUnavailableError, as_maas_error
-from deployments.core import shapes
+from deployments.core import shapes, tools
 from deployments.core.adapters import Adapter, AdapterCatalog
 from deployments.core.types import GenerationRequest, SSEPiece, TokenizedPrompt, Usage, piece_usage
 from deployments.openai.files import NO_TENANT
@@ -211,8 +211,15 @@ class OpenAIService:
         return self._is_ready()
 
     async def chat(self, body: ChatCompletionRequest, principal: Any = None) -> dict | SSEStream:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return await self._handle("chat", body, principal, lambda rid: self._tokenizer.prepare_chat(messages, body.token_limit, request_id=rid))
+        tools.check_tool_choice(body.tool_dicts, body.tool_choice_value, body.response_format, "parallel_tool_calls" in body.model_fields_set)
+        spec, forced, shown = tools.response_format_for(body.tool_dicts or [], body.tool_choice_value, body.parallel_tool_calls)
+        if spec is not None and spec.mode == "auto" and not self._limits.tool_calls:
+            raise InvalidRequestError("This model does not answer tool_choice `auto` (model.tool_calls is off); use `required` or name a function.", param="tool_choice")
+        if forced is not None and not self._limits.structured_outputs:
+            raise InvalidRequestError("This deployment cannot force a tool call (engine.structured_outputs is off); use tool_choice `auto`.", param="tool_choice")
+        history = [{"role": m.role, "content": m.text(), "tool_calls": [c.model_dump() for c in m.tool_calls] if m.tool_calls else None} for m in body.messages]
+        messages = tools.render_messages(history, shown)
+        return await self._handle("chat", body, principal, lambda rid: self._tokenizer.prepare_chat(messages, body.token_limit, request_id=rid), spec, forced)
 
     async def completion(self, body: CompletionRequest, principal: Any = None) -> dict | SSEStream:
         prompts = body.prompts
@@ -250,8 +257,14 @@ class OpenAIService:
         first: GenerationRequest = prepared[0].req  # type: ignore[union-attr]
         return MergedStream(results, lambda usage: shapes.sse_end(first, usage))  # type: ignore[arg-type]
 
-    async def _handle(self, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, prepare: Callable[[str], Any]) -> dict | SSEStream:
-        return await self._run(*await self._prepare(kind, body, principal, prepare, self._new_request_id()))
+    async def _handle(
+        self, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, prepare: Callable[[str], Any], tool_spec: Any = None, forced: dict | None = None
+    ) -> dict | SSEStream:
+        """`tool_spec`/`forced`: a chat with tools, how its calls are parsed and the structured output that forces one."""
+        prepared = await self._prepare(kind, body, principal, prepare, self._new_request_id())
+        if tool_spec is not None:
+            prepared = prepared._replace(req=dataclasses.replace(prepared.req, tools=tool_spec, response_format=forced or prepared.req.response_format))
+        return await self._run(*prepared)
 
     async def _prepare(
         self, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, prepare: Callable[[str], Any], request_id: str, group: str = "", choice_offset: int = 0

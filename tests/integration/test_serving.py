@@ -128,6 +128,46 @@ def test_response_format_json_schema_and_json_object(client):
     assert obj.choices[0].finish_reason == "length" or isinstance(json.loads(obj.choices[0].message.content), dict)
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"], "additionalProperties": False},
+    },
+}
+
+
+def test_tool_calls_whole_and_streamed_with_the_real_engine(client):
+    """`required` and a named function are held to the function's schema by the engine, whatever the model writes;
+    `auto` answers either text or calls, consistently with its finish reason."""
+    import json
+
+    import jsonschema
+
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    schema = WEATHER["function"]["parameters"]
+    named = chat(client, messages=ask, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=40)
+    (call,) = named.choices[0].message.tool_calls
+    assert named.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+
+    calls, finish = [], None
+    for chunk in chat(client, messages=ask, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, max_tokens=60, stream=True):
+        for choice in chunk.choices:
+            calls += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls" and len(calls) == 1 and calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments), schema)
+
+    auto = chat(client, messages=ask, tools=[WEATHER], max_tokens=60).choices[0]
+    assert (auto.finish_reason == "tool_calls") == bool(auto.message.tool_calls)
+    # The call and its result in the history: the model answers from them.
+    history = [*ask, named.choices[0].message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+    answer = chat(client, messages=history, tools=[WEATHER], tool_choice="none", max_tokens=20).choices[0]
+    assert answer.message.content and not answer.message.tool_calls
+
+
 def test_a_list_of_prompts_echo_and_user(client, hf_tokenizer):
     resp = client.completions.create(model=MODEL, prompt=["The sky is", "Water is"], max_tokens=4, temperature=0, echo=True, user="alice")
     assert [c.index for c in resp.choices] == [0, 1] and resp.choices[0].text.startswith("The sky is")
