@@ -16,7 +16,7 @@ import time
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from common.config import MaasConfig
+from common.config import MaasConfig, Price
 from common.file_store import FileStore
 from common.logs import setup_logging
 from deployments.core.adapters import AdapterCatalog
@@ -25,6 +25,7 @@ from deployments.fleet import ServeFleet
 from deployments.handles import PostprocessorHandleClient, TokenizerHandleClient
 from deployments.observability import RayRequestMetrics
 from deployments.openai.accounts import AccountsService
+from deployments.openai.catalogue import Listing
 from deployments.openai.files import FilesService, default_plan
 from deployments.openai.fine_tuning import FineTuningService
 from deployments.openai.operations import OperationsService
@@ -71,6 +72,7 @@ class Ingress:
             limits=cfg.request_limits(),
             adapters=AdapterCatalog(str(cfg.store_root()), cfg.model.name) if cfg.engine.enable_lora else None,
             adapter_price=cfg.billing.price_book.fine_tuned_price(cfg.model.name) if billing.enabled else None,
+            listing=Listing.of(cfg, self._stable_price),
         )
         self._fine_tuning = None
         if cfg.fine_tuning.enabled:
@@ -80,6 +82,10 @@ class Ingress:
             self._fine_tuning = FineTuningService(fine_tunes.client(fine_tunes.get_or_create(cfg)), cfg, stable)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._follow_traffic())]
+
+    def _stable_price(self) -> Price | None:
+        plan = self._traffic.plan
+        return self._config.billing.price_book.price_for(self._config.model.name, plan.stable) if self._config.billing.enabled and plan is not None else None
 
     def _backend(self, version: str) -> Backend:
         app = version_app_name(self._config.app_name, self._config.model.name, version)

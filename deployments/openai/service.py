@@ -23,6 +23,7 @@ from common.errors import EngineNotReadyError, InvalidRequestError, MaasError, M
 from deployments.core import shapes, tools
 from deployments.core.adapters import Adapter, AdapterCatalog
 from deployments.core.types import GenerationRequest, SSEPiece, TokenizedPrompt, Usage, piece_usage
+from deployments.openai.catalogue import Listing, model_card, pricing
 from deployments.openai.files import NO_TENANT
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -150,11 +151,13 @@ class OpenAIService:
         limits: RequestLimits | None = None,
         adapters: AdapterCatalog | None = None,
         adapter_price: Any = None,
+        listing: Listing | None = None,
     ):
         """`limits` bound what one request may send, checked before any other stage is called; `adapters`: tenants' fine-tunes."""
         self.model_name = model_name
         self._adapters = adapters
         self._adapter_price = adapter_price
+        self._listing = listing or Listing()
         self._limits = limits or MaasConfig().request_limits()
         self._tokenizer = tokenizer
         self._backends = backends
@@ -200,11 +203,16 @@ class OpenAIService:
         return state.headers() if state is not None else {}
 
     def models(self, principal: Any = None) -> dict:
-        """The base model, and the caller's own fine-tunes (no one else's)."""
-        data = [{"id": self.model_name, "object": "model", "created": self._created, "owned_by": "ray-maas"}]
+        """The base model, and the caller's own fine-tunes (no one else's), each with what it can do and its price."""
+        ls = self._listing
+        data = [model_card(self.model_name, self._created, "ray-maas", ls.capabilities, ls.context_window, pricing(ls.price(), ls.currency))]
         if self._adapters is not None:
             tenant = getattr(principal, "tenant", None) or NO_TENANT
-            data += [{"id": a.model, "object": "model", "created": a.created, "owned_by": a.tenant, "parent": a.base, "root": a.base} for a in self._adapters.for_tenant(tenant)]
+            price = pricing(self._adapter_price, ls.currency)
+            data += [
+                model_card(a.model, a.created, a.tenant, ls.fine_tune_capabilities, ls.context_window, price, parent=a.base, root=a.base)
+                for a in self._adapters.for_tenant(tenant)
+            ]
         return {"object": "list", "data": data}
 
     def ready(self) -> bool:

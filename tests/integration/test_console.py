@@ -151,6 +151,13 @@ def test_a_tenant_sees_its_spend_and_manages_its_keys(page, base_url, billing_ac
 
     _until(refused, 15)  # each replica drops a revoked key at its next sync
 
+    # The catalogue: the model, what it does and its price, as /v1/models says (the stable version's price).
+    page.click("a[data-page=models]")
+    row = page.wait_for_selector(f"table[data-testid=models] tr[data-model='{MODEL}']").inner_text()
+    card = next(m for m in client.models.list().model_dump()["data"] if m["id"] == MODEL)
+    assert "chat" in row and "tool calls" in row and card["pricing"]["prompt_per_1m"] in row and card["pricing"]["cached_prompt_per_1m"] in row
+    _shot(page, "tenant-models")
+
 
 def test_an_operator_moves_the_canary_weight_and_the_cli_sees_it(page, base_url, billing_actor, maas_config):
     from click.testing import CliRunner

@@ -121,3 +121,27 @@ def test_each_breakdown_of_a_usage_report_sums_to_its_total():
         assert sum(x["requests"] for x in report[key]) == report["total"]["requests"]
     assert [d["day"] for d in report["by_day"]] == ["2026-11-01", "2026-11-02"] and report["by_tenant"][1] == {
         "tenant": "b", "requests": 5, "prompt_tokens": 50, "cached_tokens": 0, "completion_tokens": 1, "total_tokens": 51, "cost": str(rows[2].amount)}  # fmt: skip
+
+
+def test_the_catalogue_says_what_each_model_does_and_what_it_costs(tmp_path):
+    """`/v1/models`: the served model with its capabilities, context window and price (the stable version's, its
+    cached-prompt price resolved), and a tenant's fine-tune at the fine-tune price, not fine-tunable again."""
+    from common.config import MaasConfig
+    from deployments.openai.catalogue import Capabilities, Listing
+    from deployments.openai.service import Backend, OpenAIService, StaticPicker
+    from tests.fakes import FakePostprocessorClient, FakeTokenizerClient, ScriptedEngine
+
+    cfg = MaasConfig.model_validate({"model": {"name": "m", "tool_calls": False}, "billing": {"price_book": {"models": {"m": {
+        "prompt_per_1m": "1", "completion_per_1m": "3", "training_per_1m": "50", "fine_tuned": {"prompt_per_1m": "2", "completion_per_1m": "6"}}}}}})  # fmt: skip
+    book = cfg.billing.price_book
+    service = OpenAIService(
+        "m", FakeTokenizerClient(), StaticPicker(Backend("v1", FakePostprocessorClient(ScriptedEngine()))),
+        listing=Listing.of(cfg, lambda: book.price_for("m", "v1")), adapter_price=book.fine_tuned_price("m"),
+    )  # fmt: skip
+    (card,) = service.models()["data"]
+    assert card["id"] == "m" and card["object"] == "model" and card["context_window"] == cfg.engine.max_model_len
+    assert card["capabilities"] == {**vars(Capabilities()), "tools": False, "fine_tuning": True}
+    assert card["pricing"] == {"currency": "USD", "prompt_per_1m": "1", "cached_prompt_per_1m": "0.5", "completion_per_1m": "3"}
+    assert Capabilities.of(cfg, fine_tune=True).fine_tuning is False
+    off = MaasConfig.model_validate({"model": {"name": "m"}, "billing": {"enabled": False}})
+    assert OpenAIService("m", FakeTokenizerClient(), StaticPicker(Backend("v1", None)), listing=Listing.of(off, lambda: None)).models()["data"][0]["pricing"] is None

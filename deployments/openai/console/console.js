@@ -152,7 +152,7 @@ function barChart(items, { names = ["value"], height = 180, horizontal = false, 
 
 // ---- sign-in and navigation ----------------------------------------------------------------
 
-const TENANT_PAGES = [["usage", "Usage"], ["keys", "Keys"]];
+const TENANT_PAGES = [["usage", "Usage"], ["keys", "Keys"], ["models", "Models"]];
 const OPERATOR_PAGES = [["tenants", "Tenants"], ["spend", "Spend"], ["traffic", "Traffic"], ["health", "Health"], ["audit", "Audit log"]];
 
 async function signIn(key) {
@@ -281,6 +281,21 @@ async function usagePage(period, fresh = true) {
     el("div", { class: "panel" }, monthPicker(period, async (p) => document.getElementById("view").replaceChildren(await usagePage(p)))),
     usageSection(report));
   return view;
+}
+
+// The catalogue: every model this key may call (the tenant's own fine-tunes included), what each does, its price.
+const CAPABILITIES = [["chat", "chat"], ["completions", "completions"], ["embeddings", "embeddings"], ["tools", "tool calls"], ["structured_outputs", "JSON schema"], ["logprobs", "logprobs"], ["fine_tuning", "fine-tuning"]];
+
+async function modelsPage() {
+  const models = (await api("GET", "/v1/models")).data;
+  const does = (m) => CAPABILITIES.filter(([k]) => m.capabilities && m.capabilities[k]).map(([, label]) => label).join(", ");
+  const price = (m, k) => (m.pricing ? plain(m.pricing[k]) : "—");
+  const cur = (models.find((m) => m.pricing) || { pricing: { currency: "" } }).pricing.currency;
+  return el("div", { class: "panel" },
+    el("h3", {}, `Models${cur ? ` (prices per 1M tokens, ${cur})` : ""}`),
+    table([{ label: "Model" }, { label: "Based on" }, { label: "What it does" }, { label: "Context", num: true }, { label: "Prompt", num: true }, { label: "Cached prompt", num: true }, { label: "Completion", num: true }],
+      models.map((m) => ({ attrs: { "data-model": m.id }, cells: [m.id, m.parent || "", does(m), fmtInt(m.context_window || 0), price(m, "prompt_per_1m"), price(m, "cached_prompt_per_1m"), price(m, "completion_per_1m")] })),
+      { "data-testid": "models" }));
 }
 
 async function keysPage(created) {
@@ -434,7 +449,7 @@ async function auditPage(filters = {}) {
     el("div", { class: "panel" }, table(["When", "Who", "Action", "Target", "Detail"], log.data.map((r) => ({ cells: [fmtTime(r.ts), r.who, r.action, r.target, r.detail] })), { "data-testid": "audit" })));
 }
 
-const PAGES = { usage: () => usagePage(), keys: () => keysPage(), tenants: tenantsPage, spend: () => spendPage(), traffic: trafficPage, health: healthPage, audit: () => auditPage() };
+const PAGES = { usage: () => usagePage(), keys: () => keysPage(), models: () => modelsPage(), tenants: tenantsPage, spend: () => spendPage(), traffic: trafficPage, health: healthPage, audit: () => auditPage() };
 
 document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("sign-in-form").addEventListener("submit", async (e) => {
