@@ -36,8 +36,12 @@ class VersionRoot:
     def __init__(self, postprocessor: Any):
         self._postprocessor = postprocessor  # bound so that Serve deploys the version's stages under this root
 
-    async def __call__(self) -> None:
-        return None
+    async def __call__(self, request: Any = None) -> Any:
+        """Nothing routes here; under HAProxy its replica still listens on a direct port (loopback): a 404 in the envelope."""
+        from starlette.responses import JSONResponse
+
+        body = {"error": {"message": "Not found: a model version's internal application answers nothing.", "type": "invalid_request_error", "param": None, "code": "not_found"}}
+        return JSONResponse(body, status_code=404)
 
 
 def deployment_options(stage: DeploymentConfig, *, gpus: float = 0.0) -> dict[str, Any]:

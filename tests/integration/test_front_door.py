@@ -36,6 +36,22 @@ def test_nothing_listens_beyond_loopback_haproxys_own_frontends_included(client)
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+def test_a_version_roots_own_port_answers_404_in_the_envelope(client):
+    """Under HAProxy each application's ingress replica listens on a direct port, the version applications' router-free
+    root too (loopback only, nothing routes to it): it answers nothing but a 404 in the envelope."""
+    chat(client, max_tokens=2)
+    answers = []
+    for _, port, name in cluster_listeners():
+        if "VersionRoot" not in name:
+            continue
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/anything", timeout=3)
+        except httpx.HTTPError:  # its inter-replica gRPC port
+            continue
+        answers.append((r.status_code, r.json()["error"]["code"] if r.status_code == 404 else r.text[:80]))
+    assert answers and all(a == (404, "not_found") for a in answers), answers
+
+
 def _kill_under_load(base_url: str, key: str, workers: int = 6) -> tuple[list[tuple[int, str, str | None, dict | None]], list[str]]:
     """Whole requests from `workers` clients while the ingress replica is killed and comes back: (answers, cut connections)."""
     from bench.chaos import kill, wait_serving
