@@ -42,10 +42,9 @@ class UsageEvent(NamedTuple):
     cached_tokens: int = 0  # of `prompt_tokens`, those the engine's prefix cache held (the engine's own count)
     cached_price: str = ""  # per 1M cached prompt tokens (Decimal as text; "": the prompt price)
 
-    def amount(self, completion_tokens: int | None = None) -> Decimal:
-        """Exact cost at the row's prices, of `completion_tokens` (default: the row's own count, None as 0)."""
-        completion = self.completion_tokens if completion_tokens is None else completion_tokens
-        return cost(Decimal(self.prompt_price), Decimal(self.completion_price), self.prompt_tokens, completion or 0, self.cached_tokens, price_of(self.cached_price))
+    def amount(self) -> Decimal:
+        """Exact cost of the row's tokens at its prices (a completion count not known yet counts 0)."""
+        return cost(Decimal(self.prompt_price), Decimal(self.completion_price), self.prompt_tokens, self.completion_tokens or 0, self.cached_tokens, price_of(self.cached_price))
 
 
 class BillingContext(NamedTuple):

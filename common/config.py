@@ -62,9 +62,9 @@ class PriceBook(Frozen):
 
     def _resolved(self, price: Price) -> Price:
         """`price` with its cached-prompt price filled in (its own, else the book's fraction of its prompt price)."""
-        if price.cached_prompt_per_1m is not None:
-            return Price(prompt_per_1m=price.prompt_per_1m, completion_per_1m=price.completion_per_1m, cached_prompt_per_1m=price.cached_prompt_per_1m)
-        cached = (price.prompt_per_1m * self.cached_prompt_fraction).normalize()
+        cached = price.cached_prompt_per_1m
+        if cached is None:
+            cached = (price.prompt_per_1m * self.cached_prompt_fraction).normalize()
         return Price(prompt_per_1m=price.prompt_per_1m, completion_per_1m=price.completion_per_1m, cached_prompt_per_1m=cached)
 
     def price_for(self, model: str, version: str | None = None) -> Price:

@@ -378,7 +378,7 @@ class OpenAIService:
                 meter.failed(exc)
                 raise
             meter.first_piece()
-            meter.done(result["usage"]["completion_tokens"], Usage.from_dict(result["usage"]).cached_tokens)
+            meter.done(result["usage"])
             return result
         stream = post.stream(req)
         try:
@@ -553,8 +553,10 @@ class _Meter:
         if self._observer is not None:
             self._observer.finished(record)
 
-    def done(self, completion_tokens: int, cached_tokens: int = 0) -> None:
-        self._end(completion_tokens, "ok", cached=cached_tokens)
+    def done(self, usage: dict) -> None:
+        """The request's usage as its response carried it (`Usage.to_dict`)."""
+        u = Usage.from_dict(usage)
+        self._end(u.completion_tokens, "ok", cached=u.cached_tokens)
 
     def aborted(self, delivered: int = 0) -> None:
         self._end(None, "aborted", delivered)  # the generator reports what the engine produced; `delivered` is the floor
@@ -615,7 +617,7 @@ class MeteredStream:
             return
         self._ended = True
         if self._usage is not None:
-            self._meter.done(self._usage["completion_tokens"], Usage.from_dict(self._usage).cached_tokens)
+            self._meter.done(self._usage)
         elif exc is not None:
             self._meter.failed(exc, self._delivered)
         else:
