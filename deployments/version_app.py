@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve import Application
 
 from common.config import DeploymentConfig, MaasConfig
+from common.errors import NotFoundError
 from common.model_store import ModelVersion, open_store
 from deployments.core.adapters import adapters_wanted
 from deployments.generator import Generator
@@ -40,8 +41,8 @@ class VersionRoot:
         """Nothing routes here; under HAProxy its replica still listens on a direct port (loopback): a 404 in the envelope."""
         from starlette.responses import JSONResponse
 
-        body = {"error": {"message": "Not found: a model version's internal application answers nothing.", "type": "invalid_request_error", "param": None, "code": "not_found"}}
-        return JSONResponse(body, status_code=404)
+        error = NotFoundError("Not found: a model version's internal application answers nothing.")
+        return JSONResponse(error.to_envelope(), status_code=error.status_code)
 
 
 def deployment_options(stage: DeploymentConfig, *, gpus: float = 0.0) -> dict[str, Any]:

@@ -154,7 +154,7 @@ class ToolCallParser:
             return ("", [ToolCall(new_call_id(), self.spec.named or "", args)]) if _is_object(args) else (kept, [])
         if self.spec.mode == "required":
             items = _loads(kept)
-            calls = [ToolCall(new_call_id(), c["name"], json.dumps(c.get("arguments", {}), ensure_ascii=False)) for c in items if _call_like(c, self.spec.names)] if isinstance(items, list) else []
+            calls = [_call(c) for c in items if _call_like(c, self.spec.names)] if isinstance(items, list) else []
             return ("", calls) if calls else (kept, [])
         tail, self._held = self._held, ""
         if not self._calling:
@@ -164,13 +164,18 @@ class ToolCallParser:
             body, _, after = part.partition(CLOSE)
             parsed = _loads(body.strip())
             if _call_like(parsed, self.spec.names):
-                calls.append(ToolCall(new_call_id(), parsed["name"], json.dumps(parsed.get("arguments", {}), ensure_ascii=False)))
+                calls.append(_call(parsed))
             else:
                 rest.append(OPEN + part)
                 continue
             rest.append(after)
         text = "".join(rest).strip()
         return (text if calls else kept + tail), calls
+
+
+def _call(parsed: dict[str, Any]) -> ToolCall:
+    """A call from the model's `{"name", "arguments"}` object (`_call_like`), its arguments as OpenAI's JSON text."""
+    return ToolCall(new_call_id(), parsed["name"], json.dumps(parsed.get("arguments", {}), ensure_ascii=False))
 
 
 def _is_object(text: str) -> bool:
