@@ -7,7 +7,7 @@ protocols; these classes implement them over Serve handles, so the logic never i
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from ray.serve.handle import DeploymentHandle
 
@@ -59,7 +59,14 @@ class RelayClient:
         self._receiver = Receiver(lambda replica, epoch: cancelling_stream(self._h.carry.remote(consumer, epoch, replica=replica)))
 
     def stream(self, req: GenerationRequest) -> AsyncIterator[Any]:
-        return self._receiver.receive(req.request_id, cancelling_stream(self._method.remote(req, self._consumer)))
+        return self._receiver.receive(req.request_id, self._control(req))
+
+    async def consume(self, req: GenerationRequest, on_items: Callable[[list[Any]], bool]) -> None:
+        """The request's items handed to `on_items` in the carrier's loop (`deployments.core.relay.Receiver.consume`)."""
+        await self._receiver.consume(req.request_id, self._control(req), on_items)
+
+    def _control(self, req: GenerationRequest) -> AsyncIterator[Any]:
+        return cancelling_stream(self._method.remote(req, self._consumer))
 
     async def close(self) -> None:
         await self._receiver.close()

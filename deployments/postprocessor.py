@@ -36,38 +36,62 @@ class Postprocessor:
 
     async def stream(self, req: GenerationRequest, consumer: str) -> AsyncIterator[Hello | End]:
         """The request's control stream; its SSE pieces (`deployments.core.types.SSEPiece`) go to `consumer`'s carrier."""
-        async for message in self._sender.serve(consumer, req.request_id, self._pieces(req)):
+        async for message in self._sender.serve(consumer, req.request_id, self._pieces(req, consumer)):
             yield message
 
     async def carry(self, consumer: str, epoch: int, replica: str = "") -> AsyncIterator[Batch]:
-        """The carrier to one ingress replica (`replica` is this one's id; Serve's router uses it)."""
+        """The carrier to one ingress replica (`replica` is this one's id; Serve routes with it)."""
         async for batch in self._sender.carry(consumer, epoch):
             yield batch
 
-    async def _pieces(self, req: GenerationRequest) -> AsyncIterator[SSEPiece]:
+    async def _pieces(self, req: GenerationRequest, consumer: str) -> AsyncIterator[SSEPiece]:
+        """The request's last pieces; the others go straight into `consumer`'s outbox from the carrier's loop.
+
+        One wake per engine step for every request here: the carrier from the generator decodes and shapes
+        each request of the step in turn and puts the piece in the ingress's outbox (plain calls), and the
+        request's own task wakes only when it ends."""
         trace = {"postprocessor_called": time.time()}
-        tokens = self._generator.stream(req)
+        out = self._logic.streamed(req)
         usage = None
+        put = self._sender.put
+
+        def on_items(items: list) -> bool:
+            for deltas in items:
+                piece = out.feed(deltas)
+                if piece is not None:
+                    if "postprocessor_first_piece" not in trace:
+                        trace["postprocessor_first_piece"] = time.time()
+                    put(consumer, req.request_id, piece)
+                if out.done:
+                    return True
+            return False
+
         try:
-            async for item in self._logic.stream(req, tokens):
-                usage = piece_usage(item) or usage
-                if "postprocessor_first_piece" not in trace:
-                    trace["postprocessor_first_piece"] = time.time()
-                yield item
+            await self._generator.consume(req, on_items)
+            for piece in out.end():
+                usage = piece_usage(piece) or usage
+                yield piece
         finally:
             _log_end(req, usage, trace)
-            await tokens.aclose()  # type: ignore[attr-defined]
 
     async def complete(self, req: GenerationRequest) -> dict:
-        tokens = self._generator.stream(req)
+        out = self._logic.whole(req)
         usage = None
+
+        def on_items(items: list) -> bool:
+            for deltas in items:
+                out.feed(deltas)
+                if out.done:
+                    return True
+            return False
+
         try:
-            result = await self._logic.complete(req, tokens)
+            await self._generator.consume(req, on_items)
+            result = out.end()
             usage = result["usage"]
             return result
         finally:
             _log_end(req, usage)
-            await tokens.aclose()  # type: ignore[attr-defined]
 
     async def stats(self) -> dict:
         """What this replica's carriers to the ingress sent (`deployments.core.relay.Sender.stats`)."""

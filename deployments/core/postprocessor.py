@@ -227,6 +227,55 @@ class RequestDecoder:
         return [ChoiceEvent(c.index, "".join(c.text), c.finish_reason, False, c.logprobs if wanted else None, c.tool_calls) for c in self.choices]
 
 
+class StreamedResponse:
+    """One streamed request's SSE pieces, fed a generator message at a time by plain calls.
+
+    `feed` gives the piece for one message (every choice's news, or None), `end` the last pieces (choices the
+    engine left unfinished, then usage and [DONE]). A piece is (sse_text, completion tokens so far) while
+    generating and (sse_text, usage) last. The postprocessor's carrier loop feeds every request of an
+    engine step in turn (`deployments.core.relay.Receiver.consume`).
+    """
+
+    def __init__(self, req: GenerationRequest, decoder: RequestDecoder):
+        self._req = req
+        self._decoder = decoder
+        self._template = shapes.ChunkTemplate(req)  # per token, only what changes is encoded
+
+    @property
+    def done(self) -> bool:
+        """Every choice has finished (stop strings included): read no more."""
+        return self._decoder.done
+
+    def feed(self, deltas: Sequence[TokenDelta]) -> SSEPiece | None:
+        events = self._decoder.feed(deltas)
+        return (self._template.chunks(events), self._decoder.usage.completion_tokens) if events else None
+
+    def end(self) -> list[SSEPiece]:
+        decoder = self._decoder
+        out = [] if decoder.done else [(self._template.chunks(decoder.finish_unfinished()), decoder.usage.completion_tokens)]
+        usage = decoder.usage
+        return [*out, (shapes.sse_end(self._req, usage), usage.to_dict())]
+
+
+class WholeResponse:
+    """One non-streamed request's body, fed the same way as `StreamedResponse`."""
+
+    def __init__(self, req: GenerationRequest, decoder: RequestDecoder):
+        self._req = req
+        self._decoder = decoder
+
+    @property
+    def done(self) -> bool:
+        return self._decoder.done
+
+    def feed(self, deltas: Sequence[TokenDelta]) -> None:
+        self._decoder.feed(deltas)
+
+    def end(self) -> dict:
+        self._decoder.finish_unfinished()
+        return shapes.full_response(self._req, self._decoder.whole(), self._decoder.usage)
+
+
 class ResponseWriter:
     """The postprocessor's logic: drives a RequestDecoder over a generator's token stream, writing OpenAI responses."""
 
@@ -235,31 +284,29 @@ class ResponseWriter:
         self._decode = decode
         self._token_text = functools.lru_cache(maxsize=1 << 16)(token_text or (lambda t: decode([t])))
 
-    async def stream(self, req: GenerationRequest, token_stream: AsyncIterator[list[TokenDelta]]) -> AsyncIterator[SSEPiece]:
-        """SSE text for each generator message (every choice's news in one piece), ending with usage and [DONE].
+    def streamed(self, req: GenerationRequest) -> StreamedResponse:
+        return StreamedResponse(req, RequestDecoder(req, self._decode, self._token_text))
 
-        Yields (sse_text, completion tokens so far) while generating and (sse_text, usage) last. Stops reading
-        `token_stream` as soon as every choice has finished (stop strings included).
-        """
-        decoder = RequestDecoder(req, self._decode, self._token_text)
-        template = shapes.ChunkTemplate(req)  # per token, only what changes is encoded
+    def whole(self, req: GenerationRequest) -> WholeResponse:
+        return WholeResponse(req, RequestDecoder(req, self._decode, self._token_text))
+
+    async def stream(self, req: GenerationRequest, token_stream: AsyncIterator[list[TokenDelta]]) -> AsyncIterator[SSEPiece]:
+        """`StreamedResponse`'s pieces over an async token stream, which is read only until every choice has finished."""
+        out = self.streamed(req)
         async for deltas in token_stream:
-            events = decoder.feed(deltas)
-            if events:
-                yield template.chunks(events), decoder.usage.completion_tokens
-            if decoder.done:
+            piece = out.feed(deltas)
+            if piece is not None:
+                yield piece
+            if out.done:
                 break
-        if not decoder.done:
-            yield template.chunks(decoder.finish_unfinished()), decoder.usage.completion_tokens
-        usage = decoder.usage
-        yield shapes.sse_end(req, usage), usage.to_dict()
+        for piece in out.end():
+            yield piece
 
     async def complete(self, req: GenerationRequest, token_stream: AsyncIterator[list[TokenDelta]]) -> dict:
         """The whole (non-streaming) response body."""
-        decoder = RequestDecoder(req, self._decode, self._token_text)
+        out = self.whole(req)
         async for deltas in token_stream:
-            decoder.feed(deltas)
-            if decoder.done:
+            out.feed(deltas)
+            if out.done:
                 break
-        decoder.finish_unfinished()
-        return shapes.full_response(req, decoder.whole(), decoder.usage)
+        return out.end()

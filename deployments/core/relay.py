@@ -27,6 +27,11 @@ Only one carrier's stream is ordered, so what has arrived is counted per epoch: 
 carrier's last batch may still be on its way when a newer carrier's first one is in.  An
 error raised upstream after some items arrives after them, the same way.
 
+One wake per engine step, not per request: a consumer that can handle a request's items as
+plain calls (the postprocessor's decoding, say) uses `Receiver.consume`, and the carrier's loop
+hands each batch's items to every request's handler in turn, pushing what they make into the
+next stage's outbox with `Sender.put`; the requests' own tasks sleep until their request ends.
+
 `Sender` is the upstream half, `Receiver` the downstream half; both are plain asyncio and
 the Serve wrappers (`deployments.generator`, `deployments.postprocessor`,
 `deployments.handles`) connect them over Serve streams.
@@ -111,8 +116,7 @@ class Sender:
             error: BaseException | None = None
             try:
                 async for item in items:
-                    box.pending.setdefault(request_id, []).append(item)
-                    box.wake.set()
+                    _put(box, request_id, item)
             except Exception as exc:  # in-band: delivered after the items before it
                 error = exc
             # What the carrier has not taken yet leaves with End: a request never waits for a carrier,
@@ -133,6 +137,13 @@ class Sender:
             box.wake.set()  # an idle carrier ends
             if not box.open and not box.carried and not box.pending:
                 self._boxes.pop(consumer, None)
+
+    def put(self, consumer: str, request_id: str, item: Any) -> None:
+        """Add an item to a request being served (`serve`), from outside its item stream: a plain call, in order
+        with the items the stream yields. Ignored once the request has ended."""
+        box = self._boxes.get(consumer)
+        if box is not None and request_id in box.open:
+            _put(box, request_id, item)
 
     async def carry(self, consumer: str, epoch: int) -> AsyncIterator[Batch]:
         """The carrier for `consumer`: every batch waiting each time it wakes, until the consumer has no open request here.
@@ -165,7 +176,34 @@ class Sender:
                 self._boxes.pop(consumer, None)
 
 
+def _put(box: _Outbox, request_id: str, item: Any) -> None:
+    box.pending.setdefault(request_id, []).append(item)
+    box.wake.set()
+
+
 _END = object()
+
+
+class _Handler:
+    """A request's inbox for `Receiver.consume`: its items go to a plain function in the carrier's loop."""
+
+    def __init__(self, on_items: Callable[[list[Any]], bool]):
+        self._on_items = on_items
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def put_nowait(self, what: Any) -> None:
+        if self.done.done():
+            return
+        if what is _END:
+            self.done.set_result(None)
+        elif isinstance(what, BaseException):
+            self.done.set_exception(what)
+        else:
+            try:
+                if self._on_items(what):
+                    self.done.set_result(None)
+            except Exception as exc:  # the request's own failure; the carrier goes on with the others
+                self.done.set_exception(exc)
 
 
 @dataclass
@@ -195,7 +233,7 @@ class Receiver:
     def __init__(self, open_carrier: Callable[[str, int], AsyncIterator[Batch]]):
         self._open_carrier = open_carrier
         self._carriers: dict[str, _Carrier] = {}
-        self._inboxes: dict[str, asyncio.Queue] = {}
+        self._inboxes: dict[str, asyncio.Queue | _Handler] = {}
 
     async def receive(self, request_id: str, control: AsyncIterator[Hello | End]) -> AsyncIterator[Any]:
         """The request's items in order; `control` is its own stream from the upstream stage.
@@ -217,14 +255,30 @@ class Receiver:
                 for one in item:
                     yield one
         finally:
-            self._inboxes.pop(request_id, None)
-            for carrier in self._carriers.values():
-                carrier.ends.pop(request_id, None)
-            if not pump.done():
-                pump.cancel()
-                await asyncio.gather(pump, return_exceptions=True)
+            await self._forget(request_id, pump)
 
-    async def _follow(self, request_id: str, control: AsyncIterator[Hello | End], inbox: asyncio.Queue) -> None:
+    async def consume(self, request_id: str, control: AsyncIterator[Hello | End], on_items: Callable[[list[Any]], bool]) -> None:
+        """`receive` without a wake per item: `on_items` gets each batch's items for the request, called in the
+        carrier's loop (so it must not block); returns when the request ended, or as soon as `on_items` returns
+        True (it has all it wants: `control` is closed, which cancels the request upstream). Raises what
+        `receive` would raise, or what `on_items` raised."""
+        handler = _Handler(on_items)
+        self._inboxes[request_id] = handler
+        pump = asyncio.get_running_loop().create_task(self._follow(request_id, control, handler))
+        try:
+            await handler.done
+        finally:
+            await self._forget(request_id, pump)
+
+    async def _forget(self, request_id: str, pump: asyncio.Task) -> None:
+        self._inboxes.pop(request_id, None)
+        for carrier in self._carriers.values():
+            carrier.ends.pop(request_id, None)
+        if not pump.done():
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+
+    async def _follow(self, request_id: str, control: AsyncIterator[Hello | End], inbox: asyncio.Queue | _Handler) -> None:
         end: End | None = None
         try:
             async for message in control:

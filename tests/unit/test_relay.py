@@ -311,3 +311,102 @@ def test_a_carrier_does_not_belong_to_the_request_that_opened_it():
 
     asyncio.run(main())
     assert seen == [None]
+
+
+def test_consume_hands_each_step_to_every_request_in_the_carriers_loop_with_no_wake_per_request():
+    """One wake per engine step: the handlers run inside the carrier's task, and the requests' tasks sleep until the end."""
+
+    async def main():
+        engine, sender = SteppingEngine(), Sender("gen-1")
+        receiver, _ = wire(sender)
+        got: dict[str, list] = {}
+        tasks_seen: set = set()
+
+        def handler(rid: str):
+            def on_items(items: list) -> bool:
+                tasks_seen.add(asyncio.current_task())
+                got.setdefault(rid, []).extend(items)
+                return False
+            return on_items
+
+        tasks = [asyncio.create_task(receiver.consume(f"r{i}", sender.serve("pp-1", f"r{i}", engine.run(f"r{i}", 6)), handler(f"r{i}"))) for i in range(8)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        for step in range(6):
+            await engine.step(step)
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        await receiver.close()
+        return got, tasks_seen, tasks
+
+    got, tasks_seen, tasks = asyncio.run(main())
+    assert {rid: [i for _, i, _ in items] for rid, items in got.items()} == {f"r{i}": list(range(6)) for i in range(8)}
+    assert not tasks_seen & set(tasks)  # no request's own task ran a handler (items left in an End may run in a control task)
+
+
+def test_consume_stops_reading_when_the_handler_has_all_it_wants_and_cancels_upstream():
+    async def main():
+        engine, sender = SteppingEngine(), Sender("gen-1")
+        receiver, _ = wire(sender)
+        seen = []
+
+        def on_items(items: list) -> bool:
+            seen.extend(items)
+            return len(seen) >= 2
+
+        task = asyncio.create_task(receiver.consume("r", sender.serve("pp-1", "r", engine.run("r", 100)), on_items))
+        for step in range(4):
+            await engine.step(step)
+        await asyncio.wait_for(task, 5)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await receiver.close()
+        return seen, engine.closed
+
+    seen, closed = asyncio.run(main())
+    assert len(seen) >= 2
+    assert closed == ["r"]  # the upstream request was closed (for the generator: the engine request aborted)
+
+
+def test_consume_raises_the_upstream_error_after_the_items_before_it_and_a_handler_error_as_its_own():
+    async def main():
+        engine, sender = SteppingEngine(), Sender("gen-1")
+        receiver, _ = wire(sender)
+        seen = []
+        task = asyncio.create_task(receiver.consume("r", sender.serve("pp-1", "r", engine.run("r", 5, fail_after=3)), lambda items: seen.extend(items) or False))
+        for step in range(5):
+            await engine.step(step)
+        with pytest.raises(ValueError, match="bad request"):
+            await asyncio.wait_for(task, 5)
+
+        def bad(items: list) -> bool:
+            raise KeyError("handler")
+
+        task = asyncio.create_task(receiver.consume("s", sender.serve("pp-1", "s", engine.run("s", 5)), bad))
+        for step in range(3):
+            await engine.step(step)
+        with pytest.raises(KeyError):
+            await asyncio.wait_for(task, 5)
+        await receiver.close()
+        return [i for _, i, _ in seen]
+
+    assert asyncio.run(main()) == [0, 1, 2]
+
+
+def test_sender_put_adds_to_a_running_request_in_order_and_ignores_an_ended_one():
+    async def main():
+        engine, sender = SteppingEngine(), Sender("gen-1")
+        receiver, _ = wire(sender)
+
+        async def items():
+            sender.put("pp-1", "r", "pushed-1")
+            yield "yielded"
+            sender.put("pp-1", "r", "pushed-2")
+
+        got = [x async for x in receiver.receive("r", sender.serve("pp-1", "r", items()))]
+        sender.put("pp-1", "r", "late")  # ended: dropped, no outbox left behind
+        await receiver.close()
+        return got, sender._boxes
+
+    got, boxes = asyncio.run(main())
+    assert got == ["pushed-1", "yielded", "pushed-2"]
+    assert boxes == {}
