@@ -20,6 +20,7 @@ from common.config import MaasConfig, Price
 from common.file_store import FileStore
 from common.logs import setup_logging
 from deployments.core.adapters import AdapterCatalog
+from deployments.core.tokenizer import NearTokenizer, PromptTokenizer, load_hf_tokenizer
 from deployments.core.traffic import TrafficFile, TrafficFollower, version_app_name
 from deployments.fleet import ServeFleet
 from deployments.handles import PostprocessorHandleClient, TokenizerHandleClient
@@ -31,6 +32,7 @@ from deployments.openai.fine_tuning import FineTuningService
 from deployments.openai.operations import OperationsService
 from deployments.openai.routes import build_app
 from deployments.openai.service import Backend, OpenAIService
+from deployments.version_app import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +62,11 @@ class Ingress:
             self._accounts = AccountsService(self._admin, billing.price_book.currency, time.time)
             self._operations = OperationsService(ServeFleet(cfg), cfg.model.name)  # the console's traffic and health (admin keys)
             asyncio.get_running_loop().create_task(self._billing.start())
+        self._tokenizer = NearTokenizer(_local_tokenizer(cfg), TokenizerHandleClient(tokenizer), cfg.deployments.inline_tokenize_chars)
         self._traffic = TrafficFollower(TrafficFile(cfg.store_root(), cfg.app_name, cfg.model.name), self._backend)
         self._service = OpenAIService(
             cfg.model.name,
-            TokenizerHandleClient(tokenizer),
+            self._tokenizer,
             self._traffic,
             is_ready=self._ready,
             billing=self._billing,
@@ -140,3 +143,14 @@ class Ingress:
             task.cancel()
         if self._billing is not None:
             await self._billing.close()
+
+
+def _local_tokenizer(cfg: MaasConfig) -> PromptTokenizer | None:
+    """The tokenizer stage's logic, for the prompts this replica tokenizes itself (versions of a model share a tokenizer)."""
+    if not cfg.deployments.inline_tokenize_chars:
+        return None
+    try:
+        return PromptTokenizer(load_hf_tokenizer(resolve_model(cfg).path), cfg.engine.max_model_len)
+    except Exception as exc:  # the tokenizer stage still tokenizes everything
+        logger.warning("prompts will all be tokenized by the tokenizer stage: the model's tokenizer did not load here: %s", exc)
+        return None

@@ -23,6 +23,7 @@ from common.errors import EngineNotReadyError, InvalidRequestError, MaasError, M
 from deployments.core import shapes, tools
 from deployments.core.adapters import Adapter, AdapterCatalog
 from deployments.core.types import GenerationRequest, SSEPiece, TokenizedPrompt, Usage, piece_usage
+from deployments.core.tokenizer import TokenizingClient as TokenizerClient
 from deployments.openai.catalogue import Listing, model_card, pricing
 from deployments.openai.files import NO_TENANT
 from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -60,11 +61,6 @@ class RequestObserver(Protocol):
 
     def finished(self, record: RequestRecord) -> None: ...
 
-
-class TokenizerClient(Protocol):
-    async def prepare_chat(self, messages: list[dict[str, str]], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt: ...
-
-    async def prepare_completion(self, prompt: str | list[int], max_tokens: int | None, request_id: str = "") -> TokenizedPrompt: ...
 
 
 class PostprocessorClient(Protocol):

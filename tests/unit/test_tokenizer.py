@@ -3,7 +3,9 @@
 import pytest
 
 from common.errors import ContextLengthExceededError, InvalidRequestError
-from deployments.core.tokenizer import PromptTokenizer, fit_context
+import asyncio
+
+from deployments.core.tokenizer import NearTokenizer, PromptTokenizer, fit_context
 from tests.fakes import EOS, ByteTokenizer
 
 
@@ -48,3 +50,36 @@ def test_engine_validation_errors_become_400s_and_server_faults_do_not():
     assert isinstance(err, InvalidRequestError) and err.status_code == 400 and err.param == "seed"
     assert client_error(ValueError("top_k must be -1 or at least 1")).status_code == 400
     assert client_error(RuntimeError("engine dead")) is None
+
+
+class _Stage:
+    """The tokenizer stage's interface over the same logic, counting its calls."""
+
+    def __init__(self, logic: PromptTokenizer):
+        self.logic, self.calls = logic, 0
+
+    async def prepare_chat(self, messages, max_tokens, request_id=""):
+        self.calls += 1
+        return self.logic.prepare_chat(messages, max_tokens)
+
+    async def prepare_completion(self, prompt, max_tokens, request_id=""):
+        self.calls += 1
+        return self.logic.prepare_completion(prompt, max_tokens)
+
+
+def test_near_tokenizer_keeps_short_prompts_local_and_sends_long_ones_to_the_stage_with_the_same_result():
+    logic = PromptTokenizer(ByteTokenizer(), max_model_len=256)
+    stage = _Stage(logic)
+    near = NearTokenizer(logic, stage, max_chars=10)
+    short, long = [{"role": "user", "content": "hi"}], [{"role": "user", "content": "x" * 11}]
+    assert asyncio.run(near.prepare_chat(short, None)) == logic.prepare_chat(short, None)
+    assert asyncio.run(near.prepare_completion("hello", 5)) == logic.prepare_completion("hello", 5)
+    assert stage.calls == 0 and near.inline == 2
+    assert asyncio.run(near.prepare_chat(long, None)) == logic.prepare_chat(long, None)
+    assert asyncio.run(near.prepare_completion("y" * 11, 5)) == logic.prepare_completion("y" * 11, 5)
+    assert stage.calls == 2 and near.remote == 2
+    with pytest.raises(InvalidRequestError):  # the same errors either way
+        asyncio.run(near.prepare_completion([999], 5))
+    off = NearTokenizer(logic, stage, max_chars=0)  # 0: every prompt goes to the stage
+    asyncio.run(off.prepare_completion("hi", 5))
+    assert stage.calls == 3 and off.inline == 0
