@@ -45,7 +45,7 @@ from typing import Any
 
 from fastapi import Request  # at module level: the route's annotation must resolve (postponed annotations)
 
-from bench.serving import OUT, bench_key, config_with, ours, process_cpu, server
+from bench.serving import OUT, bench_key, config_with, ours, process_cpu_by_kind, server
 from common.config import load_config
 from common.model_store import ensure_default_model, open_store
 from common.runtime import LOCAL_ENV, free_port
@@ -261,11 +261,12 @@ def measure(target: str, args: argparse.Namespace, stamp: str, model: str) -> di
         for path, bases in paths.items():
             results[path] = {}
             for streams in args.streams:
-                before = process_cpu(proc.pid)
+                before = process_cpu_by_kind(proc.pid)
                 tally = asyncio.run(drive(bases, key, model, streams, args.tokens, args.duration, args.warmup))
-                after = process_cpu(proc.pid)
-                cpu = sum(after.values()) - sum(before.values())
-                results[path][streams] = summarize(tally, args.duration - args.warmup, cpu)
+                after = process_cpu_by_kind(proc.pid)
+                by_kind = {k: v - before.get(k, 0.0) for k, v in after.items()}
+                results[path][streams] = summarize(tally, args.duration - args.warmup, sum(by_kind.values()))
+                results[path][streams]["cpu_by_kind"] = {k: v / tally.tokens * 1000 for k, v in by_kind.items() if v > 0} if tally.tokens else {}
                 logger.info("%s at %d streams: %s", path, streams, {k: v for k, v in results[path][streams].items() if k != "errors"})
                 time.sleep(2)  # let the last streams drain
     return results
@@ -365,6 +366,13 @@ def format_report(results: dict[str, dict[int, dict]], args: argparse.Namespace)
                 f"| {streams} | {_label(target)} | {r['tok_s']:.0f} | {r['tok_s'] / ideal:.2f} | {vs} | {r['itl_p50_ms']:.1f} | "
                 f"{r['itl_p99_ms']:.1f} | {r['ttft_p50_ms']:.0f} | {cpu} | {r['failures']} |"
             )
+    lines += ["", "CPU-s per 1k tokens by process (the whole run, warm-up included, over the tokens measured):", ""]
+    for target in results:
+        for streams in args.streams:
+            split = results[target].get(streams, {}).get("cpu_by_kind") or {}
+            if split:
+                top = sorted(split.items(), key=lambda kv: -kv[1])
+                lines.append(f"- {streams} streams, {_label(target)}: " + ", ".join(f"{k} {v:.3f}" for k, v in top if v >= 0.005))
     return "\n".join(lines) + "\n"
 
 

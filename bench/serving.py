@@ -65,10 +65,9 @@ def _wait(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
 ENGINE_TITLE = "VLLM::EngineCore"  # vLLM's engine-core process names itself so (setproctitle); its children are the engine's too
 
 
-def process_cpu(root: int) -> dict[str, float]:
-    """CPU-seconds (user + system) so far of `root` and every process under it, split into the engine core's
-    processes (it and its workers) and everything else (the front end: the API server, or every stage, Serve's
-    and Ray's own processes)."""
+def _process_tree(root: int) -> tuple[dict[int, float], dict[int, str], set[int]]:
+    """CPU-seconds so far and command line of every process, and the engine core's processes (it and its workers),
+    for `root` and every process under it."""
     tick = os.sysconf("SC_CLK_TCK")
     parent: dict[int, int] = {}
     cpu: dict[int, float] = {}
@@ -78,30 +77,57 @@ def process_cpu(root: int) -> dict[str, float]:
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            title[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            title[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
         parent[int(entry)] = int(fields[1])
         cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, frontier = {root}, [root]
-    while frontier:
-        pid = frontier.pop()
-        for child, ppid in parent.items():
-            if ppid == pid and child not in tree:
-                tree.add(child)
-                frontier.append(child)
-    engine = {pid for pid in tree if title.get(pid, "").startswith(ENGINE_TITLE)}
-    frontier = list(engine)
-    while frontier:  # the engine core's own workers (the CPU backend runs the model in a child process)
-        pid = frontier.pop()
-        for child, ppid in parent.items():
-            if ppid == pid and child not in engine:
-                engine.add(child)
-                frontier.append(child)
+
+    def below(pids: set[int]) -> set[int]:
+        tree, frontier = set(pids), list(pids)
+        while frontier:
+            pid = frontier.pop()
+            for child, ppid in parent.items():
+                if ppid == pid and child not in tree:
+                    tree.add(child)
+                    frontier.append(child)
+        return tree
+
+    tree = below({root})
+    engine = below({pid for pid in tree if title.get(pid, "").startswith(ENGINE_TITLE)})  # the CPU backend runs the model in a child
+    return {pid: cpu[pid] for pid in tree & cpu.keys()}, title, engine
+
+
+def process_cpu(root: int) -> dict[str, float]:
+    """CPU-seconds (user + system) so far of `root` and every process under it, split into the engine core's
+    processes and everything else (the front end: the API server, or every stage, Serve's and Ray's own processes)."""
+    cpu, _, engine = _process_tree(root)
     split = {"engine": 0.0, "front": 0.0}
-    for pid in tree & cpu.keys():
-        split["engine" if pid in engine else "front"] += cpu[pid]
+    for pid, seconds in cpu.items():
+        split["engine" if pid in engine else "front"] += seconds
+    return split
+
+
+def process_kind(title: str) -> str:
+    """A short name for what a process is, from its command line (Ray's workers are titled `ray::<actor>`)."""
+    if title.startswith("ray::ServeReplica:"):
+        return title.split()[0].rsplit(":", 1)[-1]  # the deployment: Ingress, Tokenizer, Postprocessor, Generator, ...
+    if title.startswith("ray::"):
+        return title.split()[0][5:].split(".")[0]  # ServeController, ProxyActor, BillingActor, IDLE, ...
+    for name in ("gcs_server", "raylet", "haproxy", "log_monitor", "monitor.py", "dashboard_agent", "dashboard.py", "runtime_env/agent", "vllm", "uvicorn"):
+        if name in title:
+            return name.replace(".py", "").replace("runtime_env/agent", "runtime_env_agent")
+    return title.split()[0].rsplit("/", 1)[-1][:24] if title else "?"
+
+
+def process_cpu_by_kind(root: int) -> dict[str, float]:
+    """`process_cpu`, split by process kind (`process_kind`; the engine core and its workers as `engine`)."""
+    cpu, title, engine = _process_tree(root)
+    split: dict[str, float] = {}
+    for pid, seconds in cpu.items():
+        kind = "engine" if pid in engine else process_kind(title.get(pid, ""))
+        split[kind] = split.get(kind, 0.0) + seconds
     return split
 
 
