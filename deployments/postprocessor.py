@@ -63,7 +63,7 @@ class Postprocessor:
                         trace["postprocessor_first_piece"] = time.time()
                     put(consumer, req.request_id, piece)
                 if out.done:
-                    return True
+                    return out.cut  # a stop string: cancel the engine request; else its End is on the way
             return False
 
         try:
@@ -82,7 +82,7 @@ class Postprocessor:
             for deltas in items:
                 out.feed(deltas)
                 if out.done:
-                    return True
+                    return out.cut
             return False
 
         try:

@@ -120,12 +120,18 @@ class RequestDecoder:
         self._echo = decode(req.prompt_token_ids) if req.echo and req.kind == "completion" else ""
         self._echo_logprobs: list[DecodedLogprob] = []  # the prompt's, when asked (echo with logprobs); they lead each choice's
         self.cached_tokens = 0  # the engine's prefix-cache hits of the prompt
+        self._engine_finished: set[int] = set()  # choices the engine itself ended (not a stop string here)
         for c in self.choices:
             c.offset = len(self._echo)
 
     @property
     def done(self) -> bool:
         return all(c.finish_reason is not None for c in self.choices)
+
+    @property
+    def engine_done(self) -> bool:
+        """The engine ended every choice itself, so its stream ends on its own: nothing to cancel upstream."""
+        return len(self._engine_finished) == len(self.choices)
 
     @property
     def usage(self) -> Usage:
@@ -142,6 +148,8 @@ class RequestDecoder:
                 self.cached_tokens = delta[3]
                 continue
             choice = self.choices[index]
+            if finish_reason is not None:
+                self._engine_finished.add(index)
             if choice.finish_reason is not None:
                 continue  # already stopped by a stop string; the engine is still catching up
             choice.completion_tokens += len(token_ids)
@@ -246,6 +254,12 @@ class StreamedResponse:
         """Every choice has finished (stop strings included): read no more."""
         return self._decoder.done
 
+    @property
+    def cut(self) -> bool:
+        """Finished here before the engine finished (a stop string): the engine request should be cancelled. When the
+        engine ended every choice itself, its stream is about to end anyway, and cancelling it would cost more."""
+        return self._decoder.done and not self._decoder.engine_done
+
     def feed(self, deltas: Sequence[TokenDelta]) -> SSEPiece | None:
         events = self._decoder.feed(deltas)
         return (self._template.chunks(events), self._decoder.usage.completion_tokens) if events else None
@@ -267,6 +281,11 @@ class WholeResponse:
     @property
     def done(self) -> bool:
         return self._decoder.done
+
+    @property
+    def cut(self) -> bool:
+        """See `StreamedResponse.cut`."""
+        return self._decoder.done and not self._decoder.engine_done
 
     def feed(self, deltas: Sequence[TokenDelta]) -> None:
         self._decoder.feed(deltas)
