@@ -290,9 +290,9 @@ class BillingClient:
         count follows), and then `delivered_tokens` is what reached the client, the floor billed meanwhile.
         `cached_tokens`: of the prompt's, those the engine's prefix cache held (its count, from the usage)."""
         r = ticket.reservation
-        settle(self._leases[r.tenant], r, completion_tokens, cached_tokens)
+        settle(self._leases[r.tenant], r, completion_tokens, cached_tokens, prompt_tokens)
         if ticket.key_reservation is not None:
-            settle(self._leases[ticket.key_reservation.tenant], ticket.key_reservation, completion_tokens, cached_tokens)
+            settle(self._leases[ticket.key_reservation.tenant], ticket.key_reservation, completion_tokens, cached_tokens, prompt_tokens)
         self._outbox.add(ticket.context().event(ticket.request_id, self._clock(), status, prompt_tokens, completion_tokens, delivered_tokens, cached_tokens))
 
     # ---- the channel to the actor ------------------------------------------------------------

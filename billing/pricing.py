@@ -54,8 +54,10 @@ class Quote:
     def worst_tokens(self) -> int:
         return self.prompt_tokens + self.max_completion_tokens
 
-    def actual_cost(self, completion_tokens: int, cached_tokens: int = 0) -> Decimal:
-        return cost(self.prompt_price, self.completion_price, self.prompt_tokens, completion_tokens, cached_tokens, self.cached_price)
+    def actual_cost(self, completion_tokens: int, cached_tokens: int = 0, prompt_tokens: int | None = None) -> Decimal:
+        """What the request cost; `prompt_tokens` where it is known only once it ran (an embedding's input, reserved by a bound)."""
+        prompt = self.prompt_tokens if prompt_tokens is None else prompt_tokens
+        return cost(self.prompt_price, self.completion_price, prompt, completion_tokens, cached_tokens, self.cached_price)
 
 
 def quote(price: Price, prompt_tokens: int, max_tokens: int, n: int = 1) -> Quote:

@@ -276,17 +276,19 @@ def release(lease: TenantLease, r: Reservation) -> None:
         lease.tokens += r.quote.worst_tokens
 
 
-def settle(lease: TenantLease, r: Reservation, completion_tokens: int | None, cached_tokens: int = 0) -> Decimal | None:
+def settle(lease: TenantLease, r: Reservation, completion_tokens: int | None, cached_tokens: int = 0, prompt_tokens: int | None = None) -> Decimal | None:
     """Release a reservation: the unused part returns to the lease. Unknown usage (an abort) returns nothing yet.
 
-    Returns the actual cost when known.
+    `prompt_tokens`: the prompt's true count where the reservation held a bound (an embedding's input is
+    reserved before it is tokenized). Returns the actual cost when known.
     """
     lease.in_flight -= r.reserved
     if completion_tokens is None:
         return None
-    actual = r.quote.actual_cost(completion_tokens, cached_tokens)
+    prompt = r.quote.prompt_tokens if prompt_tokens is None else min(prompt_tokens, r.quote.prompt_tokens)
+    actual = r.quote.actual_cost(completion_tokens, cached_tokens, prompt)
     if lease.budget is not None and lease.period == r.period:
         lease.budget += r.reserved - actual
     if lease.tokens is not None and lease.window == r.window:
-        lease.tokens += r.quote.max_completion_tokens - completion_tokens
+        lease.tokens += r.quote.worst_tokens - prompt - completion_tokens
     return actual
