@@ -71,18 +71,22 @@ def _running_apps() -> dict[str, str]:
     return {name: str(getattr(s.status, "value", s.status)) for name, s in serve.status().applications.items()}
 
 
+def version_targets(config: MaasConfig, versions: list[str]) -> list[Any]:
+    """`serve.RunTarget`s of the versions of `config`'s model not running yet."""
+    from ray import serve
+
+    apps = _running_apps()
+    names = {v: version_app_name(config.app_name, config.model.name, v) for v in versions}
+    return [serve.RunTarget(build_version_app(config, v), name=name, route_prefix=None) for v, name in names.items() if name not in apps]
+
+
 def deploy_versions(config: MaasConfig, versions: list[str], timeout_s: float = 900, beside: Sequence[Any] = ()) -> None:
     """Deploy each version's application unless it already runs; wait until all are RUNNING.
 
     `beside`: more `serve.RunTarget`s to start together with them and wait for (a fresh deploy's front app)."""
     from ray import serve
 
-    apps = _running_apps()
-    targets = [
-        serve.RunTarget(build_version_app(config, v), name=version_app_name(config.app_name, config.model.name, v), route_prefix=None)
-        for v in versions
-        if version_app_name(config.app_name, config.model.name, v) not in apps
-    ] + list(beside)
+    targets = version_targets(config, versions) + list(beside)
     if targets:
         logger.info("deploying %s", ", ".join(t.name for t in targets))
         serve.run_many(targets, wait_for_applications_running=False)
@@ -211,8 +215,14 @@ def do_rollback(config: MaasConfig, who: str) -> TrafficPlan:
     return apply_change(config, plan_change("rollback", None, None, who), who)[1]
 
 
+def shown_status(status: str, replicas: dict[str, int]) -> str:
+    """A deployment's status as operators read it: `IDLE` for one scaled to zero (healthy, no replica: its next
+    request starts one), not a failure; otherwise Serve's own."""
+    return "IDLE" if status == "HEALTHY" and not any(replicas.values()) else status
+
+
 def health() -> dict:
-    """Serve's status of every application and deployment: status, message and replica states (what the console shows)."""
+    """Serve's status of every application and deployment: status (`shown_status`), message and replica states (what the console shows)."""
     from ray import serve
 
     status = serve.status()
@@ -223,7 +233,7 @@ def health() -> dict:
             "message": app.message,
             "deployments": {
                 d_name: {
-                    "status": str(getattr(d.status, "value", d.status)),
+                    "status": shown_status(str(getattr(d.status, "value", d.status)), d.replica_states),
                     "message": d.message,
                     "replicas": {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()},
                 }

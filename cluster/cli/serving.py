@@ -15,7 +15,7 @@ import click
 from cluster.cli.common import billing_admin, config_of, connect, enum_text, import_default_model, progress, run, traffic_line, watch_serve, with_port
 from common import envs
 from common.config import MaasConfig
-from common.model_store import DEFAULT_MODEL_NAME, open_store
+from common.model_store import DEFAULT_EMBEDDING_MODEL_NAME, DEFAULT_MODEL_NAME, open_store
 from common.runtime import port_open
 
 
@@ -141,6 +141,7 @@ def status(ctx: click.Context) -> None:
 
     from cluster import up as upmod
     from cluster.versions import traffic_file
+    from deployments.fleet import shown_status
 
     config = config_of(ctx)
     connect(config)
@@ -162,11 +163,13 @@ def status(ctx: click.Context) -> None:
     for name, app in st.applications.items():
         click.echo(f"  {name:<40} {enum_text(app.status)}{'  ' + app.message.splitlines()[0] if app.message else ''}")
         for dname, dep in app.deployments.items():
-            replicas = ", ".join(f"{enum_text(k)} {v}" for k, v in sorted(dep.replica_states.items())) or "no replicas"
-            click.echo(f"    {dname:<16} {enum_text(dep.status):<10} {replicas}")
-    plan = traffic_file(config).load()
-    if plan is not None:
-        click.echo(f"\nTraffic: {traffic_line(plan)}")
+            replicas = ", ".join(f"{enum_text(k)} {v}" for k, v in sorted(dep.replica_states.items()) if v) or "no replicas"
+            shown = shown_status(enum_text(dep.status), dep.replica_states)
+            click.echo(f"    {dname:<16} {shown:<10} {replicas}{'  (scaled to zero: its next request starts it)' if shown == 'IDLE' else ''}")
+    for view in config.served():
+        plan = traffic_file(view).load()
+        if plan is not None:
+            click.echo(f"\nTraffic ({view.model.name}): {traffic_line(plan)}")
 
 
 @click.command()
@@ -194,7 +197,12 @@ def resolve_model(config: MaasConfig):
     store = open_store(config.store_root())
     if config.model.name == DEFAULT_MODEL_NAME:
         import_default_model(store, config.model.name)  # one-time conversion of the packaged GGUF
+    for m in config.models:
+        if m.name == DEFAULT_EMBEDDING_MODEL_NAME:
+            import_default_model(store, m.name, embedding=True)
     try:
+        for m in config.models:  # each served model must be in the store before anything starts
+            store.resolve(m.name, m.version)
         return store, store.resolve(config.model.name, config.model.version)
     except Exception as exc:
         raise click.ClickException(str(exc)) from exc

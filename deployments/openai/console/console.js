@@ -418,7 +418,7 @@ async function healthPage() {
   const rows = [];
   for (const [app, a] of Object.entries(h.applications)) {
     for (const [dep, d] of Object.entries(a.deployments)) {
-      rows.push({ cells: [app, dep, el("span", { class: `status-${d.status}` }, d.status), Object.entries(d.replicas).map(([s, n]) => `${n} ${s}`).join(", "), d.message || a.message || ""] });
+      rows.push({ cells: [app, dep, el("span", { class: `status-${d.status}` }, d.status), d.status === "IDLE" ? "none: scaled to zero, its next request starts one" : Object.entries(d.replicas).filter(([, n]) => n).map(([s, n]) => `${n} ${s}`).join(", "), d.message || a.message || ""] });
     }
   }
   return el("div", {}, el("h2", {}, "Deployment health"),
