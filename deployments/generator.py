@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from ray import serve
 
@@ -25,6 +25,19 @@ from deployments.core.types import GenerationRequest
 logger = logging.getLogger(__name__)
 
 
+def engine_witness(billing: dict | None) -> Any:
+    """Billing's second witness (`billing.client.EngineWitness`) when billing is on: every request's engine count,
+    so no usage dies with the ingress that admitted it. None when billing is off."""
+    config = BillingConfig.model_validate(billing or {"enabled": False})
+    if not config.enabled:
+        return None
+    from billing import actor
+    from billing.client import EngineWitness
+
+    handle = actor.get_or_create(config)
+    return EngineWitness(lambda batch: handle.engine_usage.remote(batch), config.flush_interval_s)
+
+
 @serve.deployment
 class Generator:
     def __init__(self, model_path: str, engine_config: dict, billing: dict | None = None, model_name: str = "", version: str = ""):
@@ -33,15 +46,7 @@ class Generator:
 
         setup_logging("generator")
         config = EngineConfig.model_validate(engine_config)
-        self._witness = None
-        billing_config = BillingConfig.model_validate(billing or {"enabled": False})
-        if billing_config.enabled:
-            # Billing's second witness: every request's engine count, so no usage dies with the ingress that admitted it.
-            from billing import actor
-            from billing.client import EngineWitness
-
-            handle = actor.get_or_create(billing_config)
-            self._witness = EngineWitness(lambda batch: handle.engine_usage.remote(batch), billing_config.flush_interval_s)
+        self._witness = engine_witness(billing)
         on_end = self._report if self._witness is not None else None
         if config.simulate_steps_per_s:  # capacity tests: the graph at an accelerator's pace, no model
             from deployments.core.paced import PacedEngine

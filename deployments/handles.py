@@ -83,10 +83,25 @@ class PostprocessorHandleClient:
         return self._relay.stream(req)
 
     async def complete(self, req: GenerationRequest) -> dict:
-        response = self._h.complete.remote(req)
-        try:
-            return await response
-        except asyncio.CancelledError:
-            response.cancel()  # awaiting is not the call: cancel it too (a client gone, a sibling sub-request failed)
-            raise
+        return await awaited(self._h.complete.remote(req))
+
+
+class EmbedderHandleClient:
+    """`deployments.openai.service.EmbedderClient` over one version's embedding deployment."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self._h = handle
+
+    async def embed(self, request_id: str, items: list[Any], billing: Any = None, dimensions: int | None = None) -> Any:
+        return await awaited(self._h.embed.remote(request_id, items, billing, dimensions))
+
+
+async def awaited(response: Any) -> Any:
+    """A unary handle call's result; cancelling the wait cancels the call too (a client gone, a timeout, a sibling
+    sub-request failed): awaiting is not the call."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
 

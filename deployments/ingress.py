@@ -23,15 +23,15 @@ from deployments.core.adapters import AdapterCatalog
 from deployments.core.tokenizer import NearTokenizer, PromptTokenizer, load_hf_tokenizer
 from deployments.core.traffic import TrafficFile, TrafficFollower, version_app_name
 from deployments.fleet import ServeFleet
-from deployments.handles import PostprocessorHandleClient, TokenizerHandleClient
+from deployments.handles import EmbedderHandleClient, PostprocessorHandleClient, TokenizerHandleClient
 from deployments.observability import RayRequestMetrics
 from deployments.openai.accounts import AccountsService
-from deployments.openai.catalogue import Listing
+from deployments.openai.catalogue import Capabilities, Listing
 from deployments.openai.files import FilesService, default_plan
 from deployments.openai.fine_tuning import FineTuningService
 from deployments.openai.operations import OperationsService
 from deployments.openai.routes import build_app
-from deployments.openai.service import Backend, OpenAIService
+from deployments.openai.service import Backend, EmbeddingBackend, EmbeddingModel, OpenAIService
 from deployments.version_app import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class Ingress:
             asyncio.get_running_loop().create_task(self._billing.start())
         self._tokenizer = NearTokenizer(_local_tokenizer(cfg), TokenizerHandleClient(tokenizer), cfg.deployments.inline_tokenize_chars)
         self._traffic = TrafficFollower(TrafficFile(cfg.store_root(), cfg.app_name, cfg.model.name), self._backend)
+        self._embedding_traffic = {m.name: self._follower(cfg.for_model(m.name)) for m in cfg.models}
         self._service = OpenAIService(
             cfg.model.name,
             self._tokenizer,
@@ -76,6 +77,7 @@ class Ingress:
             adapters=AdapterCatalog(str(cfg.store_root()), cfg.model.name) if cfg.engine.enable_lora else None,
             adapter_price=cfg.billing.price_book.fine_tuned_price(cfg.model.name) if billing.enabled else None,
             listing=Listing.of(cfg, self._stable_price),
+            embedding_models=[self._embedding_model(cfg.for_model(m.name), m.cold_start_wait_s) for m in cfg.models],
         )
         self._fine_tuning = None
         if cfg.fine_tuning.enabled:
@@ -90,6 +92,25 @@ class Ingress:
         plan = self._traffic.plan
         return self._config.billing.price_book.price_for(self._config.model.name, plan.stable) if self._config.billing.enabled and plan is not None else None
 
+    def _follower(self, view: MaasConfig) -> TrafficFollower:
+        """An embedding model's versions by its live plan (`view`: the model's config, `MaasConfig.for_model`)."""
+        app = lambda version: version_app_name(view.app_name, view.model.name, version)  # noqa: E731
+        price = lambda version: view.billing.price_book.price_for(view.model.name, version) if view.billing.enabled else None  # noqa: E731
+        return TrafficFollower(
+            TrafficFile(view.store_root(), view.app_name, view.model.name),
+            lambda version: EmbeddingBackend(version, EmbedderHandleClient(serve.get_deployment_handle("EmbeddingModel", app_name=app(version))), price(version)),
+        )
+
+    def _embedding_model(self, view: MaasConfig, wait_s: float) -> EmbeddingModel:
+        follower = self._embedding_traffic[view.model.name]
+
+        def price() -> Price | None:
+            plan = follower.plan
+            return view.billing.price_book.price_for(view.model.name, plan.stable) if view.billing.enabled and plan is not None else None
+
+        listing = Listing(Capabilities.embedding(), Capabilities.embedding(), view.engine.max_model_len, view.billing.price_book.currency, price)
+        return EmbeddingModel(view.model.name, follower, listing, wait_s)
+
     def _backend(self, version: str) -> Backend:
         app = version_app_name(self._config.app_name, self._config.model.name, version)
         price = self._config.billing.price_book.price_for(self._config.model.name, version) if self._config.billing.enabled else None
@@ -101,8 +122,9 @@ class Ingress:
     async def _follow_traffic(self) -> None:
         while True:
             try:
-                if self._traffic.refresh():
-                    logger.info("traffic plan revision %d (%s): %s", self._traffic.plan.revision, self._traffic.plan.action, self._traffic.plan.weights())
+                for follower in (self._traffic, *self._embedding_traffic.values()):
+                    if follower.refresh():
+                        logger.info("traffic plan of %s revision %d (%s): %s", follower.plan.model, follower.plan.revision, follower.plan.action, follower.plan.weights())
             except Exception:  # a plan being replaced or a store hiccup: keep the current plan
                 logger.exception("could not read the traffic plan")
             await asyncio.sleep(self._config.model.traffic_poll_s)

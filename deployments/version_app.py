@@ -1,4 +1,5 @@
-"""The version application of one store version of a model: postprocessor → generator (no HTTP route).
+"""The version application of one store version of a model: postprocessor → generator (no HTTP route), or for an
+embedding model its one embedding stage.
 
 Kept apart from the front application (`deployments.app`) so the version lifecycle
 (`deployments.fleet`), which the ingress itself drives for the console, imports no ingress.
@@ -22,6 +23,7 @@ from common.config import DeploymentConfig, MaasConfig
 from common.errors import NotFoundError
 from common.model_store import ModelVersion, open_store
 from deployments.core.adapters import adapters_wanted
+from deployments.embedder import EmbeddingModel
 from deployments.generator import Generator
 from deployments.network import setup_hook_env
 from deployments.postprocessor import Postprocessor
@@ -34,8 +36,8 @@ SHUTDOWN_POLL_S = 0.5
 class VersionRoot:
     """A version application's router-free ingress, as Serve's HAProxy mode requires of an application's ingress."""
 
-    def __init__(self, postprocessor: Any):
-        self._postprocessor = postprocessor  # bound so that Serve deploys the version's stages under this root
+    def __init__(self, stage: Any):
+        self._stage = stage  # bound so that Serve deploys the version's stages under this root
 
     async def __call__(self, request: Any = None) -> Any:
         """Nothing routes here; under HAProxy its replica still listens on a direct port (loopback): a 404 in the envelope."""
@@ -86,10 +88,15 @@ def build_version_app(config: MaasConfig, version: str) -> Application:
     if config.billing.enabled:
         config.billing.price_book.price_for(config.model.name, model.version)  # fail at deploy time, not per request
     drain = {"graceful_shutdown_timeout_s": config.model.drain_timeout_s}
+    gpus = 1.0 if config.engine.accelerator == "gpu" else 0.0
+    if config.model.task == "embed":  # one stage: the embedding engine tokenizes and answers whole (no carriers)
+        engine_config = config.engine.model_copy(update={"enable_lora": False})
+        embedder = EmbeddingModel.options(**deployment_options(stages.generator, gpus=gpus), **drain).bind(path, engine_config.model_dump(), billing, config.model.name, model.version)
+        return VersionRoot.bind(embedder)
     # Both stream back through carriers that must reach one replica (deployments.core.relay).
     relay = {"request_router_config": {"request_router_class": PINNED_ROUTER}}
     engine = config.engine.model_copy(update={"enable_lora": adapters_wanted(config.engine.enable_lora, str(config.store_root()), config.model.name)})
-    generator = Generator.options(**deployment_options(stages.generator, gpus=1.0 if config.engine.accelerator == "gpu" else 0.0), **drain, **relay).bind(
+    generator = Generator.options(**deployment_options(stages.generator, gpus=gpus), **drain, **relay).bind(
         path, engine.model_dump(), billing, config.model.name, model.version
     )
     postprocessor = Postprocessor.options(**deployment_options(stages.postprocessor), **drain, **relay).bind(generator, path)

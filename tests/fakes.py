@@ -170,3 +170,30 @@ class RoutePrefix:
                 return
             scope = {**scope, "root_path": scope.get("root_path", "") + self.prefix}
         await self.app(scope, receive, send)
+
+
+class ByteTextTokenizer(ByteTokenizer):
+    """`ByteTokenizer` called as a Hugging Face tokenizer on a batch of texts: a start (255) and an end (EOS) token
+    around each, as BERT's [CLS] and [SEP]."""
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [([255] if add_special_tokens else []) + self.encode(t) + ([EOS] if add_special_tokens else []) for t in texts]}
+
+
+class HashPoolingEngine:
+    """Stands in for vLLM's pooling runner: a normalized vector per token-id list, the same for the same ids."""
+
+    def __init__(self, dims: int = 8, delay_s: float = 0.0):
+        self.dims, self.delay_s = dims, delay_s
+        self.seen: list[list[int]] = []
+
+    async def encode(self, token_ids: list[int], request_id: str):
+        import asyncio
+        import math
+
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        self.seen.append(list(token_ids))
+        raw = [float(sum((t + 1) * (i + j + 1) for j, t in enumerate(token_ids)) % 97 + 1) for i in range(self.dims)]
+        norm = math.sqrt(sum(x * x for x in raw))
+        yield [x / norm for x in raw]

@@ -123,9 +123,10 @@ class progress:
             click.echo(f"{self.text}: done in {time.monotonic() - self.t0:.1f}s" if self._status is not None else f"  done in {time.monotonic() - self.t0:.1f}s", err=True)
 
 
-def import_default_model(store: Any, name: str) -> Any:
-    """The packaged default model's store version, converting it first (with progress) when the store lacks it."""
-    from common.model_store import ensure_default_model
+def import_default_model(store: Any, name: str, embedding: bool = False) -> Any:
+    """The packaged default model's store version (`embedding`: the packaged embedding model's), importing it first
+    (with progress) when the store lacks it."""
+    from common.model_store import ensure_default_embedding_model, ensure_default_model
 
     note: progress | None = None
 
@@ -136,7 +137,7 @@ def import_default_model(store: Any, name: str) -> Any:
         note.update(news)
 
     try:
-        return ensure_default_model(store, name, step)
+        return (ensure_default_embedding_model if embedding else ensure_default_model)(store, name, step)
     finally:
         if note is not None:
             note.__exit__(None, None, None)

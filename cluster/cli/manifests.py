@@ -21,9 +21,10 @@ def serve_config(ctx: click.Context, working_dir: str | None) -> None:
     config = config_of(ctx)
     try:
         versions = planned_versions(config)
+        others = {view.model.name: planned_versions(view) for view in config.served()[1:]}
     except Exception as exc:
         raise click.ClickException(str(exc)) from exc
-    sys.stdout.write(yaml.safe_dump(serve_config_for(config, root(ctx).obj, working_dir, versions), sort_keys=False))
+    sys.stdout.write(yaml.safe_dump(serve_config_for(config, root(ctx).obj, working_dir, versions, others), sort_keys=False))
 
 
 @click.command()

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from cluster.cli.common import config_of, connect, import_default_model, progress, traffic_line, watch_serve
-from common.model_store import open_store
+from common.model_store import DEFAULT_EMBEDDING_MODEL_NAME, open_store
 
 
 @click.group()
@@ -21,10 +21,11 @@ def models() -> None:
 @models.command("import-default")
 @click.pass_context
 def import_default(ctx: click.Context) -> None:
-    """Convert the packaged SmolLM2 GGUF into the store (once)."""
+    """Import the packaged models into the store (once): SmolLM2 (its GGUF converted) and all-MiniLM-L6-v2 for embeddings."""
     config = config_of(ctx)
-    mv = import_default_model(open_store(config.store_root()), config.model.name)
-    click.echo(f"{mv.name}/{mv.version} at {mv.path}")
+    store = open_store(config.store_root())
+    for mv in [import_default_model(store, config.model.name), *(import_default_model(store, m.name, embedding=True) for m in config.models if m.name == DEFAULT_EMBEDDING_MODEL_NAME)]:
+        click.echo(f"{mv.name}/{mv.version} at {mv.path}")
 
 
 @models.command("list")

@@ -22,6 +22,11 @@ class Capabilities:
     fine_tuning: bool = False  # tenants may fine-tune it (a training price and the API on)
 
     @classmethod
+    def embedding(cls) -> "Capabilities":
+        """An embedding model: `/v1/embeddings` only."""
+        return cls(chat=False, completions=False, embeddings=True, tools=False, structured_outputs=False, logprobs=False)
+
+    @classmethod
     def of(cls, config: MaasConfig, fine_tune: bool = False) -> "Capabilities":
         """What the served chat model can do under `config` (`fine_tune`: a tenant's fine-tune of it, not fine-tunable again)."""
         book = config.billing.price_book.models.get(config.model.name)

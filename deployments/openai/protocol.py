@@ -396,3 +396,17 @@ class CreateFineTuningJobRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
     integrations: list[Any] | None = Field(None, max_length=0, description="Not offered (must be empty).")
+
+
+class EmbeddingRequest(BaseModel):
+    """`POST /v1/embeddings`, OpenAI's shape: a vector per input, in order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text = Field(..., min_length=1)
+    input: Text | list[Text] | list[int] | list[list[int]] = Field(
+        ..., description="A text, a list of texts, a list of token ids, or a list of token-id lists (at most 2048 inputs); one vector each."
+    )
+    encoding_format: Literal["float", "base64"] = Field("float", description="`float`: lists of numbers; `base64`: little-endian float32 bytes, base64-encoded.")
+    dimensions: int | None = Field(None, ge=1, description="The vectors' size: accepted only where the model gives it (its own size).")
+    user: Text | None = Field(None, max_length=256, description="Your end user's id, kept on the request's ledger row.")

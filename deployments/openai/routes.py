@@ -35,7 +35,7 @@ from deployments.openai.accounts import AccountsService
 from deployments.openai.files import FilesService
 from deployments.openai.fine_tuning import FineTuningService
 from deployments.openai.operations import OperationsService
-from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateFineTuningJobRequest, CreateKeyRequest, KeyPolicyFields, TrafficChange, UpdateKeyRequest
+from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, CreateFineTuningJobRequest, CreateKeyRequest, KeyPolicyFields, TrafficChange, UpdateKeyRequest
 from deployments.openai.service import OpenAIService, SSEStream
 
 logger = logging.getLogger(__name__)
@@ -372,6 +372,11 @@ def build_app(
     @app.post("/v1/completions", openapi_extra=TENANT)
     async def completions(body: CompletionRequest, who: Any = Depends(principal)) -> Any:
         return await _respond(service.completion(body, who))
+
+    @app.post("/v1/embeddings", openapi_extra=TENANT)
+    async def create_embeddings(body: EmbeddingRequest, who: Any = Depends(principal)) -> JSONResponse:
+        """A vector per input from an embedding model of the catalogue (`/v1/models` says which can embed)."""
+        return await _json(service.embed(body, who))
 
     if files is not None:
 

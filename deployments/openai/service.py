@@ -16,17 +16,18 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, NamedTuple, Protocol
+from typing import Any, AsyncIterator, Callable, NamedTuple, Protocol, Sequence
 
 from common.config import MaasConfig, Price, RequestLimits
 from common.errors import EngineNotReadyError, InvalidRequestError, MaasError, ModelNotFoundError, NotFoundError, PermissionDeniedError, ServiceUnavailableError, as_maas_error
-from deployments.core import shapes, tools
+from deployments.core import embeddings, shapes, tools
 from deployments.core.adapters import Adapter, AdapterCatalog
+from deployments.core.embeddings import Embedded
 from deployments.core.types import GenerationRequest, SSEPiece, TokenizedPrompt, Usage, piece_usage
 from deployments.core.tokenizer import TokenizingClient as TokenizerClient
-from deployments.openai.catalogue import Listing, model_card, pricing
+from deployments.openai.catalogue import Capabilities, Listing, model_card, pricing
 from deployments.openai.files import NO_TENANT
-from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 SSEStream = AsyncIterator[SSEPiece]
 
@@ -77,6 +78,29 @@ class Backend(NamedTuple):
     price: Any = None
     model: str = ""  # the model id billed and answered, when not the base's (a fine-tune's `ft:` id)
     adapter: tuple[str, str] | None = None  # (model id, adapter folder) the engine applies
+
+
+class EmbedderClient(Protocol):
+    async def embed(self, request_id: str, items: list[Any], billing: Any = None, dimensions: int | None = None) -> Embedded: ...
+
+
+class EmbeddingBackend(NamedTuple):
+    """One version of an embedding model, and what its input tokens cost."""
+
+    version: str
+    embedder: EmbedderClient
+    price: Any = None
+
+
+@dataclass(frozen=True)
+class EmbeddingModel:
+    """An embedding model the deployment serves: its versions (by the live plan), its catalogue entry, and how long a
+    request waits for it when it was scaled to zero before a 503 with Retry-After."""
+
+    name: str
+    backends: "BackendPicker"  # its `pick()` gives an EmbeddingBackend
+    listing: Listing = Listing(Capabilities.embedding())
+    wait_s: float = 120.0
 
 
 class BackendPicker(Protocol):
@@ -148,12 +172,14 @@ class OpenAIService:
         adapters: AdapterCatalog | None = None,
         adapter_price: Any = None,
         listing: Listing | None = None,
+        embedding_models: Sequence[EmbeddingModel] = (),
     ):
         """`limits` bound what one request may send, checked before any other stage is called; `adapters`: tenants' fine-tunes."""
         self.model_name = model_name
         self._adapters = adapters
         self._adapter_price = adapter_price
         self._listing = listing or Listing()
+        self._embedding = {m.name: m for m in embedding_models}
         self._limits = limits or MaasConfig().request_limits()
         self._tokenizer = tokenizer
         self._backends = backends
@@ -209,6 +235,9 @@ class OpenAIService:
                 model_card(a.model, a.created, a.tenant, ls.fine_tune_capabilities, ls.context_window, price, parent=a.base, root=a.base)
                 for a in self._adapters.for_tenant(tenant)
             ]
+        for m in self._embedding.values():
+            ls = m.listing
+            data.append(model_card(m.name, self._created, "ray-maas", ls.capabilities, ls.context_window, pricing(ls.price(), ls.currency)))
         return {"object": "list", "data": data}
 
     def ready(self) -> bool:
@@ -230,6 +259,52 @@ class OpenAIService:
         if len(prompts) == 1:
             return await self._handle("completion", body, principal, lambda rid: self._tokenizer.prepare_completion(prompts[0], body.token_limit, request_id=rid))
         return await self._many(body, principal, prompts)
+
+    async def embed(self, body: EmbeddingRequest, principal: Any = None) -> dict:
+        """`/v1/embeddings`: admitted, metered and billed as any request (the model's price per input token), on the
+        embedding model's live version. Its input is reserved by a bound before it is tokenized (where the engine
+        runs) and settled at the engine's count. A model scaled to zero is started by the request, which waits for it
+        up to the model's `wait_s`, then gets a 503 with Retry-After."""
+        t0 = time.monotonic()
+        request_id = self._new_request_id()
+        base = self._record_base(request_id, "embedding", body, principal, "", 0) | {"model": body.model}
+        ticket = None
+        try:
+            model = self._embedding.get(body.model)
+            if model is None:
+                raise ModelNotFoundError(f"`{body.model}` is not an embedding model here. Embedding models: {', '.join(self._embedding) or 'none'}.", param="model")
+            require_allowed(principal, body.model)
+            items = embeddings.items_of(body.input)
+            backend: EmbeddingBackend = model.backends.pick()
+            base["version"] = backend.version
+            if self.billing is not None and principal is not None:
+                try:
+                    ticket = await self.billing.admit(principal, request_id, body.model, backend.version, "embedding", backend.price, 1, 0, 1, end_user=body.user or "")
+                except MaasError as exc:
+                    self._on_reject(principal.tenant, exc.error_type if exc.status_code == 429 else (exc.code or "error"))
+                    raise
+                try:
+                    ticket = await self.billing.resize(ticket, embeddings.token_bound(items), 0, 1)
+                except BaseException:
+                    self.billing.release(ticket)
+                    raise
+        except BaseException as exc:
+            _Meter(None, None, 0, self._observer, base, t0).failed(exc)
+            raise
+        meter = _Meter(self.billing if ticket is not None else None, ticket, 0, self._observer, base, t0)
+        try:
+            call = backend.embedder.embed(request_id, items, ticket.context() if ticket is not None else None, body.dimensions)
+            embedded = await asyncio.wait_for(call, model.wait_s)
+        except asyncio.TimeoutError:
+            err = EngineNotReadyError(f"`{body.model}` did not answer within {model.wait_s:g} s (it may be starting from zero replicas); retry shortly.")
+            meter.failed(err)
+            raise err from None
+        except BaseException as exc:
+            # A 400 raised before the engine ran is billed nothing; a server fault leaves the engine witness's count.
+            meter.failed(exc)
+            raise
+        meter.embedded(embedded.prompt_tokens)
+        return embeddings.response(body.model, embedded, body.encoding_format)
 
     async def _many(self, body: CompletionRequest, principal: Any, prompts: list[str | list[int]]) -> dict | SSEStream:
         """A list of prompts: one sub-request per prompt (`<id>-<i>`, each admitted, metered and billed as a request),
@@ -311,7 +386,7 @@ class OpenAIService:
 
     def _record_base(self, request_id: str, kind: str, body: Any, principal: Any, version: str, prompt_tokens: int) -> dict:
         tenant = getattr(principal, "tenant", "") or ""
-        return {"request_id": request_id, "model": self.model_name, "version": version, "tenant": tenant, "kind": kind, "stream": bool(body.stream), "prompt_tokens": prompt_tokens}
+        return {"request_id": request_id, "model": self.model_name, "version": version, "tenant": tenant, "kind": kind, "stream": bool(getattr(body, "stream", False)), "prompt_tokens": prompt_tokens}
 
     def _check_model(self, model: str, principal: Any = None) -> Adapter | None:
         """None for the base model, the adapter for one of the caller's fine-tunes; a 404 for anything else (another tenant's included)."""
@@ -548,6 +623,11 @@ class _Meter:
         )
         if self._observer is not None:
             self._observer.finished(record)
+
+    def embedded(self, prompt_tokens: int) -> None:
+        """An embedding request answered: its input's true token count (it was reserved by a bound)."""
+        self._prompt = self._base["prompt_tokens"] = prompt_tokens
+        self._end(0, "ok")
 
     def done(self, usage: dict) -> None:
         """The request's usage as its response carried it (`Usage.to_dict`)."""

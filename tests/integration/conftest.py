@@ -12,16 +12,17 @@ from billing.actor import admin_client
 from billing.admin import wait
 from cluster import local
 from common.config import MaasConfig, deep_merge, load_config
-from common.model_store import METADATA_FILE, ensure_default_model, open_store
+from common.model_store import METADATA_FILE, ensure_default_embedding_model, ensure_default_model, open_store
 from common.runtime import free_port
 
 
 def linked_store(tmp_path_factory) -> Path:
-    """A store of our own holding the default model's v1 (a link, not a copy)."""
+    """A store of our own holding the default models' v1 (links, not copies): the chat model and the embedding model."""
     config = load_config()
-    default = ensure_default_model(open_store(config.store_root()), config.model.name)
+    store = open_store(config.store_root())
     root = tmp_path_factory.mktemp("store")
-    open_store(root).link_version(default)
+    for mv in (ensure_default_model(store, config.model.name), ensure_default_embedding_model(store)):
+        open_store(root).link_version(mv)
     return root
 
 
@@ -69,6 +70,7 @@ def maas_config(ledger_url, config_overrides) -> MaasConfig:
     overrides = {"http": {"host": "127.0.0.1", "port": free_port()}, "billing": {"ledger_url": ledger_url}}
     config = load_config(overrides=deep_merge(overrides, config_overrides))
     ensure_default_model(open_store(config.store_root()), config.model.name)
+    ensure_default_embedding_model(open_store(config.store_root()))
     return config
 
 

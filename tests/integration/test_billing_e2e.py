@@ -181,6 +181,19 @@ def test_a_repeated_long_prompt_reports_cached_tokens_and_costs_less(base_url, b
     assert report["total"]["cached_tokens"] == 2 * cached
 
 
+def test_embeddings_are_billed_at_the_embedding_models_price_from_the_engines_count(base_url, billing_actor, maas_config):
+    key, _ = create_key(billing_actor, "embedder", plan="enterprise")
+    client = _client(base_url, key)
+    model = maas_config.models[0].name
+    one = client.embeddings.create(model=model, input=["a first text to embed", "a second one"], user="carol")
+    two = client.embeddings.create(model=model, input="and a third")
+    tokens = one.usage.prompt_tokens + two.usage.prompt_tokens
+    report = _wait_for(lambda: (u := httpx.get(base_url + "/usage", headers={"Authorization": f"Bearer {key}"}).json()) and u["total"]["requests"] == 2 and u)
+    price = maas_config.billing.price_book.price_for(model)
+    assert (report["total"]["prompt_tokens"], report["total"]["completion_tokens"]) == (tokens, 0)
+    assert Decimal(report["total"]["cost"]) == price.prompt_per_1m * tokens / 1_000_000 and {r["model"] for r in report["data"]} == {model}
+
+
 def test_user_and_a_list_of_prompts_reach_the_ledger(base_url, billing_actor):
     key, _ = create_key(billing_actor, "users", plan="enterprise")
     client = _client(base_url, key)

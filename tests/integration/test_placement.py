@@ -15,7 +15,7 @@ from billing.actor import admin_client
 from billing.admin import wait
 from cluster import local
 from common.config import deep_merge, load_config
-from common.model_store import ensure_default_model, open_store
+from common.model_store import ensure_default_embedding_model, ensure_default_model, open_store
 from common.runtime import free_port
 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
@@ -60,6 +60,7 @@ def config(ledger_url):
     }
     cfg = load_config(overrides=deep_merge({}, overrides))
     ensure_default_model(open_store(cfg.store_root()), cfg.model.name)
+    ensure_default_embedding_model(open_store(cfg.store_root()))
     return cfg
 
 

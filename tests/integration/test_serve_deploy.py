@@ -26,7 +26,7 @@ def test_serve_deploy_of_the_generated_config_serves_the_model(maas_config, tmp_
         from cluster.versions import planned_versions
 
         config = serve_config_for(maas_config, versions=planned_versions(maas_config))
-        assert [a["name"] for a in config["applications"]] == [f"maas--{maas_config.model.name}--v1", "maas"]
+        assert [a["name"] for a in config["applications"]] == [f"maas--{maas_config.model.name}--v1", "maas--all-MiniLM-L6-v2--v1", "maas"]
         assert config["http_options"]["port"] == maas_config.http.port
         path = tmp_path / "serve.yaml"
         path.write_text(yaml.safe_dump(config))

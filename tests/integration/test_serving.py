@@ -33,8 +33,63 @@ def collect(stream):
     return "".join(text), usage, finish, chunk_id
 
 
+EMBEDDER = "all-MiniLM-L6-v2"
+
+
 def test_models_list(client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    models = {m.id: m.model_extra for m in client.models.list().data}
+    assert list(models) == [MODEL, EMBEDDER]
+    assert models[EMBEDDER]["capabilities"]["embeddings"] and not models[EMBEDDER]["capabilities"]["chat"]
+    assert models[EMBEDDER]["context_window"] == 256 and models[EMBEDDER]["pricing"]["prompt_per_1m"] == "0.02"
+
+
+def test_an_idle_embedding_model_is_scaled_to_zero_and_shown_idle_then_its_first_request_starts_it(client, maas_config):
+    """The default config scales all-MiniLM-L6-v2 to zero: no engine until a request comes, which waits for it."""
+    from deployments.fleet import health
+
+    app = f"{maas_config.app_name}--{EMBEDDER}--v1"
+    assert health()["applications"][app]["deployments"]["EmbeddingModel"]["status"] == "IDLE"
+    t0 = time.monotonic()
+    got = client.embeddings.create(model=EMBEDDER, input="The first request after idleness waits for the engine.")
+    cold_s = time.monotonic() - t0
+    assert len(got.data[0].embedding) == 384
+    assert health()["applications"][app]["deployments"]["EmbeddingModel"]["replicas"].get("RUNNING") == 1
+    print(f"cold start of {EMBEDDER}: {cold_s:.1f} s")  # noqa: T201 (shown with -rs/-s for bench/RESULTS.md)
+
+
+def test_embeddings_equal_the_model_loaded_with_transformers_and_rank_paraphrases_first(client, maas_config):
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from common.model_store import open_store
+
+    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The new movie is awesome."]
+    got = client.embeddings.create(model=EMBEDDER, input=texts)
+    vectors = np.array([d.embedding for d in got.data])
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.3  # the paraphrase is nearer than the unrelated one
+    path = open_store(maas_config.store_root()).resolve(EMBEDDER).path
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()  # mean pooling, normalized
+    assert np.abs(vectors - expected).max() < 1e-4
+    assert got.usage.prompt_tokens == got.usage.total_tokens == int(enc["attention_mask"].sum())
+    ids = client.embeddings.create(model=EMBEDDER, input=[tok(texts[0])["input_ids"]])  # token ids embed the same
+    assert np.abs(np.array(ids.data[0].embedding) - expected[0]).max() < 1e-4
+
+
+def test_embedding_errors_are_openai_envelopes(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model=EMBEDDER, input="word " * 300)  # past the 256-token window: refused, not cut
+    assert err.value.body["code"] == "context_length_exceeded" and err.value.body["param"] == "input"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model=EMBEDDER, input="hi", dimensions=128)
+    assert err.value.body["param"] == "dimensions"
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model=MODEL, input="hi")
 
 
 def test_chat_usage_matches_tokenizer_and_limit(client, hf_tokenizer):

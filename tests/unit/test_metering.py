@@ -33,10 +33,11 @@ class Server:
 
     def __init__(
         self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None, operations=None, billing_config=None, fine_tuning=None, adapters=None,
-        prefix: str = "", max_file_bytes: int | None = None, price: Price = PRICE,
+        prefix: str = "", max_file_bytes: int | None = None, price: Price = PRICE, embedding_models=(),
     ):  # fmt: skip
         """`prefix`: serve the app under a route prefix, as Serve does (`tests.fakes.RoutePrefix`); `base` includes it."""
         self.price = price
+        self.embedding_models = embedding_models
         self.prefix = prefix
         self.max_file_bytes = max_file_bytes
         self.operations = operations
@@ -56,7 +57,8 @@ class Server:
         await self.billing.start()
 
         service = OpenAIService(
-            "m", self.tokenizer, StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), self.price)), billing=self.billing, limits=self.limits, adapters=self.adapters, adapter_price=PRICE
+            "m", self.tokenizer, StaticPicker(Backend("v1", FakePostprocessorClient(self.engine), self.price)), billing=self.billing, limits=self.limits, adapters=self.adapters, adapter_price=PRICE,
+            embedding_models=self.embedding_models,
         )
         files = FilesService(FileStore(self.tmp_path / "store"), plan_of=BillingAdmin.in_process(self.core).plan)
         fine_tuning = self.fine_tuning(self.core, self.tmp_path / "store") if self.fine_tuning else None
