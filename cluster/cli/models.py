@@ -63,11 +63,12 @@ def show_model(ctx: click.Context, name: str, version: str) -> None:
 @models.command("traffic")
 @click.pass_context
 def traffic(ctx: click.Context) -> None:
-    """The live traffic plan of the served model: versions and their share of requests."""
+    """The live traffic plan of each served model: versions and their share of requests."""
     from cluster.versions import traffic_file
 
-    plan = traffic_file(config_of(ctx)).load()
-    click.echo(traffic_line(plan) if plan else "No traffic plan yet: the model has not been deployed.")
+    for view in config_of(ctx).served():
+        plan = traffic_file(view).load()
+        click.echo(traffic_line(plan) if plan else f"{view.model.name}: no traffic plan yet (not deployed).")
 
 
 @models.command("canary")
@@ -110,11 +111,12 @@ def _change(ctx: click.Context, model: str, op, *args) -> None:
     from common.errors import as_maas_error
 
     config = config_of(ctx)
-    if model != config.model.name:
-        raise click.ClickException(f"This configuration serves {config.model.name}, not {model} (pass --config).")
+    names = [view.model.name for view in config.served()]
+    if model not in names:
+        raise click.ClickException(f"This configuration serves {', '.join(names)}, not {model} (pass --config).")
     connect(config)
     try:
-        plan = op(config, *args, who=f"cli:{getpass.getuser()}")
+        plan = op(config.for_model(model), *args, who=f"cli:{getpass.getuser()}")
     except Exception as exc:
         err = as_maas_error(exc)
         raise click.ClickException(err.message if err else str(exc)) from exc
