@@ -20,9 +20,8 @@ def app_builder(args: dict[str, Any]) -> Application:
     """`import_path: cluster.entrypoints:app_builder`, args `{config, overrides}`: the front application (the plans of
     the models served beside the chat model are made too: the ingress follows them)."""
     config = load_config(args.get("config"), args.get("overrides"))
-    for view in config.served()[1:]:
-        ensure_plan(view, who="serve deploy")
-    return build_app(config, ensure_plan(config, who="serve deploy").stable)
+    stables = {view.model.name: ensure_plan(view, who="serve deploy").stable for view in config.served()[1:]}
+    return build_app(config, ensure_plan(config, who="serve deploy").stable, stables)
 
 
 def version_app_builder(args: dict[str, Any]) -> Application:

@@ -67,7 +67,7 @@ def deploy_all(config: MaasConfig, who: str = "deploy", timeout_s: float = 900) 
     When the front application is not running yet there is no traffic to protect, so it starts beside the versions
     rather than after them (it answers 503 until the stable version's engine is ready): a fresh start is shorter
     by the front's own start-up.  A redeploy keeps the order, so the front never routes to a version not yet up.
-    The other models' versions (embedding models) start beside the chat model's; one scaled to zero starts no replica."""
+    The other models' versions start beside the main chat model's; one scaled to zero starts no replica."""
     from ray import serve
 
     views = config.served()
@@ -79,7 +79,8 @@ def deploy_all(config: MaasConfig, who: str = "deploy", timeout_s: float = 900) 
             audit_change(view, who, plan, before)
         plans.append(plan)
     others = [t for view, plan in zip(views[1:], plans[1:]) for t in version_targets(view, plan.deployed())]
-    front = serve.RunTarget(build_app(config, plans[0].stable), name=config.app_name, route_prefix=config.route_prefix)
+    stables = {view.model.name: plan.stable for view, plan in zip(views[1:], plans[1:])}
+    front = serve.RunTarget(build_app(config, plans[0].stable, stables), name=config.app_name, route_prefix=config.route_prefix)
     if config.app_name not in serve.status().applications:
         deploy_versions(config, plans[0].deployed(), timeout_s, beside=[front, *others])
     else:

@@ -278,31 +278,22 @@ class DeploymentsConfig(Strict):
 
 
 class ServedModelConfig(ModelConfig):
-    task: Literal["chat", "embed"] = Field("embed", description="What the model does; models beside `model` are embedding models (`embed`) for now.")
     engine: dict[str, Any] = Field(
         default_factory=dict,
         description="This model's engine arguments: overrides of the top-level `engine` (e.g. `max_model_len`, which must fit the model).",
     )
-    deployment: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(num_cpus=0.1, max_ongoing_requests=64),
-        description="Placement (num_cpus, num_gpus, resources: which node type) and autoscaling of this model's engine replicas. "
-        "`autoscaling.min_replicas: 0` lets an idle model scale to zero; its next request starts it.",
+    deployment: DeploymentConfig | None = Field(
+        None,
+        description="Placement (num_cpus, num_gpus, resources: which node type) and autoscaling of this model's engine replicas "
+        "(null: the top-level `deployments.generator`'s). For an embedding model `autoscaling.min_replicas: 0` lets it scale "
+        "to zero when idle; its next request starts it.",
     )
     cold_start_wait_s: float = Field(
         120.0,
         gt=0,
-        description="How long a request waits for this model when it has no replica ready (scaled to zero, or starting), "
+        description="Embedding models: how long a request waits when no replica is ready (scaled to zero, or starting) "
         "before a 503 with Retry-After.",
     )
-
-    @model_validator(mode="after")
-    def _embed_only(self) -> "ServedModelConfig":
-        if self.task != "embed":
-            raise ValueError(
-                f"models[{self.name}]: only embedding models (`task: embed`) can be served beside `model` for now; "
-                "a second chat model needs a cluster of its own today."
-            )
-        return self
 
 
 class LimitsConfig(Strict):
@@ -370,11 +361,12 @@ class HttpConfig(Strict):
 class MaasConfig(Strict):
     app_name: str = Field("maas", description="Name of the Serve application.")
     route_prefix: str = Field("/", description="HTTP route prefix of the application.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The chat model served (its versions, canaries and tenants' fine-tunes).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The main chat model: the one tenants fine-tune through the API, and the console's traffic page.")
     models: list[ServedModelConfig] = Field(
         default_factory=list,
         description="More models served beside `model`, each with its own store folder, engine arguments, placement, autoscaling "
-        "and price (the price book's entry under its name): embedding models for `/v1/embeddings`.",
+        "and price (the price book's entry under its name): chat models (`task: chat`: their own versions, traffic plans and "
+        "tokenizer) and embedding models (`task: embed`, for `/v1/embeddings`).",
     )
     model_store: ModelStoreConfig = Field(default_factory=ModelStoreConfig, description="Where versioned models live.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
@@ -407,7 +399,10 @@ class MaasConfig(Strict):
             raise KeyError(f"No served model is named {name!r}.")
         engine = EngineConfig.model_validate(deep_merge(self.engine.model_dump(), m.engine))
         model = ModelConfig.model_validate(m.model_dump(include=set(ModelConfig.model_fields)))
-        return self.model_copy(update={"model": model, "engine": engine, "deployments": self.deployments.model_copy(update={"generator": m.deployment}), "models": []})
+        return self.model_copy(update={
+            "model": model, "engine": engine, "deployments": self.deployments.model_copy(update={"generator": m.deployment or self.deployments.generator}),
+            "models": [], "fine_tuning": self.fine_tuning.model_copy(update={"enabled": False}),  # tenants fine-tune the main chat model
+        })
 
     def request_limits(self) -> RequestLimits:
         """The limits with defaults derived from the context window (`engine.max_model_len`)."""

@@ -1,6 +1,6 @@
 """Turns a MaasConfig into the Serve applications of one model; nothing else.
 
-* the **front** application (`config.app_name`, HTTP): ingress → tokenizer, shared by every version;
+* the **front** application (`config.app_name`, HTTP): ingress → a tokenizer per chat model, shared by every version;
 * one **version** application per served store version (`version_app_name(...)`, no HTTP route):
   postprocessor → generator, built by `deployments.version_app`.
 
@@ -9,6 +9,8 @@ points that keep the live traffic plan are operations (`cluster.versions`, `clus
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from ray.serve import Application
 
@@ -20,9 +22,14 @@ from deployments.version_app import build_version_app, deployment_options, resol
 __all__ = ["build_app", "build_version_app", "deployment_options", "resolve_model"]
 
 
-def build_app(config: MaasConfig, stable_version: str | None = None) -> Application:
-    """Ingress → tokenizer; the tokenizer is the stable version's (versions of a model share it, see deployments.fleet)."""
-    model = resolve_model(config, stable_version)
+def build_app(config: MaasConfig, stable_version: str | None = None, stables: dict[str, str] | None = None) -> Application:
+    """Ingress → a tokenizer per chat model; each is its stable version's (versions of a model share it, see
+    deployments.fleet). `stables`: the stable versions of the chat models served beside the main one, by name."""
     stages = config.deployments
-    tokenizer = Tokenizer.options(**deployment_options(stages.tokenizer)).bind(str(model.path), config.engine.max_model_len)
-    return Ingress.options(**deployment_options(stages.ingress)).bind(tokenizer, config.model_dump(mode="json"))
+
+    def tokenizer(view: MaasConfig, version: str | None, name: str = "Tokenizer") -> Any:
+        path = str(resolve_model(view, version).path)
+        return Tokenizer.options(name=name, **deployment_options(stages.tokenizer)).bind(path, view.engine.max_model_len)
+
+    others = {m.name: tokenizer(config.for_model(m.name), (stables or {}).get(m.name), f"Tokenizer--{m.name}") for m in config.models if m.task == "chat"}
+    return Ingress.options(**deployment_options(stages.ingress)).bind(tokenizer(config, stable_version), config.model_dump(mode="json"), others)

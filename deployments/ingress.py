@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any, Callable
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -37,13 +38,88 @@ from deployments.version_app import resolve_model
 logger = logging.getLogger(__name__)
 
 
+def _stable_price(view: MaasConfig, follower: TrafficFollower) -> Callable[[], Price | None]:
+    """The price of a model's stable version now (what `/v1/models` shows); None with billing off."""
+
+    def price() -> Price | None:
+        plan = follower.plan
+        return view.billing.price_book.price_for(view.model.name, plan.stable) if view.billing.enabled and plan is not None else None
+
+    return price
+
+
+class _ChatModel:
+    """One chat model as the ingress serves it: its tokenizer, its versions by its live plan, its engines' readiness."""
+
+    def __init__(self, view: MaasConfig, tokenizer: DeploymentHandle, synced: Callable[[], bool]):
+        self.view = view
+        self._synced = synced
+        self.engine_ready: set[str] = set()
+        self.tokenizer = NearTokenizer(_local_tokenizer(view), TokenizerHandleClient(tokenizer), view.deployments.inline_tokenize_chars)
+        self.traffic = TrafficFollower(TrafficFile(view.store_root(), view.app_name, view.model.name), self._backend)
+
+    def service(self, billing: Any, on_reject: Callable[[str, str], None], **kwargs: Any) -> OpenAIService:
+        view = self.view
+        return OpenAIService(
+            view.model.name,
+            self.tokenizer,
+            self.traffic,
+            is_ready=self.ready,
+            billing=billing,
+            on_reject=on_reject,
+            observer=RayRequestMetrics(),
+            limits=view.request_limits(),
+            adapters=AdapterCatalog(str(view.store_root()), view.model.name) if view.engine.enable_lora else None,
+            adapter_price=view.billing.price_book.fine_tuned_price(view.model.name) if billing is not None else None,
+            listing=Listing.of(view, _stable_price(view, self.traffic)),
+            **kwargs,
+        )
+
+    def ready(self) -> bool:
+        plan = self.traffic.plan
+        return plan is not None and plan.stable in self.engine_ready and self._synced()
+
+    def _backend(self, version: str) -> Backend:
+        view = self.view
+        app = version_app_name(view.app_name, view.model.name, version)
+        price = view.billing.price_book.price_for(view.model.name, version) if view.billing.enabled else None
+        asyncio.get_running_loop().create_task(self._wait_for_engine(version, serve.get_deployment_handle("Generator", app_name=app)))
+        logger.info("traffic: %s %s served by application %s", view.model.name, version, app)
+        consumer = serve.get_replica_context().replica_id.unique_id
+        return Backend(version, PostprocessorHandleClient(serve.get_deployment_handle("Postprocessor", app_name=app), consumer), price)
+
+    async def _wait_for_engine(self, version: str, generator: DeploymentHandle) -> None:
+        """Answer 503 until the stable version's generator reports its engine loaded (once; Serve routes around later restarts)."""
+        while version not in self.engine_ready:
+            try:
+                if await generator.ready.remote():
+                    self.engine_ready.add(version)
+                    logger.info("generator of %s %s ready", self.view.model.name, version)
+                    return
+            except Exception as exc:  # not deployed yet, or restarting
+                logger.debug("generator of %s not ready: %s", version, exc)
+            await asyncio.sleep(1.0)
+
+
+def _embedding_model(view: MaasConfig, wait_s: float) -> tuple[EmbeddingModel, TrafficFollower]:
+    """An embedding model's versions by its live plan, and its catalogue entry (`view`: the model's config)."""
+    app = lambda version: version_app_name(view.app_name, view.model.name, version)  # noqa: E731
+    price = lambda version: view.billing.price_book.price_for(view.model.name, version) if view.billing.enabled else None  # noqa: E731
+    follower = TrafficFollower(
+        TrafficFile(view.store_root(), view.app_name, view.model.name),
+        lambda version: EmbeddingBackend(version, EmbedderHandleClient(serve.get_deployment_handle("EmbeddingModel", app_name=app(version))), price(version)),
+    )
+    listing = Listing(Capabilities.embedding(), Capabilities.embedding(), view.engine.max_model_len, view.billing.price_book.currency, _stable_price(view, follower))
+    return EmbeddingModel(view.model.name, follower, listing, wait_s), follower
+
+
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    def __init__(self, tokenizer: DeploymentHandle, config: dict):
+    def __init__(self, tokenizer: DeploymentHandle, config: dict, tokenizers: dict[str, DeploymentHandle] | None = None):
+        """`tokenizer`: the chat model's tokenizer stage; `tokenizers`: those of the chat models served beside it, by name."""
         setup_logging("ingress")
         self._config = cfg = MaasConfig.model_validate(config)
-        self._engine_ready: set[str] = set()
         billing = cfg.billing
         self._billing = self._accounts = self._operations = self._admin = None
         on_reject = None
@@ -62,22 +138,15 @@ class Ingress:
             self._accounts = AccountsService(self._admin, billing.price_book.currency, time.time)
             self._operations = OperationsService(ServeFleet(cfg), cfg.model.name)  # the console's traffic and health (admin keys)
             asyncio.get_running_loop().create_task(self._billing.start())
-        self._tokenizer = NearTokenizer(_local_tokenizer(cfg), TokenizerHandleClient(tokenizer), cfg.deployments.inline_tokenize_chars)
-        self._traffic = TrafficFollower(TrafficFile(cfg.store_root(), cfg.app_name, cfg.model.name), self._backend)
-        self._embedding_traffic = {m.name: self._follower(cfg.for_model(m.name)) for m in cfg.models}
-        self._service = OpenAIService(
-            cfg.model.name,
-            self._tokenizer,
-            self._traffic,
-            is_ready=self._ready,
-            billing=self._billing,
-            on_reject=on_reject or (lambda tenant, reason: None),
-            observer=RayRequestMetrics(),
-            limits=cfg.request_limits(),
-            adapters=AdapterCatalog(str(cfg.store_root()), cfg.model.name) if cfg.engine.enable_lora else None,
-            adapter_price=cfg.billing.price_book.fine_tuned_price(cfg.model.name) if billing.enabled else None,
-            listing=Listing.of(cfg, self._stable_price),
-            embedding_models=[self._embedding_model(cfg.for_model(m.name), m.cold_start_wait_s) for m in cfg.models],
+        synced = lambda: self._billing is None or self._billing.synced  # noqa: E731
+        on_reject = on_reject or (lambda tenant, reason: None)
+        main = _ChatModel(cfg, tokenizer, synced)
+        others = [_ChatModel(cfg.for_model(name), handle, synced) for name, handle in (tokenizers or {}).items()]
+        embedding = [_embedding_model(cfg.for_model(m.name), m.cold_start_wait_s) for m in cfg.models if m.task == "embed"]
+        self._traffic = main.traffic
+        self._followers = [main.traffic, *(m.traffic for m in others), *(f for _, f in embedding)]
+        self._service = main.service(
+            self._billing, on_reject, chat_models=[m.service(self._billing, on_reject) for m in others], embedding_models=[e for e, _ in embedding]
         )
         self._fine_tuning = None
         if cfg.fine_tuning.enabled:
@@ -88,62 +157,15 @@ class Ingress:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._follow_traffic())]
 
-    def _stable_price(self) -> Price | None:
-        plan = self._traffic.plan
-        return self._config.billing.price_book.price_for(self._config.model.name, plan.stable) if self._config.billing.enabled and plan is not None else None
-
-    def _follower(self, view: MaasConfig) -> TrafficFollower:
-        """An embedding model's versions by its live plan (`view`: the model's config, `MaasConfig.for_model`)."""
-        app = lambda version: version_app_name(view.app_name, view.model.name, version)  # noqa: E731
-        price = lambda version: view.billing.price_book.price_for(view.model.name, version) if view.billing.enabled else None  # noqa: E731
-        return TrafficFollower(
-            TrafficFile(view.store_root(), view.app_name, view.model.name),
-            lambda version: EmbeddingBackend(version, EmbedderHandleClient(serve.get_deployment_handle("EmbeddingModel", app_name=app(version))), price(version)),
-        )
-
-    def _embedding_model(self, view: MaasConfig, wait_s: float) -> EmbeddingModel:
-        follower = self._embedding_traffic[view.model.name]
-
-        def price() -> Price | None:
-            plan = follower.plan
-            return view.billing.price_book.price_for(view.model.name, plan.stable) if view.billing.enabled and plan is not None else None
-
-        listing = Listing(Capabilities.embedding(), Capabilities.embedding(), view.engine.max_model_len, view.billing.price_book.currency, price)
-        return EmbeddingModel(view.model.name, follower, listing, wait_s)
-
-    def _backend(self, version: str) -> Backend:
-        app = version_app_name(self._config.app_name, self._config.model.name, version)
-        price = self._config.billing.price_book.price_for(self._config.model.name, version) if self._config.billing.enabled else None
-        asyncio.get_running_loop().create_task(self._wait_for_engine(version, serve.get_deployment_handle("Generator", app_name=app)))
-        logger.info("traffic: version %s served by application %s", version, app)
-        consumer = serve.get_replica_context().replica_id.unique_id
-        return Backend(version, PostprocessorHandleClient(serve.get_deployment_handle("Postprocessor", app_name=app), consumer), price)
-
     async def _follow_traffic(self) -> None:
         while True:
             try:
-                for follower in (self._traffic, *self._embedding_traffic.values()):
+                for follower in self._followers:
                     if follower.refresh():
                         logger.info("traffic plan of %s revision %d (%s): %s", follower.plan.model, follower.plan.revision, follower.plan.action, follower.plan.weights())
             except Exception:  # a plan being replaced or a store hiccup: keep the current plan
                 logger.exception("could not read the traffic plan")
             await asyncio.sleep(self._config.model.traffic_poll_s)
-
-    def _ready(self) -> bool:
-        plan = self._traffic.plan
-        return plan is not None and plan.stable in self._engine_ready and (self._billing is None or self._billing.synced)
-
-    async def _wait_for_engine(self, version: str, generator: DeploymentHandle) -> None:
-        """Answer 503 until the stable version's generator reports its engine loaded (once; Serve routes around later restarts)."""
-        while version not in self._engine_ready:
-            try:
-                if await generator.ready.remote():
-                    self._engine_ready.add(version)
-                    logger.info("generator of %s ready", version)
-                    return
-            except Exception as exc:  # not deployed yet, or restarting
-                logger.debug("generator of %s not ready: %s", version, exc)
-            await asyncio.sleep(1.0)
 
     async def check_health(self) -> None:
         """Serve replaces a replica that has not reached the billing actor for too long (it answers 503 meanwhile)."""

@@ -173,6 +173,7 @@ class OpenAIService:
         adapter_price: Any = None,
         listing: Listing | None = None,
         embedding_models: Sequence[EmbeddingModel] = (),
+        chat_models: Sequence["OpenAIService"] = (),
     ):
         """`limits` bound what one request may send, checked before any other stage is called; `adapters`: tenants' fine-tunes."""
         self.model_name = model_name
@@ -180,6 +181,10 @@ class OpenAIService:
         self._adapter_price = adapter_price
         self._listing = listing or Listing()
         self._embedding = {m.name: m for m in embedding_models}
+        self._others = {m.model_name: m for m in chat_models}  # chat models served beside this one, each with its own service
+        self._catalogue = self.served
+        for other in self._others.values():
+            other._catalogue = self._catalogue  # an unknown model's 404 names the whole catalogue
         self._limits = limits or MaasConfig().request_limits()
         self._tokenizer = tokenizer
         self._backends = backends
@@ -235,6 +240,8 @@ class OpenAIService:
                 model_card(a.model, a.created, a.tenant, ls.fine_tune_capabilities, ls.context_window, price, parent=a.base, root=a.base)
                 for a in self._adapters.for_tenant(tenant)
             ]
+        for other in self._others.values():
+            data += other.models(principal)["data"]
         for m in self._embedding.values():
             ls = m.listing
             data.append(model_card(m.name, self._created, "ray-maas", ls.capabilities, ls.context_window, pricing(ls.price(), ls.currency)))
@@ -243,7 +250,21 @@ class OpenAIService:
     def ready(self) -> bool:
         return self._is_ready()
 
+    def _serving(self, model: str) -> "OpenAIService":
+        """The chat model's service that answers `model` (its base name or one of its fine-tunes); this one otherwise."""
+        for name, other in self._others.items():
+            if model == name or model.startswith(f"ft:{name}:"):
+                return other
+        return self
+
+    @property
+    def served(self) -> list[str]:
+        """Every model this API serves, the chat models first."""
+        return [self.model_name, *self._others, *self._embedding]
+
     async def chat(self, body: ChatCompletionRequest, principal: Any = None) -> dict | SSEStream:
+        if (other := self._serving(body.model)) is not self:
+            return await other.chat(body, principal)
         tools.check_tool_choice(body.tool_dicts, body.tool_choice_value, body.response_format, "parallel_tool_calls" in body.model_fields_set)
         spec, forced, shown = tools.response_format_for(body.tool_dicts or [], body.tool_choice_value, body.parallel_tool_calls)
         if spec is not None and spec.mode == "auto" and not self._limits.tool_calls:
@@ -255,6 +276,8 @@ class OpenAIService:
         return await self._handle("chat", body, principal, lambda rid: self._tokenizer.prepare_chat(messages, body.token_limit, request_id=rid), spec, forced)
 
     async def completion(self, body: CompletionRequest, principal: Any = None) -> dict | SSEStream:
+        if (other := self._serving(body.model)) is not self:
+            return await other.completion(body, principal)
         prompts = body.prompts
         if len(prompts) == 1:
             return await self._handle("completion", body, principal, lambda rid: self._tokenizer.prepare_completion(prompts[0], body.token_limit, request_id=rid))
@@ -393,7 +416,7 @@ class OpenAIService:
         adapter = None
         if model != self.model_name:
             if self._adapters is None or not model.startswith(f"ft:{self.model_name}:"):
-                raise ModelNotFoundError(f"The model `{model}` does not exist. Available: {self.model_name}.", param="model")
+                raise ModelNotFoundError(f"The model `{model}` does not exist. Available: {', '.join(self._catalogue or [self.model_name])}.", param="model")
             adapter = self._adapters.resolve(model, getattr(principal, "tenant", None) or NO_TENANT)
         require_allowed(principal, model)
         if not self._is_ready():

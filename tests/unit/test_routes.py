@@ -263,3 +263,20 @@ def test_several_greedy_choices_are_refused_naming_n():
     err = assert_envelope(client.post("/v1/chat/completions", json=chat_body(n=2, temperature=0)), 400, "n")
     assert "temperature" in err["message"]
     assert client.post("/v1/chat/completions", json=chat_body(n=2, temperature=0.7)).status_code == 200
+
+
+def test_several_chat_models_each_answer_by_their_own_stages_and_the_404_names_the_catalogue():
+    """A chat model served beside the main one has its own tokenizer, versions and engine; `model` picks it."""
+    main_engine, other_engine = ScriptedEngine(reply="from main"), ScriptedEngine(reply="from other")
+    other = OpenAIService("other-model", FakeTokenizerClient(max_model_len=128), StaticPicker(Backend("v3", FakePostprocessorClient(other_engine))))
+    service = OpenAIService(MODEL, FakeTokenizerClient(max_model_len=128), StaticPicker(Backend("v1", FakePostprocessorClient(main_engine))), chat_models=[other])
+    client = TestClient(build_app(service), raise_server_exceptions=False)
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [MODEL, "other-model"]
+    one = client.post("/v1/chat/completions", json=chat_body(max_tokens=20)).json()
+    two = client.post("/v1/chat/completions", json=chat_body(model="other-model", max_tokens=20)).json()
+    three = client.post("/v1/completions", json={"model": "other-model", "prompt": "x", "max_tokens": 20}).json()
+    assert (one["model"], one["choices"][0]["message"]["content"]) == (MODEL, "from main")
+    assert (two["model"], two["choices"][0]["message"]["content"]) == ("other-model", "from other")
+    assert three["choices"][0]["text"] == "from other"
+    err = assert_envelope(client.post("/v1/chat/completions", json=chat_body(model="nope")), 404, param="model")
+    assert MODEL in err["message"] and "other-model" in err["message"]
