@@ -26,9 +26,17 @@ logger = logging.getLogger("bench.serve_llm")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--direct", action="store_true",
+        help="Ray Serve LLM's best configuration in 2.60: direct streaming (the LLM server is the ingress, its replicas "
+        "answer HTTP themselves) behind Serve's HAProxy, as RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING documents",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.update(LOCAL_ENV)
+    if args.direct:  # read when Ray and Serve are imported, and by every process of the cluster started here
+        threads = str(max(1, min(4, len(os.sched_getaffinity(0)))))
+        os.environ.update(RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING="1", RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_HAPROXY_NBTHREAD=threads)
 
     import ray
     from ray import serve
@@ -38,7 +46,7 @@ def main() -> None:
     eng = config.engine
     model = open_store(config.store_root()).resolve(config.model.name)
     env = engine_env_vars(eng, len(os.sched_getaffinity(0)))
-    ray.init(include_dashboard=False, runtime_env={"env_vars": {**LOCAL_ENV, **env}})
+    ray.init(include_dashboard=False, runtime_env={"env_vars": {**LOCAL_ENV, **env, **{k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}}})
     llm = LLMConfig(
         model_loading_config={"model_id": config.model.name, "model_source": str(model.path)},
         accelerator_config={"kind": "cpu"},
@@ -50,7 +58,8 @@ def main() -> None:
         },  # fmt: skip
         runtime_env={"env_vars": env},
     )
-    app = build_openai_app({"llm_configs": [llm], "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}})
+    # Direct streaming makes the LLM server the ingress (no separate ingress deployment to configure).
+    app = build_openai_app({"llm_configs": [llm]} if args.direct else {"llm_configs": [llm], "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}})
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(app, name="serve-llm", route_prefix="/")
     logger.info("Ray Serve LLM serving %s on 127.0.0.1:%d", config.model.name, args.port)

@@ -35,7 +35,7 @@ from deployments.core.generator import engine_env_vars
 
 logger = logging.getLogger("bench.serving")
 OUT = REPO_ROOT / "bench" / "out"
-TARGETS = {"raw": "raw vLLM", "ours": "ray-maas", "servellm": "Ray Serve LLM"}
+TARGETS = {"raw": "raw vLLM", "ours": "ray-maas", "servellm": "Ray Serve LLM", "servellm-direct": "Ray Serve LLM, direct streaming + HAProxy"}
 METRICS = [
     ("output_throughput", "output tok/s"),
     ("median_ttft_ms", "TTFT p50 ms"),
@@ -157,11 +157,21 @@ def config_with(name: str, overrides: dict) -> Path:
     return path
 
 
+_CORES = sorted(os.sched_getaffinity(0))
+ENGINE_CORE = str(_CORES[-1])  # --isolate: the engine's threads here ...
+FRONT_CORES = ",".join(str(c) for c in _CORES[:-1]) or ENGINE_CORE  # ... every other process here
+
+
 def bench_config(args: argparse.Namespace) -> Path:
-    """The config both sides run: the shipped default, with `--cpu-preload` applied when given."""
-    if not args.cpu_preload:
+    """The config every server runs: the shipped default, with `--cpu-preload` and `--isolate` applied when given."""
+    overrides: dict = {}
+    if args.cpu_preload:
+        overrides["cpu_preload"] = args.cpu_preload
+    if getattr(args, "isolate", False):
+        overrides["cpu_threads_bind"] = ENGINE_CORE
+    if not overrides:
         return DEFAULT_CONFIG
-    return config_with(f"serving-cpu-preload-{args.cpu_preload}", {"engine": {"cpu_preload": args.cpu_preload}})
+    return config_with("serving-" + "-".join(f"{k}-{v}" for k, v in sorted(overrides.items())), {"engine": overrides})
 
 
 def raw_vllm(model_path: Path, model_name: str, port: int, config_path: Path | None = None) -> tuple[list[str], dict[str, str], str]:
@@ -189,8 +199,9 @@ def ours(port: int, config_path: Path | None = None) -> tuple[list[str], dict[st
     return cmd, {**os.environ, **LOCAL_ENV, "MAAS_LEDGER_URL": f"sqlite:///{ledger}"}, f"http://127.0.0.1:{port}/healthz"
 
 
-def serve_llm(port: int) -> tuple[list[str], dict[str, str], str]:
-    return [sys.executable, "-m", "bench.serve_llm", "--port", str(port)], {**os.environ, **LOCAL_ENV}, f"http://127.0.0.1:{port}/v1/models"
+def serve_llm(port: int, direct: bool = False) -> tuple[list[str], dict[str, str], str]:
+    """Ray Serve LLM on the same engine; `direct`: its best 2.60 configuration (direct streaming behind HAProxy)."""
+    return [sys.executable, "-m", "bench.serve_llm", "--port", str(port), *(["--direct"] if direct else [])], {**os.environ, **LOCAL_ENV}, f"http://127.0.0.1:{port}/v1/models"
 
 
 def bench_key(env: dict[str, str]) -> str:
@@ -227,9 +238,14 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompts-per-concurrency", type=int, default=4, help="num prompts = max(8, this x concurrency)")
-    parser.add_argument("--targets", nargs="+", default=["raw", "ours", "servellm"], choices=list(TARGETS))
+    parser.add_argument("--targets", nargs="+", default=["raw", "ours", "servellm", "servellm-direct"], choices=list(TARGETS))
     parser.add_argument("--rounds", type=int, default=2, help="alternate the targets this many times (raw, ours, raw, ours, ...)")
     parser.add_argument("--cpu-preload", choices=["auto", "off"], default=None, help="engine.cpu_preload for raw vLLM and ray-maas alike (default: the config's)")
+    parser.add_argument(
+        "--isolate", action="store_true",
+        help="engine-isolated: the engine's threads bound to the last core and every other process of the server to the "
+        "others (taskset), the same for every server, as on a GPU node where the front end cannot take the engine's cycles",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.update(LOCAL_ENV)
@@ -243,7 +259,10 @@ def main() -> None:
     for round_no in range(args.rounds):
         for target in args.targets:
             port = free_port()
-            cmd, env, ready = raw_vllm(model.path, config.model.name, port, cfg) if target == "raw" else ours(port, cfg) if target == "ours" else serve_llm(port)
+            cmd, env, ready = raw_vllm(model.path, config.model.name, port, cfg) if target == "raw" else ours(port, cfg) if target == "ours" else serve_llm(port, direct=target == "servellm-direct")
+            env = {**env, "MAAS_CONFIG": str(cfg)}  # Ray Serve LLM reads the same engine settings
+            if args.isolate:
+                cmd = ["taskset", "-c", FRONT_CORES, *cmd]
             logger.info("round %d: starting %s: %s", round_no + 1, target, " ".join(cmd))
             t0 = time.monotonic()
             with server(cmd, env, ready, OUT / f"{stamp}-{target}-{round_no + 1}.log") as proc:
@@ -288,10 +307,11 @@ def _ratio(ours: float | None, other: float | None, key: str) -> str:
 
 def format_report(results: dict[str, dict[int, list[dict]]], args: argparse.Namespace) -> str:
     targets = [t for t in TARGETS if t in results]
-    others = [t for t in ("raw", "servellm") if t in results and "ours" in results]
+    others = [t for t in ("raw", "servellm", "servellm-direct") if t in results and "ours" in results]
     lines = [
         f"input {args.input_len} tokens, output {args.output_len} tokens (--ignore-eos), random dataset, vllm bench serve;",
-        f"mean of {args.rounds} alternating rounds (min-max in brackets); engine.cpu_preload: {args.cpu_preload or 'as configured'}",
+        f"mean of {args.rounds} alternating rounds (min-max in brackets); engine.cpu_preload: {args.cpu_preload or 'as configured'}; "
+        + (f"engine-isolated (engine threads on core {ENGINE_CORE}, everything else on {FRONT_CORES})" if getattr(args, "isolate", False) else "shared cores"),
         "",
         "| concurrency | metric | " + " | ".join(TARGETS[t] for t in targets) + "".join(f" | ours/{t}" for t in others) + " |",
         "| --- | --- |" + " --- |" * (len(targets) + len(others)),
