@@ -176,3 +176,30 @@ def test_down_forgets_its_cluster_in_rays_current_cluster_file_and_only_its_own(
     assert not forget_current_cluster("127.0.0.1:50421", f) and f.exists()  # another cluster's: kept
     assert forget_current_cluster("127.0.0.1:6379", f) and not f.exists()
     assert not forget_current_cluster("127.0.0.1:6379", f)  # nothing there: nothing to do
+
+
+def test_a_served_models_view_is_the_single_model_config_the_fleet_reads_and_old_configs_still_load():
+    old = MaasConfig.model_validate({"model": {"name": "only-one"}})  # a config from before `models:`
+    assert old.served() == [old] and old.for_model("only-one") is old
+    cfg = MaasConfig.model_validate(
+        {
+            "engine": {"max_model_len": 2048, "dtype": "float32"},
+            "deployments": {"generator": {"num_cpus": 0.5}},
+            "models": [
+                {"name": "emb", "task": "embed", "engine": {"max_model_len": 256}, "deployment": {"num_cpus": 0.1, "autoscaling": {"min_replicas": 0}}},
+                {"name": "chat-2", "task": "chat"},
+            ],
+        }
+    )
+    emb, chat2 = cfg.for_model("emb"), cfg.for_model("chat-2")
+    assert (emb.model.name, emb.model.task, emb.engine.max_model_len, emb.engine.dtype) == ("emb", "embed", 256, "float32")
+    assert emb.deployments.generator.autoscaling.min_replicas == 0 and emb.models == []
+    assert chat2.deployments.generator.num_cpus == 0.5  # no deployment of its own: the top-level generator's
+    assert not chat2.fine_tuning.enabled  # tenants fine-tune the main chat model
+    assert [v.model.name for v in cfg.served()] == [cfg.model.name, "emb", "chat-2"]
+    with pytest.raises(ValueError, match="unique"):
+        MaasConfig.model_validate({"models": [{"name": cfg.model.name}]})
+    with pytest.raises(ValueError, match="main chat model|models:"):
+        MaasConfig.model_validate({"model": {"task": "embed"}})
+    with pytest.raises(KeyError):
+        cfg.for_model("nope")
