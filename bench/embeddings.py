@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "openai"):  # a line per request would cost the client more CPU than the servers' answers
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows: list[tuple[str, dict]] = []
