@@ -156,6 +156,8 @@ def test_a_tenant_sees_its_spend_and_manages_its_keys(page, base_url, billing_ac
     row = page.wait_for_selector(f"table[data-testid=models] tr[data-model='{MODEL}']").inner_text()
     card = next(m for m in client.models.list().model_dump()["data"] if m["id"] == MODEL)
     assert "chat" in row and "tool calls" in row and card["pricing"]["prompt_per_1m"] in row and card["pricing"]["cached_prompt_per_1m"] in row
+    embedder = page.wait_for_selector("table[data-testid=models] tr[data-model='all-MiniLM-L6-v2']").inner_text()
+    assert "embeddings" in embedder and "chat" not in embedder and "0.02" in embedder  # the catalogue's embedding model, at its price
     _shot(page, "tenant-models")
 
 
