@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Awaitable, Sequence
 
 from enum import Enum
 
+import msgspec
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
@@ -293,9 +294,17 @@ async def _respond(call: Awaitable[dict | SSEStream]) -> Any:
     return _ClosingStreamingResponse(result, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _json(call: Awaitable[Any]) -> JSONResponse:
+class FastJSONResponse(JSONResponse):
+    """JSON rendered by msgspec, in C: for large bodies of numbers (embeddings: 8 vectors of 384 floats take 2-4 ms
+    with `json.dumps`, 0.3 ms here)."""
+
+    def render(self, content: Any) -> bytes:
+        return msgspec.json.encode(content)
+
+
+async def _json(call: Awaitable[Any], response: type[JSONResponse] = JSONResponse) -> JSONResponse:
     try:
-        return JSONResponse(await call)
+        return response(await call)
     except Exception as exc:
         return error_response(exc)
 
@@ -376,7 +385,7 @@ def build_app(
     @app.post("/v1/embeddings", openapi_extra=TENANT)
     async def create_embeddings(body: EmbeddingRequest, who: Any = Depends(principal)) -> JSONResponse:
         """A vector per input from an embedding model of the catalogue (`/v1/models` says which can embed)."""
-        return await _json(service.embed(body, who))
+        return await _json(service.embed(body, who), FastJSONResponse)
 
     if files is not None:
 
