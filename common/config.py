@@ -361,7 +361,7 @@ class HttpConfig(Strict):
 class MaasConfig(Strict):
     app_name: str = Field("maas", description="Name of the Serve application.")
     route_prefix: str = Field("/", description="HTTP route prefix of the application.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The main chat model: the one tenants fine-tune through the API, and the console's traffic page.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The main chat model (the console's traffic page shows its plan).")
     models: list[ServedModelConfig] = Field(
         default_factory=list,
         description="More models served beside `model`, each with its own store folder, engine arguments, placement, autoscaling "
@@ -401,7 +401,7 @@ class MaasConfig(Strict):
         model = ModelConfig.model_validate(m.model_dump(include=set(ModelConfig.model_fields)))
         return self.model_copy(update={
             "model": model, "engine": engine, "deployments": self.deployments.model_copy(update={"generator": m.deployment or self.deployments.generator}),
-            "models": [], "fine_tuning": self.fine_tuning.model_copy(update={"enabled": False}),  # tenants fine-tune the main chat model
+            "models": [],
         })
 
     def request_limits(self) -> RequestLimits:

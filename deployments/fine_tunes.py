@@ -95,10 +95,10 @@ class FleetAdapters:
     def __init__(self, config: MaasConfig):
         self._config = config
 
-    def adapters_served(self) -> bool:
+    def adapters_served(self, model: str) -> bool:
         from deployments import fleet
 
-        return fleet.adapters_served(self._config)
+        return fleet.adapters_served(self._config.for_model(model))
 
 
 class FineTuneActor(FineTuneManager):

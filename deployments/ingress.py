@@ -152,7 +152,13 @@ class Ingress:
         if cfg.fine_tuning.enabled:
             from deployments import fine_tunes
 
-            stable = lambda: self._traffic.plan.stable if self._traffic.plan else None  # noqa: E731
+            followers = {m.view.model.name: m.traffic for m in (main, *others)}
+
+            def stable(model: str) -> str | None:
+                """The stable version of a chat model now (what a fine-tune of it trains on)."""
+                plan = followers[model].plan if model in followers else None
+                return plan.stable if plan is not None else None
+
             self._fine_tuning = FineTuningService(fine_tunes.client(fine_tunes.get_or_create(cfg)), cfg, stable)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._follow_traffic())]

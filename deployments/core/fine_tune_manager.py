@@ -57,7 +57,7 @@ class JobCluster(Protocol):
 
 
 class AdapterServing(Protocol):
-    def adapters_served(self) -> bool: ...  # every engine of the base serves adapters; if not, starts turning them on
+    def adapters_served(self, model: str) -> bool: ...  # every engine of `model` serves adapters; if not, starts turning them on
 
 
 class TrainingBilling(Protocol):
@@ -352,7 +352,7 @@ class FineTuneManager:
         if self._serving is None:
             return True
         try:
-            served = self._serving.adapters_served()
+            served = self._serving.adapters_served(job.model)
         except Exception:
             logger.exception("could not turn on LoRA adapters for %s (job %s); trying again", job.model, job.id)
             served = False

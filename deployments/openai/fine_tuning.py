@@ -1,6 +1,6 @@
 """The logic behind OpenAI's fine-tuning API (`/v1/fine_tuning/jobs`): check a job, then hand it to the fine-tuning actor.
 
-Everything is checked here before anything is created: the base model (the one served), the method
+Everything is checked here before anything is created: the base model (any chat model served), the method
 (full fine-tunes are for admin keys), the adapter's rank against the engine's, the training and
 validation files (the caller's own: another tenant's is the same 400 as a missing one), and that the
 price book offers training. The actor (`deployments.fine_tunes`) holds the worst-case cost against the
@@ -64,7 +64,7 @@ class FineTuningService:
         self,
         backend: FineTuneBackend,
         config: MaasConfig,
-        stable_version: Callable[[], str | None],
+        stable_version: Callable[[str], str | None],
         run_blocking: Callable[..., Awaitable[Any]] = asyncio.to_thread,
         clock: Callable[[], float] = time.time,
     ):
@@ -76,10 +76,12 @@ class FineTuningService:
         self._clock = clock
 
     async def create(self, principal: Any, body: CreateFineTuningJobRequest) -> dict:
-        cfg, ft = self._cfg, self._cfg.fine_tuning
+        ft = self._cfg.fine_tuning
         tenant = tenant_of(principal)
-        if body.model != cfg.model.name:
-            raise ModelNotFoundError(f"The model `{body.model}` cannot be fine-tuned here; fine-tune {cfg.model.name}.", param="model")
+        chat = [view.model.name for view in self._cfg.served() if view.model.task == "chat"]
+        if body.model not in chat:
+            raise ModelNotFoundError(f"The model `{body.model}` cannot be fine-tuned here; fine-tune one of {', '.join(chat)}.", param="model")
+        cfg = self._cfg.for_model(body.model)  # the chat model's own engine (LoRA rank) and price
         require_allowed(principal, body.model)  # the key's own budget is held too, by the actor (`BillingCore.hold`)
         method = body.method.type if body.method else "lora"
         method = "lora" if method == "supervised" else method
@@ -94,7 +96,7 @@ class FineTuningService:
         lora_alpha = getattr(settings, "alpha", None) or 2.0 * lora_rank
         hyper = body.hyperparameters or (settings.hyperparameters if settings else None) or FineTuneHyperparameters()
         price = cfg.billing.price_book.training_price(cfg.model.name) if cfg.billing.enabled else None
-        base_version = self._stable()
+        base_version = self._stable(cfg.model.name)
         if base_version is None:
             raise EngineNotReadyError()
         stats = await self._run(self._dataset_stats, tenant, body.training_file, "training_file")

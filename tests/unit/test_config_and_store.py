@@ -195,7 +195,7 @@ def test_a_served_models_view_is_the_single_model_config_the_fleet_reads_and_old
     assert (emb.model.name, emb.model.task, emb.engine.max_model_len, emb.engine.dtype) == ("emb", "embed", 256, "float32")
     assert emb.deployments.generator.autoscaling.min_replicas == 0 and emb.models == []
     assert chat2.deployments.generator.num_cpus == 0.5  # no deployment of its own: the top-level generator's
-    assert not chat2.fine_tuning.enabled  # tenants fine-tune the main chat model
+    assert chat2.fine_tuning == cfg.fine_tuning  # tenants fine-tune any chat model, with the cluster's one queue
     assert [v.model.name for v in cfg.served()] == [cfg.model.name, "emb", "chat-2"]
     with pytest.raises(ValueError, match="unique"):
         MaasConfig.model_validate({"models": [{"name": cfg.model.name}]})

@@ -77,23 +77,26 @@ class FakeJobCluster:
 
 def billing_config(**plans: Plan) -> BillingConfig:
     return BillingConfig(
-        price_book=PriceBook(models={"m": {"prompt_per_1m": "0.50", "completion_per_1m": "1.50", "training_per_1m": "100"}}),
+        price_book=PriceBook(models={
+            "m": {"prompt_per_1m": "0.50", "completion_per_1m": "1.50", "training_per_1m": "100"},
+            "m2": {"prompt_per_1m": "0.50", "completion_per_1m": "1.50", "training_per_1m": "200"},  # a second chat model, when a test serves one
+        }),
         plans=plans, default_plan="free", lease=LeaseConfig(restart_grace_s=0),
     )  # fmt: skip
 
 
 class Rig:
-    def __init__(self, tmp_path, free_cpus: float = 2.0, prefix: str = "", max_file_bytes: int | None = None, operations=None, serving=None):
+    def __init__(self, tmp_path, free_cpus: float = 2.0, prefix: str = "", max_file_bytes: int | None = None, operations=None, serving=None, models=()):
         self.cluster = FakeJobCluster(free_cpus)
         self.store = tmp_path / "store"
         small = Plan(max_files=2, max_file_storage_mib=0.01, fine_tune_queued=1, max_keys=3)
         plans = billing_config(free=Plan(), tiny=Plan(monthly_budget=Decimal("0.001")), two=Plan(fine_tune_jobs=2), small=small, slow=Plan(rpm=3))
-        self.cfg = MaasConfig.model_validate({"model": {"name": "m"}, "model_store": {"root": str(self.store)}, "billing": plans.model_dump(mode="json")})
+        self.cfg = MaasConfig.model_validate({"model": {"name": "m"}, "models": list(models), "model_store": {"root": str(self.store)}, "billing": plans.model_dump(mode="json")})
         self.manager: FineTuneManager | None = None
 
         def fine_tuning(core: BillingCore, store: Path) -> FineTuningService:
             self.manager = FineTuneManager(self.cfg, self.cluster, core, serving=serving)
-            return FineTuningService(FineTuneBackend.in_process(self.manager), self.cfg, lambda: "v1")
+            return FineTuningService(FineTuneBackend.in_process(self.manager), self.cfg, lambda model: "v1")
 
         self.server = Server(tmp_path, ScriptedEngine(reply="arr"), billing_config=plans, fine_tuning=fine_tuning, adapters=AdapterCatalog(str(self.store), "m", ttl_s=0), prefix=prefix, max_file_bytes=max_file_bytes, operations=operations)
 
@@ -163,7 +166,7 @@ class FakeServing:
     def __init__(self, rolls: int):
         self.rolls, self.looks = rolls, 0
 
-    def adapters_served(self) -> bool:
+    def adapters_served(self, model: str) -> bool:
         self.looks += 1
         if self.looks == 1:
             raise RuntimeError("Serve is busy")
@@ -194,6 +197,40 @@ def test_the_first_adapter_turns_lora_on_before_its_job_succeeds(tmp_path):
         assert len(said) == 1  # said once, however many ticks it takes
         r.manager.tick()
         assert acme.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+
+
+class RecordingServing:
+    """`AdapterServing` whose engines already serve adapters; records which model's were asked about."""
+
+    def __init__(self):
+        self.models: list[str] = []
+
+    def adapters_served(self, model: str) -> bool:
+        self.models.append(model)
+        return True
+
+
+def test_a_second_chat_model_is_fine_tuned_on_its_own_stable_version_at_its_own_price(tmp_path):
+    serving = RecordingServing()
+    r = Rig(tmp_path, serving=serving, models=[{"name": "m2", "task": "chat"}, {"name": "emb", "task": "embed"}])
+    with r.server:
+        acme = r.client(r.server.key)
+        job = acme.fine_tuning.jobs.create(model="m2", training_file=_upload(acme))
+        assert job.model == "m2"
+        from openai import NotFoundError
+
+        with pytest.raises(NotFoundError) as err:
+            acme.fine_tuning.jobs.create(model="emb", training_file=_upload(acme))  # an embedding model is not fine-tuned
+        assert "m, m2" in err.value.body["message"]
+        r.manager.tick()
+        ray_id = next(iter(r.cluster.submitted))
+        cfg = r.cluster.train(ray_id, steps=2)
+        r.manager.tick()
+        done = acme.fine_tuning.jobs.retrieve(job.id)
+        rows = r.server.core.ledger.events([job.id])
+    assert cfg["base"]["name"] == "m2" and cfg["output"]["name"] == done.fine_tuned_model and done.fine_tuned_model.startswith("ft:m2:")
+    assert done.status == "succeeded" and serving.models == ["m2"]  # m2's engines are the ones that must serve it
+    assert rows[0].version == "training" and rows[0].amount() == Decimal(rows[0].prompt_tokens) * Decimal(200) / 1_000_000  # m2's training price
 
 
 def test_jobs_wait_for_room_and_for_their_tenants_limit_saying_why(tmp_path):
