@@ -189,6 +189,12 @@ class ModelConfig(Strict):
     )
     canary: CanaryConfig | None = Field(None, description="Optionally a second version with a share of the traffic (replaces the live plan's canary).")
     traffic_poll_s: float = Field(0.5, gt=0, description="How often each ingress replica checks the live traffic plan for changes.")
+    cold_start_wait_s: float = Field(
+        120.0,
+        gt=0,
+        description="For a model whose engine replicas may scale to zero (`autoscaling.min_replicas: 0`): how long a request "
+        "waits for an engine to start (an embedding, or a stream's first chunk) before a 503 with Retry-After.",
+    )
     drain_timeout_s: float = Field(300, gt=0, description="How long a retired version's replicas may keep serving the requests they started.")
 
 
@@ -287,12 +293,6 @@ class ServedModelConfig(ModelConfig):
         description="Placement (num_cpus, num_gpus, resources: which node type) and autoscaling of this model's engine replicas "
         "(null: the top-level `deployments.generator`'s). For an embedding model `autoscaling.min_replicas: 0` lets it scale "
         "to zero when idle; its next request starts it.",
-    )
-    cold_start_wait_s: float = Field(
-        120.0,
-        gt=0,
-        description="Embedding models: how long a request waits when no replica is ready (scaled to zero, or starting) "
-        "before a 503 with Retry-After.",
     )
 
 

@@ -72,6 +72,7 @@ class _ChatModel:
             adapters=AdapterCatalog(str(view.store_root()), view.model.name) if view.engine.enable_lora else None,
             adapter_price=view.billing.price_book.fine_tuned_price(view.model.name) if billing is not None else None,
             listing=Listing.of(view, _stable_price(view, self.traffic)),
+            first_piece_wait_s=view.model.cold_start_wait_s if view.deployments.generator.autoscaling.min_replicas == 0 else None,
             **kwargs,
         )
 

@@ -45,8 +45,10 @@ class ByteTokenizer:
 class ScriptedEngine:
     """Stands in for the generator: answers every prompt with a fixed text, a few tokens per message."""
 
-    def __init__(self, reply: str = "Hello, world! ça va?", per_message: int = 3, fail_after: int | None = None, delay_s: float = 0.0, cache_block: int = 0):
+    def __init__(self, reply: str = "Hello, world! ça va?", per_message: int = 3, fail_after: int | None = None, delay_s: float = 0.0, cache_block: int = 0, startup_s: float = 0.0):
+        """`startup_s`: every request waits that long before its first tokens (an engine starting from zero replicas)."""
         self.reply_ids = ByteTokenizer().encode(reply)
+        self.startup_s = startup_s
         self.cache_block = cache_block  # > 0: a prefix cache as vLLM's, in whole blocks of this many tokens
         self._seen: list[list[int]] = []
         self.per_message = per_message
@@ -63,6 +65,8 @@ class ScriptedEngine:
         prompt = [prompt_delta(req.prompt_token_ids, [None, *({t: FakeLogprob(-0.5)} for t in req.prompt_token_ids[1:])], req.prompt_logprobs)] if req.prompt_logprobs is not None else []
         cached = self._cached(req.prompt_token_ids)
         prompt += [(CACHED_PROMPT, [], None, cached)] if cached else []
+        if self.startup_s:
+            await asyncio.sleep(self.startup_s)
         try:
             for start in range(0, len(ids), self.per_message):
                 if self.fail_after is not None and sent >= self.fail_after:

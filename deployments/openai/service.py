@@ -174,6 +174,7 @@ class OpenAIService:
         listing: Listing | None = None,
         embedding_models: Sequence[EmbeddingModel] = (),
         chat_models: Sequence["OpenAIService"] = (),
+        first_piece_wait_s: float | None = None,
     ):
         """`limits` bound what one request may send, checked before any other stage is called; `adapters`: tenants' fine-tunes."""
         self.model_name = model_name
@@ -181,6 +182,7 @@ class OpenAIService:
         self._adapter_price = adapter_price
         self._listing = listing or Listing()
         self._embedding = {m.name: m for m in embedding_models}
+        self._first_piece_wait_s = first_piece_wait_s  # a model that scales to zero: how long a stream waits for its engine
         self._others = {m.model_name: m for m in chat_models}  # chat models served beside this one, each with its own service
         self._catalogue = self.served
         for other in self._others.values():
@@ -477,13 +479,23 @@ class OpenAIService:
         stream = post.stream(req)
         try:
             # Wait for the first piece so that errors before any token still get a proper HTTP status.
-            first = await stream.__anext__()
+            first = await self._first_piece(stream)
         except BaseException as exc:
             meter.failed(exc)
             await stream.aclose()  # type: ignore[attr-defined]
             raise
         meter.first_piece()
         return MeteredStream(first, stream, meter)
+
+    async def _first_piece(self, stream: SSEStream) -> SSEPiece:
+        """A stream's first piece; for a model that scales to zero, a 503 with Retry-After past its wait (its engine
+        is starting from zero replicas, or not answering)."""
+        if self._first_piece_wait_s is None:
+            return await stream.__anext__()
+        try:
+            return await asyncio.wait_for(stream.__anext__(), self._first_piece_wait_s)
+        except TimeoutError:
+            raise EngineNotReadyError(f"`{self.model_name}` did not start answering within {self._first_piece_wait_s:g} s (it may be starting from zero replicas); retry shortly.") from None
 
     async def _admit(self, request_id: str, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, backend: Backend) -> Any:
         """The request slot and a one-token placeholder (None when billing is off), or a 429 / quota error."""

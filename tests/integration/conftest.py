@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,17 @@ def linked_version(root: Path, model: str, version: str) -> Path:
     meta = json.loads((v1 / METADATA_FILE).read_text())
     (new / METADATA_FILE).write_text(json.dumps({**meta, "version": version, "lineage": {"base": {"name": model, "version": "v1"}}}))
     return new
+
+
+def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.5):
+    """`predicate()`'s first truthy value, asked every `interval_s`; a failed assertion past `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(interval_s)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from billing.quota import period_of
 from cluster import local
 from common.config import deep_merge
 from common.runtime import free_port
-from tests.integration.conftest import LEDGERS, create_key
+from tests.integration.conftest import LEDGERS, create_key, wait_for
 
 pytestmark = [pytest.mark.integration, LEDGERS]
 logger = logging.getLogger(__name__)
@@ -84,13 +84,7 @@ def _chat(client: openai.OpenAI, **kwargs):
 
 
 def _wait_for(predicate, timeout_s: float = 30, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(interval_s)
+    return wait_for(predicate, timeout_s, interval_s)
 
 
 def _rows(billing_actor, ids: list[str]):

@@ -280,3 +280,14 @@ def test_several_chat_models_each_answer_by_their_own_stages_and_the_404_names_t
     assert three["choices"][0]["text"] == "from other"
     err = assert_envelope(client.post("/v1/chat/completions", json=chat_body(model="nope")), 404, param="model")
     assert MODEL in err["message"] and "other-model" in err["message"]
+
+
+def test_a_stream_of_a_model_scaled_to_zero_waits_for_its_engine_up_to_its_bound_then_gets_503_retry_after():
+    slow = OpenAIService(MODEL, FakeTokenizerClient(max_model_len=128), StaticPicker(Backend("v1", FakePostprocessorClient(ScriptedEngine(startup_s=3.0)))), first_piece_wait_s=0.3)
+    client = TestClient(build_app(slow), raise_server_exceptions=False)
+    resp = client.post("/v1/chat/completions", json=chat_body(stream=True, max_tokens=5))
+    assert_envelope(resp, 503, code="engine_starting")
+    assert resp.headers["retry-after"]
+    patient = OpenAIService(MODEL, FakeTokenizerClient(max_model_len=128), StaticPicker(Backend("v1", FakePostprocessorClient(ScriptedEngine(startup_s=0.5)))), first_piece_wait_s=5)
+    resp = TestClient(build_app(patient)).post("/v1/chat/completions", json=chat_body(stream=True, max_tokens=5))
+    assert resp.status_code == 200 and resp.text.rstrip().endswith("data: [DONE]")  # within its bound: served, not refused
