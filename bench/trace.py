@@ -30,6 +30,7 @@ logger = logging.getLogger("bench.trace")
 HOPS = [
     ("client → ingress handler (HTTP, proxy, auth, body)", "client_send", "ingress_in"),
     ("admission (request slot)", "ingress_in", "ingress_admitted"),
+    ("admitted → tokenized (a short prompt in the ingress itself, a long one through the tokenizer stage)", "ingress_admitted", "ingress_tokenized"),
     ("ingress → tokenizer call", "ingress_admitted", "tokenizer_start"),
     ("tokenizing", "tokenizer_start", "tokenizer_end"),
     ("tokenizer → ingress reply", "tokenizer_end", "ingress_tokenized"),

@@ -104,24 +104,31 @@ def test_status_shows_every_deployment_running(up, env):
 
 
 def test_one_request_id_is_in_the_logs_of_every_stage(up):
-    stream = _client(up).chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, stream=True)
-    chunks = list(stream)
-    request_id = chunks[0].id.removeprefix("chatcmpl-")
+    """Every stage a request crossed logs its id: a short prompt is tokenized by the ingress itself
+    (`deployments.inline_tokenize_chars`), a long one by the tokenizer stage."""
     logs_dir = Path(up["state"]["session_dir"]) / "logs" / "maas"
 
-    def stages_with_id():
-        found = {}
-        for path in logs_dir.glob("*.jsonl"):
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)  # every line is JSON
-                if rec.get("request_id") == request_id or request_id in rec.get("request_ids", []):
-                    found.setdefault(rec["stage"], rec)
-        return found if set(found) == set(STAGES) else None
+    def logged(content: str, stages: set[str]) -> dict:
+        stream = _client(up).chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": content}], max_tokens=6, stream=True)
+        request_id = list(stream)[0].id.removeprefix("chatcmpl-")
 
-    found = _wait_for(stages_with_id, 30)
-    assert found["ingress"]["status"] == "ok" and found["ingress"]["tenant"] == "local" and found["ingress"]["ttft_s"] > 0
+        def stages_with_id():
+            found = {}
+            for path in logs_dir.glob("*.jsonl"):
+                for line in path.read_text().splitlines():
+                    rec = json.loads(line)  # every line is JSON
+                    if rec.get("request_id") == request_id or request_id in rec.get("request_ids", []):
+                        found.setdefault(rec["stage"], rec)
+            return found if set(found) == stages else None
+
+        return _wait_for(stages_with_id, 30)
+
+    short = logged("Hi", set(STAGES) - {"tokenizer"})
+    found = logged("Tell me about the sea. " * 200, set(STAGES))  # 4,600 characters: past the inline bound
+    for rec in (short, found):
+        assert rec["ingress"]["status"] == "ok" and rec["ingress"]["tenant"] == "local" and rec["ingress"]["ttft_s"] > 0
+        assert rec["generator"]["completion_tokens"] == rec["postprocessor"]["completion_tokens"] == rec["ingress"]["completion_tokens"]
     assert found["tokenizer"]["prompt_tokens"] == found["ingress"]["prompt_tokens"]
-    assert found["generator"]["completion_tokens"] == found["postprocessor"]["completion_tokens"] == found["ingress"]["completion_tokens"]
 
 
 def test_metrics_names_on_rays_endpoint_after_traffic(up):
