@@ -64,6 +64,10 @@ class Generator:
                 on_queue_wait=RayQueueMetrics(model_name or os.path.basename(model_path), version).observe,
                 stat_loggers=[RayPrometheusStatLogger],
             )
+        if config.scheduling.policy == "priority":  # requests enter the engine by tier, fair share and age
+            from deployments.core.scheduling import ScheduledEngine
+
+            self._logic = ScheduledEngine(self._logic, config.max_num_seqs, config.scheduling)
         self._logic.start()
         self._sender = Sender(serve.get_replica_context().replica_id.unique_id)
 

@@ -16,7 +16,7 @@ import platform
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from common.config import EngineConfig
@@ -83,6 +83,9 @@ def engine_args(model_path: str, config: EngineConfig) -> dict[str, Any]:
         "max_logprobs": config.max_logprobs,
         "seed": config.seed,
         "disable_log_stats": not config.log_stats,
+        # Requests enter the engine in the generator's order (deployments.core.scheduling); the engine keeps that rank
+        # for what it decides itself (which request memory pressure preempts).
+        "scheduling_policy": "priority" if config.scheduling.policy == "priority" else "fcfs",
     }
     if config.enable_lora is True:  # `auto` is resolved before an engine is built (deployments.version_app)
         args.update(enable_lora=True, max_loras=config.max_loras, max_cpu_loras=max(config.max_cpu_loras, config.max_loras), max_lora_rank=config.max_lora_rank)
@@ -151,6 +154,7 @@ class EngineStats:
     startup_s: float | None
     aborted_tokens: dict[str, int]  # request id -> tokens produced before the abort (recent ones)
     adapters: bool = False  # the engine serves LoRA adapters
+    waiting: dict[str, int] = field(default_factory=dict)  # requests waiting for the engine, per service tier (deployments.core.scheduling)
 
 
 def _queue_wait(stats: Any) -> float | None:
@@ -223,10 +227,11 @@ class VLLMGenerator:
             output_kind=RequestOutputKind.DELTA,
         )
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenDelta]]:
+    async def generate(self, req: GenerationRequest, priority: int = 0) -> AsyncIterator[list[TokenDelta]]:
         """Stream `[(choice index, new token ids, finish reason), ...]` until every choice finishes.
 
-        If the consumer goes away (the stream is closed or cancelled), the engine request is aborted.
+        If the consumer goes away (the stream is closed or cancelled), the engine request is aborted. `priority` is
+        vLLM's (lower first), the rank the request entered with (`deployments.core.scheduling`).
         """
         if not self.ready:
             raise EngineNotReadyError() if self._engine is None else ServiceUnavailableError("The engine has failed; the replica will be replaced.")
@@ -245,7 +250,7 @@ class VLLMGenerator:
         cached: int | None = None  # the engine's prefix-cache hits of the prompt, known from its first output
         want_prompt = req.prompt_logprobs is not None
         try:
-            async for out in self._stream(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id, self._lora(req)):
+            async for out in self._stream(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id, self._lora(req), priority):
                 stats = out.metrics or stats
                 deltas: list[TokenDelta] = []
                 if cached is None:
@@ -300,10 +305,10 @@ class VLLMGenerator:
         lora_id = self._lora_ids.setdefault(req.adapter, len(self._lora_ids) + 1)
         return LoRARequest(req.adapter[0], lora_id, req.adapter[1])
 
-    async def _stream(self, prompt: Any, params: Any, request_id: str, lora: Any = None) -> AsyncIterator[Any]:
+    async def _stream(self, prompt: Any, params: Any, request_id: str, lora: Any = None, priority: int = 0) -> AsyncIterator[Any]:
         """The engine's outputs; its validation errors (raised when it takes the request) become 400s."""
         try:
-            async for out in self._engine.generate(prompt, params, request_id, lora_request=lora):
+            async for out in self._engine.generate(prompt, params, request_id, lora_request=lora, priority=priority):
                 yield out
         except Exception as exc:
             raise client_error(exc) or exc

@@ -68,8 +68,9 @@ class PacedEngine:
     def ready(self) -> bool:
         return self._ready
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[list[TokenDelta]]:
-        """Stream `[(choice index, new token ids, finish reason), ...]`, one message per step, until every choice finishes."""
+    async def generate(self, req: GenerationRequest, priority: int = 0) -> AsyncIterator[list[TokenDelta]]:
+        """Stream `[(choice index, new token ids, finish reason), ...]`, one message per step, until every choice finishes.
+        `priority` is taken and not used: the generator's queue (`deployments.core.scheduling`) orders what enters."""
         run = _Running(req, asyncio.Queue(), [0] * req.n)
         self._started += 1
         self._waiting.append(run)
