@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
 
 from billing.keys import bearer_token, check_key
-from billing.pricing import Quote, price_text, quote
+from billing.pricing import Quote, TierChoice, choose_tier, price_text, quote
 from billing.quota import ZERO, Ask, RateState, Reservation, TenantLease, period_of, rate_state, refill, release, reserve, settle, shortfall, window_of
 from billing.records import BillingContext, Claim, KeyRecord, SyncReply, SyncRequest, UsageEvent, key_subject, split_subject
 from common.config import BillingConfig, Price
@@ -111,6 +111,7 @@ class Ticket:
     holder: str = ""
     end_user: str = ""
     key_reservation: Reservation | None = None  # a key with limits of its own: its hold on the key's lease too
+    service_tier: str = "default"  # the tier it runs at; its quote is at that tier's prices
 
     def context(self) -> BillingContext:
         """Who pays and at what prices: goes with the request to the generator, the second witness."""
@@ -118,7 +119,7 @@ class Ticket:
         q = r.quote
         return BillingContext(
             r.tenant, self.key.key_id, self.model, self.version, self.kind, str(q.prompt_price), str(q.completion_price), str(r.reserved), self.holder, self.end_user,
-            price_text(q.cached_price),
+            price_text(q.cached_price), self.service_tier,
         )  # fmt: skip
 
 
@@ -217,14 +218,22 @@ class BillingClient:
             raise PermissionDeniedError("This route needs an admin key.")
         return key
 
+    def service_tier(self, key: KeyRecord, requested: str | None) -> TierChoice:
+        """The tier a request of `key`'s tenant runs at (its plan's default for None or `auto`), or a 403 when its plan
+        does not offer `requested`."""
+        plans = self.config.plans
+        return choose_tier(plans.get(key.plan) or plans[self.config.default_plan], requested)
+
     async def admit(
-        self, key: KeyRecord, request_id: str, model: str, version: str, kind: str, price: Price, prompt_tokens: int, max_tokens: int, n: int = 1, end_user: str = ""
+        self, key: KeyRecord, request_id: str, model: str, version: str, kind: str, price: Price, prompt_tokens: int, max_tokens: int, n: int = 1, end_user: str = "",
+        service_tier: str = "default",
     ) -> Ticket:
         """Reserve the request's worst case and its request slot from the tenant's lease, asking the actor only when it runs dry.
 
         The ingress admits a one-token placeholder before tokenizing (the request slot, so a tenant at its
-        limits gets nothing tokenized) and `resize`s to the true worst case once the prompt is tokenized."""
-        q = quote(price, prompt_tokens, max_tokens, n)
+        limits gets nothing tokenized) and `resize`s to the true worst case once the prompt is tokenized.
+        `price` is the list price; the request is quoted at `service_tier`'s multiple of it."""
+        q = quote(self.config.price_book.for_tier(price, service_tier), prompt_tokens, max_tokens, n)
         reservation = await self._reserve(key.tenant, q, slot=True)
         key_reservation = None
         if key.limited:  # the key's own limits, inside the tenant's: both must admit it
@@ -233,7 +242,7 @@ class BillingClient:
             except BaseException:
                 release(self._leases[key.tenant], reservation)
                 raise
-        return Ticket(request_id, key, model, version, kind, reservation, self.holder, end_user, key_reservation)
+        return Ticket(request_id, key, model, version, kind, reservation, self.holder, end_user, key_reservation, service_tier)
 
     async def resize(self, ticket: Ticket, prompt_tokens: int, max_tokens: int, n: int = 1) -> Ticket:
         """The ticket for the request's true worst case (no second request slot), then the old reservation is given

@@ -1,6 +1,6 @@
 """Monthly invoices with pandas, as pure functions over ledger rows.
 
-One line per (model, version, unit prices): token sums (exact integers), the unit
+One line per (model, version, service tier, unit prices): token sums (exact integers), the unit
 prices, and the amount rounded half-up to the cent once per line.  The total is
 the sum of the lines, so an invoice reconciles to the ledger to the cent.
 """
@@ -18,7 +18,7 @@ from billing.ledger import SpendRow
 from billing.pricing import cost, to_cents
 
 LINE_COLUMNS = [
-    "tenant", "period", "model", "version", "requests", "prompt_tokens", "cached_tokens", "completion_tokens",
+    "tenant", "period", "model", "version", "service_tier", "requests", "prompt_tokens", "cached_tokens", "completion_tokens",
     "prompt_price_per_1m", "cached_prompt_price_per_1m", "completion_price_per_1m", "amount",
 ]  # fmt: skip
 
@@ -37,14 +37,14 @@ def build_invoices(rows: Sequence[SpendRow], period: str, currency: str = "USD",
     frame = pd.DataFrame(
         [
             (
-                r.tenant, r.period, r.model, r.version, r.prompt_price, r.completion_price, r.prompt_price if r.cached_price is None else r.cached_price,
+                r.tenant, r.period, r.model, r.version, r.service_tier, r.prompt_price, r.completion_price, r.prompt_price if r.cached_price is None else r.cached_price,
                 r.requests, r.prompt_tokens, r.cached_tokens, r.completion_tokens,
             )  # fmt: skip
             for r in rows
             if r.period == period and (tenant is None or r.tenant == tenant)
         ],
         columns=[
-            "tenant", "period", "model", "version", "prompt_price_per_1m", "completion_price_per_1m", "cached_prompt_price_per_1m",
+            "tenant", "period", "model", "version", "service_tier", "prompt_price_per_1m", "completion_price_per_1m", "cached_prompt_price_per_1m",
             "requests", "prompt_tokens", "cached_tokens", "completion_tokens",
         ],  # fmt: skip
     )
@@ -55,7 +55,7 @@ def build_invoices(rows: Sequence[SpendRow], period: str, currency: str = "USD",
     frame["_cp"] = frame["completion_price_per_1m"].map(lambda d: str(d.normalize()))
     frame["_kp"] = frame["cached_prompt_price_per_1m"].map(lambda d: str(d.normalize()))
     grouped = (
-        frame.groupby(["tenant", "period", "model", "version", "_pp", "_cp", "_kp"], sort=True)
+        frame.groupby(["tenant", "period", "model", "version", "service_tier", "_pp", "_cp", "_kp"], sort=True)
         .agg(
             prompt_price_per_1m=("prompt_price_per_1m", "first"),
             completion_price_per_1m=("completion_price_per_1m", "first"),
@@ -95,6 +95,7 @@ def write_invoice(invoice: Invoice, path: Path, fmt: str = "csv") -> Path:
                 ("period", pa.string()),
                 ("model", pa.string()),
                 ("version", pa.string()),
+                ("service_tier", pa.string()),
                 ("requests", pa.int64()),
                 ("prompt_tokens", pa.int64()),
                 ("cached_tokens", pa.int64()),

@@ -66,6 +66,7 @@ usage = Table(
     Column("end_user", String(256), nullable=False, server_default=""),  # the request's `user` (the tenant's end user)
     Column("cached_tokens", Integer, nullable=False, server_default="0"),  # of prompt_tokens, the engine's prefix-cache hits (revision 0006)
     Column("cached_price", String(32), nullable=False, server_default=""),  # per 1M cached prompt tokens ("": the prompt price)
+    Column("service_tier", String(16), nullable=False, server_default="default"),  # the tier its prices are (revision 0007)
     Index("ix_usage_tenant_period", "tenant", "period"),
     Index("ix_usage_period", "period"),
 )
@@ -108,14 +109,15 @@ api_keys = Table(
 
 
 def _key_row(key: KeyRecord) -> dict:
-    values = {f: getattr(key, f) for f in KeyRecord.__dataclass_fields__}
+    values = {f: getattr(key, f) for f in KeyRecord.__dataclass_fields__ if f != "plan"}
     values["models"] = json.dumps(list(key.models)) if key.models else ""
     values["monthly_budget"] = None if key.monthly_budget is None else str(key.monthly_budget)
     return values
 
 
 def _key_record(row: Any) -> KeyRecord:
-    values = {k: row[k] for k in KeyRecord.__dataclass_fields__}
+    values = {k: row[k] for k in KeyRecord.__dataclass_fields__ if k != "plan"}
+    values["plan"] = row.get("plan") or ""
     values["models"] = tuple(json.loads(values["models"])) if values["models"] else ()
     values["monthly_budget"] = None if values["monthly_budget"] is None else Decimal(values["monthly_budget"])
     values["metadata"] = values["metadata"] or ""
@@ -191,6 +193,7 @@ class SpendRow:
     key_id: str = ""
     cached_tokens: int = 0  # of prompt_tokens, those the engine's prefix cache held
     cached_price: Decimal | None = None  # per 1M of them (None: the prompt price)
+    service_tier: str = "default"  # the service tier of these requests (their prices are that tier's)
 
     @property
     def amount(self) -> Decimal:
@@ -371,7 +374,7 @@ class Ledger:
 
     def spend(self, period: str | None = None, tenant: str | None = None, by_day: bool = False, by_user: bool = False, by_key: bool = False) -> list[SpendRow]:
         """Token sums grouped by tenant, period, model, version and unit prices (and day, end user, key); exact amounts via `SpendRow.amount`."""
-        cols = [usage.c.tenant, usage.c.period, usage.c.model, usage.c.version, usage.c.prompt_price, usage.c.completion_price, usage.c.cached_price]
+        cols = [usage.c.tenant, usage.c.period, usage.c.model, usage.c.version, usage.c.prompt_price, usage.c.completion_price, usage.c.cached_price, usage.c.service_tier]
         extra = [c for c, wanted in ((usage.c.day, by_day), (usage.c.end_user, by_user), (usage.c.key_id, by_key)) if wanted]
         cols += extra
         sums = (func.sum(usage.c.cached_tokens), func.count(), func.sum(usage.c.prompt_tokens), func.coalesce(func.sum(usage.c.completion_tokens), 0))
@@ -386,8 +389,8 @@ class Ledger:
                 out.append(
                     SpendRow(
                         r[0], r[1], r[2], r[3], Decimal(r[4]), Decimal(r[5]), int(r[-3]), int(r[-2] or 0), int(r[-1] or 0),
-                        r[7] if by_day else "", r[7 + by_day] if by_user else "", r[7 + by_day + by_user] if by_key else "",
-                        int(r[-4] or 0), price_of(r[6]),
+                        r[8] if by_day else "", r[8 + by_day] if by_user else "", r[8 + by_day + by_user] if by_key else "",
+                        int(r[-4] or 0), price_of(r[6]), r[7] or "default",
                     )  # fmt: skip
                 )
             return out
@@ -460,8 +463,14 @@ class Ledger:
 
     def keys(self, since_seq: int = 0) -> list[KeyRecord]:
         with self.engine.connect() as conn:
-            rows = conn.execute(select(api_keys).where(api_keys.c.seq > since_seq).order_by(api_keys.c.seq))
+            q = select(api_keys, tenants.c.plan).outerjoin(tenants, tenants.c.tenant == api_keys.c.tenant)
+            rows = conn.execute(q.where(api_keys.c.seq > since_seq).order_by(api_keys.c.seq))
             return [_key_record(r._mapping) for r in rows]
+
+    def touch_keys(self, tenant: str, seq: int) -> int:
+        """Give every key of `tenant` the change counter `seq` (its plan changed: replicas take the keys again); how many."""
+        with self.engine.begin() as conn:
+            return conn.execute(update(api_keys).where(api_keys.c.tenant == tenant).values(seq=seq)).rowcount
 
     # ---- audit ------------------------------------------------------------------------------
 

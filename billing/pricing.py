@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
-from common.config import Price
+from common.config import Plan, Price
+from common.errors import PermissionDeniedError
 
 MILLION = Decimal(1_000_000)
 CENT = Decimal("0.01")
@@ -63,3 +64,25 @@ class Quote:
 def quote(price: Price, prompt_tokens: int, max_tokens: int, n: int = 1) -> Quote:
     """Worst case: the prompt once, plus `max_tokens` for each of the `n` choices."""
     return Quote(price.prompt_per_1m, price.completion_per_1m, prompt_tokens, max_tokens * n, price.cached_prompt_per_1m)
+
+
+@dataclass(frozen=True)
+class TierChoice:
+    """The service tier a request runs at, and its tenant's weight in the engine's fair share."""
+
+    tier: str
+    share_weight: float = 1.0
+
+
+def choose_tier(plan: Plan, requested: str | None) -> TierChoice:
+    """The tier of a request that asked for `requested` (None or `auto`: the plan's default). A tier the plan does not
+    offer is a 403 naming the ones it does: never silently run at another tier, at another price."""
+    if requested in (None, "auto"):
+        return TierChoice(plan.default_service_tier, plan.share_weight)
+    if requested not in plan.service_tiers:
+        raise PermissionDeniedError(
+            f"Your plan does not offer the `{requested}` service tier; it offers {', '.join(f'`{t}`' for t in plan.service_tiers)} (or `auto`).",
+            param="service_tier",
+            code="service_tier_not_allowed",
+        )
+    return TierChoice(requested, plan.share_weight)

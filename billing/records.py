@@ -41,6 +41,7 @@ class UsageEvent(NamedTuple):
     end_user: str = ""  # the request's `user`: the tenant's own end user, for its usage breakdown
     cached_tokens: int = 0  # of `prompt_tokens`, those the engine's prefix cache held (the engine's own count)
     cached_price: str = ""  # per 1M cached prompt tokens (Decimal as text; "": the prompt price)
+    service_tier: str = "default"  # the tier it ran at (priority | default | flex | batch): its prices are that tier's
 
     def amount(self) -> Decimal:
         """Exact cost of the row's tokens at its prices (a completion count not known yet counts 0)."""
@@ -61,6 +62,7 @@ class BillingContext(NamedTuple):
     holder: str
     end_user: str = ""
     cached_price: str = ""
+    service_tier: str = "default"
 
     def event(
         self, request_id: str, ts: float, status: str, prompt_tokens: int, completion_tokens: int | None, delivered_tokens: int | None = None, cached_tokens: int = 0
@@ -68,6 +70,7 @@ class BillingContext(NamedTuple):
         return UsageEvent(
             request_id, ts, self.tenant, self.key_id, self.model, self.version, self.kind, status, prompt_tokens, completion_tokens,
             self.prompt_price, self.completion_price, self.reserved, self.holder, delivered_tokens, self.end_user, cached_tokens, self.cached_price,
+            self.service_tier,
         )  # fmt: skip
 
 
@@ -90,6 +93,7 @@ class KeyRecord:
     rpm: int | None = None
     tpm: int | None = None
     metadata: str = ""  # free-form JSON object, the operator's
+    plan: str = ""  # its tenant's plan, as the ledger holds it when the key is synced ("": the default plan); not stored with the key
 
     def valid_at(self, now: float) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)

@@ -49,22 +49,23 @@ def _breakdown(rows: Sequence[SpendRow], name: str, key: Callable[[SpendRow], st
 
 
 def usage_report(rows: Sequence[SpendRow], period: str, currency: str, tenant: str | None = None, by_user: bool = False) -> dict:
-    """Requests, tokens and exact cost by tenant, day, model and version, and by end user (`user`) when asked (amounts as decimal strings).
+    """Requests, tokens and exact cost by tenant, day, model, version and service tier, and by end user (`user`) when asked
+    (amounts as decimal strings).
 
-    `by_day`, `by_model` and `by_tenant` are the same rows summed one way each (what the console's charts draw); each sums to `total`.
+    `by_day`, `by_model`, `by_tier` and `by_tenant` are the same rows summed one way each (what the console's charts draw); each sums to `total`.
     """
     kept = [r for r in rows if r.period == period and (tenant is None or r.tenant == tenant)]
     data = [
         {
-            "tenant": t, "day": d, "model": m, "version": v, **({"user": u} if by_user else {}), "requests": a.requests, "prompt_tokens": a.prompt_tokens,
+            "tenant": t, "day": d, "model": m, "version": v, "service_tier": s, **({"user": u} if by_user else {}), "requests": a.requests, "prompt_tokens": a.prompt_tokens,
             "cached_tokens": a.cached_tokens, "completion_tokens": a.completion_tokens, "total_tokens": a.prompt_tokens + a.completion_tokens, "cost": str(a.amount),
         }
-        for (t, d, m, v, u), a in tally(kept, lambda r: (r.tenant, r.day, r.model, r.version, r.end_user)).items()
+        for (t, d, m, v, s, u), a in tally(kept, lambda r: (r.tenant, r.day, r.model, r.version, r.service_tier, r.end_user)).items()
     ]  # fmt: skip
     total = tally(kept, lambda r: 0).get(0, Tally())
     return {
         "object": "usage", "period": period, "currency": currency, "tenant": tenant, "data": data,
         "by_day": _breakdown(kept, "day", lambda r: r.day or ""), "by_model": _breakdown(kept, "model", lambda r: f"{r.model}@{r.version}"),
-        "by_tenant": _breakdown(kept, "tenant", lambda r: r.tenant),
+        "by_tier": _breakdown(kept, "service_tier", lambda r: r.service_tier), "by_tenant": _breakdown(kept, "tenant", lambda r: r.tenant),
         "total": {"requests": total.requests, "prompt_tokens": total.prompt_tokens, "cached_tokens": total.cached_tokens, "completion_tokens": total.completion_tokens, "cost": str(total.amount)},
     }  # fmt: skip

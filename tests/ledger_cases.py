@@ -53,8 +53,9 @@ def legacy_total() -> Decimal:
 def check_upgraded(url: str) -> Ledger:
     """Open (and so upgrade) the legacy ledger; every total is kept, the waiting row still waits."""
     ledger = Ledger(url)
-    assert ledger.revision == "0006"
+    assert ledger.revision == "0007"
     (row,) = ledger.spend("2026-11")
+    assert row.service_tier == "default"  # 0007: every request ran at the default tier before
     assert (row.requests, row.prompt_tokens, row.completion_tokens) == (6, 280, 27) and row.amount == legacy_total()
     assert [p.request_id for p in ledger.pending()] == ["wait-1"]
     (pending,) = ledger.pending()

@@ -27,6 +27,7 @@ def _chunk(req: GenerationRequest, choices: list[dict[str, Any]]) -> dict[str, A
         "object": "chat.completion.chunk" if req.kind == "chat" else "text_completion",
         "created": req.created,
         "model": req.model,
+        "service_tier": req.service_tier,
         "system_fingerprint": fingerprint(req),
         "choices": choices,
     }
@@ -137,4 +138,7 @@ def full_response(req: GenerationRequest, choices: Sequence[ChoiceEvent], usage:
     else:
         body = [{"index": c.index + req.choice_offset, "text": c.text, "logprobs": logprobs(req, c.logprobs), "finish_reason": c.finish_reason} for c in choices]
         obj = "text_completion"
-    return {"id": req.response_id, "object": obj, "created": req.created, "model": req.model, "system_fingerprint": fingerprint(req), "choices": body, "usage": usage.to_dict()}
+    return {
+        "id": req.response_id, "object": obj, "created": req.created, "model": req.model, "service_tier": req.service_tier, "system_fingerprint": fingerprint(req),
+        "choices": body, "usage": usage.to_dict(),
+    }  # fmt: skip

@@ -89,6 +89,8 @@ class GenerationRequest:
     adapter: tuple[str, str] | None = None  # a fine-tune: (its model id, its LoRA adapter folder) applied on the base
     billing: BillingContext | None = None  # who pays: the generator reports the engine's count with it
     tools: ToolSpec | None = None  # chat with tools: how the postprocessor finds the calls in the answer (deployments.core.tools)
+    service_tier: str = "default"  # the tier it runs at: priority | default | flex | batch (deployments.core.scheduling)
+    share_weight: float = 1.0  # its tenant's plan's weight in the engine's fair share
 
     @property
     def response_id(self) -> str:

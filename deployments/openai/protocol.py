@@ -103,6 +103,11 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = Field(None, max_length=256, description="The tenant's own end user: kept on the ledger row (`/v1/usage?by_user=true`).")
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = Field(
+        None,
+        description="How fast the request is scheduled, at that tier's price: `priority` first, `flex` after `default` (at a "
+        "discount); `auto` or none: the plan's default. A tier the plan does not offer is a 403. The response says the tier it ran at.",
+    )
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-sequence token (benchmarks).")
     # vLLM's sampling extras, passed to the engine (bounded as vLLM bounds them).
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX, description="Sample from the k most likely tokens; 0 or -1 for all.")

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable, NamedTuple, Protocol, Sequence
 
 from common.config import MaasConfig, Price, RequestLimits
 from common.errors import EngineNotReadyError, InvalidRequestError, MaasError, ModelNotFoundError, NotFoundError, PermissionDeniedError, ServiceUnavailableError, as_maas_error
+from billing.pricing import TierChoice
 from deployments.core import embeddings, shapes, tools
 from deployments.core.adapters import Adapter, AdapterCatalog
 from deployments.core.embeddings import Embedded
@@ -134,8 +135,13 @@ class BillingGate(Protocol):
     async def require_admin(self, authorization: str | None) -> Any: ...
 
     async def admit(
-        self, key: Any, request_id: str, model: str, version: str, kind: str, price: Any, prompt_tokens: int, max_tokens: int, n: int = 1, end_user: str = ""
+        self, key: Any, request_id: str, model: str, version: str, kind: str, price: Any, prompt_tokens: int, max_tokens: int, n: int = 1, end_user: str = "",
+        service_tier: str = "default",
     ) -> Any: ...
+
+    def service_tier(self, key: Any, requested: str | None) -> Any:
+        """The request's `TierChoice` (`billing.pricing`) under the key's plan, or a 403 for a tier it does not offer."""
+        ...
 
     async def resize(self, ticket: Any, prompt_tokens: int, max_tokens: int, n: int = 1) -> Any: ...
 
@@ -385,9 +391,10 @@ class OpenAIService:
         try:
             adapter = self._check_model(body.model, principal)
             check_limits(body, self._limits)
+            tier = self._tier(body.service_tier, principal)
             backend = self._backends.pick() if adapter is None else self._adapter_backend(adapter)
             version = backend.version
-            ticket = await self._admit(request_id, kind, body, principal, backend)
+            ticket = await self._admit(request_id, kind, body, principal, backend, tier.tier)
             trace["ingress_admitted"] = time.time()
         except BaseException as exc:
             _Meter(None, None, 0, self._observer, self._record_base(request_id, kind, body, principal, version, 0), t0).failed(exc)
@@ -396,7 +403,8 @@ class OpenAIService:
             prompt = await prepare(request_id)
             trace["ingress_tokenized"] = time.time()
             req = dataclasses.replace(
-                self._request(request_id, kind, body, prompt), model=backend.model or self.model_name, adapter=backend.adapter, model_version=version, group=group, choice_offset=choice_offset
+                self._request(request_id, kind, body, prompt), model=backend.model or self.model_name, adapter=backend.adapter, model_version=version, group=group, choice_offset=choice_offset,
+                service_tier=tier.tier, share_weight=tier.share_weight,
             )
             if ticket is not None:
                 ticket = await self.billing.resize(ticket, len(req.prompt_token_ids), req.max_tokens, req.n)  # type: ignore[union-attr]
@@ -408,6 +416,12 @@ class OpenAIService:
             _Meter(None, None, 0, self._observer, self._record_base(request_id, kind, body, principal, version, 0), t0).failed(exc)
             raise
         return _Prepared(req, principal, backend, ticket, t0, trace)
+
+    def _tier(self, requested: str | None, principal: Any) -> TierChoice:
+        """The tier the request runs at: its plan's choice (a 403 for a tier the plan does not offer); without billing, what it asked for."""
+        if self.billing is None or principal is None:
+            return TierChoice("default" if requested in (None, "auto") else requested)  # type: ignore[arg-type]
+        return self.billing.service_tier(principal, requested)
 
     def _record_base(self, request_id: str, kind: str, body: Any, principal: Any, version: str, prompt_tokens: int) -> dict:
         tenant = getattr(principal, "tenant", "") or ""
@@ -497,12 +511,14 @@ class OpenAIService:
         except TimeoutError:
             raise EngineNotReadyError(f"`{self.model_name}` did not start answering within {self._first_piece_wait_s:g} s (it may be starting from zero replicas); retry shortly.") from None
 
-    async def _admit(self, request_id: str, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, backend: Backend) -> Any:
-        """The request slot and a one-token placeholder (None when billing is off), or a 429 / quota error."""
+    async def _admit(self, request_id: str, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, backend: Backend, tier: str = "default") -> Any:
+        """The request slot and a one-token placeholder at `tier`'s prices (None when billing is off), or a 429 / quota error."""
         if self.billing is None or principal is None:
             return None
         try:
-            return await self.billing.admit(principal, request_id, backend.model or self.model_name, backend.version, kind, backend.price, 1, 0, 1, end_user=body.user or "")
+            return await self.billing.admit(
+                principal, request_id, backend.model or self.model_name, backend.version, kind, backend.price, 1, 0, 1, end_user=body.user or "", service_tier=tier
+            )
         except MaasError as exc:
             self._on_reject(principal.tenant, exc.error_type if exc.status_code == 429 else (exc.code or "error"))
             raise

@@ -103,8 +103,8 @@ def test_a_tenant_sees_its_spend_and_manages_its_keys(page, base_url, billing_ac
 
     key, _ = create_key(billing_actor, "console-tenant", plan="enterprise")
     client = OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
-    for n in (3, 5):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello!"}], max_tokens=n, temperature=0)
+    for n, tier in ((3, "default"), (5, "flex")):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello!"}], max_tokens=n, temperature=0, service_tier=tier)
     _until(lambda: sum(r.requests for r in wait(admin_client(billing_actor).spend_rows(None, "console-tenant"))) == 2)
     usage = httpx.get(base_url + "/usage", headers={"Authorization": f"Bearer {key}"}).json()  # reports are rate-limited: read once
 
@@ -116,6 +116,8 @@ def test_a_tenant_sees_its_spend_and_manages_its_keys(page, base_url, billing_ac
     assert int(page.inner_text("[data-testid=total-requests]")) == 2
     assert page.inner_text("[data-testid=plan]") == "enterprise"
     assert f"{MODEL}@v1" in page.inner_text("[data-testid=by-model]")
+    tiers = page.inner_text("[data-testid=by-tier]")
+    assert "flex" in tiers and "default" in tiers  # spend by service tier
     assert page.evaluate("document.cookie") == "" and key not in page.url  # the key is in session storage only
     _shot(page, "tenant-usage")
 

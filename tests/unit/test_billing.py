@@ -459,3 +459,23 @@ def test_cached_prompt_tokens_have_a_price_of_their_own_resolved_by_the_book():
     # 100 prompt tokens of which 60 cached, 10 completion: exact, and no cached tokens is the old formula.
     assert cost(Decimal(1), Decimal(2), 100, 10, 60, Decimal("0.1")) == (Decimal(40) + Decimal(6) + Decimal(20)) / 1_000_000
     assert cost(Decimal(1), Decimal(2), 100, 10) == cost(Decimal(1), Decimal(2), 100, 10, 0, Decimal("0.1")) == Decimal(120) / 1_000_000
+
+
+def test_a_request_runs_at_its_plans_tier_and_that_tiers_multiple_of_the_price():
+    from billing.pricing import TierChoice, choose_tier
+    from common.errors import PermissionDeniedError
+
+    plan = Plan(service_tiers=["default", "flex"], share_weight=2)
+    assert choose_tier(plan, None) == choose_tier(plan, "auto") == TierChoice("default", 2)
+    assert choose_tier(plan, "flex").tier == "flex"
+    with pytest.raises(PermissionDeniedError) as err:
+        choose_tier(plan, "priority")
+    assert (err.value.code, err.value.param) == ("service_tier_not_allowed", "service_tier")
+    with pytest.raises(ValueError):
+        Plan(service_tiers=["flex"])  # its default tier must be one it offers
+    book = config().price_book
+    base = book.price_for("m")
+    flex, fast, batch = (book.for_tier(base, t) for t in ("flex", "priority", "batch"))
+    assert (flex.prompt_per_1m, flex.completion_per_1m, flex.cached_prompt_per_1m) == (Decimal("0.25"), Decimal("0.75"), Decimal("0.125"))
+    assert (fast.prompt_per_1m, batch.completion_per_1m) == (Decimal("1"), Decimal("0.75"))
+    assert book.for_tier(base, "default") is base

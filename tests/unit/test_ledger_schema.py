@@ -14,7 +14,7 @@ def test_a_ledger_written_before_migrations_upgrades_in_place_and_keeps_every_to
     write_legacy_ledger(url)
     check_upgraded(url).close()
     again = Ledger(url)  # opening an upgraded ledger changes nothing
-    assert again.revision == "0006" and again.spend("2026-11")[0].requests == 6
+    assert again.revision == "0007" and again.spend("2026-11")[0].requests == 6
     again.close()
 
 

@@ -250,3 +250,48 @@ def test_a_keys_policy_is_changed_in_place_by_its_tenant_or_an_operator(tmp_path
         httpx.post(base + f"/v1/keys/{made['key_id']}/revoke", headers=auth)
         gone = httpx.post(base + f"/v1/keys/{made['key_id']}", json={"rpm": 5}, headers=auth)
         assert gone.status_code == 400 and gone.json()["error"]["code"] == "revoked_api_key"
+
+
+def test_service_tiers_are_offered_by_plan_priced_by_multiplier_echoed_and_broken_down(tmp_path):
+    """`service_tier` with the openai client: the plan's default for `auto`, the response names the tier it ran at (whole
+    and streamed), the ledger row is priced at the tier's multiple and says the tier, a tier the plan does not offer is a
+    403 that bills nothing, and a plan change reaches the replica with the keys. `/v1/usage` and the invoice break down by tier."""
+    import openai
+    from openai import OpenAI
+
+    from billing.invoice import build_invoices
+
+    plans = {"free": Plan(), "pro": Plan(service_tiers=["priority", "default", "flex"])}
+    with Server(tmp_path, ScriptedEngine(), billing_config=config(**plans)) as srv:
+        client = OpenAI(base_url=f"{srv.base}/v1", api_key=srv.key, max_retries=0)
+        ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        auto = client.chat.completions.create(**ask, service_tier="auto")
+        flex = client.chat.completions.create(**ask, service_tier="flex")
+        chunks = list(client.chat.completions.create(**ask, service_tier="flex", stream=True))
+        assert (auto.service_tier, flex.service_tier, {c.service_tier for c in chunks}) == ("default", "flex", {"flex"})
+        try:
+            client.chat.completions.create(**ask, service_tier="priority")
+            raise AssertionError("priority is not on the free plan")
+        except openai.PermissionDeniedError as exc:
+            assert exc.status_code == 403 and exc.body["code"] == "service_tier_not_allowed" and exc.body["param"] == "service_tier"
+        srv.core.set_plan("acme", "pro")
+        deadline = time.monotonic() + 5
+        while True:  # the replica learns the plan with the keys at its next sync
+            try:
+                fast = client.chat.completions.create(**ask, service_tier="priority")
+                break
+            except openai.PermissionDeniedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert fast.service_tier == "priority"
+        rows = {e.request_id: e for e in _events(srv.core, n=4)}
+        assert len(rows) == 4  # the refused one bills nothing
+        by_id = lambda r: rows[r.id.removeprefix("chatcmpl-")]  # noqa: E731
+        assert [(by_id(r).service_tier, by_id(r).prompt_price, by_id(r).completion_price) for r in (auto, flex, fast)] == [
+            ("default", "0.50", "1.50"), ("flex", "0.25", "0.75"), ("priority", "1", "3"),
+        ]  # fmt: skip
+        usage = client.get("/usage", cast_to=object)
+        assert {t["service_tier"]: t["requests"] for t in usage["by_tier"]} == {"default": 1, "flex": 2, "priority": 1}
+        assert {d["service_tier"] for d in usage["data"]} == {"default", "flex", "priority"}
+        (invoice,) = build_invoices(srv.core.ledger.spend(), time.strftime("%Y-%m", time.gmtime(by_id(fast).ts)))
+        assert sorted(invoice.lines["service_tier"]) == ["default", "flex", "priority"]

@@ -260,6 +260,9 @@ function usageSection(report, { byTenant = false } = {}) {
     el("div", { class: "panel" }, el("h3", {}, `Spend by model and version (${cur})`), barChart(models, { horizontal: true, exact: (it) => plain(it.m.cost) }),
       table([{ label: "Model@version" }, { label: "Requests", num: true }, { label: "Prompt tokens", num: true }, { label: "of them cached", num: true }, { label: "Completion tokens", num: true }, { label: `Cost (${cur})`, num: true }],
         report.by_model.map((m) => ({ cells: [m.model, fmtInt(m.requests), fmtInt(m.prompt_tokens), fmtInt(m.cached_tokens || 0), fmtInt(m.completion_tokens), plain(m.cost)] })), { "data-testid": "by-model" })),
+    el("div", { class: "panel" }, el("h3", {}, `Spend by service tier (${cur})`),
+      table([{ label: "Tier" }, { label: "Requests", num: true }, { label: "Prompt tokens", num: true }, { label: "Completion tokens", num: true }, { label: `Cost (${cur})`, num: true }],
+        (report.by_tier || []).map((x) => ({ cells: [x.service_tier, fmtInt(x.requests), fmtInt(x.prompt_tokens), fmtInt(x.completion_tokens), plain(x.cost)] })), { "data-testid": "by-tier" })),
     byTenant ? el("div", { class: "panel" }, el("h3", {}, `Spend by tenant (${cur})`), barChart(report.by_tenant.map((x) => ({ label: x.tenant, parts: [x.cost], x })), { horizontal: true, exact: (it) => plain(it.x.cost) })) : null,
   );
 }
