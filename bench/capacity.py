@@ -149,12 +149,16 @@ async def _one_stream(session: Any, url: str, headers: dict, body: bytes, tally:
         tally.requests += 1
 
 
-async def drive(bases: list[str], key: str, model: str, streams: int, tokens: int, duration_s: float, warmup_s: float, tally: Tally | None = None, stop: asyncio.Event | None = None) -> Tally:
-    """Hold `streams` streams open for `duration_s` seconds, spread over `bases`; count what arrives after `warmup_s`."""
+async def drive(
+    bases: list[str], key: str, model: str, streams: int, tokens: int, duration_s: float, warmup_s: float, tally: Tally | None = None, stop: asyncio.Event | None = None,
+    extra: dict | None = None,
+) -> Tally:
+    """Hold `streams` streams open for `duration_s` seconds, spread over `bases`; count what arrives after `warmup_s`.
+    `extra`: more fields of every request's body (e.g. `service_tier`)."""
     import aiohttp
 
     tally = tally or Tally()
-    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": tokens, "stream": True, "ignore_eos": True}).encode()
+    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": tokens, "stream": True, "ignore_eos": True, **(extra or {})}).encode()
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     t0 = time.monotonic()
     window = (t0 + warmup_s, t0 + duration_s)

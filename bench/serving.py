@@ -204,10 +204,10 @@ def serve_llm(port: int, direct: bool = False) -> tuple[list[str], dict[str, str
     return [sys.executable, "-m", "bench.serve_llm", "--port", str(port), *(["--direct"] if direct else [])], {**os.environ, **LOCAL_ENV}, f"http://127.0.0.1:{port}/v1/models"
 
 
-def bench_key(env: dict[str, str]) -> str:
-    """An unlimited tenant's key, made with the CLI against the running server's cluster, as an operator would."""
+def bench_key(env: dict[str, str], tenant: str = "bench", plan: str = "enterprise", config: Path = DEFAULT_CONFIG) -> str:
+    """A key of `tenant` (unlimited by default), made with the CLI against the running server's cluster, as an operator would."""
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "--config", str(DEFAULT_CONFIG), "keys", "create", "--tenant", "bench", "--plan", "enterprise"],
+        [sys.executable, "-m", "cluster.cli", "--config", str(config), "keys", "create", "--tenant", tenant, "--plan", plan],
         env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=120,
     )  # fmt: skip
     return out.stdout.split("shown only now:", 1)[1].split()[0]  # the key itself, not its id earlier in the line

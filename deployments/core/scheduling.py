@@ -1,29 +1,41 @@
-"""Which waiting request enters the engine next: its service tier, its tenant's recent share, and its age.
+"""Which waiting request enters the engine next: its service tier, its tenant's share, and its age.
 
 vLLM batches at most `max_num_seqs` sequences and never preempts a running one for a newcomer that
 merely ranks higher, so a queue in front of the engine decides who runs: a request waits in the
-generator's `SlotGate` until a sequence is free, then enters the engine (run with vLLM's priority
+generator's `SlotGate` until it may take a sequence, then enters the engine (run with vLLM's priority
 policy, and given the same rank there, so that memory pressure preempts the lowest-ranked first).
 
-The rule, one number per waiting request, lowest first:
+**Order.** One number per waiting request, lowest first:
 
     score = tier_wait_s[tier] + share_wait_s × min(excess, max_share_excess) − seconds waited
 
-- **Tier.** `priority` starts at 0, `default` at 5 s, `flex` at 30 s, `batch` at 600 s (the config's
-  `tier_wait_s`): a request goes ahead of every request of a slower tier that has waited less than the
-  gap, and behind those that have waited longer. So a tier only delays, never starves, the ones below.
-- **Fair share.** Each tenant's tokens through this engine (prompt and completion) are counted with an
-  exponential fade (`share_half_life_s`) and divided by its plan's `share_weight`. A tenant's `excess`
-  is that figure over the mean of the tenants active lately, minus one (0 at or below the mean): a
-  tenant sending eight times another's load has an excess of 0.78 against it and waits 7.8 s more
-  (`share_wait_s` 10), so the lighter tenant's requests go first, as in a virtual token counter.
-- **Age.** Every second waited takes a second off, so every request ends up first in time.
+- Tier: `priority` starts at 0, `default` at 5 s, `flex` at 30 s, `batch` at 600 s (`tier_wait_s`): a
+  request goes ahead of every request of a slower tier that has waited less than the gap, and behind
+  those that have waited longer. So a tier only delays, never starves, the ones below.
+- Fair share over time: each tenant's tokens through this engine (prompt and completion) are counted
+  with an exponential fade (`share_half_life_s`) per unit of its plan's `share_weight`, but only while
+  another tenant is waiting or running beside it (a tenant alone takes nothing from anyone and banks no
+  debt for when others come). Its `excess` is that figure over the mean of the tenants waiting or
+  running now, minus one (0 at or below the mean): a tenant sending eight times another's load has an
+  excess of 0.78 and waits 7.8 s more (`share_wait_s` 10), so the lighter tenant goes first, as with a
+  virtual token counter.
+- Age: every second waited takes a second off, so every request ends up first in time.
 
-Sequences: the last `reserved_fraction` of them are kept for live requests (`priority` and `default`) of
-tenants within their share, so that a request that is owed service finds a sequence at once instead of
-waiting for a burst, a flex request or batch work to finish. `batch` requests may further hold at most
-`background_busy_fraction` of the sequences while live requests are in the engine (on a CPU engine,
-whose every step slows as the batch grows).
+**Room.** Since a request that waits for a sequence waits for a running one to finish (a whole
+completion), who may take a free sequence matters as much as the order:
+
+- Live requests (`priority`, `default`) share the sequences by weighted max-min fairness over each
+  tenant's live demand (what it runs and waits for, its peak over the last third of
+  `share_half_life_s`, since closed-loop clients end their requests in waves a completion apart). A
+  live request within its tenant's allocation may take any free sequence; beyond it, it must leave
+  free what the other tenants are owed and do not hold yet. So a tenant sending eight times another's
+  load cannot take the sequences the other one is about to ask for again.
+- `flex` and `batch` requests must leave free what every live tenant is owed and does not hold, and
+  `reserved_fraction` of the engine besides (so that a live request arriving after a quiet spell finds
+  room at once); `batch` holds at most `background_busy_fraction` of the engine while live requests run
+  (on a CPU engine, whose every step slows as the batch grows).
+- A request that has waited out its tier's and its share's delay (score at or below 0) may take any
+  free sequence: nothing waits forever.
 
 Pure asyncio: no Ray, no vLLM; the clock is injectable.
 """
@@ -40,7 +52,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 from common.config import SchedulingConfig
 from deployments.core.types import GenerationRequest, TokenDelta
 
-LIVE_TIERS = ("priority", "default")  # tiers the reserve is kept for
+LIVE_TIERS = ("priority", "default")  # tiers that share the engine by fair allocation
 BACKGROUND_TIERS = ("batch",)  # tiers that give way while live requests run
 
 
@@ -65,17 +77,15 @@ class FairShare:
         entry = self._tenants.get(tenant)
         return self._now_value(entry, self._clock()) if entry is not None else 0.0
 
-    def excesses(self, active: set[str] = frozenset()) -> dict[str, float]:  # type: ignore[assignment]
-        """How far over the mean each tenant's recent usage is (0 when at or below it): the tenants that used the
-        engine lately, and those in `active` (waiting or running now, though they have used nothing yet)."""
+    def excesses(self, active: set[str]) -> dict[str, float]:
+        """How far over the mean of the `active` tenants (those waiting or running now) each one's recent usage is
+        (0 when at or below it). Tenants not active are not compared: they are competing with no one."""
         now = self._clock()
-        values = {t: self._now_value(e, now) for t, e in self._tenants.items()}
-        for t in [t for t, v in values.items() if v < 0.5 and t not in active]:  # faded out: forget it
-            del self._tenants[t], values[t]
-        for t in active:
-            values.setdefault(t, 0.0)
-        if len(values) < 2:
-            return {t: 0.0 for t in values}
+        for t in [t for t, e in self._tenants.items() if t not in active and self._now_value(e, now) < 0.5]:  # faded out: forget it
+            del self._tenants[t]
+        if len(active) < 2:
+            return {t: 0.0 for t in active}
+        values = {t: self.usage(t) for t in active}
         mean = sum(values.values()) / len(values)
         return {t: max(0.0, v / mean - 1.0) if mean > 0 else 0.0 for t, v in values.items()}
 
@@ -86,28 +96,53 @@ def score(config: SchedulingConfig, tier: str, excess: float, waited_s: float) -
     return config.tier_wait_s.get(tier, 0.0) + share - waited_s  # type: ignore[call-overload]
 
 
-@dataclass(frozen=True)
-class Limits:
-    """How many of the engine's sequences a request may bring the count to, by what it is."""
+def allocate(demands: dict[str, int], weights: dict[str, float], capacity: int) -> dict[str, float]:
+    """Weighted max-min fair shares of `capacity` sequences: no tenant gets more than it wants, and what one does
+    not want is shared among the others by weight (water-filling)."""
+    alloc = {t: 0.0 for t in demands}
+    open_ = {t for t, d in demands.items() if d > 0}
+    left = float(capacity)
+    while open_ and left > 1e-9:
+        total = sum(weights.get(t, 1.0) for t in open_)
+        share = {t: left * weights.get(t, 1.0) / total for t in open_}
+        full = {t for t in open_ if demands[t] - alloc[t] <= share[t] + 1e-9}
+        if not full:
+            for t in open_:
+                alloc[t] += share[t]
+            break
+        for t in full:
+            left -= demands[t] - alloc[t]
+            alloc[t] = float(demands[t])
+        open_ -= full
+    return alloc
 
-    capacity: int
-    reserved: int
-    background_busy: int
 
-    @classmethod
-    def of(cls, capacity: int, config: SchedulingConfig) -> "Limits":
-        reserved = min(capacity - 1, math.ceil(capacity * config.reserved_fraction)) if config.reserved_fraction > 0 else 0
-        return cls(capacity, max(reserved, 0), max(1, math.floor(capacity * config.background_busy_fraction)))
+class DemandPeaks:
+    """Each tenant's largest live demand over the last `window_s` seconds (a monotonic deque per tenant: O(1) a note)."""
 
+    def __init__(self, window_s: float):
+        self._window_s = window_s
+        self._peaks: dict[str, deque[tuple[float, int]]] = {}
 
-def fits(limits: Limits, used: int, background_used: int, live_present: bool, need: int, tier: str, owed: bool) -> bool:
-    """Whether a request needing `need` sequences may enter now. `owed`: its tenant is within its share."""
-    ceiling = limits.capacity if (tier in LIVE_TIERS and owed) else limits.capacity - limits.reserved
-    if used + need > ceiling and used > 0:
-        return False
-    if tier in BACKGROUND_TIERS and live_present and background_used + need > limits.background_busy and background_used > 0:
-        return False
-    return True
+    def note(self, tenant: str, demand: int, now: float) -> None:
+        window = self._peaks.setdefault(tenant, deque())
+        while window and window[-1][1] <= demand:
+            window.pop()
+        window.append((now, demand))
+        while window[0][0] < now - self._window_s:
+            window.popleft()
+
+    def peaks(self, now: float) -> dict[str, int]:
+        out = {}
+        for tenant in list(self._peaks):
+            window = self._peaks[tenant]
+            while window and window[0][0] < now - self._window_s:
+                window.popleft()
+            if window and window[0][1] > 0:
+                out[tenant] = window[0][1]
+            elif not window:
+                del self._peaks[tenant]
+        return out
 
 
 @dataclass
@@ -117,6 +152,7 @@ class _Waiter:
     need: int
     since: float
     future: asyncio.Future
+    weight: float = 1.0
 
 
 @dataclass
@@ -139,31 +175,32 @@ class GateStats:
 
 
 class SlotGate:
-    """The queue in front of one engine: `acquire` waits for sequences by the rule above, `release` gives them back."""
+    """The queue in front of one engine: `acquire` waits for a sequence by the rules above, `release` gives it back."""
 
     def __init__(self, capacity: int, config: SchedulingConfig, clock: Callable[[], float] = time.monotonic):
         self._config = config
-        self._limits = Limits.of(capacity, config)
+        self.capacity = capacity
+        self._reserved = min(capacity - 1, math.ceil(capacity * config.reserved_fraction)) if config.reserved_fraction > 0 else 0
+        self._background_busy = max(1, math.floor(capacity * config.background_busy_fraction))
         self._clock = clock
         self.share = FairShare(config.share_half_life_s, clock)
+        self.demand = DemandPeaks(config.share_half_life_s / 3)
         self._queues: dict[tuple[str, str], deque[_Waiter]] = {}  # (tier, tenant) -> FIFO: its head ranks first within it
         self._used = 0
         self._by_tier: dict[str, int] = {}
         self._by_tenant: dict[str, int] = {}
+        self._live: dict[str, int] = {}  # live-tier sequences held, per tenant
+        self._weights: dict[str, float] = {}
         self._admitted = 0
 
     # ---- the request's side ----------------------------------------------------------------------
 
     async def acquire(self, tier: str, tenant: str, n: int = 1, weight: float = 1.0, prompt_tokens: int = 0) -> Admission:
-        need = max(1, min(n, self._limits.capacity))
-        if prompt_tokens:
+        need = max(1, min(n, self.capacity))
+        self._weights[tenant] = weight
+        if prompt_tokens and self._contended(tenant):
             self.share.charge(tenant, prompt_tokens, weight)
-        now = self._clock()
-        if not self._queues:
-            excess = self._excess(tenant)
-            if self._fits(tier, need, excess):
-                return self._admit(tier, tenant, need, score(self._config, tier, excess, 0.0), weight)
-        waiter = _Waiter(tier, tenant, need, now, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(tier, tenant, need, self._clock(), asyncio.get_running_loop().create_future(), weight)
         self._queues.setdefault((tier, tenant), deque()).append(waiter)
         self._pump()
         try:
@@ -174,7 +211,6 @@ class SlotGate:
             else:
                 self._forget(waiter)
             raise
-        admission.weight = weight
         return admission
 
     def release(self, admission: Admission, completion_tokens: int = 0) -> None:
@@ -186,7 +222,11 @@ class SlotGate:
         self._by_tenant[admission.tenant] -= admission.need
         if not self._by_tenant[admission.tenant]:
             del self._by_tenant[admission.tenant]
-        if completion_tokens:
+        if admission.tier in LIVE_TIERS:
+            self._live[admission.tenant] -= admission.need
+            if not self._live[admission.tenant]:
+                del self._live[admission.tenant]
+        if completion_tokens and self._contended(admission.tenant):
             self.share.charge(admission.tenant, completion_tokens, admission.weight)
         self._pump()
 
@@ -196,40 +236,76 @@ class SlotGate:
             waiting[tier] = waiting.get(tier, 0) + len(q)
         return GateStats(waiting, {t: c for t, c in self._by_tier.items() if c}, self._admitted)
 
-    # ---- the rule ---------------------------------------------------------------------------------
+    # ---- the rules --------------------------------------------------------------------------------
 
-    def _excess(self, tenant: str) -> float:
-        if not self._config.fair_share:
-            return 0.0
-        return self.share.excesses(set(self._by_tenant) | {t for _, t in self._queues} | {tenant}).get(tenant, 0.0)
+    def _active(self) -> set[str]:
+        return set(self._by_tenant) | {t for _, t in self._queues}
 
-    def _live_present(self) -> bool:
-        return any(self._by_tier.get(t, 0) for t in LIVE_TIERS) or any(tier in LIVE_TIERS for tier, _ in self._queues)
+    def _contended(self, tenant: str) -> bool:
+        """Whether another tenant is waiting or running beside `tenant`: only then do its tokens count toward its share."""
+        return any(t != tenant for t in self._by_tenant) or any(t != tenant for _, t in self._queues)
 
-    def _fits(self, tier: str, need: int, excess: float) -> bool:
-        background = sum(self._by_tier.get(t, 0) for t in BACKGROUND_TIERS)
-        return fits(self._limits, self._used, background, self._live_present(), need, tier, excess <= 0.0)
+    def owed(self) -> dict[str, int]:
+        """Per live tenant, the sequences its fair allocation owes it that it does not hold (its recent peak demand
+        bounded by its allocation, less what it runs)."""
+        now = self._clock()
+        for tenant in self._active() | set(self._live):
+            waiting = sum(len(q) * q[0].need for (tier, t), q in self._queues.items() if t == tenant and tier in LIVE_TIERS)
+            self.demand.note(tenant, self._live.get(tenant, 0) + waiting, now)
+        peaks = self.demand.peaks(now)
+        self._alloc = allocate(peaks, self._weights, self.capacity)
+        return {t: max(0, math.floor(min(self._alloc[t], peaks[t]) + 1e-9) - self._live.get(t, 0)) for t in peaks}
 
-    def _admit(self, tier: str, tenant: str, need: int, rank: float, weight: float) -> Admission:
-        self._used += need
-        self._by_tier[tier] = self._by_tier.get(tier, 0) + need
-        self._by_tenant[tenant] = self._by_tenant.get(tenant, 0) + need
+    def _room(self, head: _Waiter, rank: float, owed: dict[str, int]) -> bool:
+        """Whether `head` may take a free sequence now (see the module's docstring, "Room")."""
+        need = head.need
+        if self._used + need > self.capacity and self._used > 0:
+            return False
+        free_after = self.capacity - self._used - need
+        if rank > 0:  # not waited out: leave room for what others are owed
+            if head.tier in LIVE_TIERS:
+                within = self._live.get(head.tenant, 0) + need <= math.floor(self._alloc.get(head.tenant, 0.0) + 1e-9)
+                if not within and free_after < sum(o for t, o in owed.items() if t != head.tenant):
+                    return False
+            elif free_after < max(self._reserved, sum(owed.values())):
+                return False
+        if head.tier in BACKGROUND_TIERS and self._live:
+            background = sum(self._by_tier.get(t, 0) for t in BACKGROUND_TIERS)
+            if background + need > self._background_busy and background > 0:
+                return False
+        return True
+
+    def _admit(self, head: _Waiter, rank: float) -> Admission:
+        self._used += head.need
+        self._by_tier[head.tier] = self._by_tier.get(head.tier, 0) + head.need
+        self._by_tenant[head.tenant] = self._by_tenant.get(head.tenant, 0) + head.need
+        if head.tier in LIVE_TIERS:
+            self._live[head.tenant] = self._live.get(head.tenant, 0) + head.need
         self._admitted += 1
-        return Admission(tier, tenant, need, int(rank * 1000), weight)
+        return Admission(head.tier, head.tenant, head.need, int(rank * 1000), head.weight)
 
     def _pump(self) -> None:
-        """Admit waiting requests, best score first, while any fits (one that does not fit is passed over, not waited for)."""
-        while self._queues and self._used < self._limits.capacity:
+        """Admit waiting requests, best score first, while any may take a sequence (one that may not is passed over)."""
+        while self._queues and self._used < self.capacity:
+            for key in [k for k, q in self._queues.items() if q[0].future.done()]:  # cancelled, not yet forgotten
+                q = self._queues[key]
+                while q and q[0].future.done():
+                    q.popleft()
+                if not q:
+                    del self._queues[key]
+            if not self._queues:
+                return
             now = self._clock()
-            excesses = self.share.excesses(set(self._by_tenant) | {t for _, t in self._queues}) if self._config.fair_share else {}
+            excesses = self.share.excesses(self._active()) if self._config.fair_share else {}
+            owed = self.owed()
             ranked = sorted((score(self._config, key[0], excesses.get(key[1], 0.0), now - q[0].since), key) for key, q in self._queues.items())
             for rank, key in ranked:
                 head = self._queues[key][0]
-                if self._fits(head.tier, head.need, excesses.get(head.tenant, 0.0)):
+                if self._room(head, rank, owed):
                     self._queues[key].popleft()
                     if not self._queues[key]:
                         del self._queues[key]
-                    head.future.set_result(self._admit(head.tier, head.tenant, head.need, rank, 1.0))
+                    head.future.set_result(self._admit(head, rank))
                     break
             else:
                 return

@@ -1,4 +1,4 @@
-"""The generator's queue (`deployments.core.scheduling`): tiers, fair share, age, the reserve and batch work, with a fake clock."""
+"""The generator's queue (`deployments.core.scheduling`): tiers, fair share, age, room for owed tenants and batch work, with a fake clock."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from common.config import SchedulingConfig
-from deployments.core.scheduling import FairShare, Limits, ScheduledEngine, SlotGate, fits, score
+from deployments.core.scheduling import DemandPeaks, FairShare, ScheduledEngine, SlotGate, allocate, score
 from deployments.core.types import GenerationRequest
 
 
@@ -23,18 +23,18 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_fair_share_fades_and_compares_tenants_by_weight() -> None:
+def test_fair_share_fades_and_compares_the_active_tenants_by_weight() -> None:
     clock = Clock()
     share = FairShare(half_life_s=10, clock=clock)
     share.charge("a", 800)
     share.charge("b", 100)
-    ex = share.excesses()
+    ex = share.excesses({"a", "b"})
     assert ex["b"] == 0.0 and ex["a"] == pytest.approx(800 / 450 - 1)
     clock.t += 10
     assert share.usage("a") == pytest.approx(400)
     share.charge("b", 700, weight=2)  # weight 2: 700 tokens count as 350
     assert share.usage("b") == pytest.approx(50 + 350)
-    assert share.excesses({"c"})["c"] == 0.0  # a tenant waiting with no use yet is counted in the mean, under it
+    assert share.excesses({"b", "c"})["c"] == 0.0 and share.excesses({"a"}) == {"a": 0.0}  # only tenants active now compare; alone, none is over
 
 
 def test_score_orders_tiers_and_lets_age_overtake() -> None:
@@ -45,15 +45,15 @@ def test_score_orders_tiers_and_lets_age_overtake() -> None:
     assert score(SchedulingConfig(fair_share=False), "default", 0.8, 0) == score(cfg, "default", 0.0, 0)
 
 
-def test_limits_reserve_and_background() -> None:
-    lim = Limits.of(32, SchedulingConfig(reserved_fraction=0.125, background_busy_fraction=0.25))
-    assert (lim.reserved, lim.background_busy) == (4, 8)
-    assert fits(lim, 28, 0, True, 1, "default", owed=True)
-    assert not fits(lim, 28, 0, True, 1, "default", owed=False)  # over its share: not into the reserve
-    assert not fits(lim, 28, 0, True, 1, "flex", owed=True)
-    assert not fits(lim, 10, 8, True, 1, "batch", owed=True)  # batch shrinks while live requests run
-    assert fits(lim, 10, 8, False, 1, "batch", owed=True)
-    assert fits(lim, 0, 0, False, 40, "batch", owed=True)  # larger than the engine: runs alone
+def test_weighted_max_min_allocation_and_demand_peaks() -> None:
+    assert allocate({"a": 48, "b": 6}, {}, 32) == {"a": 26.0, "b": 6.0}  # b wants less than half: all of it
+    assert allocate({"a": 48, "b": 48}, {"a": 3, "b": 1}, 32) == {"a": 24.0, "b": 8.0}  # by weight
+    assert allocate({"a": 4}, {}, 32) == {"a": 4.0}
+    peaks = DemandPeaks(window_s=10)
+    peaks.note("a", 6, 0.0)
+    peaks.note("a", 2, 5.0)  # a wave of its requests ended: its peak stays
+    assert peaks.peaks(9.0) == {"a": 6}
+    assert peaks.peaks(12.0) == {"a": 2}
 
 
 async def _gate_scenario(clock: Clock, cfg: SchedulingConfig, capacity: int, held: list[tuple[str, str]], arrivals: list[tuple[str, str, float]]) -> list[str]:
@@ -74,6 +74,7 @@ async def _gate_scenario(clock: Clock, cfg: SchedulingConfig, capacity: int, hel
         tasks.append(asyncio.ensure_future(wait(f"{i}:{tier}:{tenant}", tier, tenant)))
         await asyncio.sleep(0)
     while holding and len(order) < len(arrivals):
+        clock.t += 11  # past the demand's memory (a third of the share's half-life), every waiter aging alike
         gate.release(holding.pop(0))
         await asyncio.sleep(0)
     await asyncio.gather(*tasks)
@@ -90,34 +91,30 @@ def test_tiers_enter_in_order_and_age_overtakes() -> None:
     assert order == ["0:default:t", "1:priority:t"]  # it waited 6 s, more than the 5 s head start of priority
 
 
-def test_noisy_neighbour_gets_no_reserve_and_goes_behind() -> None:
-    async def scenario() -> tuple[list[str], int]:
+def test_a_noisy_neighbour_leaves_room_for_what_the_other_tenant_is_owed() -> None:
+    async def scenario() -> list:
         clock = Clock()
-        gate = SlotGate(8, SchedulingConfig(reserved_fraction=0.25), clock)
-        gate.share.charge("a", 8000)
-        gate.share.charge("b", 100)
-        a = [await gate.acquire("default", "a") for _ in range(6)]  # 8 - 2 reserved
+        gate = SlotGate(8, SchedulingConfig(reserved_fraction=0), clock)
+        b = [await gate.acquire("default", "b") for _ in range(2)]  # b wants 2 of 8: its allocation is 2
+        a = [await gate.acquire("default", "a") for _ in range(6)]
         blocked = asyncio.ensure_future(gate.acquire("default", "a"))
         await asyncio.sleep(0)
-        assert not blocked.done()  # a is over its share: the reserve is not for it
-        b = await asyncio.wait_for(gate.acquire("default", "b"), 1)  # b is owed: a reserved sequence at once
-        assert gate.stats().running == {"default": 7}
-        gate.release(b)
-        # One sequence frees: b's next request, arriving later, still goes before a's waiting one.
-        late_b = asyncio.ensure_future(gate.acquire("default", "b"))
+        seen: list = [blocked.done()]  # full
+        gate.release(b.pop())  # b's request ends; its next one comes a moment later
         await asyncio.sleep(0)
+        seen.append(blocked.done())  # a is beyond its allocation (6): the free sequence is b's
+        b.append(await asyncio.wait_for(gate.acquire("default", "b"), 1))  # b finds it at once
         gate.release(a.pop())
         await asyncio.sleep(0)
-        first = "b" if late_b.done() else "a"
-        blocked.cancel()
-        await asyncio.sleep(0)
-        return [first], gate.stats().waiting.get("default", 0)
+        seen.append(blocked.done())  # a's own sequence came back: a takes it
+        for adm in [*a, *b, blocked.result()]:
+            gate.release(adm)
+        return seen
 
-    first, waiting = run(scenario())
-    assert first == ["b"] and waiting == 0
+    assert run(scenario()) == [False, False, True]
 
 
-def test_batch_gives_way_to_live_requests() -> None:
+def test_batch_leaves_room_for_live_requests_and_shrinks_while_they_run() -> None:
     async def scenario() -> list[int]:
         clock = Clock()
         gate = SlotGate(8, SchedulingConfig(reserved_fraction=0.125, background_busy_fraction=0.25), clock)
@@ -132,12 +129,32 @@ def test_batch_gives_way_to_live_requests() -> None:
         seen.append(gate.stats().running["batch"])  # while a live request runs: 2 of 8 at most
         gate.release(live)
         await asyncio.sleep(0)
-        seen.append(gate.stats().running["batch"])  # alone again: the queued ones enter
+        # Live gone: batch may grow again, leaving free the reserve and what the live tenant was owed lately (1).
+        seen.append(gate.stats().running["batch"])
         for t in queued:
             gate.release(t.result())
         return seen
 
     assert run(scenario()) == [7, 2, 4]
+
+
+def test_a_flex_request_waits_behind_live_demand_until_it_has_waited_out_its_delay() -> None:
+    async def scenario() -> list[bool]:
+        clock = Clock()
+        gate = SlotGate(2, SchedulingConfig(reserved_fraction=0), clock)
+        live = [await gate.acquire("default", "t") for _ in range(2)]
+        flex = asyncio.ensure_future(gate.acquire("flex", "t"))
+        gate.release(live.pop())  # the live stream's next request comes a moment later: its room is kept
+        await asyncio.sleep(0)
+        seen = [flex.done()]
+        clock.t += 31  # flex has waited out its 30 s
+        gate.release(live.pop())
+        await asyncio.sleep(0)
+        seen.append(flex.done())
+        gate.release(flex.result())
+        return seen
+
+    assert run(scenario()) == [False, True]
 
 
 def test_a_cancelled_waiter_leaves_the_queue() -> None:
@@ -154,6 +171,21 @@ def test_a_cancelled_waiter_leaves_the_queue() -> None:
         return {"waiting": gate.stats().waiting, "running": gate.stats().running}
 
     assert run(scenario()) == {"waiting": {}, "running": {}}
+
+
+def test_tokens_count_toward_a_share_only_beside_another_tenant() -> None:
+    async def scenario() -> tuple[float, float]:
+        gate = SlotGate(8, SchedulingConfig(), Clock())
+        alone = await gate.acquire("default", "a", prompt_tokens=100)
+        gate.release(alone, 50)
+        before = gate.share.usage("a")
+        b = await gate.acquire("default", "b", prompt_tokens=10)
+        beside = await gate.acquire("default", "a", prompt_tokens=100)
+        gate.release(beside, 50)
+        gate.release(b)
+        return before, gate.share.usage("a")
+
+    assert run(scenario()) == (0.0, pytest.approx(150))
 
 
 class FakeEngine:
@@ -194,4 +226,4 @@ def test_scheduled_engine_ranks_and_counts_tokens() -> None:
         return fake.priorities, engine.gate.share.usage(""), engine.stats().waiting
 
     priorities, used, waiting = run(scenario())
-    assert priorities == [0, 30_000] and used == pytest.approx(10) and waiting == {}
+    assert priorities == [0, 30_000] and used == 0 and waiting == {}  # alone on the engine: its tokens count toward no share

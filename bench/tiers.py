@@ -1,0 +1,175 @@
+"""Tiered capacity on one engine: a noisy neighbour with fair share on and off, and service tiers under saturation.
+
+Each target is the real Serve graph (`maas serve`, billing on) started alone, with the same engine:
+
+* `fair`: the shipped scheduling (`engine.scheduling.policy: priority`, fair share on);
+* `nofair`: the same queue with `fair_share: false` (tiers and age only);
+* `fcfs`: `policy: fcfs`, requests enter vLLM first come, first served, as before tiers existed.
+
+Against each, after a warm-up, an asyncio client measures (streamed text completions of `--tokens` tokens,
+closed loop):
+
+1. **B alone**: tenant B's `--b-streams` streams: its TTFT p50/p99.
+2. **Noisy neighbour**: tenant A holds 8 times B's streams (more than the engine batches at once) while B
+   runs as in 1: B's TTFT p50/p99 against B alone, each tenant's delivered tokens, and Jain's fairness
+   index over them normalised by demand: each tenant's share of the delivered tokens over its max-min fair
+   share of the engine's sequences (B wants fewer than half: all it asks for; A the rest). 1.0 is fair.
+3. **Tiers**: one tenant sends `--tier-streams` streams at each of `priority`, `default` and `flex`
+   together (more than the engine batches at once): TTFT p50/p99 per tier.
+
+    python -m bench.tiers [--engine sim|real] [--targets fair nofair fcfs]
+
+`--engine sim` (the default) runs the simulated engine (`engine.simulate_steps_per_s`, whose step time does
+not grow with the batch); `--engine real` runs vLLM on this machine's CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from bench.capacity import Tally, _pct, drive
+from bench.serving import OUT, bench_key, config_with, ours, server
+from common.config import load_config
+from common.runtime import LOCAL_ENV, free_port
+
+logger = logging.getLogger("bench.tiers")
+
+SCHEDULING = {"fair": {"policy": "priority"}, "nofair": {"policy": "priority", "fair_share": False}, "fcfs": {"policy": "fcfs"}}
+
+
+def target_config(target: str, args: argparse.Namespace) -> Path:
+    engine: dict = {"max_num_seqs": args.max_num_seqs, "scheduling": SCHEDULING[target]}
+    if args.engine == "sim":
+        engine["simulate_steps_per_s"] = args.steps_per_s
+    every_tier = {"service_tiers": ["priority", "default", "flex"], "monthly_budget": None, "rpm": None, "tpm": None}
+    overrides = {
+        "engine": engine,
+        # Requests must reach the generator's queue to be ordered there, not wait in Serve's router.
+        "deployments": {"generator": {"max_ongoing_requests": 1024}},
+        "billing": {"plans": {"enterprise": every_tier}},
+    }
+    return config_with(f"tiers-{args.engine}-{target}", overrides)
+
+
+def figures(tally: Tally, seconds: float) -> dict:
+    return {
+        "tok_s": tally.tokens / seconds,
+        "ttft_p50_ms": (_pct(tally.ttft, 0.5) or 0) * 1000,
+        "ttft_p99_ms": (_pct(tally.ttft, 0.99) or 0) * 1000,
+        "requests": tally.requests,
+        "failures": tally.failures,
+    }
+
+
+def max_min_shares(demands: list[int], capacity: int) -> list[float]:
+    """Each demand's max-min fair part of `capacity` (water-filling), as fractions of what is handed out."""
+    left, alloc, open_ = float(capacity), [0.0] * len(demands), set(range(len(demands)))
+    while open_ and left > 1e-9:
+        each = left / len(open_)
+        for i in sorted(open_):
+            give = min(each, demands[i] - alloc[i])
+            alloc[i] += give
+            left -= give
+            if alloc[i] >= demands[i] - 1e-9:
+                open_.discard(i)
+    total = sum(alloc)
+    return [a / total for a in alloc]
+
+
+def jain(delivered: list[float], fair: list[float]) -> float:
+    """Jain's index over each party's share of what was delivered, normalised by its fair share."""
+    total = sum(delivered)
+    x = [(d / total) / f for d, f in zip(delivered, fair)] if total else [0.0] * len(delivered)
+    return sum(x) ** 2 / (len(x) * sum(v * v for v in x)) if any(x) else 0.0
+
+
+async def together(*loads: tuple[str, int, dict, Tally], base: str, model: str, args: argparse.Namespace) -> None:
+    await asyncio.gather(*(drive([base], key, model, streams, args.tokens, args.duration, args.warmup, tally, extra=extra) for key, streams, extra, tally in loads))
+
+
+def measure(target: str, args: argparse.Namespace, stamp: str, model: str) -> dict:
+    port = free_port()
+    cmd, env, ready = ours(port, target_config(target, args))
+    base = f"http://127.0.0.1:{port}"
+    seconds = args.duration - args.warmup
+    out: dict = {}
+    with server(cmd, env, ready, OUT / f"{stamp}-tiers-{target}.log"):
+        key_a, key_b = bench_key(env, "tenant-a"), bench_key(env, "tenant-b")
+        b_streams, a_streams = args.b_streams, 8 * args.b_streams
+        asyncio.run(together((key_b, 4, {}, Tally()), base=base, model=model, args=argparse.Namespace(**{**vars(args), "duration": 6.0, "warmup": 5.0})))  # warm
+        alone = Tally()
+        asyncio.run(together((key_b, b_streams, {}, alone), base=base, model=model, args=args))
+        out["b_alone"] = figures(alone, seconds)
+        logger.info("%s: B alone %s", target, out["b_alone"])
+        time.sleep(2)
+        a, b = Tally(), Tally()
+        asyncio.run(together((key_a, a_streams, {}, a), (key_b, b_streams, {}, b), base=base, model=model, args=args))
+        out["noisy_a"], out["noisy_b"] = figures(a, seconds), figures(b, seconds)
+        out["jain"] = jain([a.tokens, b.tokens], max_min_shares([a_streams, b_streams], args.max_num_seqs))
+        logger.info("%s: noisy A %s B %s jain %.3f", target, out["noisy_a"], out["noisy_b"], out["jain"])
+        time.sleep(2)
+        tiers = {t: Tally() for t in ("priority", "default", "flex")}
+        asyncio.run(together(*((key_a, args.tier_streams, {"service_tier": t}, tally) for t, tally in tiers.items()), base=base, model=model, args=args))
+        out["tiers"] = {t: figures(tally, seconds) for t, tally in tiers.items()}
+        logger.info("%s: tiers %s", target, out["tiers"])
+    return out
+
+
+def format_report(results: dict[str, dict], args: argparse.Namespace) -> str:
+    engine = f"simulated engine, {args.steps_per_s:g} steps/s" if args.engine == "sim" else "vLLM on CPU"
+    lines = [
+        f"Noisy neighbour ({engine}, max_num_seqs {args.max_num_seqs}, {args.tokens} tokens per request): B {args.b_streams} streams, A {8 * args.b_streams}",
+        "",
+        "| target | B alone TTFT p50 / p99 ms | B beside A TTFT p50 / p99 ms | B p99 vs alone | A tok/s | B tok/s | Jain (demand-normalised) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for target, r in results.items():
+        alone, b, a = r["b_alone"], r["noisy_b"], r["noisy_a"]
+        ratio = b["ttft_p99_ms"] / alone["ttft_p99_ms"] if alone["ttft_p99_ms"] else float("nan")
+        lines.append(
+            f"| {target} | {alone['ttft_p50_ms']:.0f} / {alone['ttft_p99_ms']:.0f} | {b['ttft_p50_ms']:.0f} / {b['ttft_p99_ms']:.0f} | {ratio:.2f}x | "
+            f"{a['tok_s']:.0f} | {b['tok_s']:.0f} | {r['jain']:.3f} |"
+        )
+    lines += ["", f"Tiers under saturation: {args.tier_streams} streams at each tier, one tenant", "", "| target | priority TTFT p50 / p99 ms | default | flex | tok/s p / d / f |", "|---|---|---|---|---|"]
+    for target, r in results.items():
+        t = r["tiers"]
+        cells = " | ".join(f"{t[x]['ttft_p50_ms']:.0f} / {t[x]['ttft_p99_ms']:.0f}" for x in ("priority", "default", "flex"))
+        rates = " / ".join(f"{t[x]['tok_s']:.0f}" for x in ("priority", "default", "flex"))
+        lines.append(f"| {target} | {cells} | {rates} |")
+    failures = {target: sum(f["failures"] for f in (r["b_alone"], r["noisy_a"], r["noisy_b"], *r["tiers"].values())) for target, r in results.items()}
+    lines += ["", f"Failures: {failures}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["sim", "real"], default="sim")
+    parser.add_argument("--targets", nargs="+", default=["fair", "nofair", "fcfs"], choices=list(SCHEDULING))
+    parser.add_argument("--steps-per-s", type=float, default=50.0)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64, help="completion tokens per request")
+    parser.add_argument("--b-streams", type=int, default=6, help="tenant B's streams; A holds 8 times as many")
+    parser.add_argument("--tier-streams", type=int, default=16, help="streams at each tier in the tiers run")
+    parser.add_argument("--duration", type=float, default=25.0, help="seconds per measurement, warm-up included")
+    parser.add_argument("--warmup", type=float, default=8.0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.update(LOCAL_ENV)
+    OUT.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    model = load_config().model.name
+    results = {target: measure(target, args, stamp, model) for target in args.targets}
+    report = format_report(results, args)
+    (OUT / f"{stamp}-tiers-{args.engine}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    (OUT / f"{stamp}-tiers-{args.engine}.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
