@@ -287,6 +287,15 @@ class BillingClient:
                 raise _denial(grant.denied, f"This API key's own limit: {grant.message}" if own else grant.message, grant.retry_after_s)
         raise ServiceUnavailableError("Could not reserve quota; retry shortly.", headers={"Retry-After": "1"})
 
+    def key_by_id(self, key_id: str) -> KeyRecord:
+        """A valid key of this replica's table by its id (a batch runs as the key that created it), or a 401 once it is
+        revoked or expired."""
+        self._require_fresh()
+        key = next((k for k in self._keys.values() if k.key_id == key_id), None)
+        if key is None or not key.valid_at(self._clock()):
+            raise AuthenticationError(f"The API key `{key_id}` that created this batch is revoked or expired.", code="invalid_api_key")
+        return key
+
     def rate_state(self, tenant: str) -> RateState | None:
         """The tenant's rate limits and what remains this minute, as this replica sees them (None: nothing known yet)."""
         lease = self._leases.get(tenant)

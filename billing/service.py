@@ -152,7 +152,7 @@ class BillingCore:
         holds = sum((amount for t, p, amount in self._holds.values() if t == subject and p == period), ZERO)
         return self._spent[(subject, period)] + pending + claims + holds
 
-    # ---- fine-tuning: a job's cost is held against the budget while it runs, then billed as trained ----
+    # ---- fine-tuning and batches: the worst case is held against the budget while it runs ----
 
     def hold(self, key: str, tenant: str, amount: Decimal, period: str, key_id: str = "") -> None:
         """Reserve `amount` of the tenant's budget under `key` (idempotent: the same key replaces its hold); 429 when it does not fit.
@@ -171,7 +171,8 @@ class BillingCore:
                 left = budget - self.committed(subject, period)
                 if amount > left:
                     whose = "the API key's own budget" if subject != tenant else "the tenant's budget"
-                    raise InsufficientQuotaError(f"This fine-tuning job may cost up to {amount} {self.config.price_book.currency}; {whose} has {max(left, ZERO)} left this month.")
+                    what = "batch" if key.startswith("batch_") else "fine-tuning job"
+                    raise InsufficientQuotaError(f"This {what} may cost up to {amount} {self.config.price_book.currency}; {whose} has {max(left, ZERO)} left this month.")
         self._holds.update(wanted)
 
     def _drop_holds(self, key: str) -> None:

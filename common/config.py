@@ -423,6 +423,18 @@ class FineTuningConfig(Strict):
     use_gpu: bool = Field(False, description="One GPU per training worker.")
 
 
+class BatchesConfig(Strict):
+    enabled: bool = Field(True, description="Offer OpenAI's Batch API (`/v1/batches`); batches run on the serving graph at the `batch` tier.")
+    actor_name: str = Field("maas-batches", description="Name of the detached actor that keeps and runs batches.")
+    max_in_flight: int = Field(
+        48, ge=1, le=4096,
+        description="Lines of one batch sent to the serving graph at once. Above the engine's batch, so the generator's queue "
+        "always has batch work to fill idle sequences with; it lets live requests go first.",
+    )  # fmt: skip
+    poll_s: float = Field(1.0, gt=0, description="How often the actor looks for batches to start or resume.")
+    retry_s: float = Field(1.0, gt=0, description="How long a line refused for now (429, 503) waits before it is sent again.")
+
+
 class HttpConfig(Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds. Overridden by MAAS_HOST.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy. Overridden by MAAS_PORT.")
@@ -450,6 +462,7 @@ class MaasConfig(Strict):
     billing: BillingConfig = Field(default_factory=BillingConfig, description="API keys, prices, plans, quotas and the usage ledger.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Bounds on what one request may send, checked at the ingress before any other stage is called.")
     fine_tuning: FineTuningConfig = Field(default_factory=FineTuningConfig, description="Tenants' fine-tuning jobs (OpenAI's fine-tuning API): queue, sizing and defaults.")
+    batches: BatchesConfig = Field(default_factory=BatchesConfig, description="OpenAI's Batch API: requests run at the lowest tier, after live traffic, at the batch price.")
 
     @model_validator(mode="after")
     def _one_name_each(self) -> "MaasConfig":

@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from common.config import MaasConfig, Price
+from common.errors import MaasError
 from common.file_store import FileStore
 from common.logs import setup_logging
 from deployments.core.adapters import AdapterCatalog
@@ -27,11 +28,12 @@ from deployments.fleet import ServeFleet
 from deployments.handles import EmbedderHandleClient, PostprocessorHandleClient, TokenizerHandleClient
 from deployments.observability import RayRequestMetrics
 from deployments.openai.accounts import AccountsService
+from deployments.openai.batches import BatchesService
 from deployments.openai.catalogue import Capabilities, Listing
 from deployments.openai.files import FilesService, default_plan
 from deployments.openai.fine_tuning import FineTuningService
 from deployments.openai.operations import OperationsService
-from deployments.openai.routes import build_app
+from deployments.openai.routes import build_app, run_batch_line
 from deployments.openai.service import Backend, EmbeddingBackend, EmbeddingModel, OpenAIService
 from deployments.version_app import resolve_model
 
@@ -161,6 +163,11 @@ class Ingress:
                 return plan.stable if plan is not None else None
 
             self._fine_tuning = FineTuningService(fine_tunes.client(fine_tunes.get_or_create(cfg)), cfg, stable)
+        self._batches = None
+        if cfg.batches.enabled:
+            from deployments import batches
+
+            self._batches = BatchesService(batches.client(batches.get_or_create(cfg)))
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._follow_traffic())]
 
@@ -180,6 +187,17 @@ class Ingress:
         if reason is not None:
             raise RuntimeError(reason)
 
+    async def batch_line(self, key_id: str, url: str, body: dict, request_id: str) -> tuple[int, dict]:
+        """One line of a batch, from the batch actor: run as a request of the key that created the batch, at the batch
+        tier, under the line's fixed request id; (status, response body or error envelope)."""
+        principal = None
+        if self._billing is not None:
+            try:
+                principal = self._billing.key_by_id(key_id)
+            except MaasError as exc:
+                return exc.status_code, exc.to_envelope()
+        return await run_batch_line(self._service, principal, url, body, request_id)
+
     async def traffic(self) -> dict | None:
         """The plan this replica follows (for operators and the CLI)."""
         return self._traffic.plan.to_json() if self._traffic.plan else None
@@ -187,7 +205,7 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         limits = self._config.request_limits()
         files = FilesService(FileStore(self._config.store_root()), plan_of=self._admin.plan if self._admin is not None else default_plan)
-        return build_app(self._service, self._accounts, limits.max_body_bytes, self._operations, files, limits.max_file_bytes, self._fine_tuning)
+        return build_app(self._service, self._accounts, limits.max_body_bytes, self._operations, files, limits.max_file_bytes, self._fine_tuning, self._batches)
 
     async def __del__(self) -> None:
         for task in self._tasks:

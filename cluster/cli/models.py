@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from cluster.cli.common import config_of, connect, import_default_model, progress, traffic_line, watch_serve
+from cluster.cli.common import billing_admin, config_of, connect, import_default_model, progress, run, traffic_line, watch_serve
 from common.model_store import DEFAULT_EMBEDDING_MODEL_NAME, open_store
 
 
@@ -194,24 +194,27 @@ def fine_tunes() -> None:
     """Tenants' fine-tuning jobs (OpenAI's fine-tuning API): list, show, cancel."""
 
 
-def _fine_tune_actor(ctx: click.Context) -> Any:
+def _actor(ctx: click.Context, kind: str) -> Any:
+    """The fine-tuning actor (`fine-tunes`) or the batch actor (`batches`)."""
     import ray
 
     config = config_of(ctx)
     connect(config)
+    name = config.fine_tuning.actor_name if kind == "fine-tunes" else config.batches.actor_name
     try:
-        return ray.get_actor(config.fine_tuning.actor_name, namespace=config.billing.namespace)
+        return ray.get_actor(name, namespace=config.billing.namespace)
     except ValueError as exc:
-        raise click.ClickException("No fine-tuning job has been created on this cluster yet (the fine-tuning actor is not running).") from exc
+        what = "fine-tuning job" if kind == "fine-tunes" else "batch"
+        raise click.ClickException(f"No {what} has been created on this cluster yet (its actor is not running).") from exc
 
 
-def _call(ctx: click.Context, method: str, *args: Any) -> Any:
+def _call(ctx: click.Context, method: str, *args: Any, kind: str = "fine-tunes") -> Any:
     import ray
 
     from common.errors import as_maas_error
 
     try:
-        return ray.get(getattr(_fine_tune_actor(ctx), method).remote(*args), timeout=60)
+        return ray.get(getattr(_actor(ctx, kind), method).remote(*args), timeout=60)
     except Exception as exc:
         err = as_maas_error(exc)
         if err is None:
@@ -255,4 +258,41 @@ def fine_tunes_cancel(ctx: click.Context, job_id: str) -> None:
     click.echo(f"{job['id']}: {job['status']}{' (stopping)' if job['status'] == 'running' else ''}")
 
 
-COMMANDS = [models, train, fine_tunes]
+@click.group("batches")
+def batches() -> None:
+    """Tenants' batches (OpenAI's Batch API): list, show, cancel."""
+
+
+@batches.command("list")
+@click.option("--tenant", default=None, help="Only this tenant's batches.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.pass_context
+def batches_list(ctx: click.Context, tenant: str | None, limit: int) -> None:
+    """Batches, newest first: status, tenant, requests done of all, endpoint."""
+    page = _call(ctx, "list", tenant, None, limit, kind="batches")["data"]
+    if not page:
+        click.echo("No batches.")
+    for b in page:
+        counts = b["request_counts"]
+        click.echo(f"{b['id']}  {b['status']:<11}  {b.get('tenant', tenant) or '-':<16}  {counts['completed']}+{counts['failed']} failed of {counts['total']}  {b['endpoint']}")
+
+
+@batches.command("show")
+@click.argument("batch_id")
+@click.pass_context
+def batches_show(ctx: click.Context, batch_id: str) -> None:
+    """One batch, as its tenant reads it (`GET /v1/batches/{id}`)."""
+    click.echo(json.dumps(_call(ctx, "get", None, batch_id, kind="batches"), indent=2))
+
+
+@batches.command("cancel")
+@click.argument("batch_id")
+@click.pass_context
+def batches_cancel(ctx: click.Context, batch_id: str) -> None:
+    """Stop starting its lines: the running ones finish and are billed, then it is cancelled with their results (audited)."""
+    batch = _call(ctx, "cancel", None, batch_id, kind="batches")
+    run(billing_admin(ctx).record_audit("cli", "batch.cancel", batch_id, f"status={batch['status']}"))
+    click.echo(f"{batch['id']}: {batch['status']}")
+
+
+COMMANDS = [models, train, fine_tunes, batches]

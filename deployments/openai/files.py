@@ -1,4 +1,6 @@
-"""The logic behind OpenAI's Files API (`/v1/files`): a tenant's fine-tuning datasets, checked whole before they are kept.
+"""The logic behind OpenAI's Files API (`/v1/files`): a tenant's fine-tuning datasets and batch inputs, checked whole before they are kept.
+
+Batches' results are files too (`purpose=batch_output`), written by the batch actor, never uploaded.
 
 Files live in `common.file_store.FileStore` (the model store's root by default, which every node
 reads). An upload arrives spooled to a temporary file by the multipart parser; it is checked line by
@@ -17,8 +19,9 @@ from common.config import Plan
 from common.datasets import DatasetError, check_upload
 from common.errors import InvalidRequestError, PermissionDeniedError
 from common.file_store import FileStore
+from deployments.core.batches import check_batch_upload
 
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune", "batch")  # what an upload may be for
 NO_TENANT = "local"  # the one owner of every file when billing (and with it tenants) is off
 
 
@@ -61,6 +64,18 @@ class FilesService:
                 f"Your plan keeps at most {plan.max_file_storage_mib:g} MiB of files; {used / 2**20:.1f} MiB are used and this file is {size / 2**20:.1f} MiB.",
                 param="file", code="storage_limit_reached",
             )  # fmt: skip
+        if purpose == "batch":
+            try:
+                count = check_batch_upload(source, filename)
+            except DatasetError as exc:
+                where = f"line {exc.line}: " if exc.line else ""
+                raise InvalidRequestError(
+                    f"Invalid batch file ({where}{exc.reason}). Each line must be a JSON object "
+                    '{"custom_id": "...", "method": "POST", "url": "/v1/chat/completions", "body": {...}}.',
+                    param="file", code="invalid_file_format",
+                ) from None  # fmt: skip
+            source.seek(0)
+            return self._store.create(tenant, filename, purpose, source, count).to_openai()
         try:
             stats = check_upload(source, filename)
         except DatasetError as exc:

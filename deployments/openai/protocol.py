@@ -415,3 +415,14 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = Field("float", description="`float`: lists of numbers; `base64`: little-endian float32 bytes, base64-encoded.")
     dimensions: int | None = Field(None, ge=1, description="The vectors' size: accepted only where the model gives it (its own size).")
     user: Text | None = Field(None, max_length=256, description="Your end user's id, kept on the request's ledger row.")
+
+
+class CreateBatchRequest(BaseModel):
+    """`POST /v1/batches`: run every request of an uploaded JSONL file (`purpose=batch`) at the batch tier, within 24 hours."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: Text = Field(..., max_length=64, description="The uploaded file (`purpose=batch`): one request per line.")
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"] = Field(..., description="Every line's `url`.")
+    completion_window: Literal["24h"] = Field(..., description="Lines not run within it end the batch `expired`.")
+    metadata: dict[str, Text] | None = Field(None, max_length=16, description="Up to 16 key-value pairs, kept with the batch.")

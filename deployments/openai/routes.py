@@ -25,6 +25,7 @@ from enum import Enum
 import msgspec
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
@@ -36,8 +37,9 @@ from deployments.openai.accounts import AccountsService
 from deployments.openai.files import FilesService
 from deployments.openai.fine_tuning import FineTuningService
 from deployments.openai.operations import OperationsService
-from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, CreateFineTuningJobRequest, CreateKeyRequest, KeyPolicyFields, TrafficChange, UpdateKeyRequest
-from deployments.openai.service import OpenAIService, SSEStream
+from deployments.openai.batches import BatchesService
+from deployments.openai.protocol import ChatCompletionRequest, CompletionRequest, CreateBatchRequest, EmbeddingRequest, CreateFineTuningJobRequest, CreateKeyRequest, KeyPolicyFields, TrafficChange, UpdateKeyRequest
+from deployments.openai.service import OpenAIService, RunAs, SSEStream
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +84,41 @@ def route_declaration(route: BaseRoute) -> dict[str, Any] | None:
     return extra if extra.get(ACCESS) in {a.value for a in Access} else None
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    """Any exception → (status, OpenAI envelope). Unknown exceptions are logged here and never shown."""
+def error_of(exc: BaseException) -> MaasError:
+    """Any exception as the error a client is shown. Unknown exceptions are logged here and never shown."""
     err = as_maas_error(exc)
     if err is None:
         logger.error("Unhandled error while serving a request", exc_info=exc)
         err = InternalError("The server had an error while processing your request.")
+    return err
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """Any exception → (status, OpenAI envelope)."""
+    err = error_of(exc)
     return JSONResponse(err.to_envelope(), status_code=err.status_code, headers=err.headers)
+
+
+BATCH_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest, "/v1/embeddings": EmbeddingRequest}
+
+
+async def run_batch_line(service: OpenAIService, principal: Any, url: str, body: dict, request_id: str) -> tuple[int, dict]:
+    """One line of a batch as the request it holds, run at the batch tier under its fixed request id: (status, the
+    response body or the error envelope), exactly what the route would have answered."""
+    try:
+        try:
+            parsed: Any = BATCH_BODIES[url].model_validate(body)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        run = {"/v1/chat/completions": service.chat, "/v1/completions": service.completion, "/v1/embeddings": service.embed}[url]
+        result = await run(parsed, principal, RunAs(request_id))
+        if not isinstance(result, dict):  # refused at upload; never streamed
+            await result.aclose()  # type: ignore[attr-defined]
+            raise InvalidRequestError("A batch line cannot stream.", param="stream")
+        return 200, result
+    except Exception as exc:
+        err = error_of(exc)
+        return err.status_code, err.to_envelope()
 
 
 UNKNOWN_ROUTE = "Unknown route. The API lives under /v1 (see /docs)."
@@ -223,7 +253,7 @@ def _header(scope: Any, name: bytes) -> str | None:
     return None
 
 
-def _validation_error(exc: RequestValidationError) -> MaasError:
+def _validation_error(exc: RequestValidationError | ValidationError) -> MaasError:
     """FastAPI's 422 → OpenAI's 400, naming the first offending parameter."""
     errors = exc.errors()
     if errors and errors[0].get("type") == "json_invalid":
@@ -317,6 +347,7 @@ def build_app(
     files: FilesService | None = None,
     max_file_bytes: int | None = None,
     fine_tuning: FineTuningService | None = None,
+    batches: BatchesService | None = None,
 ) -> FastAPI:
     app = FastAPI(title="ray-maas", summary="OpenAI-compatible API served by ray-maas")
     builtin = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
@@ -412,6 +443,26 @@ def build_app(
         @app.delete("/v1/files/{file_id}", openapi_extra=WRITE)
         async def delete_file(file_id: str, who: Any = Depends(principal)) -> JSONResponse:
             return await _json(files.delete(who, file_id))
+
+    if batches is not None:
+
+        @app.post("/v1/batches", openapi_extra=WRITE)
+        async def create_batch(body: CreateBatchRequest, who: Any = Depends(principal)) -> JSONResponse:
+            """Run every request of an uploaded file (`purpose=batch`) at the batch tier and price: after live traffic, within 24 h."""
+            return await _json(batches.create(who, body))
+
+        @app.get("/v1/batches", openapi_extra=TENANT)
+        async def list_batches(who: Any = Depends(principal), after: str | None = Query(None, max_length=64), limit: int = Query(20, ge=1, le=100)) -> JSONResponse:
+            return await _json(batches.list(who, after, limit))
+
+        @app.get("/v1/batches/{batch_id}", openapi_extra=TENANT)
+        async def get_batch(batch_id: str, who: Any = Depends(principal)) -> JSONResponse:
+            return await _json(batches.get(who, batch_id))
+
+        @app.post("/v1/batches/{batch_id}/cancel", openapi_extra=WRITE)
+        async def cancel_batch(batch_id: str, who: Any = Depends(principal)) -> JSONResponse:
+            """Stop starting its lines; the running ones finish and are billed, then it is `cancelled` with their results."""
+            return await _json(batches.cancel(who, batch_id))
 
     if fine_tuning is not None:
 

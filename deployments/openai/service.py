@@ -270,9 +270,10 @@ class OpenAIService:
         """Every model this API serves, the chat models first."""
         return [self.model_name, *self._others, *self._embedding]
 
-    async def chat(self, body: ChatCompletionRequest, principal: Any = None) -> dict | SSEStream:
+    async def chat(self, body: ChatCompletionRequest, principal: Any = None, run_as: "RunAs | None" = None) -> dict | SSEStream:
+        """`run_as`: a batch line's fixed request id and tier (`deployments.core.batches`); None: a request of the API's own."""
         if (other := self._serving(body.model)) is not self:
-            return await other.chat(body, principal)
+            return await other.chat(body, principal, run_as)
         tools.check_tool_choice(body.tool_dicts, body.tool_choice_value, body.response_format, "parallel_tool_calls" in body.model_fields_set)
         spec, forced, shown = tools.response_format_for(body.tool_dicts or [], body.tool_choice_value, body.parallel_tool_calls)
         if spec is not None and spec.mode == "auto" and not self._limits.tool_calls:
@@ -281,23 +282,24 @@ class OpenAIService:
             raise InvalidRequestError("This deployment cannot force a tool call (engine.structured_outputs is off); use tool_choice `auto`.", param="tool_choice")
         history = [{"role": m.role, "content": m.text(), "tool_calls": [c.model_dump() for c in m.tool_calls] if m.tool_calls else None} for m in body.messages]
         messages = tools.render_messages(history, shown)
-        return await self._handle("chat", body, principal, lambda rid: self._tokenizer.prepare_chat(messages, body.token_limit, request_id=rid), spec, forced)
+        return await self._handle("chat", body, principal, lambda rid: self._tokenizer.prepare_chat(messages, body.token_limit, request_id=rid), spec, forced, run_as)
 
-    async def completion(self, body: CompletionRequest, principal: Any = None) -> dict | SSEStream:
+    async def completion(self, body: CompletionRequest, principal: Any = None, run_as: "RunAs | None" = None) -> dict | SSEStream:
         if (other := self._serving(body.model)) is not self:
-            return await other.completion(body, principal)
+            return await other.completion(body, principal, run_as)
         prompts = body.prompts
         if len(prompts) == 1:
-            return await self._handle("completion", body, principal, lambda rid: self._tokenizer.prepare_completion(prompts[0], body.token_limit, request_id=rid))
-        return await self._many(body, principal, prompts)
+            return await self._handle("completion", body, principal, lambda rid: self._tokenizer.prepare_completion(prompts[0], body.token_limit, request_id=rid), run_as=run_as)
+        return await self._many(body, principal, prompts, run_as)
 
-    async def embed(self, body: EmbeddingRequest, principal: Any = None) -> dict:
+    async def embed(self, body: EmbeddingRequest, principal: Any = None, run_as: "RunAs | None" = None) -> dict:
         """`/v1/embeddings`: admitted, metered and billed as any request (the model's price per input token), on the
         embedding model's live version. Its input is reserved by a bound before it is tokenized (where the engine
         runs) and settled at the engine's count. A model scaled to zero is started by the request, which waits for it
         up to the model's `wait_s`, then gets a 503 with Retry-After."""
         t0 = time.monotonic()
-        request_id = self._new_request_id()
+        request_id = run_as.request_id if run_as is not None else self._new_request_id()
+        tier = run_as.tier if run_as is not None else "default"
         base = self._record_base(request_id, "embedding", body, principal, "", 0) | {"model": body.model}
         ticket = None
         try:
@@ -310,7 +312,9 @@ class OpenAIService:
             base["version"] = backend.version
             if self.billing is not None and principal is not None:
                 try:
-                    ticket = await self.billing.admit(principal, request_id, body.model, backend.version, "embedding", backend.price, 1, 0, 1, end_user=body.user or "")
+                    ticket = await self.billing.admit(
+                        principal, request_id, body.model, backend.version, "embedding", backend.price, 1, 0, 1, end_user=body.user or "", service_tier=tier
+                    )
                 except MaasError as exc:
                     self._on_reject(principal.tenant, exc.error_type if exc.status_code == 429 else (exc.code or "error"))
                     raise
@@ -337,15 +341,16 @@ class OpenAIService:
         meter.embedded(embedded.prompt_tokens)
         return embeddings.response(body.model, embedded, body.encoding_format)
 
-    async def _many(self, body: CompletionRequest, principal: Any, prompts: list[str | list[int]]) -> dict | SSEStream:
+    async def _many(self, body: CompletionRequest, principal: Any, prompts: list[str | list[int]], run_as: "RunAs | None" = None) -> dict | SSEStream:
         """A list of prompts: one sub-request per prompt (`<id>-<i>`, each admitted, metered and billed as a request),
         one response named by the group id with each prompt's choices after the previous one's. Every prompt is
         admitted and tokenized before any runs; if one is refused, none runs and nothing is billed."""
-        group = self._new_request_id()
+        group = run_as.request_id if run_as is not None else self._new_request_id()
 
         def prepare(i: int, prompt: str | list[int]) -> Any:
             return self._prepare(
-                "completion", body, principal, lambda rid: self._tokenizer.prepare_completion(prompt, body.token_limit, request_id=rid), f"{group}-{i}", group, i * body.n
+                "completion", body, principal, lambda rid: self._tokenizer.prepare_completion(prompt, body.token_limit, request_id=rid), f"{group}-{i}", group, i * body.n,
+                run_as,
             )
 
         prepared = await asyncio.gather(*(_isolated(prepare(i, p)) for i, p in enumerate(prompts)), return_exceptions=True)
@@ -368,16 +373,19 @@ class OpenAIService:
         return MergedStream(results, lambda usage: shapes.sse_end(first, usage))  # type: ignore[arg-type]
 
     async def _handle(
-        self, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, prepare: Callable[[str], Any], tool_spec: Any = None, forced: dict | None = None
+        self, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, prepare: Callable[[str], Any], tool_spec: Any = None, forced: dict | None = None,
+        run_as: "RunAs | None" = None,
     ) -> dict | SSEStream:
         """`tool_spec`/`forced`: a chat with tools, how its calls are parsed and the structured output that forces one."""
-        prepared = await self._prepare(kind, body, principal, prepare, self._new_request_id())
+        request_id = run_as.request_id if run_as is not None else self._new_request_id()
+        prepared = await self._prepare(kind, body, principal, prepare, request_id, run_as=run_as)
         if tool_spec is not None:
             prepared = prepared._replace(req=dataclasses.replace(prepared.req, tools=tool_spec, response_format=forced or prepared.req.response_format))
         return await self._run(*prepared)
 
     async def _prepare(
-        self, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, prepare: Callable[[str], Any], request_id: str, group: str = "", choice_offset: int = 0
+        self, kind: str, body: ChatCompletionRequest | CompletionRequest, principal: Any, prepare: Callable[[str], Any], request_id: str, group: str = "", choice_offset: int = 0,
+        run_as: "RunAs | None" = None,
     ) -> "_Prepared":
         """Check, pick the version, take the request slot, tokenize, reserve the true worst case.
 
@@ -391,7 +399,7 @@ class OpenAIService:
         try:
             adapter = self._check_model(body.model, principal)
             check_limits(body, self._limits)
-            tier = self._tier(body.service_tier, principal)
+            tier = self._tier(body.service_tier, principal) if run_as is None else dataclasses.replace(self._tier(None, principal), tier=run_as.tier)
             backend = self._backends.pick() if adapter is None else self._adapter_backend(adapter)
             version = backend.version
             ticket = await self._admit(request_id, kind, body, principal, backend, tier.tier)
@@ -522,6 +530,14 @@ class OpenAIService:
         except MaasError as exc:
             self._on_reject(principal.tenant, exc.error_type if exc.status_code == 429 else (exc.code or "error"))
             raise
+
+
+class RunAs(NamedTuple):
+    """A request the API runs on a tenant's behalf (a batch line): its fixed request id (so it is billed once however
+    often it runs) and its tier."""
+
+    request_id: str
+    tier: str = "batch"
 
 
 def _isolated(coro: Any) -> "asyncio.Task":

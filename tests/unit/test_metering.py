@@ -11,6 +11,7 @@ import time
 from decimal import Decimal
 
 import httpx
+import pytest
 import uvicorn
 
 from billing.admin import BillingAdmin
@@ -33,10 +34,11 @@ class Server:
 
     def __init__(
         self, tmp_path, engine: ScriptedEngine, limits: RequestLimits | None = None, operations=None, billing_config=None, fine_tuning=None, adapters=None,
-        prefix: str = "", max_file_bytes: int | None = None, price: Price = PRICE, embedding_models=(),
+        prefix: str = "", max_file_bytes: int | None = None, price: Price = PRICE, embedding_models=(), batches: bool = False,
     ):  # fmt: skip
         """`prefix`: serve the app under a route prefix, as Serve does (`tests.fakes.RoutePrefix`); `base` includes it."""
         self.price = price
+        self.with_batches = batches
         self.embedding_models = embedding_models
         self.prefix = prefix
         self.max_file_bytes = max_file_bytes
@@ -63,8 +65,35 @@ class Server:
         files = FilesService(FileStore(self.tmp_path / "store"), plan_of=BillingAdmin.in_process(self.core).plan)
         fine_tuning = self.fine_tuning(self.core, self.tmp_path / "store") if self.fine_tuning else None
         accounts = AccountsService(BillingAdmin.in_process(self.core), "USD", time.time)
-        app = self.app = build_app(service, accounts, self.limits.max_body_bytes if self.limits else None, self.operations, files, self.max_file_bytes, fine_tuning)
+        batches = self._batches(service) if self.with_batches else None
+        app = self.app = build_app(service, accounts, self.limits.max_body_bytes if self.limits else None, self.operations, files, self.max_file_bytes, fine_tuning, batches)
         return RoutePrefix(app, self.prefix) if self.prefix else app
+
+    def _batches(self, service):
+        """The batch actor's manager in-process, its lines run through this very service (as the ingress runs them)."""
+        from deployments.core.batches import BatchManager
+        from deployments.openai.batches import BatchesService
+        from deployments.openai.routes import run_batch_line
+
+        billing, book = self.billing, self.core.config.price_book
+
+        class Lines:
+            async def run(self, tenant, key_id, url, body, request_id):
+                return await run_batch_line(service, billing.key_by_id(key_id), url, body, request_id)
+
+        self.batches = BatchManager(self.tmp_path / "store", Lines(), BillingAdmin.in_process(self.core), lambda m: book.for_tier(book.price_for(m), "batch"), lambda m: 2048, retry_s=0.05)
+
+        async def invoke(method, *args):
+            result = getattr(self.batches, method)(*args)
+            return await result if asyncio.iscoroutine(result) else result
+
+        async def ticks():
+            while True:
+                await self.batches.tick()
+                await asyncio.sleep(0.05)
+
+        self._ticks = asyncio.get_running_loop().create_task(ticks())
+        return BatchesService(invoke)
 
     @property
     def base(self) -> str:
@@ -295,3 +324,43 @@ def test_service_tiers_are_offered_by_plan_priced_by_multiplier_echoed_and_broke
         assert {d["service_tier"] for d in usage["data"]} == {"default", "flex", "priority"}
         (invoice,) = build_invoices(srv.core.ledger.spend(), time.strftime("%Y-%m", time.gmtime(by_id(fast).ts)))
         assert sorted(invoice.lines["service_tier"]) == ["default", "flex", "priority"]
+
+
+def test_the_batch_api_with_the_openai_client_runs_each_line_once_at_the_batch_price(tmp_path):
+    """Upload (`purpose=batch`), create, poll to `completed`, read the output by `custom_id`: one ledger row per line at
+    the batch tier's price; a bad line is in the error file with its 400, billed nothing."""
+    import io
+    import json
+
+    import openai
+    from openai import OpenAI
+
+    with Server(tmp_path, ScriptedEngine(), batches=True) as srv:
+        client = OpenAI(base_url=f"{srv.base}/v1", api_key=srv.key, max_retries=0)
+        lines = [
+            {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 4}}
+            for i in range(5)
+        ]
+        lines[3]["body"]["temperature"] = 9  # out of range: that line's own 400, in the error file
+        upload = client.files.create(file=("in.jsonl", io.BytesIO("\n".join(json.dumps(x) for x in lines).encode())), purpose="batch")
+        assert upload.purpose == "batch"
+        batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"k": "v"})
+        deadline = time.monotonic() + 30
+        while batch.status not in ("completed", "failed", "expired", "cancelled"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+            batch = client.batches.retrieve(batch.id)
+        assert batch.status == "completed" and (batch.request_counts.completed, batch.request_counts.failed) == (4, 1)
+        out = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+        err = [json.loads(x) for x in client.files.content(batch.error_file_id).text.splitlines()]
+        assert [o["custom_id"] for o in out] == ["q0", "q1", "q2", "q4"] and [e["custom_id"] for e in err] == ["q3"]
+        assert err[0]["response"]["status_code"] == 400 and err[0]["response"]["body"]["error"]["param"] == "temperature"
+        assert all(o["response"]["body"]["service_tier"] == "batch" for o in out)
+        rows = [e for e in _events(srv.core, n=4) if e.request_id.startswith(batch.id)]
+        assert sorted(e.request_id for e in rows) == sorted(o["response"]["request_id"] for o in out)  # one row per line that ran
+        assert {(e.service_tier, e.prompt_price, e.completion_price) for e in rows} == {("batch", "0.25", "0.75")}
+        assert [b.id for b in client.batches.list().data] == [batch.id]
+        with pytest.raises(openai.BadRequestError):
+            client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+        with pytest.raises(openai.BadRequestError):  # a fine-tuning upload is checked as a batch file
+            client.files.create(file=("bad.jsonl", io.BytesIO(b'{"messages": []}\n')), purpose="batch")
