@@ -379,6 +379,9 @@ class BatchManager:
             self.store.save(batch)
         done = self.store.results(batch.id)
         todo = [line for line in lines if line.index not in done]
+        batch.completed = sum(1 for e in done.values() if e["response"]["status_code"] == 200)
+        batch.failed = len(done) - batch.completed
+        self.store.save(batch)
         if done:
             logger.info("batch %s resumed: %d of %d lines have results", batch.id, len(done), len(lines))
         windows = {m: self._window_of(m) for m in {line.body["model"] for line in lines}}
@@ -415,6 +418,10 @@ class BatchManager:
                 await asyncio.sleep(self._retry_s)
             entry = {"id": f"batch_req_{batch.request_id(line.index)}", "custom_id": line.custom_id, "response": {"status_code": status, "request_id": batch.request_id(line.index), "body": body}, "error": None}
             self.store.append(batch.id, "output.jsonl" if status == 200 else "errors.jsonl", [{**entry, "_line": line.index}])
+            current = self.store.load(batch.id)  # the counts as they go (a cancel may have changed the status meanwhile)
+            if current is not None:
+                current.completed, current.failed = current.completed + (status == 200), current.failed + (status != 200)
+                self.store.save(current)
         finally:
             slots.release()
 

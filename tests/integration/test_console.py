@@ -162,6 +162,10 @@ def test_a_tenant_sees_its_spend_and_manages_its_keys(page, base_url, billing_ac
     assert "embeddings" in embedder and "chat" not in embedder and "0.02" in embedder  # the catalogue's embedding model, at its price
     _shot(page, "tenant-models")
 
+    # The tenant's batches: none yet, said so (the Batch API's page).
+    page.click("a[data-page=batches]")
+    assert "No batches yet" in page.wait_for_selector("[data-testid=batches]").inner_text()
+
 
 def test_an_operator_moves_the_canary_weight_and_the_cli_sees_it(page, base_url, billing_actor, maas_config):
     from click.testing import CliRunner

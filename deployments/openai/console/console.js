@@ -152,7 +152,7 @@ function barChart(items, { names = ["value"], height = 180, horizontal = false, 
 
 // ---- sign-in and navigation ----------------------------------------------------------------
 
-const TENANT_PAGES = [["usage", "Usage"], ["keys", "Keys"], ["models", "Models"]];
+const TENANT_PAGES = [["usage", "Usage"], ["keys", "Keys"], ["models", "Models"], ["batches", "Batches"]];
 const OPERATOR_PAGES = [["tenants", "Tenants"], ["spend", "Spend"], ["traffic", "Traffic"], ["health", "Health"], ["audit", "Audit log"]];
 
 async function signIn(key) {
@@ -299,6 +299,18 @@ async function modelsPage() {
     table([{ label: "Model" }, { label: "Based on" }, { label: "What it does" }, { label: "Context", num: true }, { label: "Prompt", num: true }, { label: "Cached prompt", num: true }, { label: "Completion", num: true }],
       models.map((m) => ({ attrs: { "data-model": m.id }, cells: [m.id, m.parent || "", does(m), fmtInt(m.context_window || 0), price(m, "prompt_per_1m"), price(m, "cached_prompt_per_1m"), price(m, "completion_per_1m")] })),
       { "data-testid": "models" }));
+}
+
+async function batchesPage() {
+  const batches = (await api("GET", "/v1/batches?limit=100")).data;
+  const counts = (b) => `${fmtInt(b.request_counts.completed)} done, ${fmtInt(b.request_counts.failed)} failed of ${fmtInt(b.request_counts.total)}`;
+  return el("div", { class: "panel" },
+    el("h3", {}, "Batches (the Batch API: run after live traffic, at the batch price)"),
+    batches.length
+      ? table([{ label: "Batch" }, { label: "Status" }, { label: "Requests" }, { label: "Endpoint" }, { label: "Created" }, { label: "Output file" }],
+          batches.map((b) => ({ attrs: { "data-batch": b.id }, cells: [b.id, b.status, counts(b), b.endpoint, fmtTime(b.created_at), b.output_file_id || ""] })),
+          { "data-testid": "batches" })
+      : el("p", { class: "muted", "data-testid": "batches" }, "No batches yet: upload a file with purpose=batch and POST /v1/batches."));
 }
 
 async function keysPage(created) {
@@ -452,7 +464,7 @@ async function auditPage(filters = {}) {
     el("div", { class: "panel" }, table(["When", "Who", "Action", "Target", "Detail"], log.data.map((r) => ({ cells: [fmtTime(r.ts), r.who, r.action, r.target, r.detail] })), { "data-testid": "audit" })));
 }
 
-const PAGES = { usage: () => usagePage(), keys: () => keysPage(), models: () => modelsPage(), tenants: tenantsPage, spend: () => spendPage(), traffic: trafficPage, health: healthPage, audit: () => auditPage() };
+const PAGES = { usage: () => usagePage(), keys: () => keysPage(), models: () => modelsPage(), batches: () => batchesPage(), tenants: tenantsPage, spend: () => spendPage(), traffic: trafficPage, health: healthPage, audit: () => auditPage() };
 
 document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("sign-in-form").addEventListener("submit", async (e) => {
