@@ -16,6 +16,10 @@ closed loop):
    share of the engine's sequences (B wants fewer than half: all it asks for; A the rest). 1.0 is fair.
 3. **Tiers**: one tenant sends `--tier-streams` streams at each of `priority`, `default` and `flex`
    together (more than the engine batches at once): TTFT p50/p99 per tier.
+4. **Live traffic while a batch runs** (`--batch-lines` > 0): a `default` tenant at concurrency 4 alone,
+   then the same while a batch of `--batch-lines` requests (through `/v1/batches`) saturates the
+   engine: the live TTFT p50/p99 against alone, and the batch's tokens per second against the
+   capacity the live load leaves free (simulated engine: `max_num_seqs` × steps/s less the live rate).
 
     python -m bench.tiers [--engine sim|real] [--targets fair nofair fcfs]
 
@@ -33,7 +37,7 @@ import os
 import time
 from pathlib import Path
 
-from bench.capacity import Tally, _pct, drive
+from bench.capacity import PROMPT, Tally, _pct, drive
 from bench.serving import OUT, bench_key, config_with, ours, server
 from common.config import load_config
 from common.runtime import LOCAL_ENV, free_port
@@ -44,7 +48,7 @@ SCHEDULING = {"fair": {"policy": "priority"}, "nofair": {"policy": "priority", "
 
 
 def target_config(target: str, args: argparse.Namespace) -> Path:
-    engine: dict = {"max_num_seqs": args.max_num_seqs, "scheduling": SCHEDULING[target]}
+    engine: dict = {"max_num_seqs": args.max_num_seqs, "scheduling": {**SCHEDULING[target], "background_busy_fraction": args.background_busy}}
     if args.engine == "sim":
         engine["simulate_steps_per_s"] = args.steps_per_s
     every_tier = {"service_tiers": ["priority", "default", "flex"], "monthly_budget": None, "rpm": None, "tpm": None}
@@ -64,6 +68,7 @@ def figures(tally: Tally, seconds: float) -> dict:
         "ttft_p99_ms": (_pct(tally.ttft, 0.99) or 0) * 1000,
         "requests": tally.requests,
         "failures": tally.failures,
+        "errors": tally.errors,
     }
 
 
@@ -115,10 +120,60 @@ def measure(target: str, args: argparse.Namespace, stamp: str, model: str) -> di
         logger.info("%s: noisy A %s B %s jain %.3f", target, out["noisy_a"], out["noisy_b"], out["jain"])
         time.sleep(2)
         tiers = {t: Tally() for t in ("priority", "default", "flex")}
-        asyncio.run(together(*((key_a, args.tier_streams, {"service_tier": t}, tally) for t, tally in tiers.items()), base=base, model=model, args=args))
-        out["tiers"] = {t: figures(tally, seconds) for t, tally in tiers.items()}
+        longer = argparse.Namespace(**{**vars(args), "duration": args.tier_duration})  # flex waits out its 30 s behind saturating live load
+        asyncio.run(together(*((key_a, args.tier_streams, {"service_tier": t}, tally) for t, tally in tiers.items()), base=base, model=model, args=longer))
+        out["tiers"] = {t: figures(tally, args.tier_duration - args.warmup) for t, tally in tiers.items()}
         logger.info("%s: tiers %s", target, out["tiers"])
+        if args.batch_lines:
+            time.sleep(2)
+            out["batch"] = live_beside_batch(base, env, model, args)
+            logger.info("%s: live beside a batch %s", target, out["batch"])
     return out
+
+
+def live_beside_batch(base: str, env: dict[str, str], model: str, args: argparse.Namespace) -> dict:
+    """Live c=4 alone, then beside a batch that saturates the engine (its progress read from `request_counts`)."""
+    import io
+
+    from openai import OpenAI
+
+    seconds = args.duration - args.warmup
+    live_key, batch_key = bench_key(env, "tenant-live"), bench_key(env, "tenant-batch")
+    alone = Tally()
+    asyncio.run(together((live_key, 4, {}, alone), base=base, model=model, args=args))
+    client = OpenAI(base_url=f"{base}/v1", api_key=batch_key, max_retries=2, timeout=120)
+    lines = [
+        json.dumps({"custom_id": f"b{i}", "method": "POST", "url": "/v1/completions", "body": {"model": model, "prompt": PROMPT, "max_tokens": args.tokens, "ignore_eos": True}})
+        for i in range(args.batch_lines)
+    ]
+    upload = client.files.create(file=("batch.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    while client.batches.retrieve(batch.id).request_counts.completed < 8:  # running, and saturating
+        time.sleep(0.5)
+    beside = Tally()
+    counts: list[tuple[float, int]] = []
+
+    async def live_and_progress() -> None:
+        async def watch() -> None:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < args.duration:
+                b = await asyncio.to_thread(client.batches.retrieve, batch.id)
+                counts.append((time.monotonic() - t0, b.request_counts.completed))
+                await asyncio.sleep(1.0)
+
+        await asyncio.gather(together((live_key, 4, {}, beside), base=base, model=model, args=args), watch())
+
+    asyncio.run(live_and_progress())
+    inside = [(t, c) for t, c in counts if t >= args.warmup]
+    batch_lines_s = (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]) if len(inside) > 1 and inside[-1][0] > inside[0][0] else 0.0
+    client.batches.cancel(batch.id)
+    live_alone, live_beside = figures(alone, seconds), figures(beside, seconds)
+    capacity = args.max_num_seqs * args.steps_per_s if args.engine == "sim" else None
+    free = capacity - live_beside["tok_s"] if capacity else None
+    return {
+        "live_alone": live_alone, "live_beside": live_beside, "batch_tok_s": batch_lines_s * args.tokens,
+        "free_tok_s": free, "batch_share_of_free": batch_lines_s * args.tokens / free if free else None,
+    }  # fmt: skip
 
 
 def format_report(results: dict[str, dict], args: argparse.Namespace) -> str:
@@ -142,6 +197,19 @@ def format_report(results: dict[str, dict], args: argparse.Namespace) -> str:
         cells = " | ".join(f"{t[x]['ttft_p50_ms']:.0f} / {t[x]['ttft_p99_ms']:.0f}" for x in ("priority", "default", "flex"))
         rates = " / ".join(f"{t[x]['tok_s']:.0f}" for x in ("priority", "default", "flex"))
         lines.append(f"| {target} | {cells} | {rates} |")
+    if any("batch" in r for r in results.values()):
+        lines += ["", f"Live traffic (default tier, 4 streams) while a batch of {args.batch_lines} requests runs", "",
+                  "| target | live alone TTFT p50 / p99 ms | beside the batch | p50 / p99 vs alone | batch tok/s | of the capacity left free |", "|---|---|---|---|---|---|"]
+        for target, r in results.items():
+            if "batch" not in r:
+                continue
+            b = r["batch"]
+            a, s = b["live_alone"], b["live_beside"]
+            share = f"{b['batch_share_of_free']:.2f}" if b["batch_share_of_free"] is not None else "-"
+            lines.append(
+                f"| {target} | {a['ttft_p50_ms']:.0f} / {a['ttft_p99_ms']:.0f} | {s['ttft_p50_ms']:.0f} / {s['ttft_p99_ms']:.0f} | "
+                f"{s['ttft_p50_ms'] / max(a['ttft_p50_ms'], 1e-9):.2f}x / {s['ttft_p99_ms'] / max(a['ttft_p99_ms'], 1e-9):.2f}x | {b['batch_tok_s']:.0f} | {share} |"
+            )
     failures = {target: sum(f["failures"] for f in (r["b_alone"], r["noisy_a"], r["noisy_b"], *r["tiers"].values())) for target, r in results.items()}
     lines += ["", f"Failures: {failures}"]
     return "\n".join(lines) + "\n"
@@ -156,6 +224,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="completion tokens per request")
     parser.add_argument("--b-streams", type=int, default=6, help="tenant B's streams; A holds 8 times as many")
     parser.add_argument("--tier-streams", type=int, default=16, help="streams at each tier in the tiers run")
+    parser.add_argument("--tier-duration", type=float, default=45.0, help="seconds of the tiers run (flex enters after waiting 30 s)")
+    parser.add_argument("--batch-lines", type=int, default=300, help="requests in the batch beside live traffic (0: skip that run)")
+    parser.add_argument("--background-busy", type=float, default=1.0, help="engine.scheduling.background_busy_fraction (1: as on an accelerator)")
     parser.add_argument("--duration", type=float, default=25.0, help="seconds per measurement, warm-up included")
     parser.add_argument("--warmup", type=float, default=8.0)
     args = parser.parse_args()

@@ -191,6 +191,8 @@ class SlotGate:
         self._by_tenant: dict[str, int] = {}
         self._live: dict[str, int] = {}  # live-tier sequences held, per tenant
         self._weights: dict[str, float] = {}
+        self._alloc: dict[str, float] = {}
+        self._live_pooled: dict[str, int] = {}
         self._admitted = 0
 
     # ---- the request's side ----------------------------------------------------------------------
@@ -249,12 +251,24 @@ class SlotGate:
         """Per live tenant, the sequences its fair allocation owes it that it does not hold (its recent peak demand
         bounded by its allocation, less what it runs)."""
         now = self._clock()
-        for tenant in self._active() | set(self._live):
-            waiting = sum(len(q) * q[0].need for (tier, t), q in self._queues.items() if t == tenant and tier in LIVE_TIERS)
-            self.demand.note(tenant, self._live.get(tenant, 0) + waiting, now)
+        pool = self._pool
+        live: dict[str, int] = {}
+        for tenant, held in self._live.items():
+            live[pool(tenant)] = live.get(pool(tenant), 0) + held
+        waiting: dict[str, int] = {}
+        for (tier, tenant), q in self._queues.items():
+            if tier in LIVE_TIERS:
+                waiting[pool(tenant)] = waiting.get(pool(tenant), 0) + len(q) * q[0].need
+        for key in {pool(t) for t in self._active()} | set(live):
+            self.demand.note(key, live.get(key, 0) + waiting.get(key, 0), now)
         peaks = self.demand.peaks(now)
-        self._alloc = allocate(peaks, self._weights, self.capacity)
-        return {t: max(0, math.floor(min(self._alloc[t], peaks[t]) + 1e-9) - self._live.get(t, 0)) for t in peaks}
+        self._alloc = allocate(peaks, self._weights if self._config.fair_share else {}, self.capacity)
+        self._live_pooled = live
+        return {t: max(0, math.floor(min(self._alloc[t], peaks[t]) + 1e-9) - live.get(t, 0)) for t in peaks}
+
+    def _pool(self, tenant: str) -> str:
+        """Whose allocation a tenant's live requests count against: its own with fair share on, one pool for all with it off."""
+        return tenant if self._config.fair_share else ""
 
     def _room(self, head: _Waiter, rank: float, owed: dict[str, int]) -> bool:
         """Whether `head` may take a free sequence now (see the module's docstring, "Room")."""
@@ -264,8 +278,9 @@ class SlotGate:
         free_after = self.capacity - self._used - need
         if rank > 0:  # not waited out: leave room for what others are owed
             if head.tier in LIVE_TIERS:
-                within = self._live.get(head.tenant, 0) + need <= math.floor(self._alloc.get(head.tenant, 0.0) + 1e-9)
-                if not within and free_after < sum(o for t, o in owed.items() if t != head.tenant):
+                mine = self._pool(head.tenant)
+                within = self._live_pooled.get(mine, 0) + need <= math.floor(self._alloc.get(mine, 0.0) + 1e-9)
+                if not within and free_after < sum(o for t, o in owed.items() if t != mine):
                     return False
             elif free_after < max(self._reserved, sum(owed.values())):
                 return False
