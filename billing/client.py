@@ -119,7 +119,7 @@ class Ticket:
         q = r.quote
         return BillingContext(
             r.tenant, self.key.key_id, self.model, self.version, self.kind, str(q.prompt_price), str(q.completion_price), str(r.reserved), self.holder, self.end_user,
-            price_text(q.cached_price), self.service_tier,
+            price_text(q.cached_price), self.service_tier, self.request_id,
         )  # fmt: skip
 
 

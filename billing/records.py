@@ -63,12 +63,13 @@ class BillingContext(NamedTuple):
     end_user: str = ""
     cached_price: str = ""
     service_tier: str = "default"
+    request_id: str = ""  # the ledger's id for the request, when the engine's differs (a batch line's attempt): both witnesses report under it
 
     def event(
         self, request_id: str, ts: float, status: str, prompt_tokens: int, completion_tokens: int | None, delivered_tokens: int | None = None, cached_tokens: int = 0
     ) -> UsageEvent:
         return UsageEvent(
-            request_id, ts, self.tenant, self.key_id, self.model, self.version, self.kind, status, prompt_tokens, completion_tokens,
+            self.request_id or request_id, ts, self.tenant, self.key_id, self.model, self.version, self.kind, status, prompt_tokens, completion_tokens,
             self.prompt_price, self.completion_price, self.reserved, self.holder, delivered_tokens, self.end_user, cached_tokens, self.cached_price,
             self.service_tier,
         )  # fmt: skip

@@ -345,7 +345,7 @@ class OpenAIService:
         """A list of prompts: one sub-request per prompt (`<id>-<i>`, each admitted, metered and billed as a request),
         one response named by the group id with each prompt's choices after the previous one's. Every prompt is
         admitted and tokenized before any runs; if one is refused, none runs and nothing is billed."""
-        group = run_as.request_id if run_as is not None else self._new_request_id()
+        group = run_as.engine_id() if run_as is not None else self._new_request_id()
 
         def prepare(i: int, prompt: str | list[int]) -> Any:
             return self._prepare(
@@ -377,7 +377,7 @@ class OpenAIService:
         run_as: "RunAs | None" = None,
     ) -> dict | SSEStream:
         """`tool_spec`/`forced`: a chat with tools, how its calls are parsed and the structured output that forces one."""
-        request_id = run_as.request_id if run_as is not None else self._new_request_id()
+        request_id = run_as.engine_id() if run_as is not None else self._new_request_id()
         prepared = await self._prepare(kind, body, principal, prepare, request_id, run_as=run_as)
         if tool_spec is not None:
             prepared = prepared._replace(req=dataclasses.replace(prepared.req, tools=tool_spec, response_format=forced or prepared.req.response_format))
@@ -402,7 +402,8 @@ class OpenAIService:
             tier = self._tier(body.service_tier, principal) if run_as is None else dataclasses.replace(self._tier(None, principal), tier=run_as.tier)
             backend = self._backends.pick() if adapter is None else self._adapter_backend(adapter)
             version = backend.version
-            ticket = await self._admit(request_id, kind, body, principal, backend, tier.tier)
+            ledger_id = _ledger_id(request_id, run_as)  # a batch line's attempt is billed under the line's fixed id
+            ticket = await self._admit(ledger_id, kind, body, principal, backend, tier.tier)
             trace["ingress_admitted"] = time.time()
         except BaseException as exc:
             _Meter(None, None, 0, self._observer, self._record_base(request_id, kind, body, principal, version, 0), t0).failed(exc)
@@ -534,10 +535,25 @@ class OpenAIService:
 
 class RunAs(NamedTuple):
     """A request the API runs on a tenant's behalf (a batch line): its fixed request id (so it is billed once however
-    often it runs) and its tier."""
+    often it runs) and its tier. Each run is an attempt of its own inside the graph (`<id>.<attempt>`: two attempts of
+    one line may overlap when its runner restarts), billed under the fixed id by both witnesses."""
 
     request_id: str
     tier: str = "batch"
+    attempt: str = ""
+
+    def engine_id(self) -> str:
+        return f"{self.request_id}.{self.attempt or uuid.uuid4().hex[:8]}"
+
+
+def _ledger_id(engine_id: str, run_as: RunAs | None) -> str:
+    """The id a request is billed under: its own, or for a batch line's attempt (`<id>.<attempt>`, a list of prompts'
+    sub-request `<id>.<attempt>-<i>`) the line's fixed id (`<id>`, `<id>-<i>`)."""
+    if run_as is None or not engine_id.startswith(run_as.request_id + "."):
+        return engine_id
+    rest = engine_id[len(run_as.request_id) + 1 :]
+    _, dash, index = rest.partition("-")
+    return run_as.request_id + (dash + index if dash else "")
 
 
 def _isolated(coro: Any) -> "asyncio.Task":

@@ -399,32 +399,36 @@ def _until_batch(client: openai.OpenAI, batch_id: str, done, timeout_s: float = 
         time.sleep(0.5)
 
 
-def test_a_batch_survives_its_runner_dying_and_bills_each_line_once_at_the_batch_price(base_url, billing_actor, maas_config):
+def test_a_batch_survives_its_runner_dying_and_bills_each_line_once_at_the_batch_price(base_url, billing_actor, maas_config, ledger_url):
     """The openai client's Batch API on the real graph: the batch actor is killed while lines run; its restart resumes
     from the results it flushed, and the ledger holds exactly one row per line, at the batch tier's half price, whose
     tokens are the output's usage. A flex request beside it is echoed and billed as flex. A cancelled batch bills only
-    the lines that ran."""
+    the lines that ran. SQLite only: a line billed once rests on the ledger's one row per request id, the same code on
+    PostgreSQL, whose writers the chaos test below kills."""
     import json
 
     import ray
+
+    if make_url(ledger_url).get_backend_name() != "sqlite":
+        pytest.skip("runs on the SQLite ledger (the idempotency it rests on is the same code on PostgreSQL, chaos-tested below)")
 
     key, _ = create_key(billing_actor, "batcher", plan="enterprise")
     client = _client(base_url, key)
     flex = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, service_tier="flex")
     assert flex.service_tier == "flex"
-    batch = client.batches.create(input_file_id=_batch_file(client, 16, 6), endpoint="/v1/chat/completions", completion_window="24h")
+    batch = client.batches.create(input_file_id=_batch_file(client, 12, 5), endpoint="/v1/chat/completions", completion_window="24h")
     _until_batch(client, batch.id, lambda b: b.request_counts.completed >= 3)
     runner = ray.get_actor(maas_config.batches.actor_name, namespace=maas_config.billing.namespace)
     ray.kill(runner, no_restart=False)  # restarted by Ray (max_restarts=-1): it finds the batch and resumes it
     batch = _until_batch(client, batch.id, lambda b: b.status in ("completed", "failed", "expired", "cancelled"))
-    assert batch.status == "completed" and (batch.request_counts.completed, batch.request_counts.failed) == (16, 0)
+    assert batch.status == "completed" and (batch.request_counts.completed, batch.request_counts.failed) == (12, 0)
     out = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
-    assert sorted(o["custom_id"] for o in out) == sorted(f"line-{i}" for i in range(16))
+    assert sorted(o["custom_id"] for o in out) == sorted(f"line-{i}" for i in range(12))
 
     def rows():
         return {e.request_id: e for e in wait(admin_client(billing_actor).events(None, "batcher"))}
 
-    wait_for(lambda: sum(rid.startswith(batch.id) for rid in rows()) == 16 and all(e.completion_tokens is not None for e in rows().values()), timeout_s=30)
+    wait_for(lambda: sum(rid.startswith(batch.id) for rid in rows()) == 12 and all(e.completion_tokens is not None for e in rows().values()), timeout_s=30)
     ledger = rows()
     half_p, half_c = P_PRICE / 2, C_PRICE / 2
     for o in out:
@@ -433,12 +437,12 @@ def test_a_batch_survives_its_runner_dying_and_bills_each_line_once_at_the_batch
         assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
     assert ledger[flex.id.removeprefix("chatcmpl-")].service_tier == "flex"
 
-    cancelled = client.batches.create(input_file_id=_batch_file(client, 40, 12), endpoint="/v1/chat/completions", completion_window="24h")
+    cancelled = client.batches.create(input_file_id=_batch_file(client, 30, 8), endpoint="/v1/chat/completions", completion_window="24h")
     _until_batch(client, cancelled.id, lambda b: b.request_counts.completed >= 1)
     client.batches.cancel(cancelled.id)
     cancelled = _until_batch(client, cancelled.id, lambda b: b.status == "cancelled")
     ran = cancelled.request_counts.completed + cancelled.request_counts.failed
-    assert 1 <= ran < 40
+    assert 1 <= ran < 30
     wait_for(lambda: sum(rid.startswith(cancelled.id) for rid in rows()) == ran, timeout_s=30)
     time.sleep(1)  # nothing more arrives
     assert sum(rid.startswith(cancelled.id) for rid in rows()) == ran

@@ -207,3 +207,17 @@ def test_a_tenant_sees_only_its_own_batches_and_bad_requests_are_400s(tmp_path: 
         assert m.list(None)["data"][0]["tenant"] == "acme"  # an operator's view names the tenant
 
     asyncio.run(scenario())
+
+
+def test_each_run_of_a_line_is_its_own_request_in_the_graph_billed_under_the_lines_id() -> None:
+    from billing.records import BillingContext
+    from deployments.openai.service import RunAs, _ledger_id
+
+    run_as = RunAs("batch_abc_7")
+    first, second = run_as.engine_id(), run_as.engine_id()
+    assert first != second and first.startswith("batch_abc_7.")  # two attempts may overlap after a restart: distinct in the relay
+    assert _ledger_id(first, run_as) == _ledger_id(second, run_as) == "batch_abc_7"
+    assert _ledger_id(f"{first}-2", run_as) == "batch_abc_7-2"  # a list of prompts' sub-request
+    assert _ledger_id("plain", None) == "plain"
+    ctx = BillingContext("t", "k", "m", "v", "chat", "1", "1", "0", "h", request_id="batch_abc_7")
+    assert ctx.event(first, 0.0, "ok", 3, 2).request_id == "batch_abc_7"  # the engine's witness reports under the line's id
