@@ -4,7 +4,9 @@ exactly-once resumption, cancellation, expiry, holds and the plan's queue bound;
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -29,7 +31,7 @@ def line(i: int, url: str = "/v1/chat/completions", **body) -> bytes:
 
 def upload(root: Path, tenant: str, lines: list[bytes]) -> str:
     data = b"\n".join(lines) + b"\n"
-    return FileStore(root).create(tenant, "in.jsonl", "batch", data, check_batch_upload(__import__("io").BytesIO(data), "in.jsonl")).id
+    return FileStore(root).create(tenant, "in.jsonl", "batch", data, check_batch_upload(io.BytesIO(data), "in.jsonl")).id
 
 
 class FakeRunner:
@@ -177,14 +179,14 @@ def test_a_batch_holds_its_worst_case_and_the_plan_bounds_queued_tokens(tmp_path
             await m.create("poor", "k", upload(tmp_path, "poor", [line(i, max_tokens=2000) for i in range(20)]), "/v1/chat/completions")
         seen.append(err.value.message.split(";")[0])
         one = await m.create("rich", "k", upload(tmp_path, "rich", [line(i, max_tokens=1000) for i in range(3)]), "/v1/chat/completions")
-        seen.append(str(core.committed("rich", __import__("time").strftime("%Y-%m", __import__("time").gmtime(one["created_at"])))))
+        seen.append(str(core.committed("rich", time.strftime("%Y-%m", time.gmtime(one["created_at"])))))
         with pytest.raises(RateLimitError) as err:  # 3 × ~1,100 queued: another 3 pass the plan's 5,000
             await m.create("rich", "k", upload(tmp_path, "rich", [line(i, max_tokens=1000) for i in range(3)]), "/v1/chat/completions")
         seen.append(err.value.code)
         runner.gate.set()
         await m.tick()
         await m.wait_idle()
-        seen.append(str(core.committed("rich", __import__("time").strftime("%Y-%m", __import__("time").gmtime(one["created_at"])))))
+        seen.append(str(core.committed("rich", time.strftime("%Y-%m", time.gmtime(one["created_at"])))))
         return seen
 
     refused, held, queue_full, after = asyncio.run(scenario())
