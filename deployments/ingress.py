@@ -10,6 +10,7 @@ billing actor: keys are checked locally, quota is leased, usage is batched.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Any, Callable
@@ -164,6 +165,7 @@ class Ingress:
 
             self._fine_tuning = FineTuningService(fine_tunes.client(fine_tunes.get_or_create(cfg)), cfg, stable)
         self._batches = None
+        self._lines: set[asyncio.Task] = set()  # batch lines running (kept referenced while shielded)
         if cfg.batches.enabled:
             from deployments import batches
 
@@ -189,14 +191,22 @@ class Ingress:
 
     async def batch_line(self, key_id: str, url: str, body: dict, request_id: str) -> tuple[int, dict]:
         """One line of a batch, from the batch actor: run as a request of the key that created the batch, at the batch
-        tier, under the line's fixed request id; (status, response body or error envelope)."""
+        tier, under the line's fixed request id; (status, response body or error envelope).
+
+        A line runs to its end even when the actor that asked for it dies meanwhile (shielded from the call's
+        cancellation): it is billed for all it made, once, and the restarted actor's run of it is billed no more."""
         principal = None
         if self._billing is not None:
             try:
                 principal = self._billing.key_by_id(key_id)
             except MaasError as exc:
                 return exc.status_code, exc.to_envelope()
-        return await run_batch_line(self._service, principal, url, body, request_id)
+        # A context of its own: Serve cancels the calls a cancelled request made (it finds them through the request's
+        # context), so a line's calls to the other stages must not belong to the actor's call.
+        line = asyncio.get_running_loop().create_task(run_batch_line(self._service, principal, url, body, request_id), context=contextvars.Context())
+        self._lines.add(line)
+        line.add_done_callback(self._lines.discard)
+        return await asyncio.shield(line)
 
     async def traffic(self) -> dict | None:
         """The plan this replica follows (for operators and the CLI)."""

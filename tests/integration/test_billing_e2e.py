@@ -52,6 +52,7 @@ METRICS_PORT = free_port()
 def config_overrides() -> dict:
     return deep_merge(chaos_overrides(), {
         "deployments": {"ingress": {"autoscaling": {"min_replicas": 2, "max_replicas": 2}}},
+        "batches": {"max_in_flight": 8},  # a batch's lines start in turn, so a cancel leaves some unstarted
         "billing": {
             "price_book": {"models": {MODEL: {"prompt_per_1m": str(P_PRICE), "completion_per_1m": str(C_PRICE)}}},
             "plans": {
