@@ -49,7 +49,6 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_LINES = 50_000  # OpenAI's bound on one batch
 WINDOWS = {"24h": 24 * 3600.0}
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
-TERMINAL = ("completed", "failed", "expired", "cancelled")
 RETRYABLE = (429, 503)  # a line refused for now (rate limit, engine starting): tried again later, never recorded
 
 

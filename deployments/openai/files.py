@@ -21,7 +21,16 @@ from common.errors import InvalidRequestError, PermissionDeniedError
 from common.file_store import FileStore
 from deployments.core.batches import check_batch_upload
 
-PURPOSES = ("fine-tune", "batch")  # what an upload may be for
+# What an upload may be for: how each is checked (returning its count of examples or requests), and what to say when not.
+CHECKS: dict[str, tuple[Callable[[BinaryIO, str], int], str, str]] = {
+    "fine-tune": (
+        lambda source, name: check_upload(source, name).examples,
+        "Invalid file format for fine-tuning",
+        '{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]} with an assistant message',
+    ),
+    "batch": (check_batch_upload, "Invalid batch file", '{"custom_id": "...", "method": "POST", "url": "/v1/chat/completions", "body": {...}}'),
+}
+PURPOSES = tuple(CHECKS)
 NO_TENANT = "local"  # the one owner of every file when billing (and with it tenants) is off
 
 
@@ -64,30 +73,14 @@ class FilesService:
                 f"Your plan keeps at most {plan.max_file_storage_mib:g} MiB of files; {used / 2**20:.1f} MiB are used and this file is {size / 2**20:.1f} MiB.",
                 param="file", code="storage_limit_reached",
             )  # fmt: skip
-        if purpose == "batch":
-            try:
-                count = check_batch_upload(source, filename)
-            except DatasetError as exc:
-                where = f"line {exc.line}: " if exc.line else ""
-                raise InvalidRequestError(
-                    f"Invalid batch file ({where}{exc.reason}). Each line must be a JSON object "
-                    '{"custom_id": "...", "method": "POST", "url": "/v1/chat/completions", "body": {...}}.',
-                    param="file", code="invalid_file_format",
-                ) from None  # fmt: skip
-            source.seek(0)
-            return self._store.create(tenant, filename, purpose, source, count).to_openai()
+        check, what, shape = CHECKS[purpose]
         try:
-            stats = check_upload(source, filename)
+            count = check(source, filename)
         except DatasetError as exc:
             where = f"line {exc.line}: " if exc.line else ""
-            raise InvalidRequestError(
-                f"Invalid file format for fine-tuning ({where}{exc.reason}). Each line must be a JSON object "
-                '{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]} with an assistant message.',
-                param="file",
-                code="invalid_file_format",
-            ) from None
+            raise InvalidRequestError(f"{what} ({where}{exc.reason}). Each line must be a JSON object {shape}.", param="file", code="invalid_file_format") from None
         source.seek(0)
-        return self._store.create(tenant, filename, purpose, source, stats.examples).to_openai()
+        return self._store.create(tenant, filename, purpose, source, count).to_openai()
 
     async def list(self, principal: Any, purpose: str | None) -> dict:
         records = await self._run(self._store.list, tenant_of(principal), purpose)
