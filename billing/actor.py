@@ -24,6 +24,7 @@ from billing.metrics import RayBillingMetrics
 from billing.records import SyncReply, SyncRequest, UsageEvent
 from billing.service import BillingCore, Totals
 from common import envs
+from common.actors import invoker
 from common.config import BillingConfig
 from common.logs import setup_logging
 
@@ -108,13 +109,18 @@ def get(config: BillingConfig) -> Any:
     return ray.get_actor(config.actor_name, namespace=config.namespace)
 
 
+# Administration calls that change nothing, or that are idempotent by their arguments: sent again while the actor restarts.
+ADMIN_READS = (
+    "alerts", "account", "list_keys", "tenants", "tenants_overview", "plan", "spend_rows", "spent", "totals", "events", "status",
+    "audit_log", "set_plan", "release", "record_training",
+)
+
+
 def admin_client(handle: Any, timeout_s: float = 60.0) -> BillingAdmin:
-    """The typed administration client over the actor's handle; each call is bounded by `timeout_s`."""
+    """The typed administration client over the actor's handle; each call is bounded by `timeout_s`.
 
-    async def invoke(method: str, *args: Any) -> Any:
-        return await asyncio.wait_for(asyncio.wrap_future(getattr(handle, method).remote(*args).future()), timeout_s)
-
-    return BillingAdmin(invoke)
+    While the actor restarts, a read waits for it; a change that may or may not have happened is a 503."""
+    return BillingAdmin(invoker(handle, "billing", ADMIN_READS, timeout_s))
 
 
 class ActorTransport:

@@ -15,6 +15,7 @@ from typing import Any, Coroutine
 
 import ray
 
+from common.actors import invoker
 from common.config import MaasConfig, Price
 from common.logs import setup_logging
 from deployments.core.batches import BatchManager
@@ -127,21 +128,6 @@ READS = ("get", "list")  # calls that may be sent again: they change nothing
 def client(handle: Any, timeout_s: float = 120.0, restart_wait_s: float = 30.0) -> Any:
     """The ingress's `Invoke` for `deployments.openai.batches.BatchesService`: each call on the actor, awaited.
 
-    While the actor restarts (it died, Ray brings it back), a read waits for it up to `restart_wait_s`; a change (create,
-    cancel), which may or may not have been carried out, is a 503 with Retry-After: never a 500, never done twice."""
-    from ray.exceptions import RayActorError
-
-    from common.errors import ServiceUnavailableError
-
-    async def invoke(method: str, *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + restart_wait_s
-        while True:
-            try:
-                return await asyncio.wait_for(asyncio.wrap_future(getattr(handle, method).remote(*args).future()), timeout_s)
-            except RayActorError as exc:
-                if method not in READS or loop.time() > deadline:
-                    raise ServiceUnavailableError("The batch service is restarting; retry shortly.", headers={"Retry-After": "2"}) from exc
-                await asyncio.sleep(0.5)
-
-    return invoke
+    While the actor restarts, a read waits for it up to `restart_wait_s`; a change (create, cancel) is a 503 with
+    Retry-After: never a 500, never done twice (`common.actors.invoker`)."""
+    return invoker(handle, "batch", READS, timeout_s, restart_wait_s)

@@ -8,7 +8,6 @@ environment's `working_dir`, when the cluster ships one) and the allow-listed `M
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shlex
 import sys
@@ -18,6 +17,8 @@ from decimal import Decimal
 from typing import Any
 
 import ray
+
+from common.actors import invoker
 
 from common import envs
 from common.config import MaasConfig, Plan
@@ -141,11 +142,13 @@ def get_or_create(config: MaasConfig) -> Any:
     )
 
 
-def client(handle: Any, timeout_s: float = 60.0) -> Any:
-    """The ingress's `FineTuneBackend`: each manager call on the actor, awaited on the caller's loop."""
+READS = ("get", "list", "events", "checkpoints")  # calls that may be sent again: they change nothing
+
+
+def client(handle: Any, timeout_s: float = 60.0, restart_wait_s: float = 30.0) -> Any:
+    """The ingress's `FineTuneBackend`: each manager call on the actor, awaited on the caller's loop.
+
+    While the actor restarts, a read waits for it; a change (create, cancel) is a 503 (`common.actors.invoker`)."""
     from deployments.openai.fine_tuning import FineTuneBackend
 
-    async def invoke(method: str, *args: Any) -> Any:
-        return await asyncio.wait_for(asyncio.wrap_future(getattr(handle, method).remote(*args).future()), timeout_s)
-
-    return FineTuneBackend(invoke)
+    return FineTuneBackend(invoker(handle, "fine-tuning", READS, timeout_s, restart_wait_s))

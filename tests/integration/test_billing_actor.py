@@ -144,14 +144,17 @@ def test_a_restarted_actor_keeps_the_config_it_was_last_given(billing, config):
 
 
 def _wait_status(handle, timeout_s: float = 60) -> dict:
+    """The status of the restarted actor: `ray.kill` returns before the actor dies, so the first answer may be the old one's."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return ray.get(handle.status.remote(), timeout=10)
+            status = ray.get(handle.status.remote(), timeout=10)
+            if status["restarted"] or time.monotonic() > deadline:
+                return status
         except ray.exceptions.RayActorError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.2)
+        time.sleep(0.2)
 
 
 def test_killing_the_actor_mid_stream_loses_and_doubles_nothing(billing, config):
