@@ -106,29 +106,36 @@ def measure(target: str, args: argparse.Namespace, stamp: str, model: str) -> di
     out: dict = {}
     with server(cmd, env, ready, OUT / f"{stamp}-tiers-{target}.log"):
         key_a, key_b = bench_key(env, "tenant-a"), bench_key(env, "tenant-b")
-        b_streams, a_streams = args.b_streams, 8 * args.b_streams
         asyncio.run(together((key_b, 4, {}, Tally()), base=base, model=model, args=argparse.Namespace(**{**vars(args), "duration": 6.0, "warmup": 5.0})))  # warm
-        alone = Tally()
-        asyncio.run(together((key_b, b_streams, {}, alone), base=base, model=model, args=args))
-        out["b_alone"] = figures(alone, seconds)
-        logger.info("%s: B alone %s", target, out["b_alone"])
-        time.sleep(2)
-        a, b = Tally(), Tally()
-        asyncio.run(together((key_a, a_streams, {}, a), (key_b, b_streams, {}, b), base=base, model=model, args=args))
-        out["noisy_a"], out["noisy_b"] = figures(a, seconds), figures(b, seconds)
-        out["jain"] = jain([a.tokens, b.tokens], max_min_shares([a_streams, b_streams], args.max_num_seqs))
-        logger.info("%s: noisy A %s B %s jain %.3f", target, out["noisy_a"], out["noisy_b"], out["jain"])
-        time.sleep(2)
-        tiers = {t: Tally() for t in ("priority", "default", "flex")}
-        longer = argparse.Namespace(**{**vars(args), "duration": args.tier_duration})  # flex waits out its 30 s behind saturating live load
-        asyncio.run(together(*((key_a, args.tier_streams, {"service_tier": t}, tally) for t, tally in tiers.items()), base=base, model=model, args=longer))
-        out["tiers"] = {t: figures(tally, args.tier_duration - args.warmup) for t, tally in tiers.items()}
-        logger.info("%s: tiers %s", target, out["tiers"])
-        if args.batch_lines:
+        if "noisy" in args.parts:
+            noisy_neighbour(out, target, base, model, key_a, key_b, args, seconds)
+        if "tiers" in args.parts:
+            time.sleep(2)
+            tiers = {t: Tally() for t in ("priority", "default", "flex")}
+            longer = argparse.Namespace(**{**vars(args), "duration": args.tier_duration})  # flex waits out its 30 s behind saturating live load
+            asyncio.run(together(*((key_a, args.tier_streams, {"service_tier": t}, tally) for t, tally in tiers.items()), base=base, model=model, args=longer))
+            out["tiers"] = {t: figures(tally, args.tier_duration - args.warmup) for t, tally in tiers.items()}
+            logger.info("%s: tiers %s", target, out["tiers"])
+        if "batch" in args.parts and args.batch_lines:
             time.sleep(2)
             out["batch"] = live_beside_batch(base, env, model, args)
             logger.info("%s: live beside a batch %s", target, out["batch"])
     return out
+
+
+def noisy_neighbour(out: dict, target: str, base: str, model: str, key_a: str, key_b: str, args: argparse.Namespace, seconds: float) -> None:
+    """B alone, then B beside A's 8 times as many streams: TTFT, tokens per second and Jain's index into `out`."""
+    b_streams, a_streams = args.b_streams, 8 * args.b_streams
+    alone = Tally()
+    asyncio.run(together((key_b, b_streams, {}, alone), base=base, model=model, args=args))
+    out["b_alone"] = figures(alone, seconds)
+    logger.info("%s: B alone %s", target, out["b_alone"])
+    time.sleep(2)
+    a, b = Tally(), Tally()
+    asyncio.run(together((key_a, a_streams, {}, a), (key_b, b_streams, {}, b), base=base, model=model, args=args))
+    out["noisy_a"], out["noisy_b"] = figures(a, seconds), figures(b, seconds)
+    out["jain"] = jain([a.tokens, b.tokens], max_min_shares([a_streams, b_streams], args.max_num_seqs))
+    logger.info("%s: noisy A %s B %s jain %.3f", target, out["noisy_a"], out["noisy_b"], out["jain"])
 
 
 def live_beside_batch(base: str, env: dict[str, str], model: str, args: argparse.Namespace) -> dict:
@@ -178,21 +185,28 @@ def live_beside_batch(base: str, env: dict[str, str], model: str, args: argparse
 
 def format_report(results: dict[str, dict], args: argparse.Namespace) -> str:
     engine = f"simulated engine, {args.steps_per_s:g} steps/s" if args.engine == "sim" else "vLLM on CPU"
-    lines = [
-        f"Noisy neighbour ({engine}, max_num_seqs {args.max_num_seqs}, {args.tokens} tokens per request): B {args.b_streams} streams, A {8 * args.b_streams}",
-        "",
-        "| target | B alone TTFT p50 / p99 ms | B beside A TTFT p50 / p99 ms | B p99 vs alone | A tok/s | B tok/s | Jain (demand-normalised) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines: list[str] = []
+    if any("jain" in r for r in results.values()):
+        lines += [
+            f"Noisy neighbour ({engine}, max_num_seqs {args.max_num_seqs}, {args.tokens} tokens per request): B {args.b_streams} streams, A {8 * args.b_streams}",
+            "",
+            "| target | B alone TTFT p50 / p99 ms | B beside A TTFT p50 / p99 ms | B p99 vs alone | A tok/s | B tok/s | Jain (demand-normalised) |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for target, r in results.items():
+        if "jain" not in r:
+            continue
         alone, b, a = r["b_alone"], r["noisy_b"], r["noisy_a"]
         ratio = b["ttft_p99_ms"] / alone["ttft_p99_ms"] if alone["ttft_p99_ms"] else float("nan")
         lines.append(
             f"| {target} | {alone['ttft_p50_ms']:.0f} / {alone['ttft_p99_ms']:.0f} | {b['ttft_p50_ms']:.0f} / {b['ttft_p99_ms']:.0f} | {ratio:.2f}x | "
             f"{a['tok_s']:.0f} | {b['tok_s']:.0f} | {r['jain']:.3f} |"
         )
-    lines += ["", f"Tiers under saturation: {args.tier_streams} streams at each tier, one tenant", "", "| target | priority TTFT p50 / p99 ms | default | flex | tok/s p / d / f |", "|---|---|---|---|---|"]
+    if any("tiers" in r for r in results.values()):
+        lines += ["", f"Tiers under saturation: {args.tier_streams} streams at each tier, one tenant", "", "| target | priority TTFT p50 / p99 ms | default | flex | tok/s p / d / f |", "|---|---|---|---|---|"]
     for target, r in results.items():
+        if "tiers" not in r:
+            continue
         t = r["tiers"]
         cells = " | ".join(f"{t[x]['ttft_p50_ms']:.0f} / {t[x]['ttft_p99_ms']:.0f}" for x in ("priority", "default", "flex"))
         rates = " / ".join(f"{t[x]['tok_s']:.0f}" for x in ("priority", "default", "flex"))
@@ -210,7 +224,10 @@ def format_report(results: dict[str, dict], args: argparse.Namespace) -> str:
                 f"| {target} | {a['ttft_p50_ms']:.0f} / {a['ttft_p99_ms']:.0f} | {s['ttft_p50_ms']:.0f} / {s['ttft_p99_ms']:.0f} | "
                 f"{s['ttft_p50_ms'] / max(a['ttft_p50_ms'], 1e-9):.2f}x / {s['ttft_p99_ms'] / max(a['ttft_p99_ms'], 1e-9):.2f}x | {b['batch_tok_s']:.0f} | {share} |"
             )
-    failures = {target: sum(f["failures"] for f in (r["b_alone"], r["noisy_a"], r["noisy_b"], *r["tiers"].values())) for target, r in results.items()}
+    def runs(r: dict) -> list[dict]:
+        return [r[k] for k in ("b_alone", "noisy_a", "noisy_b") if k in r] + list(r.get("tiers", {}).values()) + ([r["batch"]["live_alone"], r["batch"]["live_beside"]] if "batch" in r else [])
+
+    failures = {target: sum(f["failures"] for f in runs(r)) for target, r in results.items()}
     lines += ["", f"Failures: {failures}"]
     return "\n".join(lines) + "\n"
 
@@ -225,6 +242,7 @@ def main() -> None:
     parser.add_argument("--b-streams", type=int, default=6, help="tenant B's streams; A holds 8 times as many")
     parser.add_argument("--tier-streams", type=int, default=16, help="streams at each tier in the tiers run")
     parser.add_argument("--tier-duration", type=float, default=45.0, help="seconds of the tiers run (flex enters after waiting 30 s)")
+    parser.add_argument("--parts", nargs="+", default=["noisy", "tiers", "batch"], choices=["noisy", "tiers", "batch"], help="which runs to make")
     parser.add_argument("--batch-lines", type=int, default=300, help="requests in the batch beside live traffic (0: skip that run)")
     parser.add_argument("--background-busy", type=float, default=1.0, help="engine.scheduling.background_busy_fraction (1: as on an accelerator)")
     parser.add_argument("--duration", type=float, default=25.0, help="seconds per measurement, warm-up included")
