@@ -147,6 +147,8 @@ class BillingClient:
         self._synced_event = asyncio.Event()
         self._created_at = clock()
         self._last_sync: float | None = None
+        self._active_at = clock()  # the last request seen: the sync loop slows down once there has been none for a while
+        self._waker: asyncio.Future | None = None  # the sync loop's wait between syncs
         # Fail closed: past this long without a sync the key table may miss revocations and the actor drops this
         # replica's leases (after `holder_ttl_s`), so keys and leases are no longer trusted.
         self.stale_after_s = config.lease.holder_ttl_s
@@ -158,7 +160,42 @@ class BillingClient:
         meanwhile requests get 503 (never 401), and `health()` reports it so Serve replaces a replica stuck so."""
         while await self._sync() is None:
             await asyncio.sleep(0.5)
-        self._loop_task = asyncio.get_running_loop().create_task(run_periodically(self.config.flush_interval_s, self._sync))
+        self._loop_task = asyncio.get_running_loop().create_task(self._sync_loop())
+
+    async def _sync_loop(self) -> None:
+        """Sync every `flush_interval_s` while requests come or events wait; every `idle_sync_interval_s` once idle (an idle
+        replica's syncs were most of the actor's and the ingress's CPU with no traffic: bench/RESULTS.md). A request wakes it."""
+        while True:
+            try:
+                await self._sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("billing background step failed")
+            loop = asyncio.get_running_loop()
+            self._waker = loop.create_future()
+            timer = loop.call_later(self.config.flush_interval_s if self._active() else self.config.idle_sync_interval_s, self._wake)
+            try:
+                await self._waker
+            finally:
+                timer.cancel()
+
+    def _wake(self) -> None:
+        """End the sync loop's wait now."""
+        if self._waker is not None and not self._waker.done():
+            self._waker.set_result(None)
+
+    def _active(self) -> bool:
+        return bool(len(self._outbox)) or self._clock() - self._active_at < self.config.idle_after_s
+
+    async def _refresh(self) -> None:
+        """Wait (a little) for a sync that starts now: the key table as the actor has it."""
+        self._synced_event.clear()
+        self._wake()
+        try:
+            await asyncio.wait_for(self._synced_event.wait(), timeout=3 * self.config.flush_interval_s)
+        except asyncio.TimeoutError:
+            pass
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop the loop and try to deliver what is still queued."""
@@ -200,16 +237,16 @@ class BillingClient:
         table is not fresh (fail closed: a stale table may still hold a revoked key)."""
         bearer_token(authorization)
         self._require_fresh()
+        now = self._clock()
+        self._active_at = now
+        if self._last_sync is not None and now - self._last_sync > 2 * self.config.flush_interval_s:
+            await self._refresh()  # the replica was idle: its key table may be older than a revocation
         try:
             return check_key(self._keys, authorization, self._clock())
         except AuthenticationError as exc:
             if exc.code != "invalid_api_key" or not authorization:
                 raise
-        self._synced_event.clear()
-        try:
-            await asyncio.wait_for(self._synced_event.wait(), timeout=3 * self.config.flush_interval_s)
-        except asyncio.TimeoutError:
-            pass
+        await self._refresh()
         return check_key(self._keys, authorization, self._clock())
 
     async def require_admin(self, authorization: str | None) -> KeyRecord:
@@ -233,6 +270,7 @@ class BillingClient:
         The ingress admits a one-token placeholder before tokenizing (the request slot, so a tenant at its
         limits gets nothing tokenized) and `resize`s to the true worst case once the prompt is tokenized.
         `price` is the list price; the request is quoted at `service_tier`'s multiple of it."""
+        self._active_at = self._clock()
         q = quote(self.config.price_book.for_tier(price, service_tier), prompt_tokens, max_tokens, n)
         reservation = await self._reserve(key.tenant, q, slot=True)
         key_reservation = None

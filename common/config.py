@@ -180,6 +180,12 @@ class BillingConfig(Frozen):
     actor_name: str = Field("maas-billing", description="Name of the detached billing actor.")
     namespace: str = Field("maas", description="Ray namespace of the billing actor.")
     flush_interval_s: float = Field(0.1, gt=0, le=1, description="How often each replica sends its batched usage events (and learns key changes).")
+    idle_sync_interval_s: float = Field(
+        1.0, gt=0, le=10,
+        description="How often a replica syncs once it has had no request for `idle_after_s` and has nothing to send. The first "
+        "request after that refreshes the key table before it is trusted, so a revocation still takes effect within ~2 flush intervals.",
+    )  # fmt: skip
+    idle_after_s: float = Field(5.0, gt=0, description="Seconds without a request after which a replica syncs at `idle_sync_interval_s`.")
     max_batch: int = Field(5000, ge=1, description="Most usage events in one message to the billing actor.")
     pending_timeout_s: float = Field(60.0, gt=0, description="How long an aborted request waits for the engine's token count before it is closed with the tokens known.")
     default_plan: str = Field("free", description="Plan given to tenants created without one.")

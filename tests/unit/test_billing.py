@@ -389,6 +389,26 @@ async def test_revocation_reaches_the_client_on_its_next_sync(ledger):
     await client.close()
 
 
+async def test_an_idle_replica_syncs_seldom_and_refreshes_its_keys_before_the_next_request(ledger):
+    # Idle syncs were most of an idle server's billing CPU; the first request after a quiet spell must still not
+    # trust a key table older than a revocation.
+    cfg = config().model_copy(update={"flush_interval_s": 0.02, "idle_sync_interval_s": 0.5, "idle_after_s": 0.1})
+    core = BillingCore(cfg, ledger, clock=Clock())
+    key, rec = core.create_key("acme")
+    transport = InProcess(core)
+    client = BillingClient(cfg, transport, "h1")
+    await client.start()
+    await client.authenticate(f"Bearer {key}")
+    await asyncio.sleep(0.3)  # quiet: after 0.1 s the loop slows to one sync per 0.5 s
+    before = transport.calls
+    await asyncio.sleep(0.4)
+    assert transport.calls - before <= 2, "an idle replica keeps syncing at the busy rate"
+    core.revoke_key(rec.key_id)
+    with pytest.raises(AuthenticationError, match="revoked"):
+        await client.authenticate(f"Bearer {key}")  # refreshed first, not trusted from the last idle sync
+    await client.close()
+
+
 async def test_engine_witness_resends_until_acknowledged():
     sent, fail = [], [True]
 
