@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from common.config import BillingConfig, EngineConfig
-from deployments.core.generator import VLLMGenerator, engine_env_vars
+from deployments.core.generator import VLLMGenerator, coalesced, engine_env_vars
 from deployments.core.relay import Batch, End, Hello, Sender
 from deployments.core.types import GenerationRequest
 
@@ -75,8 +75,9 @@ class Generator:
         self._witness.report(req.request_id, req.billing, len(req.prompt_token_ids), produced, finished, cached)  # type: ignore[union-attr]
 
     async def generate(self, req: GenerationRequest, consumer: str) -> AsyncIterator[Hello | End]:
-        """The request's control stream; its token deltas go to `consumer`'s carrier, one message per engine step."""
-        async for message in self._sender.serve(consumer, req.request_id, self._logic.generate(req)):
+        """The request's control stream; its token deltas go to `consumer`'s carrier, one message per engine step (a request
+        wanted whole, all at its end: `coalesced`)."""
+        async for message in self._sender.serve(consumer, req.request_id, coalesced(req, self._logic.generate(req))):
             yield message
 
     async def carry(self, consumer: str, epoch: int, replica: str = "") -> AsyncIterator[Batch]:

@@ -26,6 +26,35 @@ from deployments.core.types import CACHED_PROMPT, PROMPT_LOGPROBS, GenerationReq
 logger = logging.getLogger(__name__)
 
 
+def whole_at_end(req: GenerationRequest) -> bool:
+    """Whether a request's tokens are wanted only when it ends: not streamed, and no stop string to watch for (which
+    the postprocessor matches as tokens come, to stop the engine early). vLLM's own server asks its engine for such
+    requests' final output only; here the engine's count still comes every step (billing's truth if it is aborted)."""
+    return not req.stream and not req.stop
+
+
+async def coalesced(req: GenerationRequest, deltas: AsyncIterator[list[TokenDelta]]) -> AsyncIterator[list[TokenDelta]]:
+    """`deltas` as they come, or, for a request wanted whole (`whole_at_end`), all of them in one list at the end.
+
+    The list is the steps' deltas in order, which the postprocessor feeds exactly as if they had come one step
+    at a time, so no carrier message and no postprocessor work is spent on it before it ends. Closing or
+    cancelling this closes `deltas` (for the engine, an abort)."""
+    try:
+        if not whole_at_end(req):
+            async for step in deltas:
+                yield step
+            return
+        held: list[TokenDelta] = []
+        async for step in deltas:
+            held.extend(step)
+        if held:
+            yield held
+    finally:
+        close = getattr(deltas, "aclose", None)
+        if close is not None:
+            await close()
+
+
 def engine_env_vars(config: EngineConfig, num_cpus_on_node: int | None = None) -> dict[str, str]:
     """Environment the engine process needs, fixed before vLLM is imported."""
     env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
