@@ -164,15 +164,17 @@ class BillingCore:
             wanted[key + KEY_HOLD] = (key_subject(tenant, key_id), period, amount)
         if all(self._holds.get(k) == v for k, v in wanted.items()):  # re-asserted as it stands: it was admitted already
             return
-        self._drop_holds(key)
-        for subject, _, _ in wanted.values():
+        for hold_key, (subject, _, _) in wanted.items():
             budget = self.plan_of(subject).monthly_budget
-            if budget is not None:
-                left = budget - self.committed(subject, period)
-                if amount > left:
+            current = self._holds.get(hold_key)
+            mine = current[2] if current is not None and current[1] == period else ZERO
+            if budget is not None and amount > mine:  # a hold that shrinks always fits: it frees budget
+                left = budget - (self.committed(subject, period) - mine)
+                if amount > left:  # refused: the hold it has stays as it was
                     whose = "the API key's own budget" if subject != tenant else "the tenant's budget"
                     what = "batch" if key.startswith("batch_") else "fine-tuning job"
                     raise InsufficientQuotaError(f"This {what} may cost up to {amount} {self.config.price_book.currency}; {whose} has {max(left, ZERO)} left this month.")
+        self._drop_holds(key)
         self._holds.update(wanted)
 
     def _drop_holds(self, key: str) -> None:

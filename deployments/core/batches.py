@@ -467,7 +467,7 @@ class BatchManager:
         if self._billing is not None:
             try:
                 await self._billing.hold(batch.id, batch.tenant, max(amount, Decimal(0)), _period(batch.created_at), batch.key_id)
-            except Exception:  # the budget moved meanwhile: the hold made at creation stands
+            except Exception:  # the budget moved meanwhile: the hold it had stands (a refused hold is never dropped)
                 logger.debug("could not re-assert the hold of %s", batch.id, exc_info=True)
 
     async def _release(self, batch: Batch) -> None:

@@ -499,3 +499,17 @@ def test_a_request_runs_at_its_plans_tier_and_that_tiers_multiple_of_the_price()
     assert (flex.prompt_per_1m, flex.completion_per_1m, flex.cached_prompt_per_1m) == (Decimal("0.25"), Decimal("0.75"), Decimal("0.125"))
     assert (fast.prompt_per_1m, batch.completion_per_1m) == (Decimal("1"), Decimal("0.75"))
     assert book.for_tier(base, "default") is base
+
+
+def test_a_hold_that_no_longer_fits_keeps_the_one_it_had_and_a_shrinking_hold_always_fits(ledger):
+    core = BillingCore(config(free=Plan(monthly_budget=Decimal("1"))), ledger, clock=Clock())
+    core.hold("batch_a", "acme", Decimal("0.5"), "2026-11")
+    core.hold("batch_b", "acme", Decimal("0.4"), "2026-11")
+    core.hold("batch_a", "acme", Decimal("0.6"), "2026-11")  # 1 - (0.9 - 0.5) = 0.6 left for it: fits
+    with pytest.raises(InsufficientQuotaError, match="batch may cost up to 0.7"):
+        core.hold("batch_a", "acme", Decimal("0.7"), "2026-11")
+    assert core.committed("acme", "2026-11") == Decimal("1.0")  # its 0.6 stands: refused, not dropped
+    core.hold("batch_b", "acme", Decimal("0.1"), "2026-11")  # as its lines take over their parts
+    assert core.committed("acme", "2026-11") == Decimal("0.7")
+    core.release("batch_a")
+    assert core.committed("acme", "2026-11") == Decimal("0.1")
