@@ -271,6 +271,7 @@ class BatchManager:
         self._clock = clock
         self._retry_s = retry_s
         self._running: dict[str, asyncio.Task] = {}
+        self._active: set[str] | None = None  # the batches not ended yet; None until the first look at the store
 
     # ---- the API's side ------------------------------------------------------------------------------
 
@@ -295,7 +296,7 @@ class BatchManager:
         batch.total, batch.worst_tokens = len(lines), sum(w.prompt + w.completion for w in worst)
         if self._billing is not None:
             plan = await self._billing.plan(tenant)
-            queued = sum(b.worst_tokens for b in self.store.all() if b.tenant == tenant and b.status in ACTIVE)
+            queued = sum(b.worst_tokens for b in self._active_batches() if b.tenant == tenant)
             if plan.batch_queued_tokens is not None and queued + batch.worst_tokens > plan.batch_queued_tokens:
                 raise RateLimitError(
                     f"Your unfinished batches may use up to {queued} tokens and this one {batch.worst_tokens}; your plan queues at most {plan.batch_queued_tokens}.",
@@ -306,6 +307,8 @@ class BatchManager:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "input.jsonl").write_bytes(self.files.data_path(tenant, input_file_id).read_bytes())  # its own copy
         self.store.save(batch)
+        if self._active is not None:
+            self._active.add(batch.id)
         logger.info("batch %s created: %d requests to %s, worst case %s", batch.id, batch.total, endpoint, amount)
         return batch.to_openai()
 
@@ -345,11 +348,32 @@ class BatchManager:
 
     async def tick(self) -> None:
         """Start (or resume, after a restart) every active batch not running here; finish the ones past their window."""
-        for batch in self.store.all():
-            if batch.status in ACTIVE and batch.id not in self._running:
+        for batch in self._active_batches():
+            if batch.id not in self._running:
                 task = asyncio.get_running_loop().create_task(self._run(batch.id))
                 self._running[batch.id] = task
-                task.add_done_callback(lambda _t, bid=batch.id: self._running.pop(bid, None))
+                task.add_done_callback(lambda _t, bid=batch.id: self._ended(bid))
+
+    def _ended(self, batch_id: str) -> None:
+        """Its run is over: forgotten by the poll unless it is somehow still active (then the next poll runs it again)."""
+        self._running.pop(batch_id, None)
+        batch = self.store.load(batch_id)
+        if self._active is not None and (batch is None or batch.status not in ACTIVE):
+            self._active.discard(batch_id)
+
+    def _active_batches(self) -> list[Batch]:
+        """The batches not ended yet. The whole store is read once (a restarted manager resumes what it finds); after that
+        only these, so a poll costs the same whatever the history of ended batches."""
+        if self._active is None:
+            self._active = {b.id for b in self.store.all() if b.status in ACTIVE}
+        found = []
+        for batch_id in sorted(self._active):
+            batch = self.store.load(batch_id)
+            if batch is None or batch.status not in ACTIVE:
+                self._active.discard(batch_id)
+            else:
+                found.append(batch)
+        return found
 
     async def wait_idle(self) -> None:
         while self._running:

@@ -223,3 +223,20 @@ def test_each_run_of_a_line_is_its_own_request_in_the_graph_billed_under_the_lin
     assert _ledger_id("plain", None) == "plain"
     ctx = BillingContext("t", "k", "m", "v", "chat", "1", "1", "0", "h", request_id="batch_abc_7")
     assert ctx.event(first, 0.0, "ok", 3, 2).request_id == "batch_abc_7"  # the engine's witness reports under the line's id
+
+
+def test_polling_reads_only_the_batches_not_ended(tmp_path: Path) -> None:
+    """A long history of ended batches costs the poll nothing: only the first look reads the whole store."""
+
+    async def scenario() -> str:
+        m = manager(tmp_path, FakeRunner())
+        ended = await m.create("acme", "key1", upload(tmp_path, "acme", [line(0)]), "/v1/chat/completions")
+        await m.tick()
+        await m.wait_idle()
+        (tmp_path / ".batches" / ended["id"] / "batch.json").write_text("{torn")  # never read again
+        later = await m.create("acme", "key1", upload(tmp_path, "acme", [line(0), line(1)]), "/v1/chat/completions")
+        await m.tick()  # starts the new one without reading the ended one
+        await m.wait_idle()
+        return m.get("acme", later["id"])["status"]
+
+    assert asyncio.run(scenario()) == "completed"
