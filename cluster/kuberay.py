@@ -21,7 +21,7 @@ import yaml
 
 from cluster.serve_config import serve_config_for
 from common.config import MaasConfig
-from common.runtime import REPO_ROOT
+from common.runtime import LOCAL_ENV, REPO_ROOT
 from deployments.network import front_door_env
 
 # vCPUs, memory (GiB) and GPUs of the instance types cluster.yaml may name (the Kubernetes requests mirror them,
@@ -94,6 +94,7 @@ def rayservice_for(config: MaasConfig, config_path: Path | None, launcher: dict[
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
         {"name": "RAY_worker_niceness", "value": "0"},
+        {"name": "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "value": LOCAL_ENV["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]},  # idle cost (bench/RESULTS.md)
         {"name": "MAAS_LEDGER_URL", "valueFrom": {"secretKeyRef": {"name": "maas-ledger", "key": "url", "optional": True}}},
         # Ray's token auth on every Ray port, Serve's inter-replica servers included (docs/operations.md, Security).
         {"name": "RAY_AUTH_MODE", "value": "token"},

@@ -227,7 +227,7 @@ class FineTuneManager:
                     if job.status not in TERMINAL:
                         try:
                             self._billing.hold(job.id, job.tenant, job.reserved, self._period(job.created_at), job.key_id)
-                        except Exception:  # the budget moved meanwhile: the hold made at creation stands as far as billing is concerned
+                        except Exception:  # the budget moved meanwhile: the hold it had stands (a refused hold is never dropped)
                             logger.debug("could not re-assert the hold of %s", job.id, exc_info=True)
 
     def _alone(self, job: Job, step: Callable[[Job], None]) -> None:

@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from common.runtime import REPO_ROOT
+from common.runtime import LOCAL_ENV, REPO_ROOT
 
 
 
@@ -29,6 +29,7 @@ def test_cluster_yaml_installs_the_gpu_extra_and_deploys_the_serve_config():
     for cmds in (raw["head_start_ray_commands"], raw["worker_start_ray_commands"]):
         start = next(c for c in cmds if "ray start" in c)
         assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in start and "RAY_worker_niceness=0" in start
+        assert f"RAY_SERVE_METRICS_EXPORT_INTERVAL_MS={LOCAL_ENV['RAY_SERVE_METRICS_EXPORT_INTERVAL_MS']}" in start
 
 
 # ---- the KubeRay RayService manifest -------------------------------------------------------------
