@@ -18,9 +18,8 @@ from typing import Any
 
 import ray
 
-from common.actors import invoker
-
 from common import envs
+from common.actors import invoker
 from common.config import MaasConfig, Plan
 from common.logs import setup_logging
 from deployments.core.fine_tune_manager import FineTuneManager
