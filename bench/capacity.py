@@ -18,9 +18,11 @@ S x steps/s tokens a second while S <= max_num_seqs.
 from 1 to `--max-replicas`) under a load that rises and falls, reads every deployment's replica count
 from Serve's REST API each second, and prints the timeline with the failures seen in each phase.
 
-    python -m bench.capacity [--streams 64 256 1024] [--steps-per-s 50] [--targets baseline ours1 ours2 ours1h ours2h] [--autoscale]
+    python -m bench.capacity [--streams 64 256 1024] [--steps-per-s 50] [--targets baseline ours1 ours2 ours1h ours2h ours1hs] [--autoscale]
 
-(`ours1h`/`ours2h`: the same graphs with HAProxy as the front door, `http.proxy: haproxy`.)
+(`ours1h`/`ours2h`: the same graphs with HAProxy as the front door, `http.proxy: haproxy`; a trailing `s`, as
+`ours1hs`: responses written by the postprocessor stage, `deployments.inline_postprocess: false`, instead of
+the ingress itself.)
 
 On a 2-core machine the client, the servers and Ray share both cores, so the absolute figures are
 this machine's; the comparison between the targets is the point.
@@ -201,8 +203,9 @@ def summarize(tally: Tally, measured_s: float, cpu_s: float | None) -> dict:
 # ---- the targets -----------------------------------------------------------------------------------
 
 
-def ours_config(args: argparse.Namespace, replicas: int | None, autoscale: bool = False, proxy: str = "python") -> Path:
-    """A config file for `maas serve`: the default one with the simulated engine, the replica counts and the front door under test."""
+def ours_config(args: argparse.Namespace, replicas: int | None, autoscale: bool = False, proxy: str = "python", inline: bool = True) -> Path:
+    """A config file for `maas serve`: the default one with the simulated engine, the replica counts, the front door and
+    where responses are written (`inline`: in the ingress; else in the postprocessor stage) under test."""
     stage: dict[str, Any] = {"max_ongoing_requests": 4 * max(args.streams)}
     if autoscale:
         scale = {"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": args.target_ongoing, "upscale_delay_s": 2, "downscale_delay_s": 10}
@@ -211,8 +214,9 @@ def ours_config(args: argparse.Namespace, replicas: int | None, autoscale: bool 
         fixed = {"min_replicas": replicas, "max_replicas": replicas}
         stages = {"ingress": {**stage, "autoscaling": fixed}, "tokenizer": stage, "postprocessor": {**stage, "autoscaling": fixed}}
     stages["generator"] = {"max_ongoing_requests": 4 * max(args.streams)}
+    stages["inline_postprocess"] = inline
     overrides = {"engine": {"simulate_steps_per_s": args.steps_per_s, "max_num_seqs": args.max_num_seqs}, "deployments": stages, "http": {"proxy": proxy}}
-    return config_with(f"capacity-{'autoscale' if autoscale else replicas}-{proxy}", overrides)
+    return config_with(f"capacity-{'autoscale' if autoscale else replicas}-{proxy}{'' if inline else '-staged'}", overrides)
 
 
 def start_target(target: str, args: argparse.Namespace, stamp: str) -> tuple[Any, str, dict[str, str], Path]:
@@ -222,7 +226,8 @@ def start_target(target: str, args: argparse.Namespace, stamp: str) -> tuple[Any
         cmd = [sys.executable, "-m", "bench.capacity", "--serve-baseline", "--port", str(port), "--steps-per-s", str(args.steps_per_s), "--max-num-seqs", str(args.max_num_seqs)]
         return server(cmd, {**os.environ, **LOCAL_ENV}, f"http://127.0.0.1:{port}/healthz", log), f"http://127.0.0.1:{port}", {}, log
     replicas = None if target == "autoscale" else int(target[len("ours")])
-    cmd, env, ready = ours(port, ours_config(args, replicas, autoscale=target == "autoscale", proxy="haproxy" if target.endswith("h") else "python"))
+    proxy = "haproxy" if target.rstrip("s").endswith("h") else "python"
+    cmd, env, ready = ours(port, ours_config(args, replicas, autoscale=target == "autoscale", proxy=proxy, inline=not target.endswith("s")))
     return server(cmd, env, ready, log), f"http://127.0.0.1:{port}", env, log
 
 
@@ -336,15 +341,16 @@ def autoscale(args: argparse.Namespace, stamp: str, model: str) -> list[dict]:
 # ---- report ----------------------------------------------------------------------------------------
 
 LABELS = {
-    "baseline": "one FastAPI process", "ours1": "graph, 1 ingress + 1 postprocessor", "ours2": "graph, 2 ingress + 2 postprocessor",
-    "ours1h": "graph, 1 ingress + 1 postprocessor", "ours2h": "graph, 2 ingress + 2 postprocessor",
-}  # fmt: skip; `h`: the front door is HAProxy (http.proxy: haproxy)
+    "baseline": "one FastAPI process", "ours1": "graph, 1 ingress", "ours2": "graph, 2 ingress",
+    "ours1h": "graph, 1 ingress", "ours2h": "graph, 2 ingress",
+    "ours1hs": "graph, 1 ingress + 1 postprocessor stage", "ours2hs": "graph, 2 ingress + 2 postprocessor stage",
+}  # fmt: skip; `h`: the front door is HAProxy (http.proxy: haproxy); `s`: responses written by the postprocessor stage, not inline
 VIA = {"proxy": "via Serve's HTTP proxy", "direct": "direct to the ingress replicas", "haproxy": "via HAProxy"}
 
 
 def _label(path: str) -> str:
     target, _, via = path.partition("/")
-    via = "haproxy" if via == "proxy" and target.endswith("h") else via
+    via = "haproxy" if via == "proxy" and target.rstrip("s").endswith("h") else via
     return LABELS.get(target, target) + (f", {VIA[via]}" if via else "")
 
 

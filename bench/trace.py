@@ -35,11 +35,13 @@ HOPS = [
     ("tokenizing", "tokenizer_start", "tokenizer_end"),
     ("tokenizer → ingress reply", "tokenizer_end", "ingress_tokenized"),
     ("reserve worst case, build request", "ingress_tokenized", "ingress_sent"),
+    ("ingress → generator call (responses written in the ingress, the default)", "ingress_sent", "generator_called"),
     ("ingress → postprocessor call", "ingress_sent", "postprocessor_called"),
     ("postprocessor → generator call", "postprocessor_called", "generator_called"),
     ("engine: queue, prefill, first token", "generator_called", "generator_first_output"),
     ("generator → postprocessor, detokenize, shape", "generator_first_output", "postprocessor_first_piece"),
     ("postprocessor → ingress (first piece)", "postprocessor_first_piece", "ingress_first_piece"),
+    ("generator → ingress, detokenize, shape (first piece)", "generator_first_output", "ingress_first_piece"),
     ("ingress → client (first chunk)", "ingress_first_piece", "client_first"),
     ("TTFT seen by the client", "client_send", "client_first"),
 ]
@@ -83,7 +85,9 @@ def percentile(values: list[float], q: float) -> float:
 def report(rows: list[dict], raw: list[dict] | None) -> str:
     lines = [f"{len(rows)} streamed completions, one at a time; ms (p50 / p99)", "", "| hop | p50 | p99 |", "| --- | --- | --- |"]
     for name, a, b in HOPS:
-        values = [(r[b] - r[a]) * 1000 for r in rows if r.get(a) is not None and r.get(b) is not None]
+        # The generator's marks pair with the ingress's only when no postprocessor stage stood between them.
+        inline_only = {a, b} & {"generator_called", "generator_first_output"} and {a, b} & {"ingress_sent", "ingress_first_piece"}
+        values = [(r[b] - r[a]) * 1000 for r in rows if r.get(a) is not None and r.get(b) is not None and not (inline_only and "postprocessor_called" in r)]
         if values:
             lines.append(f"| {name} | {percentile(values, 50):.1f} | {percentile(values, 99):.1f} |")
     if raw:

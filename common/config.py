@@ -362,6 +362,12 @@ class DeploymentsConfig(Strict):
         "itself, saving the round trip to the tokenizer stage (about 4 ms against 0.1 ms of tokenizing); longer ones go to the "
         "tokenizer stage, which scales on its own. 0 sends every prompt there.",
     )
+    inline_postprocess: bool = Field(
+        True,
+        description="The ingress replica detokenizes and shapes each response itself, reading the generator's batched token "
+        "deltas directly: one process, one Serve call per request and one carrier hop per engine step fewer (bench/RESULTS.md, "
+        "issue 25). false deploys the postprocessor stage, which then scales on its own (for ingress replicas short of CPU).",
+    )
 
 
 class ServedModelConfig(ModelConfig):

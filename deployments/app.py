@@ -2,7 +2,7 @@
 
 * the **front** application (`config.app_name`, HTTP): ingress → a tokenizer per chat model, shared by every version;
 * one **version** application per served store version (`version_app_name(...)`, no HTTP route):
-  postprocessor → generator, built by `deployments.version_app`.
+  its generator (behind a postprocessor with `deployments.inline_postprocess: false`), built by `deployments.version_app`.
 
 Which versions run is the version lifecycle (`deployments.fleet`); the `serve deploy` entry
 points that keep the live traffic plan are operations (`cluster.versions`, `cluster.entrypoints`).

@@ -1,7 +1,7 @@
 """Serve deployment of the generator stage over `deployments.core.generator.VLLMGenerator`: one vLLM engine per replica.
 
-Serve routes each request here; its token deltas go back on one carrier per postprocessor
-replica, batched per engine step (`deployments.core.relay`).
+Serve routes each request here; its token deltas go back on one carrier per consumer replica (the
+ingress, or the postprocessor stage when deployed), batched per engine step (`deployments.core.relay`).
 
 The engine is built in the replica's constructor, so Serve routes to a replica
 only once its engine is loaded; a failed engine fails the health check and Serve
@@ -81,7 +81,7 @@ class Generator:
             yield message
 
     async def carry(self, consumer: str, epoch: int, replica: str = "") -> AsyncIterator[Batch]:
-        """The carrier to one postprocessor replica (`replica` is this one's id; Serve's router uses it)."""
+        """The carrier to one consumer replica (`replica` is this one's id; Serve's router uses it)."""
         async for batch in self._sender.carry(consumer, epoch):
             yield batch
 

@@ -2,7 +2,9 @@
 
 Each request goes to a model version picked by the live traffic plan
 (`deployments.core.traffic.TrafficFollower`, re-read every `model.traffic_poll_s`); the
-version's postprocessor → generator live in their own Serve application.
+version's generator (and postprocessor, with `deployments.inline_postprocess: false`) live in their
+own Serve application. By default the ingress detokenizes and shapes responses itself, from the
+generator's carrier.
 With billing on, each replica holds a `BillingClient` connected to the named
 billing actor: keys are checked locally, quota is leased, usage is batched.
 """
@@ -23,10 +25,11 @@ from common.errors import MaasError
 from common.file_store import FileStore
 from common.logs import setup_logging
 from deployments.core.adapters import AdapterCatalog
+from deployments.core.postprocessor import InlinePostprocessor, rust_writer
 from deployments.core.tokenizer import NearTokenizer, PromptTokenizer, load_hf_tokenizer
 from deployments.core.traffic import TrafficFile, TrafficFollower, version_app_name
 from deployments.fleet import ServeFleet
-from deployments.handles import EmbedderHandleClient, PostprocessorHandleClient, TokenizerHandleClient
+from deployments.handles import EmbedderHandleClient, PostprocessorHandleClient, RelayClient, TokenizerHandleClient
 from deployments.observability import RayRequestMetrics
 from deployments.openai.accounts import AccountsService
 from deployments.openai.batches import BatchesService
@@ -58,7 +61,13 @@ class _ChatModel:
         self.view = view
         self._synced = synced
         self.engine_ready: set[str] = set()
-        self.tokenizer = NearTokenizer(_local_tokenizer(view), TokenizerHandleClient(tokenizer), view.deployments.inline_tokenize_chars)
+        local = _local_tokenizer(view)
+        self.tokenizer = NearTokenizer(
+            PromptTokenizer(local, view.engine.max_model_len) if local is not None and view.deployments.inline_tokenize_chars else None,
+            TokenizerHandleClient(tokenizer),
+            view.deployments.inline_tokenize_chars,
+        )
+        self._writer = rust_writer(local) if view.deployments.inline_postprocess else None
         self.traffic = TrafficFollower(TrafficFile(view.store_root(), view.app_name, view.model.name), self._backend)
 
     def service(self, billing: Any, on_reject: Callable[[str, str], None], **kwargs: Any) -> OpenAIService:
@@ -90,6 +99,9 @@ class _ChatModel:
         asyncio.get_running_loop().create_task(self._wait_for_engine(version, serve.get_deployment_handle("Generator", app_name=app)))
         logger.info("traffic: %s %s served by application %s", view.model.name, version, app)
         consumer = serve.get_replica_context().replica_id.unique_id
+        if self._writer is not None:  # detokenized and shaped here, from the generator's carrier
+            generator = RelayClient(serve.get_deployment_handle("Generator", app_name=app), "generate", consumer)
+            return Backend(version, InlinePostprocessor(self._writer, generator), price)
         return Backend(version, PostprocessorHandleClient(serve.get_deployment_handle("Postprocessor", app_name=app), consumer), price)
 
     async def _wait_for_engine(self, version: str, generator: DeploymentHandle) -> None:
@@ -224,12 +236,15 @@ class Ingress:
             await self._billing.close()
 
 
-def _local_tokenizer(cfg: MaasConfig) -> PromptTokenizer | None:
-    """The tokenizer stage's logic, for the prompts this replica tokenizes itself (versions of a model share a tokenizer)."""
+def _local_tokenizer(cfg: MaasConfig) -> Any:
+    """The model's tokenizer, for the prompts this replica tokenizes and the responses it writes itself (versions of a
+    model share a tokenizer); None when it does neither."""
+    if cfg.deployments.inline_postprocess:  # no postprocessor stage is deployed: without it nothing is served
+        return load_hf_tokenizer(resolve_model(cfg).path)
     if not cfg.deployments.inline_tokenize_chars:
         return None
     try:
-        return PromptTokenizer(load_hf_tokenizer(resolve_model(cfg).path), cfg.engine.max_model_len)
+        return load_hf_tokenizer(resolve_model(cfg).path)
     except Exception as exc:  # the tokenizer stage still tokenizes everything
         logger.warning("prompts will all be tokenized by the tokenizer stage: the model's tokenizer did not load here: %s", exc)
         return None

@@ -1,5 +1,8 @@
 """Serve deployment of the postprocessor stage over `deployments.core.postprocessor.ResponseWriter`.
 
+Deployed only with `deployments.inline_postprocess: false`; by default the ingress does this work itself
+(`deployments.core.postprocessor.InlinePostprocessor`).
+
 It reads the generator's token deltas (batched per engine step, `deployments.core.relay`) and
 turns them into OpenAI responses (detokenization, stop strings, shapes); streamed responses go
 back to the ingress batched the same way.
@@ -15,7 +18,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from common.logs import setup_logging
-from deployments.core.postprocessor import ResponseWriter
+from deployments.core.postprocessor import rust_writer
 from deployments.core.relay import Batch, End, Hello, Sender
 from deployments.core.tokenizer import load_hf_tokenizer
 from deployments.core.types import GenerationRequest, SSEPiece, piece_usage
@@ -28,8 +31,7 @@ logger = logging.getLogger(__name__)
 class Postprocessor:
     def __init__(self, generator: DeploymentHandle, model_path: str):
         setup_logging("postprocessor")
-        backend = load_hf_tokenizer(model_path).backend_tokenizer  # the Rust tokenizer: decode is on the hot path
-        self._logic = ResponseWriter(lambda ids: backend.decode(ids, skip_special_tokens=True), lambda t: backend.decode([t], skip_special_tokens=False))
+        self._logic = rust_writer(load_hf_tokenizer(model_path))
         me = serve.get_replica_context().replica_id.unique_id
         self._generator = RelayClient(generator, "generate", me)
         self._sender = Sender(me)

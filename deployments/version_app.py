@@ -1,13 +1,13 @@
-"""The version application of one store version of a model: postprocessor → generator (no HTTP route), or for an
-embedding model its one embedding stage.
+"""The version application of one store version of a model: its generator (behind a postprocessor with
+`deployments.inline_postprocess: false`; no HTTP route), or for an embedding model its one embedding stage.
 
 Kept apart from the front application (`deployments.app`) so the version lifecycle
 (`deployments.fleet`), which the ingress itself drives for the console, imports no ingress.
 
 Behind Serve's HAProxy mode (`http.proxy: haproxy`, the default) every application's ingress deployment must
-use Serve's own router, and postprocessor and generator both carry the pinned one (their carriers must
+use Serve's own router, and generator and postprocessor both carry the pinned one (their carriers must
 reach one replica); so each version application gets `VersionRoot`, a router-free ingress that holds
-nothing and that nothing calls (the ingress reaches the postprocessor by its deployment's name). It is
+nothing and that nothing calls (the ingress reaches the generator, or the postprocessor, by its deployment's name). It is
 there under Serve's Python proxy too, so that an application's shape never depends on which front door
 a process's environment names.
 """
@@ -80,7 +80,7 @@ def resolve_model(config: MaasConfig, version: str | None = None) -> ModelVersio
 
 
 def build_version_app(config: MaasConfig, version: str) -> Application:
-    """Postprocessor → generator for one store version."""
+    """The generator (postprocessor → generator with `deployments.inline_postprocess: false`) of one store version."""
     model = resolve_model(config, version)
     stages = config.deployments
     path = str(model.path)
@@ -99,5 +99,7 @@ def build_version_app(config: MaasConfig, version: str) -> Application:
     generator = Generator.options(**deployment_options(stages.generator, gpus=gpus), **drain, **relay).bind(
         path, engine.model_dump(), billing, config.model.name, model.version
     )
+    if stages.inline_postprocess:  # the ingress detokenizes and shapes responses itself
+        return VersionRoot.bind(generator)  # in both front-door modes: the app's shape never depends on this process's env
     postprocessor = Postprocessor.options(**deployment_options(stages.postprocessor), **drain, **relay).bind(generator, path)
-    return VersionRoot.bind(postprocessor)  # in both front-door modes: the app's shape never depends on this process's env
+    return VersionRoot.bind(postprocessor)

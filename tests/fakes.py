@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
 from deployments.core.generator import prompt_delta
-from deployments.core.postprocessor import ResponseWriter
+from deployments.core.postprocessor import InlinePostprocessor, ResponseWriter
 from deployments.core.tokenizer import PromptTokenizer
 from deployments.core.traffic import TrafficPlan, plan_change
 from deployments.core.types import CACHED_PROMPT, GenerationRequest, TokenDelta, TokenizedPrompt
@@ -115,16 +115,19 @@ class FakeTokenizerClient:
         return self.logic.prepare_completion(prompt, max_tokens)
 
 
-class FakePostprocessorClient:
+class EngineSource:
+    """A generator stage's `TokenSource` over a scripted engine in-process (no carriers)."""
+
+    def __init__(self, engine: ScriptedEngine):
+        self.stream = engine.generate
+
+
+class FakePostprocessorClient(InlinePostprocessor):
+    """The ingress's own postprocessing (the default) over a scripted engine."""
+
     def __init__(self, engine: ScriptedEngine):
         self.engine = engine
-        self.logic = ResponseWriter(ByteTokenizer().decode)
-
-    def stream(self, req: GenerationRequest) -> AsyncIterator[tuple[str, dict | None]]:
-        return self.logic.stream(req, self.engine.generate(req))
-
-    async def complete(self, req: GenerationRequest) -> dict:
-        return await self.logic.complete(req, self.engine.generate(req))
+        super().__init__(ResponseWriter(ByteTokenizer().decode), EngineSource(engine))
 
 
 class FakeFleet:

@@ -9,9 +9,10 @@ is trimmed exactly.  `RequestDecoder` combines them per choice.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 from deployments.core import shapes
 from deployments.core.tools import ToolCall, ToolCallParser
@@ -310,22 +311,70 @@ class ResponseWriter:
         return WholeResponse(req, RequestDecoder(req, self._decode, self._token_text))
 
     async def stream(self, req: GenerationRequest, token_stream: AsyncIterator[list[TokenDelta]]) -> AsyncIterator[SSEPiece]:
-        """`StreamedResponse`'s pieces over an async token stream, which is read only until every choice has finished."""
+        """`StreamedResponse`'s pieces over an async token stream (one engine step's deltas per item)."""
         out = self.streamed(req)
-        async for deltas in token_stream:
-            piece = out.feed(deltas)
-            if piece is not None:
-                yield piece
-            if out.done:
-                break
+        async with _reading(token_stream) as deltas_of:
+            async for deltas in deltas_of:
+                if out.done:
+                    continue  # every choice finished here; the engine's end follows
+                piece = out.feed(deltas)
+                if piece is not None:
+                    yield piece
+                if out.cut:
+                    break
         for piece in out.end():
             yield piece
 
     async def complete(self, req: GenerationRequest, token_stream: AsyncIterator[list[TokenDelta]]) -> dict:
         """The whole (non-streaming) response body."""
         out = self.whole(req)
-        async for deltas in token_stream:
-            out.feed(deltas)
-            if out.done:
-                break
+        async with _reading(token_stream) as deltas_of:
+            async for deltas in deltas_of:
+                if not out.done:
+                    out.feed(deltas)
+                if out.cut:
+                    break
         return out.end()
+
+
+def rust_writer(tokenizer: Any) -> ResponseWriter:
+    """A `ResponseWriter` over a Hugging Face tokenizer's Rust backend: decode is on the per-token path."""
+    backend = tokenizer.backend_tokenizer
+    return ResponseWriter(lambda ids: backend.decode(ids, skip_special_tokens=True), lambda t: backend.decode([t], skip_special_tokens=False))
+
+
+class TokenSource(Protocol):
+    """A generator stage as its consumer sees it: a request's token deltas, one engine step's per item."""
+
+    def stream(self, req: GenerationRequest) -> AsyncIterator[list[TokenDelta]]: ...
+
+
+class InlinePostprocessor:
+    """The postprocessor stage's work done by its caller (the ingress), straight over the generator's token stream.
+
+    Implements the ingress's `PostprocessorClient` (`deployments.openai.service`), so the ingress reaches a version
+    either through the postprocessor stage or through this, by config (`deployments.inline_postprocess`). The
+    pieces are the stage's own (`ResponseWriter`): only the process doing the work differs.
+    """
+
+    def __init__(self, writer: ResponseWriter, generator: TokenSource):
+        self._writer = writer
+        self._generator = generator
+
+    def stream(self, req: GenerationRequest) -> AsyncIterator[SSEPiece]:
+        return self._writer.stream(req, self._generator.stream(req))
+
+    async def complete(self, req: GenerationRequest) -> dict:
+        return await self._writer.complete(req, self._generator.stream(req))
+
+
+@contextlib.asynccontextmanager
+async def _reading(token_stream: AsyncIterator[list[TokenDelta]]) -> AsyncIterator[AsyncIterator[list[TokenDelta]]]:
+    """Close the token stream as soon as reading ends, not when it is collected: closing it early (a stop string, the
+    client gone) cancels the engine request now. A stream read to its end has nothing left to cancel."""
+    try:
+        yield token_stream
+    finally:
+        close = getattr(token_stream, "aclose", None)
+        if close is not None:
+            await close()

@@ -25,7 +25,7 @@ from common.errors import EngineNotReadyError, InvalidRequestError
 
 
 def version_app_name(app_name: str, model: str, version: str) -> str:
-    """The Serve application that serves one store version of a model (postprocessor → generator)."""
+    """The Serve application that serves one store version of a model (its generator, and postprocessor when deployed)."""
     return f"{app_name}--{model}--{version}"
 
 

@@ -7,10 +7,10 @@ metrics reach Ray's metrics endpoint.
 
 Last, on the same cluster, chaos, bounded: steady streamed and whole traffic while processes are SIGKILLed in
 turn, then every request the client saw reconciled with its ledger row (`bench.chaos`, which runs longer over
-every process kind).  On SQLite every kind dies (generator, ingress, postprocessor, billing actor); on a real
-PostgreSQL the kinds whose death touches the ledger's writers (the billing actor that writes it, the ingress that
-reports to it): a killed generator or postprocessor reaches either ledger the same way, through those two, so
-PostgreSQL skips their slower restarts.  Targets: 0 rows lost, 0 double-counted, 0 over-billed; every failure an
+every process kind).  On SQLite every kind dies (generator, ingress, billing actor; the ingress writes the responses
+itself, so no postprocessor stage runs); on a real PostgreSQL the kinds whose death touches the ledger's writers (the
+billing actor that writes it, the ingress that reports to it): a killed generator reaches either ledger the same way,
+through those two, so PostgreSQL skips its slower restart.  Targets: 0 rows lost, 0 double-counted, 0 over-billed; every failure an
 error envelope or a cut stream, except what Serve's proxy answers itself when the replica under a request dies
 (docs/reliability.md lists it): at most one per client in flight at the ingress kill.
 """
@@ -450,7 +450,7 @@ def test_a_batch_survives_its_runner_dying_and_bills_each_line_once_at_the_batch
 
 
 CLIENTS = 3
-KINDS = {"sqlite": ["generator", "ingress", "postprocessor", "billing"], "postgresql": ["ingress", "billing"]}
+KINDS = {"sqlite": ["generator", "ingress", "billing"], "postgresql": ["ingress", "billing"]}  # no postprocessor stage: the ingress writes responses
 
 
 def test_no_usage_is_lost_double_counted_or_over_billed_whatever_dies(base_url, billing_actor, ledger_url):

@@ -37,8 +37,9 @@ if CHROMIUM is None:  # `.ci/run` installs Debian's chromium; a developer's mach
 def config_overrides(tmp_path_factory) -> dict:
     root = linked_store(tmp_path_factory)
     linked_version(root, MODEL, "v2")
-    # Serve's Python proxy stays one config line away from the default HAProxy: this module runs behind it.
-    return {"model_store": {"root": str(root)}, "model": {"version": "v1"}, "http": {"proxy": "python"}}  # v2 waits for the canary
+    # Serve's Python proxy stays one config line away from the default HAProxy, and the postprocessor stage from the
+    # ingress writing responses itself: this module runs on both alternatives.
+    return {"model_store": {"root": str(root)}, "model": {"version": "v1"}, "http": {"proxy": "python"}, "deployments": {"inline_postprocess": False}}  # v2 waits for the canary
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +216,20 @@ def test_an_operator_moves_the_canary_weight_and_the_cli_sees_it(page, base_url,
     page.click("#rollback")
     page.wait_for_selector("[data-testid=canary]:has-text('none')", timeout=120_000)
     assert f"{MODEL}: v1 100%" in cli_traffic()
+
+
+def test_the_postprocessor_stage_writes_responses_when_the_ingress_does_not(base_url, billing_actor, maas_config):
+    """`deployments.inline_postprocess: false` (this module) puts the postprocessor stage back between ingress and
+    generator: streams with a stop string, usage in the last chunk and whole answers come out as they do inline."""
+    from openai import OpenAI
+
+    assert not maas_config.deployments.inline_postprocess
+    key, _ = create_key(billing_actor, "staged-tenant", plan="enterprise")
+    client = OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
+    whole = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=12, temperature=0)
+    text = whole.choices[0].text
+    stop = text[len(text) // 2:][:3]
+    chunks = list(client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=12, temperature=0, stop=[stop], stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert stop and text.startswith(streamed) and stop not in streamed and len(streamed) < len(text)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop" and chunks[-1].usage.completion_tokens >= 1

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from deployments.core.generator import prompt_delta
-from deployments.core.postprocessor import IncrementalDetokenizer, RequestDecoder, ResponseWriter, StopMatcher
+from deployments.core.postprocessor import IncrementalDetokenizer, InlinePostprocessor, RequestDecoder, ResponseWriter, StopMatcher
 from deployments.core.types import PROMPT_LOGPROBS, GenerationRequest
-from tests.fakes import ByteTokenizer, ScriptedEngine, FakeLogprob
+from tests.fakes import ByteTokenizer, EngineSource, FakeLogprob, ScriptedEngine
 
 TOK = ByteTokenizer()
 
@@ -147,6 +147,23 @@ async def test_stream_stops_reading_the_engine_after_a_stop_string():
     assert "".join(c["choices"][0]["text"] for c in chunks) == "one two "
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert engine.closed_early == 1
+
+
+async def test_inline_postprocessor_closes_the_engine_stream_at_once_on_a_stop_string_and_never_otherwise():
+    """The ingress writes responses itself by default: a stop string cancels the engine request as soon as it is
+    found (not when the stream is collected), and a request the engine finished is read to its end, never cancelled
+    (a cancel per request costs a gRPC call across stages)."""
+    engine = ScriptedEngine("one two three four five six", per_message=2)
+    inline = InlinePostprocessor(ResponseWriter(TOK.decode), EngineSource(engine))
+    stopped = await _collect(inline.stream(_request(kind="completion", stream=True, stop=["three"])))
+    chunks = [json.loads(line[6:]) for line in "".join(p for p, _ in stopped).split("\n\n") if line and line != "data: [DONE]"]
+    assert engine.closed_early == 1 and "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "one two "
+    whole = await inline.complete(_request(kind="completion", stop=["four"]))
+    assert whole["choices"][0]["text"] == "one two three " and engine.closed_early == 2
+    pieces = await _collect(inline.stream(_request(kind="completion", stream=True)))
+    body = await inline.complete(_request(kind="completion"))
+    assert engine.closed_early == 2  # finished by the engine: nothing cancelled
+    assert pieces[-1][1]["completion_tokens"] == body["usage"]["completion_tokens"] == len(TOK.encode("one two three four five six"))
 
 
 async def test_complete_builds_whole_response():
