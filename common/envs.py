@@ -43,6 +43,11 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "MAAS_WEBHOOK_SECRET": lambda: os.environ.get("MAAS_WEBHOOK_SECRET") or None,
     # Log level for ray-maas loggers.
     "MAAS_LOG_LEVEL": lambda: os.environ.get("MAAS_LOG_LEVEL", "INFO").upper(),
+    # How long a thread of a replica process may hold Python's GIL while another waits for it, in ms (Python's own
+    # default is 5). gRPC's poller thread must take the GIL to hand each message it receives to the replica's event
+    # loop; while that loop is busy (batch work beside live traffic), 5 ms per hand-over was most of what a live request
+    # lost on its way into the generator (bench/RESULTS.md, issue 27). 0 keeps Python's default.
+    "MAAS_GIL_SWITCH_INTERVAL_MS": lambda: float(os.environ.get("MAAS_GIL_SWITCH_INTERVAL_MS") or 0.5),
 }
 
 

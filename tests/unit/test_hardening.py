@@ -169,6 +169,27 @@ def test_replica_servers_bind_the_node_ip_not_every_interface():
     assert env == {**setup_hook_env(), "A": "1"} and SETUP_HOOK in env.values()
 
 
+def test_replicas_hand_messages_to_a_busy_loop_within_the_switch_interval(monkeypatch):
+    import sys
+
+    from deployments.network import shorten_gil_switch_interval
+
+    before = sys.getswitchinterval()
+    try:
+        monkeypatch.delenv("MAAS_GIL_SWITCH_INTERVAL_MS", raising=False)
+        shorten_gil_switch_interval()
+        assert sys.getswitchinterval() == 0.0005  # the default: 0.5 ms, not Python's 5
+        monkeypatch.setenv("MAAS_GIL_SWITCH_INTERVAL_MS", "2")
+        shorten_gil_switch_interval()
+        assert sys.getswitchinterval() == 0.002
+        sys.setswitchinterval(before)
+        monkeypatch.setenv("MAAS_GIL_SWITCH_INTERVAL_MS", "0")  # 0 keeps Python's own
+        shorten_gil_switch_interval()
+        assert sys.getswitchinterval() == before
+    finally:
+        sys.setswitchinterval(before)
+
+
 async def test_a_key_limited_to_other_models_gets_403_model_not_allowed(tmp_path):
     from common.errors import PermissionDeniedError
 
