@@ -278,6 +278,9 @@ class WholeResponse:
     def __init__(self, req: GenerationRequest, decoder: RequestDecoder):
         self._req = req
         self._decoder = decoder
+        # Without stop strings or logprobs nothing depends on where the steps split the text, so a choice's run of
+        # steps (a whole request's output arrives as every step's deltas at once) is decoded in one push.
+        self._merge = not req.stop and req.logprobs is None and not req.prompt_only
 
     @property
     def done(self) -> bool:
@@ -289,11 +292,25 @@ class WholeResponse:
         return self._decoder.done and not self._decoder.engine_done
 
     def feed(self, deltas: Sequence[TokenDelta]) -> None:
-        self._decoder.feed(deltas)
+        self._decoder.feed(merged(deltas) if self._merge else deltas)
 
     def end(self) -> dict:
         self._decoder.finish_unfinished()
         return shapes.full_response(self._req, self._decoder.whole(), self._decoder.usage)
+
+
+def merged(deltas: Sequence[TokenDelta]) -> list[TokenDelta]:
+    """Consecutive token deltas of one choice as one: its ids joined, the last one's finish reason (deltas that carry
+    logprobs, the prompt's or the cache's records pass as they are). The detokenizer is incremental, so the text is
+    the same, for one decode where each step took two."""
+    out: list[TokenDelta] = []
+    for delta in deltas:
+        last = out[-1] if out else None
+        if last is not None and len(delta) == 3 and len(last) == 3 and delta[0] == last[0] >= 0 and last[2] is None:
+            out[-1] = (delta[0], [*last[1], *delta[1]], delta[2])
+        else:
+            out.append(delta)
+    return out
 
 
 class ResponseWriter:

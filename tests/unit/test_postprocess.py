@@ -7,7 +7,7 @@ import json
 import pytest
 
 from deployments.core.generator import prompt_delta
-from deployments.core.postprocessor import IncrementalDetokenizer, InlinePostprocessor, RequestDecoder, ResponseWriter, StopMatcher
+from deployments.core.postprocessor import IncrementalDetokenizer, InlinePostprocessor, RequestDecoder, ResponseWriter, StopMatcher, merged
 from deployments.core.types import PROMPT_LOGPROBS, GenerationRequest
 from tests.fakes import ByteTokenizer, EngineSource, FakeLogprob, ScriptedEngine
 
@@ -164,6 +164,31 @@ async def test_inline_postprocessor_closes_the_engine_stream_at_once_on_a_stop_s
     body = await inline.complete(_request(kind="completion"))
     assert engine.closed_early == 2  # finished by the engine: nothing cancelled
     assert pieces[-1][1]["completion_tokens"] == body["usage"]["completion_tokens"] == len(TOK.encode("one two three four five six"))
+
+
+def test_a_whole_answer_arriving_at_once_is_decoded_in_one_push_with_the_same_text():
+    """A request not streamed, with no stop string, gets every step's deltas in one message at its end: a choice's run
+    of steps is joined and decoded once, with the text the steps would have made one by one."""
+    text = "Grüße, 世界! naïve café 🙂 end"
+    ids = TOK.encode(text)
+    steps = [(0, [t], None) for t in ids[:-1]] + [(0, [ids[-1]], "length")]
+    assert merged(steps) == [(0, ids, "length")]
+    assert merged([(0, [1], None), (1, [2], None), (0, [3], "stop")]) == [(0, [1], None), (1, [2], None), (0, [3], "stop")]
+    assert merged([(0, [1], None, [(-0.1, [])]), (0, [2], "stop", [(-0.2, [])])]) == [(0, [1], None, [(-0.1, [])]), (0, [2], "stop", [(-0.2, [])])]
+    decodes = []
+
+    def decode(token_ids):
+        decodes.append(len(token_ids))
+        return TOK.decode(token_ids)
+
+    out = ResponseWriter(decode).whole(_request(kind="completion", max_tokens=len(ids)))
+    out.feed(steps)
+    body = out.end()
+    assert body["choices"][0]["text"] == text and body["usage"]["completion_tokens"] == len(ids)
+    assert len(decodes) <= 4  # not two per step
+    stopped = ResponseWriter(TOK.decode).whole(_request(kind="completion", max_tokens=len(ids), stop=["café"]))
+    stopped.feed(steps)  # a stop string: fed step by step, so the usage counts only what was shown
+    assert stopped.end()["choices"][0]["text"] == "Grüße, 世界! naïve "
 
 
 async def test_complete_builds_whole_response():
